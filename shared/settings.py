@@ -1,0 +1,73 @@
+"""One typed settings object for every ``FEATUREMAPS_*`` environment variable.
+
+Built once at each entry point (API factory, worker start-up, CLI) and passed down; library
+code never reads ``os.environ`` itself.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEATUREMAPS_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "minioadmin"
+    s3_secret_key: str = "minioadmin"
+    s3_bucket: str = "featuremaps"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    # Host[:port] that clients outside the network use; presigned URLs are signed for it.
+    s3_public_endpoint: str = ""
+    presign_expiry_s: int = Field(900, ge=1, le=7 * 24 * 3600)
+
+    # imagenet | random | path to a state_dict file
+    weights: str = "imagenet"
+    weights_seed: int = 0
+    # auto | cpu | cuda | cuda:N
+    device: str = "auto"
+
+    # Comma-separated bearer tokens; empty means no auth.
+    api_tokens: str = ""
+    max_upload_mb: float = Field(20.0, gt=0)
+    max_image_pixels: int = Field(50_000_000, gt=0)
+    max_form_parts: int = Field(20, gt=0)
+    max_archive_members: int = Field(50_000, gt=0)
+    max_archive_bytes: int = Field(10 * 1024**3, gt=0)
+    max_archive_member_bytes: int = Field(50 * 1024**2, gt=0)
+    max_compression_ratio: float = Field(200.0, gt=1)
+    job_ttl_hours: float = Field(24.0, gt=0)
+    batch_chunk: int = Field(16, ge=1, le=512)
+
+    # Celery: the soft limit ends the job as `timeout`; both stay below the visibility
+    # timeout so a running task is never handed to a second worker.
+    task_soft_time_limit_s: int = Field(120, gt=0)
+    task_time_limit_s: int = Field(150, gt=0)
+    visibility_timeout_s: int = Field(600, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    storage_retries: int = Field(5, ge=0)
+    storage_retry_backoff_s: float = Field(1.0, ge=0)
+
+    rate_limit_per_minute: int = Field(0, ge=0)  # 0 = off
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("FEATUREMAPS_WEIGHTS must be imagenet, random or a state_dict path")
+        return value.strip()
+
+    @property
+    def tokens(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.api_tokens.split(",") if t.strip())
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def job_ttl_s(self) -> int:
+        return max(1, int(self.job_ttl_hours * 3600))
