@@ -1,0 +1,31 @@
+"""The HTTP API: a Flask app factory and thin blueprints. It validates, stores the upload,
+writes the job record and sends the task by name; it never imports torch or worker code."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from api.errors import register_error_handlers
+from api.metrics import init_metrics
+from api.routes import health, jobs
+from api.services import Services
+from shared.settings import Settings
+
+# Multipart framing (boundaries, headers, small option fields) on top of the file itself.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
+    settings = settings or Settings()
+    app = Flask(__name__)
+    # Werkzeug enforces these while it reads the body, with or without Content-Length.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + FORM_OVERHEAD_BYTES
+    app.config["MAX_FORM_MEMORY_SIZE"] = FORM_OVERHEAD_BYTES
+    app.config["MAX_FORM_PARTS"] = settings.max_form_parts
+    app.json.sort_keys = False
+    app.extensions["featuremaps"] = services or Services.from_settings(settings)
+    register_error_handlers(app)
+    init_metrics(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)
+    return app

@@ -16,8 +16,21 @@ RASTER_FORMATS = ("jpg", "png", "webp")
 RENDERERS = ("fast", "matplotlib")
 # A fixed list so the API can validate without importing matplotlib.
 COLORMAPS = (
-    "viridis", "plasma", "inferno", "magma", "cividis", "gray", "gray_r", "hot", "jet",
-    "turbo", "coolwarm", "RdBu_r", "Greys", "bone", "twilight",
+    "viridis",
+    "plasma",
+    "inferno",
+    "magma",
+    "cividis",
+    "gray",
+    "gray_r",
+    "hot",
+    "jet",
+    "turbo",
+    "coolwarm",
+    "RdBu_r",
+    "Greys",
+    "bone",
+    "twilight",
 )
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
@@ -45,9 +58,7 @@ class JobOptions:
         ):
             value = getattr(self, name)
             if value not in allowed:
-                raise InvalidOption(
-                    f"option {name}={value!r} is not one of: {', '.join(allowed)}"
-                )
+                raise InvalidOption(f"option {name}={value!r} is not one of: {', '.join(allowed)}")
 
     def to_dict(self) -> dict:
         return asdict(self)

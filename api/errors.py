@@ -1,0 +1,66 @@
+"""One place that turns every error into the JSON error body and its status."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from shared.errors import FeatureMapsError, RateLimited, ServiceUnavailable, Unauthorized
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_type",
+}
+
+
+def error_response(status: int, code: str, message: str):
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(FeatureMapsError)
+    def _feature_maps_error(exc: FeatureMapsError):
+        response = error_response(exc.http_status, exc.code, exc.message)
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="featuremaps"'
+        if isinstance(exc, RateLimited):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge):
+        limit_mb = app.extensions["featuremaps"].settings.max_upload_mb
+        return error_response(
+            413,
+            "too_large",
+            f"the request body is too large or has too many parts; uploads are limited to "
+            f"{limit_mb:g} MB and {app.config['MAX_FORM_PARTS']} form parts",
+        )
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        status = exc.code or 500
+        return error_response(status, _HTTP_CODES.get(status, f"http_{status}"), exc.description)
+
+    @app.errorhandler(RedisConnectionError)
+    @app.errorhandler(RedisTimeoutError)
+    def _redis_down(exc: Exception):
+        log.warning("redis unavailable: %s", exc)
+        unavailable = ServiceUnavailable("the job store (Redis) is unavailable; try again shortly")
+        return error_response(503, unavailable.code, unavailable.message)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "an unexpected error occurred; it was logged")

@@ -1,0 +1,223 @@
+"""The OpenAPI 3 document of the HTTP API, written by hand next to the routes it describes."""
+
+from __future__ import annotations
+
+from shared.options import COLORMAPS, FORMATS, MODES, NORMALIZATIONS, REDUCTIONS, RENDERERS
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _error(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+
+
+_ERRORS = {
+    "400": _error("a field or option is missing or invalid"),
+    "401": _error("missing or invalid bearer token"),
+    "404": _error("unknown id, expired, or not yours"),
+    "429": _error("rate limited; see Retry-After"),
+    "503": _error("a dependency (Redis or storage) is down; nothing was created"),
+}
+
+
+def _pick(*codes: str) -> dict:
+    return {c: _ERRORS[c] for c in codes}
+
+
+_JOB_ID = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+}
+
+_OPTION_PROPERTIES = {
+    "mode": {"type": "string", "enum": list(MODES), "default": "chain"},
+    "reduction": {"type": "string", "enum": list(REDUCTIONS), "default": "mean"},
+    "normalize": {"type": "string", "enum": list(NORMALIZATIONS), "default": "none"},
+    "format": {"type": "string", "enum": list(FORMATS), "default": "jpg"},
+    "colormap": {"type": "string", "enum": list(COLORMAPS), "default": "viridis"},
+    "renderer": {"type": "string", "enum": list(RENDERERS), "default": "fast"},
+    "per_layer": {"type": "string", "enum": ["true", "false"], "default": "false"},
+    "arrays": {"type": "string", "enum": ["true", "false"], "default": "false"},
+}
+
+_JOB_DOC = {
+    "type": "object",
+    "required": ["id", "status", "created_at", "options", "attempts"],
+    "properties": {
+        "id": {"type": "string"},
+        "status": {
+            "type": "string",
+            "enum": ["queued", "running", "succeeded", "failed", "canceled"],
+        },
+        "created_at": {"type": "string"},
+        "started_at": {"type": ["string", "null"]},
+        "finished_at": {"type": ["string", "null"]},
+        "options": {"type": "object"},
+        "attempts": {"type": "integer"},
+        "worker": {"type": ["string", "null"]},
+        "device": {"type": ["string", "null"]},
+        "timings": {"type": "object", "additionalProperties": {"type": "number"}},
+        "result": {"type": ["object", "null"]},
+        "error": {
+            "oneOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                },
+            ]
+        },
+        "links": {"type": "object"},
+    },
+}
+
+
+def openapi_document() -> dict:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "featuremaps",
+            "version": "0.1.0",
+            "description": "ResNet-18 feature-map figures as a service. Submit an image, "
+            "poll the job, fetch the figure from object storage.",
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                            },
+                        }
+                    },
+                },
+                "Job": _JOB_DOC,
+                "Accepted": {
+                    "type": "object",
+                    "required": ["id", "status", "links"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "status": {"type": "string"},
+                        "links": {"type": "object"},
+                    },
+                },
+            },
+        },
+        "security": [{}, {"bearer": []}],
+        "paths": {
+            "/jobs": {
+                "post": {
+                    "summary": "Submit one image",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["image"],
+                                    "properties": {
+                                        "image": {"type": "string", "format": "binary"},
+                                        **_OPTION_PROPERTIES,
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": {
+                            "description": "queued",
+                            "headers": {"Location": {"schema": {"type": "string"}}},
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Accepted"}
+                                }
+                            },
+                        },
+                        **_pick("400", "401", "429", "503"),
+                        "413": _error("upload too large or too many form parts"),
+                        "415": _error("not an accepted image type"),
+                        "422": _error("undecodable image or too many pixels"),
+                    },
+                }
+            },
+            "/jobs/{job_id}": {
+                "parameters": [_JOB_ID],
+                "get": {
+                    "summary": "The job's status document",
+                    "responses": {
+                        "200": {
+                            "description": "the job",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/Job"}}
+                            },
+                        },
+                        **_pick("401", "404", "429", "503"),
+                    },
+                },
+                "delete": {
+                    "summary": "Cancel a queued or running job",
+                    "responses": {
+                        "202": {
+                            "description": "canceled",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/Job"}}
+                            },
+                        },
+                        "409": _error("already finished"),
+                        **_pick("401", "404", "429", "503"),
+                    },
+                },
+            },
+            "/jobs/{job_id}/figure": {
+                "parameters": [_JOB_ID],
+                "get": {
+                    "summary": "Redirect to the figure",
+                    "responses": {
+                        "302": {"description": "presigned URL of the figure"},
+                        "409": _error("the job has not succeeded"),
+                        **_pick("401", "404", "429", "503"),
+                    },
+                },
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "security": [{}],
+                    "responses": {"200": {"description": "alive"}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: Redis, storage and at least one worker",
+                    "security": [{}],
+                    "responses": {
+                        "200": {"description": "ready"},
+                        "503": {"description": "not ready; the body says which check failed"},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "security": [{}],
+                    "responses": {"200": {"description": "text", "content": {"text/plain": {}}}},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "security": [{}],
+                    "responses": {"200": {"description": "the OpenAPI document"}},
+                }
+            },
+        },
+    }

@@ -1,0 +1,53 @@
+"""Operational endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from api.metrics import render_metrics
+from api.openapi import openapi_document
+from api.services import services
+from shared.heartbeat import live_workers
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    return {"status": "ok"}
+
+
+@bp.get("/readyz")
+def readyz():
+    svc = services()
+    checks: dict[str, dict] = {}
+    try:
+        svc.redis.ping()
+        workers = live_workers(svc.redis)
+        checks["redis"] = {"ok": True}
+        checks["workers"] = {
+            "ok": bool(workers),
+            "count": len(workers),
+            "hostnames": sorted({w["hostname"] for w in workers}),
+        }
+    except Exception as exc:  # readiness reports every failure instead of raising
+        checks["redis"] = {"ok": False, "error": str(exc)}
+        checks["workers"] = {"ok": False, "error": "unknown while Redis is down"}
+    try:
+        svc.store.ping()
+        checks["storage"] = {"ok": True}
+    except Exception as exc:  # readiness reports every failure instead of raising
+        checks["storage"] = {"ok": False, "error": str(exc)}
+    ready = all(c["ok"] for c in checks.values())
+    return {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+
+
+@bp.get("/metrics")
+def metrics():
+    body, content_type = render_metrics(services())
+    return Response(body, content_type=content_type)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return openapi_document()

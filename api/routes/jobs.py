@@ -1,0 +1,125 @@
+"""/jobs: submit one image, poll its document, fetch its figure, cancel it."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, redirect, request, url_for
+
+from api.auth import enforce_rate_limit, owner_for
+from api.services import Services, services
+from api.uploads import read_image_upload
+from shared import keys
+from shared.errors import Conflict, FeatureMapsError, ServiceUnavailable
+from shared.jobs import Job, JobStatus, new_job_id
+from shared.queue import JOBS_QUEUE, RENDER_JOB
+
+log = logging.getLogger(__name__)
+bp = Blueprint("jobs", __name__)
+
+
+def _caller(svc: Services) -> str:
+    owner = owner_for(request, svc.settings)
+    enforce_rate_limit(svc.redis, svc.settings, owner)
+    return owner
+
+
+@bp.post("/jobs")
+def submit_job():
+    svc = services()
+    owner = _caller(svc)
+    upload = read_image_upload(request, field="image", max_pixels=svc.settings.max_image_pixels)
+    job = enqueue_job(svc, upload.data, upload.info.ext, upload.content_type, upload.options, owner)
+    body = {"id": job.id, "status": job.status.value, "links": _links(job.id)}
+    return body, 202, {"Location": url_for("jobs.get_job", job_id=job.id)}
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str):
+    svc = services()
+    job = svc.jobs.get(job_id, owner=_caller(svc))
+    return job_document(svc, job)
+
+
+@bp.get("/jobs/<job_id>/figure")
+def get_figure(job_id: str):
+    svc = services()
+    job = svc.jobs.get(job_id, owner=_caller(svc))
+    if job.status is not JobStatus.SUCCEEDED or not job.result:
+        raise Conflict(f"job {job_id} is {job.status.value}; the figure exists once it succeeded")
+    url = svc.store.presigned_get(job.result["figure_key"], svc.settings.presign_expiry_s)
+    return redirect(url, code=302)
+
+
+@bp.delete("/jobs/<job_id>")
+def cancel_job(job_id: str):
+    svc = services()
+    job = svc.jobs.cancel(job_id, owner=_caller(svc))
+    return job_document(svc, job), 202
+
+
+def enqueue_job(svc: Services, data: bytes, ext: str, content_type: str, options, owner: str):
+    """Store the input, write the record, send the task — or undo what was done and 503."""
+    job_id = new_job_id()
+    input_key = keys.input_key(job_id, ext)
+    svc.store.put_bytes(input_key, data, content_type)
+    job = Job(
+        id=job_id,
+        status=JobStatus.QUEUED,
+        options=options.to_dict(),
+        input_key=input_key,
+        owner=owner,
+    )
+    try:
+        svc.jobs.create(job)
+        svc.producer.send_task(
+            RENDER_JOB,
+            args=[job_id],
+            queue=JOBS_QUEUE,
+            retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
+        )
+    except Exception as exc:
+        _undo(svc, job_id, input_key)
+        if isinstance(exc, FeatureMapsError):
+            raise
+        log.warning("could not queue job %s: %s", job_id, exc)
+        raise ServiceUnavailable(
+            "the queue (Redis) is unavailable; the job was not created, try again shortly"
+        ) from exc
+    return job
+
+
+def _undo(svc: Services, job_id: str, input_key: str) -> None:
+    # Best effort: with the dependency down these can fail too; the input object then
+    # has no record pointing at it and is removed by retention.
+    for step in (lambda: svc.jobs.delete(job_id), lambda: svc.store.delete_prefix(input_key)):
+        try:
+            step()
+        except Exception as exc:  # cleanup must try every step, whatever failed
+            log.warning("cleanup of half-created job %s incomplete: %s", job_id, exc)
+
+
+def job_document(svc: Services, job: Job) -> dict:
+    doc = job.to_dict()
+    doc["links"] = _links(job.id)
+    result = job.result
+    if result:
+        expiry = svc.settings.presign_expiry_s
+        public = {k: v for k, v in result.items() if not k.endswith("_key")}
+        public["figure_url"] = svc.store.presigned_get(result["figure_key"], expiry)
+        public["manifest_url"] = svc.store.presigned_get(result["manifest_key"], expiry)
+        if result.get("arrays_key"):
+            public["arrays_url"] = svc.store.presigned_get(result["arrays_key"], expiry)
+        if result.get("layer_keys"):
+            public["layer_urls"] = [
+                svc.store.presigned_get(key, expiry) for key in result["layer_keys"]
+            ]
+        doc["result"] = public
+    return doc
+
+
+def _links(job_id: str) -> dict:
+    return {
+        "self": url_for("jobs.get_job", job_id=job_id),
+        "figure": url_for("jobs.get_figure", job_id=job_id),
+    }

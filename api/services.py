@@ -1,0 +1,41 @@
+"""What the API's views need, built once per app from the settings and passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from flask import current_app
+from redis import Redis
+
+from shared.jobs import RedisJobStore
+from shared.queue import make_producer
+from shared.settings import Settings
+from shared.storage import ObjectStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: Redis
+    jobs: RedisJobStore
+    store: ObjectStore
+    producer: Celery
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Services:
+        redis = Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+        )
+        return cls(
+            settings=settings,
+            redis=redis,
+            jobs=RedisJobStore(redis, ttl_s=settings.job_ttl_s),
+            store=ObjectStore.from_settings(settings),
+            producer=make_producer(settings),
+        )
+
+
+def services() -> Services:
+    """The current app's services; only views call this, library code gets them passed."""
+    return current_app.extensions["featuremaps"]

@@ -1,0 +1,49 @@
+"""Reading an uploaded image from a multipart request and validating it before anything is
+stored: size (413, enforced by Werkzeug while reading), type (415), decodability and pixel
+count (422), missing or empty field and bad options (400)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Request
+
+from shared.errors import EmptyImage, MissingField
+from shared.imaging import ImageInfo, validate_image
+from shared.options import JobOptions
+
+CONTENT_TYPES = {
+    "jpg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "bmp": "image/bmp",
+    "gif": "image/gif",
+    "tiff": "image/tiff",
+}
+
+
+@dataclass(frozen=True)
+class Upload:
+    data: bytes
+    info: ImageInfo
+    options: JobOptions
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.info.ext]
+
+
+def read_image_upload(request: Request, *, field: str, max_pixels: int) -> Upload:
+    # Touching request.files parses the body and applies the size and part limits.
+    files = request.files
+    if field not in files:
+        raise MissingField(
+            f"send the image as multipart/form-data field {field!r} "
+            f"(e.g. curl -F {field}=@photo.jpg)"
+        )
+    options = JobOptions.from_mapping(request.form.to_dict())
+    data = files[field].read()
+    if not data:
+        raise EmptyImage(f"the uploaded file in field {field!r} is empty")
+    info = validate_image(data, max_pixels=max_pixels)
+    return Upload(data=data, info=info, options=options)

@@ -1,0 +1,316 @@
+"""Job records in Redis, with atomic state transitions.
+
+A job is one Redis hash, ``featuremaps:job:<id>``. Every change of status happens inside a
+short Lua script that checks the current status first, so two workers (or a worker and a
+cancelling user) can never both move the same job forward. Records expire after
+``JOB_TTL_HOURS``; an id that is not there is :class:`JobNotFound` (a 404), never a fake
+"pending".
+
+    queued → running → succeeded | failed
+    queued | running → canceled
+    running → queued        (a storage error: the task is retried with backoff)
+    running → running       (redelivery after the worker died; counted as ``lost``)
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from redis import Redis
+
+from shared.errors import Conflict, NotFound
+
+PREFIX = "featuremaps"
+STATS_KEY = f"{PREFIX}:stats:jobs"
+DURATION_KEY = f"{PREFIX}:stats:job_duration"
+# Upper bounds (seconds) of the job-duration histogram kept in Redis for /metrics.
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class JobNotFound(NotFound):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r} (unknown, expired, or not yours)")
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(12)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+# JSON-encoded hash fields; everything else is stored as plain strings.
+_JSON_FIELDS = ("options", "timings", "result", "error")
+
+
+@dataclass
+class Job:
+    id: str
+    status: JobStatus
+    options: dict[str, Any]
+    input_key: str
+    owner: str = ""
+    created_at: str = field(default_factory=now_iso)
+    started_at: str | None = None
+    finished_at: str | None = None
+    attempts: int = 0
+    lost: int = 0
+    worker: str | None = None
+    device: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public job document (DESIGN.md); storage keys and owner stay private."""
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "options": self.options,
+            "attempts": self.attempts,
+            "worker": self.worker,
+            "device": self.device,
+            "timings": self.timings,
+            "result": self.result,
+            "error": self.error,
+        }
+
+    def to_redis(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, value in self.__dict__.items():
+            if value is None:
+                continue
+            if name in _JSON_FIELDS:
+                out[name] = json.dumps(value)
+            else:
+                out[name] = str(value.value if isinstance(value, JobStatus) else value)
+        return out
+
+    @classmethod
+    def from_redis(cls, raw: dict[bytes, bytes]) -> Job:
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        kwargs: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            if name not in data:
+                continue
+            value: Any = data[name]
+            if name in _JSON_FIELDS:
+                value = json.loads(value)
+            elif name in ("attempts", "lost"):
+                value = int(value)
+            elif name == "status":
+                value = JobStatus(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+
+# KEYS[1] job, KEYS[2] stats hash. ARGV: allowed statuses (comma list), new status, ttl,
+# then field/value pairs. Returns "ok" or the current status when the move is not allowed.
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return 'missing' end
+local allowed = false
+for s in string.gmatch(ARGV[1], '[^,]+') do if s == cur then allowed = true end end
+if not allowed then return cur end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+if cur ~= ARGV[2] then redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
+return 'ok'
+"""
+
+# Start (or restart after a lost worker) a job. KEYS[1] job, KEYS[2] stats.
+# ARGV: worker, device, started_at, max_attempts, ttl.
+# Returns {outcome, attempts}: outcome "ok", "exhausted" (marked failed: worker_lost),
+# "missing", or the finished/canceled status that makes the delivery a no-op.
+_START = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {'missing', 0} end
+if cur ~= 'queued' and cur ~= 'running' then return {cur, 0} end
+if cur == 'running' then
+  local lost = redis.call('HINCRBY', KEYS[1], 'lost', 1)
+  if lost >= tonumber(ARGV[4]) then
+    redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[3], 'error',
+      cjson.encode({code = 'worker_lost', message = 'the worker died while running this job ' ..
+      lost .. ' times (attempts limit ' .. ARGV[4] .. '); not retrying'}))
+    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+    redis.call('HINCRBY', KEYS[2], 'failed', 1)
+    return {'exhausted', tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
+  end
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'device', ARGV[2],
+  'started_at', ARGV[3])
+if cur == 'queued' then redis.call('HINCRBY', KEYS[2], 'running', 1) end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+return {'ok', attempts}
+"""
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    started: bool
+    status: str
+    attempts: int
+
+
+class RedisJobStore:
+    """Job records in one Redis; the client and the TTL are given, never global."""
+
+    def __init__(self, redis: Redis, *, ttl_s: int) -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self._transition = redis.register_script(_TRANSITION)
+        self._start = redis.register_script(_START)
+
+    def create(self, job: Job) -> Job:
+        key = job_key(job.id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=job.to_redis())
+            pipe.expire(key, self.ttl_s)
+            pipe.hincrby(STATS_KEY, job.status.value, 1)
+            pipe.execute()
+        return job
+
+    def get(self, job_id: str, *, owner: str | None = None) -> Job:
+        raw = self.redis.hgetall(job_key(job_id)) if _valid_id(job_id) else {}
+        if not raw:
+            raise JobNotFound(job_id)
+        job = Job.from_redis(raw)
+        if owner is not None and job.owner != owner:
+            raise JobNotFound(job_id)
+        return job
+
+    def delete(self, job_id: str) -> None:
+        self.redis.delete(job_key(job_id))
+
+    def start(self, job_id: str, *, worker: str, device: str, max_attempts: int) -> StartOutcome:
+        outcome, attempts = self._start(
+            keys=[job_key(job_id), STATS_KEY],
+            args=[worker, device, now_iso(), max_attempts, self.ttl_s],
+        )
+        status = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        return StartOutcome(started=status == "ok", status=status, attempts=int(attempts))
+
+    def succeed(self, job_id: str, *, result: dict, timings: dict[str, float]) -> bool:
+        """False when the job is no longer running (canceled meanwhile)."""
+        ok = self._move(
+            job_id,
+            (JobStatus.RUNNING,),
+            JobStatus.SUCCEEDED,
+            finished_at=now_iso(),
+            result=json.dumps(result),
+            timings=json.dumps(timings),
+        )
+        if ok:
+            self._observe_duration(job_id)
+        return ok
+
+    def fail(
+        self,
+        job_id: str,
+        *,
+        code: str,
+        message: str,
+        timings: dict[str, float] | None = None,
+    ) -> bool:
+        fields: dict[str, str] = {
+            "finished_at": now_iso(),
+            "error": json.dumps({"code": code, "message": message}),
+        }
+        if timings is not None:
+            fields["timings"] = json.dumps(timings)
+        return self._move(job_id, (JobStatus.QUEUED, JobStatus.RUNNING), JobStatus.FAILED, **fields)
+
+    def requeue(self, job_id: str, *, reason: str) -> bool:
+        """Running → queued before a retry with backoff; the reason stays visible."""
+        return self._move(
+            job_id,
+            (JobStatus.RUNNING,),
+            JobStatus.QUEUED,
+            error=json.dumps({"code": "retrying", "message": reason}),
+        )
+
+    def cancel(self, job_id: str, *, owner: str | None = None) -> Job:
+        self.get(job_id, owner=owner)  # 404 before 409: others' jobs must look unknown
+        moved = self._move(
+            job_id,
+            (JobStatus.QUEUED, JobStatus.RUNNING),
+            JobStatus.CANCELED,
+            finished_at=now_iso(),
+        )
+        if not moved:
+            current = self.get(job_id)
+            raise Conflict(f"job {job_id} is already {current.status.value}; nothing to cancel")
+        return self.get(job_id)
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs ever entered each status (monotonic counters for /metrics)."""
+        raw = self.redis.hgetall(STATS_KEY)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def duration_histogram(self) -> tuple[dict[str, int], float, int]:
+        raw = {k.decode(): v for k, v in self.redis.hgetall(DURATION_KEY).items()}
+        buckets = {b: int(raw.get(b, 0)) for b in [*map(str, DURATION_BUCKETS), "+Inf"]}
+        return buckets, float(raw.get("sum", 0)), int(raw.get("count", 0))
+
+    def _move(self, job_id: str, allowed: tuple[JobStatus, ...], new: JobStatus, **fields) -> bool:
+        args: list[Any] = [",".join(s.value for s in allowed), new.value, self.ttl_s]
+        for name, value in fields.items():
+            args += [name, value]
+        outcome = self._transition(keys=[job_key(job_id), STATS_KEY], args=args)
+        outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+        if outcome == "missing":
+            raise JobNotFound(job_id)
+        return outcome == "ok"
+
+    def _observe_duration(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if not job.finished_at:
+            return
+        seconds = (_parse_iso(job.finished_at) - _parse_iso(job.created_at)).total_seconds()
+        with self.redis.pipeline(transaction=True) as pipe:
+            for bound in DURATION_BUCKETS:
+                if seconds <= bound:
+                    pipe.hincrby(DURATION_KEY, str(bound), 1)
+            pipe.hincrby(DURATION_KEY, "+Inf", 1)
+            pipe.hincrbyfloat(DURATION_KEY, "sum", seconds)
+            pipe.hincrby(DURATION_KEY, "count", 1)
+            pipe.execute()
+
+
+def _parse_iso(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _valid_id(job_id: str) -> bool:
+    return 0 < len(job_id) <= 64 and all(c.isalnum() or c in "-_" for c in job_id)
+
+
+def elapsed_ms(start_iso: str, end_iso: str) -> float:
+    return round((_parse_iso(end_iso) - _parse_iso(start_iso)).total_seconds() * 1000, 1)

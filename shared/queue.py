@@ -1,0 +1,35 @@
+"""What the API and the workers agree on about the queue: task names, queue names and the
+broker settings. The API sends tasks by name and never imports worker code."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.settings import Settings
+
+RENDER_JOB = "featuremaps.render_job"
+JOBS_QUEUE = "jobs"
+
+
+def broker_options(settings: Settings) -> dict:
+    return {
+        # A task running longer than this is handed to another worker, so every time
+        # limit must stay below it (checked in worker/celery_app.py).
+        "visibility_timeout": settings.visibility_timeout_s,
+        "socket_connect_timeout": 3,
+        "socket_timeout": 10,
+        "retry_on_timeout": True,
+    }
+
+
+def make_producer(settings: Settings) -> Celery:
+    """A Celery app that only sends: no result backend, no task code."""
+    app = Celery("featuremaps-api", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        broker_transport_options=broker_options(settings),
+        broker_connection_retry_on_startup=False,
+        broker_connection_timeout=3,
+        task_ignore_result=True,
+        task_default_queue=JOBS_QUEUE,
+    )
+    return app

@@ -1,0 +1,42 @@
+"""The one Celery app of the workers, and its configuration (DESIGN.md "Workers").
+
+This module is the worker's entry point (`celery -A worker.celery_app worker`), so it is
+where the settings are built.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.queue import JOBS_QUEUE, broker_options
+from shared.settings import Settings
+
+settings = Settings()
+
+if not settings.task_soft_time_limit_s < settings.task_time_limit_s < settings.visibility_timeout_s:
+    raise SystemExit(
+        "FEATUREMAPS_TASK_SOFT_TIME_LIMIT_S < FEATUREMAPS_TASK_TIME_LIMIT_S < "
+        "FEATUREMAPS_VISIBILITY_TIMEOUT_S must hold, or a running task could be handed to a "
+        "second worker"
+    )
+
+app = Celery("featuremaps", broker=settings.redis_url, include=["worker.tasks"])
+app.conf.update(
+    # A task is acknowledged only once it has finished, and a worker that dies mid-task
+    # gives its message back, so no job is lost; the job store's attempt counter stops a
+    # poison job from looping.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    # An error that escapes a task (Redis gone mid-task) leaves the message unacknowledged
+    # so it is redelivered; every expected error is handled inside the task.
+    task_acks_on_failure_or_timeout=False,
+    worker_prefetch_multiplier=1,
+    task_soft_time_limit=settings.task_soft_time_limit_s,
+    task_time_limit=settings.task_time_limit_s,
+    broker_transport_options=broker_options(settings),
+    broker_connection_retry_on_startup=True,
+    task_ignore_result=True,
+    task_default_queue=JOBS_QUEUE,
+    worker_hijack_root_logger=False,
+    worker_redirect_stdouts=False,
+)

@@ -1,0 +1,100 @@
+"""Running one job: the plain function behind the `render_job` task.
+
+It moves the job through the store, fetches the input, calls the pipeline and uploads the
+outputs to deterministic keys (so a redelivered job overwrites rather than duplicates).
+Bad input fails the job at once with its code; storage errors propagate as
+:class:`StorageUnavailable` for the task to retry with backoff.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from shared import keys
+from shared.errors import FeatureMapsError, StorageUnavailable
+from shared.jobs import elapsed_ms, now_iso
+from shared.options import JobOptions
+from worker.runtime import WorkerContext
+
+log = logging.getLogger(__name__)
+
+_CONTENT_TYPES = {
+    "jpg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "svg": "image/svg+xml",
+    "pdf": "application/pdf",
+}
+
+
+def run_job(ctx: WorkerContext, job_id: str) -> str:
+    """Run the job if it is still wanted; returns the status it ended in (or was found in)."""
+    outcome = ctx.jobs.start(
+        job_id, worker=ctx.hostname, device=ctx.device, max_attempts=ctx.settings.max_attempts
+    )
+    if not outcome.started:
+        log.info("job %s not run: %s", job_id, outcome.status)
+        return outcome.status
+    job = ctx.jobs.get(job_id)
+    timings = {"queue_ms": elapsed_ms(job.created_at, job.started_at or now_iso())}
+    try:
+        from worker.pipeline import process_image
+
+        data = _timed(timings, "download_ms", lambda: ctx.store.get_bytes(job.input_key))
+        options = JobOptions.from_mapping(job.options)
+        result = process_image(ctx.loaded, data, options, max_pixels=ctx.settings.max_image_pixels)
+    except StorageUnavailable:
+        raise
+    except FeatureMapsError as exc:
+        ctx.jobs.fail(job_id, code=exc.code, message=exc.message, timings=timings)
+        return "failed"
+    timings.update(result.timings)
+    started = time.perf_counter()
+    stored = upload_outputs(ctx, job_id, result)
+    timings["upload_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    if not ctx.jobs.succeed(job_id, result=stored, timings=timings):
+        # Canceled while running: leave nothing behind.
+        ctx.store.delete_prefix(keys.results_prefix(job_id))
+        return ctx.jobs.get(job_id).status.value
+    ctx.jobs_done += 1
+    return "succeeded"
+
+
+def upload_outputs(ctx: WorkerContext, job_id: str, result) -> dict:
+    store = ctx.store
+    fmt = result.figure_ext
+    stored: dict = {
+        "figure_key": keys.figure_key(job_id, fmt),
+        "manifest_key": keys.manifest_key(job_id),
+        "layers": result.layers,
+        "weights": result.manifest.get("weights"),
+    }
+    if result.manifest.get("predictions"):
+        stored["predictions"] = result.manifest["predictions"]
+    store.put_bytes(stored["figure_key"], result.figure, _CONTENT_TYPES[fmt])
+    if result.arrays is not None:
+        stored["arrays_key"] = keys.arrays_key(job_id)
+        store.put_bytes(stored["arrays_key"], result.arrays, "application/octet-stream")
+    if result.layer_pngs:
+        stored["layer_keys"] = []
+        for index, name, png in result.layer_pngs:
+            key = keys.layer_key(job_id, index, name)
+            store.put_bytes(key, png, "image/png")
+            stored["layer_keys"].append(key)
+    manifest = dict(result.manifest, job_id=job_id)
+    # The manifest goes last: its presence means every other output is complete.
+    store.put_bytes(
+        stored["manifest_key"], json.dumps(manifest, indent=2).encode(), "application/json"
+    )
+    return stored
+
+
+def _timed(timings: dict, name: str, fn: Callable):
+    started = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        timings[name] = round((time.perf_counter() - started) * 1000, 1)

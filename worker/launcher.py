@@ -1,0 +1,124 @@
+"""`featuremaps-worker`: one Celery worker process per GPU, each pinned with
+CUDA_VISIBLE_DEVICES, concurrency 1, and a hostname that names its GPU.
+
+    featuremaps-worker --gpus 0,1      # two workers: gpu0@host, gpu1@host
+    featuremaps-worker --cpu           # one CPU worker: cpu@host  (same as --gpus none)
+    featuremaps-worker --cpu --replicas 2
+
+The weights are checked before any worker starts, so a missing ImageNet checkpoint is one
+clear message at start, not a crash loop. The launcher forwards SIGTERM/SIGINT (Celery's
+warm shutdown: running jobs finish) and exits when any of its workers exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from shared.errors import WeightsUnavailable
+from shared.queue import JOBS_QUEUE
+from shared.settings import Settings
+
+
+def parse_gpus(value: str) -> list[str]:
+    if value in ("none", "cpu", ""):
+        return []
+    if value == "auto":
+        return detect_gpus()
+    gpus = [g.strip() for g in value.split(",") if g.strip()]
+    if not all(g.isdigit() for g in gpus):
+        raise argparse.ArgumentTypeError(f"--gpus takes indices like 0,1 or 'none', not {value!r}")
+    return gpus
+
+
+def detect_gpus() -> list[str]:
+    if not shutil.which("nvidia-smi"):
+        return []
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def worker_commands(gpus: list[str], *, replicas: int, loglevel: str, queues: str) -> list[tuple]:
+    """(hostname, argv, extra env) for each worker process to start."""
+    base = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"]
+    common = [
+        "--pool",
+        "prefork",
+        "--concurrency",
+        "1",
+        "-Q",
+        queues,
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if gpus:
+        return [
+            (
+                f"gpu{g}@%h",
+                [*base, "--hostname", f"gpu{g}@%h", *common],
+                {"CUDA_VISIBLE_DEVICES": g, "FEATUREMAPS_DEVICE": "cuda:0"},
+            )
+            for g in gpus
+        ]
+    names = ["cpu"] if replicas == 1 else [f"cpu{i}" for i in range(replicas)]
+    return [
+        (
+            f"{n}@%h",
+            [*base, "--hostname", f"{n}@%h", *common],
+            {"CUDA_VISIBLE_DEVICES": "", "FEATUREMAPS_DEVICE": "cpu"},
+        )
+        for n in names
+    ]
+
+
+def check_weights(settings: Settings) -> None:
+    from worker.model import load_model
+
+    load_model(settings.weights, device="cpu", seed=settings.weights_seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="featuremaps-worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--gpus", default="auto", help="GPU indices (0,1), 'none', or 'auto'")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU (same as --gpus none)")
+    parser.add_argument("--replicas", type=int, default=1, help="CPU workers to start")
+    parser.add_argument("--queues", default=JOBS_QUEUE, help="queues to consume, in priority order")
+    parser.add_argument("--loglevel", default="INFO")
+    args = parser.parse_args(argv)
+    gpus = [] if args.cpu else parse_gpus(args.gpus)
+    settings = Settings()
+    try:
+        check_weights(settings)
+    except WeightsUnavailable as exc:
+        print(f"featuremaps-worker: {exc.message}", file=sys.stderr)
+        return 2
+    procs = []
+    for hostname, cmd, extra in worker_commands(
+        gpus, replicas=args.replicas, loglevel=args.loglevel, queues=args.queues
+    ):
+        print(f"featuremaps-worker: starting {hostname} ({extra})", flush=True)
+        procs.append(subprocess.Popen(cmd, env={**os.environ, **extra}))
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while all(p.poll() is None for p in procs):
+        time.sleep(0.5)
+    forward(signal.SIGTERM, None)
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Celery tasks: thin wrappers that pass ids and call plain functions in worker/execute.py."""
+
+from __future__ import annotations
+
+import logging
+
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import celeryd_after_setup, worker_process_init
+from redis.exceptions import RedisError
+
+from shared.errors import StorageUnavailable
+from shared.queue import RENDER_JOB
+from worker import runtime
+from worker.celery_app import app, settings
+from worker.execute import run_job
+
+log = logging.getLogger(__name__)
+_node = {"hostname": "worker"}
+
+
+@celeryd_after_setup.connect
+def _remember_hostname(sender: str, **_kwargs) -> None:
+    # Runs in the parent before the pool forks; the child inherits the name.
+    _node["hostname"] = sender
+
+
+@worker_process_init.connect
+def _load_model(**_kwargs) -> None:
+    runtime.init_process(settings, _node["hostname"])
+
+
+@app.task(name=RENDER_JOB, bind=True)
+def render_job(self, job_id: str) -> str:
+    ctx = runtime.context()
+    try:
+        return run_job(ctx, job_id)
+    except StorageUnavailable as exc:
+        retries = self.request.retries
+        if retries >= ctx.settings.storage_retries:
+            ctx.jobs.fail(
+                job_id, code=exc.code, message=f"{exc.message} (gave up after {retries} retries)"
+            )
+            return "failed"
+        delay = ctx.settings.storage_retry_backoff_s * 2**retries
+        log.warning("job %s: storage unavailable, retry %d in %.1fs", job_id, retries + 1, delay)
+        ctx.jobs.requeue(job_id, reason=f"storage unavailable, retry {retries + 1} in {delay:g}s")
+        raise self.retry(exc=exc, countdown=delay) from exc
+    except RedisError:
+        # The job store itself is unreachable: nothing can be recorded, so the message is
+        # left unacknowledged (acks_on_failure_or_timeout=False) and is delivered again.
+        raise
+    except SoftTimeLimitExceeded:
+        ctx.jobs.fail(
+            job_id,
+            code="timeout",
+            message=f"the job ran past its time limit of {ctx.settings.task_soft_time_limit_s}s",
+        )
+        return "failed"
+    except Exception as exc:
+        log.exception("job %s failed unexpectedly", job_id)
+        ctx.jobs.fail(job_id, code="internal_error", message=f"{type(exc).__name__}: {exc}")
+        return "failed"
