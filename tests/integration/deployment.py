@@ -1,0 +1,119 @@
+"""A real featuremaps deployment for integration tests: gunicorn API processes and Celery
+worker processes (started with the launcher's own command lines) on top of the suite's
+redis-server and SeaweedFS. Everything is reached over HTTP / Redis / S3, never in-process."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+import requests
+from redis import Redis
+
+from shared.heartbeat import live_workers
+from stack.services import ManagedProcess, free_port, wait_until
+from worker.launcher import worker_commands
+
+
+class Deployment:
+    def __init__(self, run_dir: Path, *, redis_url: str, s3, bucket: str, **settings) -> None:
+        self.run_dir = run_dir
+        self.redis_url = redis_url
+        self.s3 = s3
+        self.bucket = bucket
+        self.settings = settings
+        self.processes: list[ManagedProcess] = []
+        self.redis = Redis.from_url(redis_url)
+
+    def env(self, **overrides) -> dict[str, str]:
+        import os
+
+        values = {
+            "FEATUREMAPS_REDIS_URL": self.redis_url,
+            "FEATUREMAPS_S3_ENDPOINT": self.s3.endpoint,
+            "FEATUREMAPS_S3_ACCESS_KEY": self.s3.access_key,
+            "FEATUREMAPS_S3_SECRET_KEY": self.s3.secret_key,
+            "FEATUREMAPS_S3_BUCKET": self.bucket,
+            "FEATUREMAPS_WEIGHTS": "random",
+            **{f"FEATUREMAPS_{k.upper()}": str(v) for k, v in self.settings.items()},
+            **{f"FEATUREMAPS_{k.upper()}": str(v) for k, v in overrides.items()},
+        }
+        return {**os.environ, **values}
+
+    def start_api(self, name: str = "api", **overrides) -> str:
+        port = free_port()
+        process = ManagedProcess(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "2",
+                "--threads",
+                "4",
+                "--timeout",
+                "60",
+                "api:create_app()",
+            ],
+            env=self.env(**overrides),
+            log_path=self.run_dir / f"{name}.log",
+        )
+        process.start()
+        self.processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(
+            lambda: _answers(f"{url}/healthz"),
+            timeout_s=30,
+            process=process,
+            what=f"{name} /healthz",
+        )
+        return url
+
+    def start_worker(self, name: str, **overrides) -> ManagedProcess:
+        ((_, argv, extra),) = worker_commands([], replicas=1, loglevel="INFO", queues="jobs")
+        hostname = f"{name}@{socket.gethostname()}"
+        argv = [*argv]
+        argv[argv.index("--hostname") + 1] = hostname
+        env = {**self.env(**overrides), **extra}
+        process = ManagedProcess(name, argv, env=env, log_path=self.run_dir / f"{name}.log")
+        process.start()
+        self.processes.append(process)
+        wait_until(
+            lambda: hostname in self.worker_hostnames(),
+            timeout_s=90,
+            process=process,
+            what=f"worker {hostname} heartbeat",
+        )
+        process.hostname = hostname
+        return process
+
+    def worker_hostnames(self) -> set[str]:
+        return {w["hostname"] for w in live_workers(self.redis)}
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def wait_for_job(api: str, job_id: str, *, timeout_s: float = 120, headers=None) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        doc = requests.get(f"{api}/jobs/{job_id}", headers=headers, timeout=10).json()
+        if doc["status"] in ("succeeded", "failed", "canceled"):
+            return doc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {doc['status']} after {timeout_s}s: {doc}")
+        time.sleep(0.1)
