@@ -116,3 +116,10 @@ class StorageUnavailable(ServiceUnavailable):
 class WeightsUnavailable(FeatureMapsError):
     code = "weights_unavailable"
     http_status = 500
+
+
+class DeviceUnavailable(FeatureMapsError):
+    """The configured FEATUREMAPS_DEVICE does not exist here (worker start-up)."""
+
+    code = "device_unavailable"
+    http_status = 500
