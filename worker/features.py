@@ -1,0 +1,125 @@
+"""From images to per-layer feature maps: the article's conv chain, true forward activations,
+and the channel reductions that turn each layer's output into one 2-D map.
+
+All functions take a batch: several images go through the model as one tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_TRANSFORMS = {
+    # The article's Normalize(mean=0., std=1.) is a no-op, kept for fidelity.
+    "none": transforms.Compose(
+        [
+            transforms.Resize((224, 224)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=0.0, std=1.0),
+        ]
+    ),
+    "imagenet": transforms.Compose(
+        [
+            transforms.Resize((224, 224)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ]
+    ),
+}
+
+
+def chain_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """The article's walk: top-level Conv2d children, then the Conv2d children of each block
+    of each top-level Sequential. Downsample convs sit one level deeper and are not included,
+    which for ResNet-18 gives 17 layers, ``conv1`` … ``layer4.1.conv2``."""
+    convs: list[tuple[str, nn.Conv2d]] = []
+    # Exact type checks, as in the article: subclasses of Sequential are not walked into.
+    for name, child in model.named_children():
+        if type(child) is nn.Conv2d:
+            convs.append((name, child))
+        elif type(child) is nn.Sequential:
+            for block_name, block in child.named_children():
+                for conv_name, conv in block.named_children():
+                    if type(conv) is nn.Conv2d:
+                        convs.append((f"{name}.{block_name}.{conv_name}", conv))
+    return convs
+
+
+def preprocess(images: Sequence[Image.Image], normalize: str) -> Tensor:
+    """RGB images -> one float32 batch [N, 3, 224, 224]."""
+    transform = _TRANSFORMS[normalize]
+    return torch.stack([transform(image) for image in images])
+
+
+def conv_chain(model: nn.Module, batch: Tensor) -> list[tuple[str, Tensor]]:
+    """Pass ``batch`` through the chain convs one after another (conv only: no BN, ReLU,
+    pooling or residual), keeping every output. Outputs stay on the model's device."""
+    outputs: list[tuple[str, Tensor]] = []
+    with torch.inference_mode():
+        x = batch.to(_device_of(model))
+        for name, conv in chain_convs(model):
+            x = conv(x)
+            outputs.append((name, x))
+    return outputs
+
+
+def forward_activations(model: nn.Module, batch: Tensor) -> tuple[list[tuple[str, Tensor]], Tensor]:
+    """One real forward pass in eval mode; returns every Conv2d's output (20 for ResNet-18,
+    downsample included, in module order) and the logits."""
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    captured: dict[str, Tensor] = {}
+    handles = []
+    was_training = model.training
+    try:
+        for name, conv in convs:
+            handles.append(conv.register_forward_hook(_capture(captured, name)))
+        model.eval()
+        with torch.inference_mode():
+            logits = model(batch.to(_device_of(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return [(name, captured[name]) for name, _ in convs], logits
+
+
+def reduce_channels(t: Tensor, reduction: str) -> Tensor:
+    """[N, C, H, W] -> float32 [N, H, W].
+
+    ``mean`` is computed as the article does, ``sum over channels / C``; ``std`` is the
+    population standard deviation (numpy's default); ``l2`` is the Euclidean norm over
+    channels.
+    """
+    if t.ndim != 4:
+        raise ValueError(f"expected a [N, C, H, W] tensor, got shape {tuple(t.shape)}")
+    with torch.inference_mode():
+        t = t.float()
+        if reduction == "mean":
+            reduced = torch.sum(t, 1) / t.shape[1]
+        elif reduction == "max":
+            reduced = torch.amax(t, 1)
+        elif reduction == "std":
+            reduced = torch.std(t, 1, correction=0)
+        elif reduction == "l2":
+            reduced = torch.linalg.vector_norm(t, dim=1)
+        else:
+            raise ValueError(f"unknown reduction {reduction!r}")
+    return reduced
+
+
+def _capture(store: dict[str, Tensor], name: str):
+    def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+        store[name] = output
+
+    return hook
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,248 @@
+"""The whole computation for a list of images: decode, one batched model pass, reduce, render.
+
+Celery tasks and the ``featuremaps local`` command call :func:`process_images` (a chunk of a
+batch) or :func:`process_image` (one job); neither touches storage or the queue.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from shared.errors import FeatureMapsError
+from shared.imaging import decode_image, sniff_format
+from shared.options import JobOptions
+from worker.features import conv_chain, forward_activations, preprocess, reduce_channels
+from worker.model import LoadedModel
+from worker.render import LayerMap, render_grid, render_layer_png
+
+MODEL_NAME = "resnet18"
+TOP_K = 5
+
+
+@dataclass
+class ImageResult:
+    figure: bytes
+    figure_ext: str
+    # Everything needed to interpret the outputs: layers, options, weights, versions, timings.
+    manifest: dict
+    # [{name, shape: [C, H, W], min, max, mean}], the statistics being those of the map.
+    layers: list[dict]
+    # layer name -> float32 H×W map, exactly the reduction's output
+    maps: dict[str, np.ndarray]
+    # maps.npz when options.arrays, else None
+    arrays: bytes | None
+    # (index, layer name, PNG) when options.per_layer, else empty
+    layer_pngs: list[tuple[int, str, bytes]]
+    # decode_ms, model_ms, reduce_ms, render_ms, encode_ms; batch-wide stages split evenly
+    timings: dict[str, float]
+
+
+@dataclass
+class _Decoded:
+    position: int
+    ext: str
+    image: Image.Image
+    decode_ms: float
+
+
+def process_image(
+    loaded: LoadedModel, data: bytes, options: JobOptions, *, max_pixels: int
+) -> ImageResult:
+    """Process one image; bad input raises its :class:`FeatureMapsError`."""
+    (result,) = process_images(loaded, [data], options, max_pixels=max_pixels)
+    if isinstance(result, FeatureMapsError):
+        raise result
+    return result
+
+
+def process_images(
+    loaded: LoadedModel, images: Sequence[bytes], options: JobOptions, *, max_pixels: int
+) -> list[ImageResult | FeatureMapsError]:
+    """Process several images with one model pass; the answer has one entry per input, in
+    order: its result, or the error that its bytes caused (the others still go through)."""
+    results: list[ImageResult | FeatureMapsError | None] = [None] * len(images)
+    decoded: list[_Decoded] = []
+    for position, data in enumerate(images):
+        started = time.perf_counter()
+        try:
+            ext = sniff_format(data)
+            image = decode_image(data, max_pixels=max_pixels)
+        except FeatureMapsError as exc:
+            results[position] = exc
+            continue
+        decoded.append(_Decoded(position, ext, image, _ms_since(started)))
+    if decoded:
+        for item, result in zip(decoded, _run_batch(loaded, decoded, options), strict=True):
+            results[item.position] = result
+    return results  # type: ignore[return-value]  # every slot is filled by now
+
+
+def describe_weights(weights: dict) -> str:
+    """One line naming the weights, for the figure's caption."""
+    name = weights.get("name")
+    if name == "imagenet":
+        return f"imagenet {weights['id']} (sha256 {weights['sha256'][:12]})"
+    if name == "random":
+        return f"random, seed {weights['seed']} (untrained)"
+    if name == "state_dict":
+        return f"state_dict {weights['path']} (sha256 {weights['sha256'][:12]})"
+    return str(weights)
+
+
+def _run_batch(
+    loaded: LoadedModel, decoded: list[_Decoded], options: JobOptions
+) -> list[ImageResult]:
+    count = len(decoded)
+    started = time.perf_counter()
+    batch = preprocess([item.image for item in decoded], options.normalize)
+    preprocess_ms = _ms_since(started)
+
+    started = time.perf_counter()
+    if options.mode == "chain":
+        activations, logits = conv_chain(loaded.model, batch), None
+    else:
+        activations, logits = forward_activations(loaded.model, batch)
+    _synchronize(loaded.device)
+    model_ms = _ms_since(started)
+
+    started = time.perf_counter()
+    shapes = {name: tuple(t.shape[1:]) for name, t in activations}
+    reduced = [
+        (name, reduce_channels(t, options.reduction).cpu().numpy()) for name, t in activations
+    ]
+    del activations
+    predictions = _top_k(logits, loaded.categories) if logits is not None else None
+    reduce_ms = _ms_since(started)
+
+    results = []
+    for row, item in enumerate(decoded):
+        timings = {
+            "decode_ms": item.decode_ms + preprocess_ms / count,
+            "model_ms": model_ms / count,
+            "reduce_ms": reduce_ms / count,
+        }
+        maps = {name: batch_maps[row].copy() for name, batch_maps in reduced}
+        results.append(
+            _finish(
+                loaded,
+                item,
+                options,
+                maps=maps,
+                shapes=shapes,
+                predictions=predictions[row] if predictions else None,
+                timings=timings,
+            )
+        )
+    return results
+
+
+def _finish(
+    loaded: LoadedModel,
+    item: _Decoded,
+    options: JobOptions,
+    *,
+    maps: dict[str, np.ndarray],
+    shapes: dict[str, tuple[int, ...]],
+    predictions: list[dict] | None,
+    timings: dict[str, float],
+) -> ImageResult:
+    layer_maps = [LayerMap(name, shapes[name], array) for name, array in maps.items()]
+    caption = (
+        f"ResNet-18 feature maps · weights: {describe_weights(loaded.weights)} · "
+        f"mode={options.mode} · reduction={options.reduction} · normalize={options.normalize}"
+    )
+    figure = render_grid(
+        layer_maps,
+        fmt=options.format,
+        colormap=options.colormap,
+        renderer=options.renderer,
+        caption=caption,
+        timings=timings,
+    )
+
+    started = time.perf_counter()
+    arrays = _npz(maps) if options.arrays else None
+    layer_pngs = (
+        [
+            (index, name, render_layer_png(array, options.colormap))
+            for index, (name, array) in enumerate(maps.items())
+        ]
+        if options.per_layer
+        else []
+    )
+    timings["encode_ms"] += _ms_since(started)
+    timings = {key: round(value, 2) for key, value in timings.items()}
+
+    layers = [
+        {
+            "name": name,
+            "shape": list(shapes[name]),
+            "min": float(array.min()),
+            "max": float(array.max()),
+            "mean": float(array.mean()),
+        }
+        for name, array in maps.items()
+    ]
+    manifest = {
+        "model": MODEL_NAME,
+        "weights": loaded.weights,
+        "options": options.to_dict(),
+        "input": {"format": item.ext, "width": item.image.width, "height": item.image.height},
+        "figure": f"feature_maps.{options.format}",
+        "layers": layers,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "device": str(loaded.device),
+        "timings": timings,
+    }
+    if predictions is not None:
+        manifest["predictions"] = predictions
+    return ImageResult(
+        figure=figure,
+        figure_ext=options.format,
+        manifest=manifest,
+        layers=layers,
+        maps=maps,
+        arrays=arrays,
+        layer_pngs=layer_pngs,
+        timings=timings,
+    )
+
+
+def _top_k(logits: torch.Tensor, categories: list[str] | None) -> list[list[dict]] | None:
+    # Class names only mean something for the ImageNet weights.
+    if categories is None:
+        return None
+    probabilities = torch.softmax(logits.float(), dim=1).cpu()
+    values, indices = probabilities.topk(TOP_K, dim=1)
+    return [
+        [
+            {"label": categories[int(index)], "probability": float(value)}
+            for value, index in zip(row_values, row_indices, strict=True)
+        ]
+        for row_values, row_indices in zip(values, indices, strict=True)
+    ]
+
+
+def _npz(maps: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **maps)
+    return buffer.getvalue()
+
+
+def _synchronize(device: torch.device) -> None:
+    # CUDA runs asynchronously; without this the model time would land in the next stage.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
