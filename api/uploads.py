@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from flask import Request
 
-from shared.errors import EmptyImage, MissingField
+from shared.errors import EmptyImage, MissingField, PayloadTooLarge
 from shared.imaging import ImageInfo, validate_image
 from shared.options import JobOptions
 
@@ -33,7 +33,7 @@ class Upload:
         return CONTENT_TYPES[self.info.ext]
 
 
-def read_image_upload(request: Request, *, field: str, max_pixels: int) -> Upload:
+def read_image_upload(request: Request, *, field: str, max_pixels: int, max_bytes: int) -> Upload:
     # Touching request.files parses the body and applies the size and part limits.
     files = request.files
     if field not in files:
@@ -45,5 +45,11 @@ def read_image_upload(request: Request, *, field: str, max_pixels: int) -> Uploa
     data = files[field].read()
     if not data:
         raise EmptyImage(f"the uploaded file in field {field!r} is empty")
+    if len(data) > max_bytes:
+        # The body limit allows for multipart framing; the file itself gets the exact limit.
+        raise PayloadTooLarge(
+            f"the image is {len(data)} bytes; the limit is {max_bytes} bytes "
+            f"({max_bytes / 2**20:g} MB)"
+        )
     info = validate_image(data, max_pixels=max_pixels)
     return Upload(data=data, info=info, options=options)

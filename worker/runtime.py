@@ -32,17 +32,19 @@ class WorkerContext:
     store: ObjectStore
     loaded: object  # worker.model.LoadedModel; typed loosely to keep torch out of imports
     device: str
-    model_loads: int = 1
     jobs_done: int = 0
     started: float = field(default_factory=time.time)
 
     def heartbeat_info(self) -> dict:
+        from worker.model import load_count
+
         return {
             "hostname": self.hostname,
             "pid": os.getpid(),
             "device": self.device,
             "weights": getattr(self.loaded, "weights", None),
-            "model_loads": self.model_loads,
+            # Counted inside load_model itself: proof that the model stays resident.
+            "model_loads": load_count(),
             "jobs_done": self.jobs_done,
             "started": self.started,
         }

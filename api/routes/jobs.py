@@ -28,7 +28,12 @@ def _caller(svc: Services) -> str:
 def submit_job():
     svc = services()
     owner = _caller(svc)
-    upload = read_image_upload(request, field="image", max_pixels=svc.settings.max_image_pixels)
+    upload = read_image_upload(
+        request,
+        field="image",
+        max_pixels=svc.settings.max_image_pixels,
+        max_bytes=svc.settings.max_upload_bytes,
+    )
     job = enqueue_job(svc, upload.data, upload.info.ext, upload.content_type, upload.options, owner)
     body = {"id": job.id, "status": job.status.value, "links": _links(job.id)}
     return body, 202, {"Location": url_for("jobs.get_job", job_id=job.id)}
