@@ -1,0 +1,153 @@
+"""``featuremaps local IMAGE... -o DIR``: the whole pipeline in this process, no services.
+
+Writes ``DIR/<image stem>/feature_maps.<fmt>`` and ``manifest.json`` per image, plus
+``maps.npz`` (``--arrays``) and ``layers/NN_<layer>.png`` (``--per-layer``). A bad image is
+reported on stderr with its error code and the others go on; the exit status is 1 when any
+image failed, 2 when the model could not be set up. torch is imported only when the command
+runs, so the other sub-commands start quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shared.options import COLORMAPS, FORMATS, MODES, NORMALIZATIONS, REDUCTIONS, RENDERERS
+
+if TYPE_CHECKING:
+    from worker.pipeline import ImageResult
+
+# Above this many images a progress bar is worth its line.
+PROGRESS_MIN_IMAGES = 4
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "local",
+        help="render feature maps in this process (no services needed)",
+        description="Run ResNet-18 on each image here and write its feature-map figure.",
+    )
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument("-o", "--output", type=Path, default=Path("out"), metavar="DIR")
+    parser.add_argument("--mode", choices=MODES, default="chain")
+    parser.add_argument("--reduction", choices=REDUCTIONS, default="mean")
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, default="none")
+    parser.add_argument("--format", choices=FORMATS, default="jpg")
+    parser.add_argument("--colormap", choices=COLORMAPS, default="viridis")
+    parser.add_argument("--renderer", choices=RENDERERS, default="fast")
+    parser.add_argument(
+        "--weights",
+        help="imagenet, random or a state_dict path (default: FEATUREMAPS_WEIGHTS or imagenet)",
+    )
+    parser.add_argument("--arrays", action="store_true", help="also write maps.npz")
+    parser.add_argument("--per-layer", action="store_true", help="also write one PNG per layer")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: FEATUREMAPS_DEVICE)")
+    parser.add_argument(
+        "--max-pixels", type=_positive_int, help="default: FEATUREMAPS_MAX_IMAGE_PIXELS"
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from shared.errors import FeatureMapsError
+    from shared.options import JobOptions
+    from shared.settings import Settings
+    from worker.model import load_model
+    from worker.pipeline import process_images
+
+    settings = Settings()
+    options = JobOptions(
+        mode=args.mode,
+        reduction=args.reduction,
+        normalize=args.normalize,
+        format=args.format,
+        colormap=args.colormap,
+        renderer=args.renderer,
+        per_layer=args.per_layer,
+        arrays=args.arrays,
+    )
+    max_pixels = args.max_pixels or settings.max_image_pixels
+    try:
+        loaded = load_model(
+            args.weights or settings.weights,
+            device=args.device or settings.device,
+            seed=settings.weights_seed,
+        )
+    except FeatureMapsError as exc:
+        print(f"featuremaps: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+
+    images: list[Path] = args.images
+    output_dirs = _output_dirs(images, args.output)
+    failed = 0
+    with tqdm(
+        total=len(images),
+        unit="image",
+        disable=len(images) < PROGRESS_MIN_IMAGES,
+        file=sys.stderr,
+    ) as progress:
+        for start in range(0, len(images), args.batch_size):
+            readable, payloads = [], []
+            for position in range(start, min(start + args.batch_size, len(images))):
+                try:
+                    payloads.append(images[position].read_bytes())
+                    readable.append(position)
+                except OSError as exc:
+                    failed += 1
+                    progress.write(f"{images[position]}: unreadable: {exc}", file=sys.stderr)
+                    progress.update()
+            results = process_images(loaded, payloads, options, max_pixels=max_pixels)
+            for position, result in zip(readable, results, strict=True):
+                if isinstance(result, FeatureMapsError):
+                    failed += 1
+                    progress.write(
+                        f"{images[position]}: {result.code}: {result.message}", file=sys.stderr
+                    )
+                else:
+                    _write_result(output_dirs[position], result)
+                progress.update()
+
+    done = len(images) - failed
+    print(f"{done} of {len(images)} image(s) written to {args.output}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _write_result(directory: Path, result: ImageResult) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"feature_maps.{result.figure_ext}").write_bytes(result.figure)
+    (directory / "manifest.json").write_text(json.dumps(result.manifest, indent=2) + "\n")
+    if result.arrays is not None:
+        (directory / "maps.npz").write_bytes(result.arrays)
+    if result.layer_pngs:
+        layers = directory / "layers"
+        layers.mkdir(exist_ok=True)
+        for index, name, png in result.layer_pngs:
+            (layers / f"{index:02d}_{name}.png").write_bytes(png)
+
+
+def _output_dirs(images: list[Path], output: Path) -> list[Path]:
+    """One directory per image, named by its stem; repeated stems get -2, -3, ..."""
+    dirs: list[Path] = []
+    used: set[str] = set()
+    for path in images:
+        name, n = path.stem, 1
+        while name in used:
+            n += 1
+            name = f"{path.stem}-{n}"
+        used.add(name)
+        dirs.append(output / name)
+    return dirs
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
