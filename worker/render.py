@@ -221,9 +221,10 @@ def _draw_matplotlib(layers: Sequence[LayerMap], colormap: str, caption: str) ->
 
 def _encode_matplotlib(figure: Figure, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    # No creation dates, so the same maps give the same bytes.
+    # No creation dates and fixed SVG ids, so the same maps give the same bytes.
     metadata = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}.get(fmt)
-    figure.savefig(buffer, format=fmt, metadata=metadata)
+    with matplotlib.rc_context({"svg.hashsalt": "featuremaps"}):
+        figure.savefig(buffer, format=fmt, metadata=metadata)
     return buffer.getvalue()
 
 
