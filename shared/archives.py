@@ -1,0 +1,345 @@
+"""Reading user archives safely, member by member, as a stream.
+
+Nothing is ever extracted to disk and no member name is ever used as a path: a member is its
+name (for the manifest) and its bytes (in memory, bounded by ``max_member_bytes``), or the
+reason it was refused. ``.tar`` and ``.tar.gz`` are read in tarfile's stream mode (``r|*``)
+straight from the object body; ``.zip`` needs a seekable file (its directory is at the end),
+which the caller provides (a spooled temporary copy of the archive).
+
+Per member, without stopping the archive (a failed item with this code):
+
+    absolute_path, path_traversal, bad_name    a name that could escape a directory
+    symlink, hardlink, special_file            anything but a regular file
+    encrypted                                  an encrypted zip member
+    nested_archive                             an archive inside the archive (never opened)
+    corrupt_member                             a zip member whose data fails its CRC
+
+Limits that end the whole expansion (:class:`shared.errors.ArchiveLimitExceeded`):
+
+    archive_too_many_members    more than ``max_members`` entries
+    archive_member_too_large    one member over ``max_member_bytes``
+    archive_too_large           members over ``max_total_bytes`` in all
+    archive_bomb                uncompressed / compressed over ``max_ratio``
+
+A broken archive ends it too, as :class:`shared.errors.CorruptArchive`.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from shared.errors import (
+    ArchiveBomb,
+    ArchiveMemberTooLarge,
+    ArchiveTooLarge,
+    ArchiveTooManyMembers,
+    CorruptArchive,
+    FeatureMapsError,
+    RefusedMember,
+    UnsupportedType,
+)
+
+ARCHIVE_KINDS = ("zip", "tar", "tar.gz")
+# Storage extension of the uploaded source for each kind.
+SOURCE_EXTENSIONS = {"zip": "zip", "tar": "tar", "tar.gz": "tar.gz"}
+# The compression ratio is judged only once this much has been inflated: a few kilobytes of
+# a flat-colour image legitimately compress a thousandfold.
+RATIO_FLOOR_BYTES = 1024 * 1024
+READ_BLOCK = 256 * 1024
+# How many bytes of an upload to look at before deciding what archive it is.
+SNIFF_BYTES = 512
+_NESTED_EXTENSIONS = (
+    ".zip",
+    ".tar",
+    ".tgz",
+    ".gz",
+    ".bz2",
+    ".tbz2",
+    ".xz",
+    ".txz",
+    ".zst",
+    ".7z",
+    ".rar",
+    ".jar",
+)
+_NESTED_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"7z\xbc\xaf")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    max_members: int
+    max_total_bytes: int
+    max_member_bytes: int
+    max_ratio: float
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ArchiveLimits:
+        return cls(
+            max_members=settings.max_archive_members,
+            max_total_bytes=settings.max_archive_bytes,
+            max_member_bytes=settings.max_archive_member_bytes,
+            max_ratio=settings.max_compression_ratio,
+        )
+
+
+@dataclass(frozen=True)
+class Member:
+    """One archive entry that is a file: its bytes, or why it was refused (never both)."""
+
+    index: int
+    name: str
+    data: bytes | None = None
+    error: FeatureMapsError | None = None
+
+
+def sniff_archive(head: bytes, filename: str = "") -> str:
+    """The archive kind of an upload, from its first bytes (the name only breaks a tie)."""
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head.startswith(b"\x1f\x8b"):
+        return "tar.gz"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    if filename.lower().endswith(".tar") and len(head) >= 512 and _is_tar_header(head[:512]):
+        return "tar"
+    raise UnsupportedType(
+        "not an accepted archive (accepted: .zip, .tar, .tar.gz/.tgz, judged by content)"
+    )
+
+
+def safe_name(raw: str) -> str:
+    """The member's name normalised (``./a//b`` → ``a/b``), or :class:`RefusedMember` for a
+    name that is absolute, climbs out with ``..``, or is empty or holds a NUL."""
+    name = raw.replace("\\", "/")
+    if name.startswith("/") or _DRIVE.match(name):
+        raise RefusedMember(f"absolute path {raw!r} refused", code="absolute_path")
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise RefusedMember(f"path {raw!r} climbs out with '..'; refused", code="path_traversal")
+    if not parts or "\x00" in name:
+        raise RefusedMember(f"member name {raw!r} is not usable", code="bad_name")
+    return "/".join(parts)
+
+
+def looks_like_archive(name: str, head: bytes = b"") -> bool:
+    if name.lower().endswith(_NESTED_EXTENSIONS):
+        return True
+    return head.startswith(_NESTED_MAGIC) or (len(head) >= 262 and head[257:262] == b"ustar")
+
+
+class Budget:
+    """Counts members and inflated bytes against the limits; raises when one is crossed."""
+
+    def __init__(self, limits: ArchiveLimits) -> None:
+        self.limits = limits
+        self.members = 0
+        self.total_bytes = 0
+
+    def count_member(self) -> None:
+        self.members += 1
+        if self.members > self.limits.max_members:
+            raise self.too_many(self.members)
+
+    def check_declared(self, name: str, size: int) -> None:
+        if size > self.limits.max_member_bytes:
+            raise ArchiveMemberTooLarge(
+                f"member {name!r} is {size} bytes, over the limit of "
+                f"{self.limits.max_member_bytes} (MAX_ARCHIVE_MEMBER_BYTES); expansion stopped"
+            )
+        if self.total_bytes + size > self.limits.max_total_bytes:
+            raise self.too_large(self.total_bytes + size)
+
+    def add_bytes(self, count: int) -> None:
+        self.total_bytes += count
+        if self.total_bytes > self.limits.max_total_bytes:
+            raise self.too_large(self.total_bytes)
+
+    def check_ratio(self, inflated: int, compressed: int, what: str) -> None:
+        if inflated < RATIO_FLOOR_BYTES:
+            return
+        if inflated > self.limits.max_ratio * max(compressed, 1):
+            raise ArchiveBomb(
+                f"{what} inflates {inflated} bytes from {compressed}, a ratio over the limit of "
+                f"{self.limits.max_ratio:g} (MAX_COMPRESSION_RATIO); expansion stopped"
+            )
+
+    def read_member(
+        self, name: str, stream: IO[bytes], check_ratio: Callable[[int], None]
+    ) -> bytes:
+        """All of ``stream``, read in blocks so that no limit is trusted to a declared size;
+        ``check_ratio(bytes_so_far)`` raises :class:`ArchiveBomb` as soon as it can tell."""
+        blocks: list[bytes] = []
+        size = 0
+        while block := stream.read(READ_BLOCK):
+            size += len(block)
+            self.check_declared(name, size)
+            check_ratio(size)
+            blocks.append(block)
+        self.add_bytes(size)
+        return b"".join(blocks)
+
+    def too_many(self, members: int) -> ArchiveTooManyMembers:
+        return ArchiveTooManyMembers(
+            f"the archive has {members} members or more, over the limit of "
+            f"{self.limits.max_members} (MAX_ARCHIVE_MEMBERS); expansion stopped"
+        )
+
+    def too_large(self, total: int) -> ArchiveTooLarge:
+        return ArchiveTooLarge(
+            f"the archive's members add up to {total} bytes or more, over the limit of "
+            f"{self.limits.max_total_bytes} (MAX_ARCHIVE_BYTES); expansion stopped"
+        )
+
+
+def iter_archive(stream: IO[bytes], kind: str, limits: ArchiveLimits) -> Iterator[Member]:
+    """Every file entry of the archive, in archive order; directories are passed over.
+
+    ``stream`` must be seekable for ``zip``. Limit errors and :class:`CorruptArchive` are
+    raised out of the iteration after the members before them were yielded.
+    """
+    if kind == "zip":
+        yield from _iter_zip(stream, Budget(limits))
+    elif kind in ("tar", "tar.gz"):
+        yield from _iter_tar(stream, Budget(limits))
+    else:
+        raise UnsupportedType(f"unknown archive kind {kind!r}; one of {', '.join(ARCHIVE_KINDS)}")
+
+
+def _iter_zip(stream: IO[bytes], budget: Budget) -> Iterator[Member]:
+    try:
+        archive = zipfile.ZipFile(stream)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise CorruptArchive(f"the zip archive cannot be read: {exc}") from exc
+    with archive:
+        infos = archive.infolist()
+        # The directory is known up front: refuse before anything is dispatched.
+        if len(infos) > budget.limits.max_members:
+            raise budget.too_many(len(infos))
+        declared = sum(info.file_size for info in infos if not info.is_dir())
+        if declared > budget.limits.max_total_bytes:
+            raise budget.too_large(declared)
+        index = 0
+        for info in infos:
+            budget.count_member()
+            if info.is_dir():
+                continue
+            yield _zip_member(archive, info, index, budget)
+            index += 1
+
+
+def _zip_member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, index: int, budget: Budget
+) -> Member:
+    raw = info.filename
+    mode = info.external_attr >> 16
+    try:
+        name = safe_name(raw)
+        if mode and stat.S_ISLNK(mode):
+            raise RefusedMember(f"symlink {raw!r} refused", code="symlink")
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+            raise RefusedMember(f"{raw!r} is not a regular file; refused", code="special_file")
+        if info.flag_bits & 0x1:
+            raise RefusedMember(f"{raw!r} is encrypted; refused", code="encrypted")
+        if looks_like_archive(name):
+            raise _nested(raw)
+    except RefusedMember as exc:
+        return Member(index, raw, error=exc)
+    budget.check_declared(raw, info.file_size)
+    budget.check_ratio(info.file_size, info.compress_size, f"member {raw!r}")
+    try:
+        with archive.open(info) as member_stream:
+            data = budget.read_member(
+                raw,
+                member_stream,
+                lambda size: budget.check_ratio(size, info.compress_size, f"member {raw!r}"),
+            )
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        error = RefusedMember(f"member {raw!r} cannot be read: {exc}", code="corrupt_member")
+        return Member(index, raw, error=error)
+    if looks_like_archive(name, data[:SNIFF_BYTES]):
+        return Member(index, raw, error=_nested(raw))
+    return Member(index, raw, data=data)
+
+
+def _iter_tar(stream: IO[bytes], budget: Budget) -> Iterator[Member]:
+    counted = _CountingReader(stream)
+    index = 0
+    try:
+        with tarfile.open(fileobj=counted, mode="r|*") as archive:
+            for info in archive:
+                budget.count_member()
+                if info.isdir():
+                    continue
+                yield _tar_member(archive, info, index, budget, counted)
+                index += 1
+    except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
+        raise CorruptArchive(f"the tar archive cannot be read: {exc}") from exc
+
+
+def _tar_member(
+    archive: tarfile.TarFile,
+    info: tarfile.TarInfo,
+    index: int,
+    budget: Budget,
+    counted: _CountingReader,
+) -> Member:
+    raw = info.name
+    try:
+        name = safe_name(raw)
+        if info.issym():
+            raise RefusedMember(f"symlink {raw!r} → {info.linkname!r} refused", code="symlink")
+        if info.islnk():
+            raise RefusedMember(f"hardlink {raw!r} → {info.linkname!r} refused", code="hardlink")
+        if not info.isreg():
+            raise RefusedMember(f"{raw!r} is not a regular file; refused", code="special_file")
+        if looks_like_archive(name):
+            raise _nested(raw)
+    except RefusedMember as exc:
+        return Member(index, raw, error=exc)
+    budget.check_declared(raw, info.size)
+    member_stream = archive.extractfile(info)
+    if member_stream is None:  # isreg() was checked; tarfile returns None only otherwise
+        return Member(index, raw, error=RefusedMember(f"{raw!r} has no data", code="bad_name"))
+    # The whole stream's inflated bytes against the compressed bytes read so far.
+    data = budget.read_member(
+        raw,
+        member_stream,
+        lambda size: budget.check_ratio(budget.total_bytes + size, counted.count, "the archive"),
+    )
+    if looks_like_archive(name, data[:SNIFF_BYTES]):
+        return Member(index, raw, error=_nested(raw))
+    return Member(index, raw, data=data)
+
+
+def _nested(raw: str) -> RefusedMember:
+    return RefusedMember(f"{raw!r} is an archive itself; not opened", code="nested_archive")
+
+
+def _is_tar_header(block: bytes) -> bool:
+    # A pre-POSIX tar has no "ustar" magic; its header checksum still identifies it.
+    try:
+        stored = int(block[148:156].split(b"\x00", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(block[:148]) + 8 * 32 + sum(block[156:512])
+
+
+class _CountingReader:
+    """Passes reads through and counts the bytes, for the overall compression ratio."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self.count += len(data)
+        return data
