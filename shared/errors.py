@@ -13,7 +13,7 @@ the same code in the failed job's document.
     ├── PayloadTooLarge       413  too_large
     ├── UnsupportedType       415  unsupported_type
     ├── Unprocessable         422  truncated_image, undecodable_image, too_many_pixels,
-    │                              archive_* limits
+    │                              archive_* limits, corrupt_archive, refused members
     ├── RateLimited           429  rate_limited
     ├── ServiceUnavailable    503  unavailable, storage_unavailable
     └── WeightsUnavailable    500  weights_unavailable (worker start-up)
@@ -123,3 +123,37 @@ class DeviceUnavailable(FeatureMapsError):
 
     code = "device_unavailable"
     http_status = 500
+
+
+class ArchiveLimitExceeded(Unprocessable):
+    """An archive went over one of the MAX_ARCHIVE_* limits; its expansion stops there."""
+
+    code = "archive_limit"
+
+
+class ArchiveTooManyMembers(ArchiveLimitExceeded):
+    code = "archive_too_many_members"
+
+
+class ArchiveTooLarge(ArchiveLimitExceeded):
+    code = "archive_too_large"
+
+
+class ArchiveMemberTooLarge(ArchiveLimitExceeded):
+    code = "archive_member_too_large"
+
+
+class ArchiveBomb(ArchiveLimitExceeded):
+    code = "archive_bomb"
+
+
+class CorruptArchive(Unprocessable):
+    code = "corrupt_archive"
+
+
+class RefusedMember(Unprocessable):
+    """One archive member that is never read or written anywhere: ``absolute_path``,
+    ``path_traversal``, ``symlink``, ``hardlink``, ``special_file``, ``encrypted``,
+    ``nested_archive``. The batch goes on; the member becomes a failed item."""
+
+    code = "refused_member"

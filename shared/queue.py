@@ -9,6 +9,12 @@ from shared.settings import Settings
 
 RENDER_JOB = "featuremaps.render_job"
 JOBS_QUEUE = "jobs"
+EXPAND_BATCH = "featuremaps.expand_batch"
+RUN_BATCH_CHUNK = "featuremaps.run_batch_chunk"
+FINALIZE_BATCH = "featuremaps.finalize_batch"
+BATCH_QUEUE = "batch"
+# Workers consume both, interactive jobs first (see worker/celery_app.py).
+WORKER_QUEUES = f"{JOBS_QUEUE},{BATCH_QUEUE}"
 
 
 def broker_options(settings: Settings) -> dict:
