@@ -92,7 +92,7 @@ def _decode(data: bytes, *, max_pixels: int) -> tuple[str, Image.Image]:
             image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[ext]])
             _check_pixels(image.size, max_pixels)
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)
             return ext, _to_rgb(image)
     except (TooManyPixels, UndecodableImage):
         raise

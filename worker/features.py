@@ -6,7 +6,7 @@ All functions take a batch: several images go through the model as one tensor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -58,28 +58,37 @@ def preprocess(images: Sequence[Image.Image], normalize: str) -> Tensor:
     return torch.stack([transform(image) for image in images])
 
 
-def conv_chain(model: nn.Module, batch: Tensor) -> list[tuple[str, Tensor]]:
+def conv_chain(
+    model: nn.Module, batch: Tensor, *, keep: Callable[[Tensor], Tensor] | None = None
+) -> list[tuple[str, Tensor]]:
     """Pass ``batch`` through the chain convs one after another (conv only: no BN, ReLU,
-    pooling or residual), keeping every output. Outputs stay on the model's device."""
+    pooling or residual), keeping every output. Outputs stay on the model's device.
+
+    ``keep`` maps each output before it is kept (e.g. the channel reduction), so the full
+    activations need not all stay alive at once.
+    """
     outputs: list[tuple[str, Tensor]] = []
     with torch.inference_mode():
         x = batch.to(_device_of(model))
         for name, conv in chain_convs(model):
             x = conv(x)
-            outputs.append((name, x))
+            outputs.append((name, keep(x) if keep else x))
     return outputs
 
 
-def forward_activations(model: nn.Module, batch: Tensor) -> tuple[list[tuple[str, Tensor]], Tensor]:
+def forward_activations(
+    model: nn.Module, batch: Tensor, *, keep: Callable[[Tensor], Tensor] | None = None
+) -> tuple[list[tuple[str, Tensor]], Tensor]:
     """One real forward pass in eval mode; returns every Conv2d's output (20 for ResNet-18,
-    downsample included, in module order) and the logits."""
+    downsample included, in module order), each mapped by ``keep`` if given, and the logits.
+    """
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     captured: dict[str, Tensor] = {}
     handles = []
     was_training = model.training
     try:
         for name, conv in convs:
-            handles.append(conv.register_forward_hook(_capture(captured, name)))
+            handles.append(conv.register_forward_hook(_capture(captured, name, keep)))
         model.eval()
         with torch.inference_mode():
             logits = model(batch.to(_device_of(model)))
@@ -114,9 +123,9 @@ def reduce_channels(t: Tensor, reduction: str) -> Tensor:
     return reduced
 
 
-def _capture(store: dict[str, Tensor], name: str):
+def _capture(store: dict[str, Tensor], name: str, keep: Callable[[Tensor], Tensor] | None):
     def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-        store[name] = output
+        store[name] = keep(output) if keep else output
 
     return hook
 

@@ -117,8 +117,8 @@ def render_layer_png(array: np.ndarray, colormap: str = "viridis") -> bytes:
     visible; pixels stay square and unblended."""
     height, width = array.shape
     factor = max(1, math.ceil(LAYER_PNG_MIN_SIDE / min(height, width)))
-    index = _scaled_index(array, (width * factor, height * factor))
-    return _encode_pil(Image.fromarray(_lut(colormap)[index]), "png")
+    # A palette PNG: the map's colours exactly, in a third of the bytes of RGB.
+    return _encode_pil(_colormapped(array, (width * factor, height * factor), colormap), "png")
 
 
 @lru_cache(maxsize=32)
@@ -137,34 +137,52 @@ def _colormap_index(array: np.ndarray) -> np.ndarray:
     return np.clip(index, 0, 255).astype(np.uint8)
 
 
-def _scaled_index(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    # Scaling the 1-byte index rather than the RGB tile: a third of the pixels to move.
-    index = Image.fromarray(_colormap_index(array))
-    return np.asarray(index.resize(size, Image.Resampling.NEAREST))
+def _colormapped(array: np.ndarray, size: tuple[int, int], colormap: str) -> Image.Image:
+    """The map scaled (nearest) to ``size`` and coloured through the LUT.
+
+    The 1-byte index is scaled rather than the RGB tile (a third of the pixels to move), and
+    the LUT is applied as a palette, in Pillow's C code rather than by numpy fancy indexing.
+    """
+    index = Image.fromarray(_colormap_index(array)).resize(size, Image.Resampling.NEAREST)
+    tile = Image.frombytes("P", size, index.tobytes())
+    tile.putpalette(_lut(colormap).tobytes())
+    return tile
 
 
 def _draw_fast(layers: Sequence[LayerMap], colormap: str, caption: str) -> Image.Image:
     layout = grid_layout(len(layers))
-    font = _font(FONT_SIZE)
-    caption_font = _font(CAPTION_FONT_SIZE)
-    caption_lines = _wrap(caption, caption_font, layout.width - 2 * PAD)
-    height = layout.grid_height + len(caption_lines) * CAPTION_LINE_HEIGHT + PAD
-    canvas = np.full((height, layout.width, 3), 255, dtype=np.uint8)
-    lut = _lut(colormap)
+    caption_band = _caption_band(caption, layout.width)
+    height = layout.grid_height + caption_band.height
+    image = Image.new("RGB", (layout.width, height), (255, 255, 255))
     for index, layer in enumerate(layers):
         x, y = layout.tile_origin(index)
-        canvas[y : y + TILE, x : x + TILE] = lut[_scaled_index(layer.map, (TILE, TILE))]
-    image = Image.fromarray(canvas)
+        image.paste(_colormapped(layer.map, (TILE, TILE), colormap).convert("RGB"), (x, y))
+        image.paste(_title(layer.name, layer.shape), (x, y - TITLE_HEIGHT))
+    image.paste(caption_band, (0, layout.grid_height))
+    return image
+
+
+# Titles and captions repeat from image to image (same layers, same job options), so their
+# text is rendered once and pasted after that.
+@lru_cache(maxsize=512)
+def _title(name: str, shape: tuple[int, int, int]) -> Image.Image:
+    channels, rows, cols = shape
+    image = Image.new("RGB", (TILE + PAD, TITLE_HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    for index, layer in enumerate(layers):
-        x, y = layout.tile_origin(index)
-        channels, rows, cols = layer.shape
-        draw.text((x, y - TITLE_HEIGHT + 2), layer.name, fill=(0, 0, 0), font=font)
-        shape = f"{channels}×{rows}×{cols}"
-        draw.text((x, y - TITLE_HEIGHT / 2), shape, fill=(90, 90, 90), font=font)
-    for line_no, line in enumerate(caption_lines):
-        y = layout.grid_height + line_no * CAPTION_LINE_HEIGHT
-        draw.text((PAD, y), line, fill=(0, 0, 0), font=caption_font)
+    font = _font(FONT_SIZE)
+    draw.text((0, 2), name, fill=(0, 0, 0), font=font)
+    draw.text((0, TITLE_HEIGHT // 2), f"{channels}×{rows}×{cols}", fill=(90, 90, 90), font=font)
+    return image
+
+
+@lru_cache(maxsize=64)
+def _caption_band(caption: str, width: int) -> Image.Image:
+    font = _font(CAPTION_FONT_SIZE)
+    lines = _wrap(caption, font, width - 2 * PAD)
+    image = Image.new("RGB", (width, len(lines) * CAPTION_LINE_HEIGHT + PAD), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for line_no, line in enumerate(lines):
+        draw.text((PAD, line_no * CAPTION_LINE_HEIGHT), line, fill=(0, 0, 0), font=font)
     return image
 
 

@@ -155,6 +155,18 @@ def test_forward_captures_every_conv_like_the_real_network(random_model):
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_keep_maps_each_output_as_it_is_made(random_model):
+    batch = torch.rand(2, 3, 224, 224)
+    full = dict(conv_chain(random_model.model, batch))
+    kept = dict(conv_chain(random_model.model, batch, keep=lambda t: t.amax(1)))
+    assert list(kept) == CHAIN_NAMES
+    for name in CHAIN_NAMES:
+        assert torch.equal(kept[name], full[name].amax(1)), name
+    captured, _ = forward_activations(random_model.model, batch, keep=lambda t: t.shape[1])
+    assert dict(captured)["layer4.0.downsample.0"] == 512
+    assert _hooks_left(random_model.model) == []
+
+
 def test_forward_cleans_up_when_the_forward_raises():
     model = resnet18(weights=None)
     model.train()
