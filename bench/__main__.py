@@ -1,0 +1,41 @@
+"""``python -m bench [--only SECTION]... [--repeat N]``: run benchmark sections, print their
+tables and write each section's numbers to ``out/bench/<section>.json``.
+
+A section is a function ``(repeat: int) -> dict`` registered in :data:`SECTIONS`; it prints
+its own table and returns the numbers to store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import core
+
+SECTIONS: dict[str, Callable[[int], dict]] = {
+    "core": core.run,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--only", action="append", choices=sorted(SECTIONS), help="run just this section"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per image")
+    parser.add_argument("--out", type=Path, default=Path("out/bench"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.only or list(SECTIONS):
+        numbers = SECTIONS[name](max(1, args.repeat))
+        path = args.out / f"{name}.json"
+        path.write_text(json.dumps(numbers, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
