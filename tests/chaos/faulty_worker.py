@@ -1,0 +1,79 @@
+"""The real worker app with test-only faults, for ``celery -A tests.chaos.faulty_worker``.
+
+Only the fault tests start workers from this module. It imports the production Celery app
+unchanged and wraps two functions so that a marker in an input's bytes makes the pool process
+misbehave deterministically, the way a decoder crash, a hung computation or a deploy would:
+
+    chaos:kill         SIGKILL the pool process running the job (every time it is delivered)
+    chaos:slow         sleep until the soft time limit interrupts the task
+    chaos:hold         block inside the pipeline until the test releases the gate
+    chaos:hold-upload  block after the figure is uploaded, before the manifest
+
+Every event is appended to ``$CHAOS_GATE_DIR/events`` as ``<event> <pid>`` so a test can see
+what happened in which process, and ``release`` in that directory opens every hold.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import worker.pipeline
+import worker.tasks  # registers the tasks on the app
+from shared.storage import ObjectStore
+from tests.chaos.faults import HOLD, HOLD_UPLOAD, KILL, SLOW
+from worker.celery_app import app
+
+__all__ = ["app"]
+
+# No fault may leave a process waiting forever if a test dies halfway.
+_MAX_WAIT_S = 120.0
+
+_real_process_image = worker.pipeline.process_image
+_real_put_bytes = ObjectStore.put_bytes
+_holding_upload = {"on": False}
+
+
+def _gate() -> Path:
+    return Path(os.environ["CHAOS_GATE_DIR"])
+
+
+def _record(event: str) -> None:
+    with (_gate() / "events").open("a") as fh:
+        fh.write(f"{event} {os.getpid()}\n")
+
+
+def _wait_for_release(event: str) -> None:
+    _record(event)
+    deadline = time.monotonic() + _MAX_WAIT_S
+    while not (_gate() / "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _record(f"{event}-released")
+
+
+def process_image(loaded, data: bytes, options, *, max_pixels: int):
+    _holding_upload["on"] = HOLD_UPLOAD in data
+    if KILL in data:
+        _record("kill")
+        os.kill(os.getpid(), signal.SIGKILL)
+    if SLOW in data:
+        _record("slow")
+        deadline = time.monotonic() + _MAX_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        _record("slow-not-interrupted")
+    if HOLD in data and not _holding_upload["on"]:
+        _wait_for_release("hold")
+    return _real_process_image(loaded, data, options, max_pixels=max_pixels)
+
+
+def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream"):
+    if _holding_upload["on"] and key.endswith("/manifest.json"):
+        _wait_for_release("hold-upload")
+    return _real_put_bytes(self, key, data, content_type)
+
+
+worker.pipeline.process_image = process_image
+ObjectStore.put_bytes = put_bytes
