@@ -22,6 +22,11 @@ def broker_options(settings: Settings) -> dict:
         # A task running longer than this is handed to another worker, so every time
         # limit must stay below it (checked in worker/celery_app.py).
         "visibility_timeout": settings.visibility_timeout_s,
+        # kombu sweeps for abandoned messages (a worker killed mid-task) every interval ×
+        # throttle seconds, 10 × 10 by default; scan on every sweep so such a message comes
+        # back about visibility_timeout after it was taken, not up to 100 s later.
+        "unacked_restore_interval": min(10, max(1, settings.visibility_timeout_s // 3)),
+        "unacked_restore_throttle": 1,
         "socket_connect_timeout": 3,
         "socket_timeout": 10,
         "retry_on_timeout": True,
