@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -67,6 +68,12 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
+
+
+def port_is_listening(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0
 
 
 def find_executable(name: str) -> str | None:
@@ -498,6 +505,12 @@ class SeaweedS3:
             "-admin.ui=false",
             # No network access is assumed, and a dev server has nothing to report.
             "-master.telemetry=false",
+            # weed's graceful stop waits for open HTTP connections to go idle, up to this
+            # long; the default (30 s) turned every stop after a multipart upload into a
+            # SIGKILL at the grace limit.
+            "-idleTimeout=3",
+            # The pre-stop pause tells other nodes to stop writing here; there are none.
+            "-volume.preStopSeconds=0",
             f"-master.volumeSizeLimitMB={self.volume_size_limit_mb}",
             f"-volume.max={self.max_volumes}",
         ]
@@ -535,12 +548,37 @@ class SeaweedS3:
             return False
         return True
 
+    def volumes_registered(self) -> bool:
+        """Whether the volume server has told the master about every volume on disk.
+
+        After a restart the S3 gateway answers before that heartbeat has arrived, and reads
+        of existing objects fail with InternalError until it has.
+        """
+        on_disk = len(list((self.dir / "data").glob("*.dat")))
+        url = f"http://127.0.0.1:{self.ports['master.port']}/dir/status"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                topology = json.load(response)["Topology"]
+        except (OSError, ValueError, KeyError):
+            return False
+        nodes = [
+            node
+            for center in topology.get("DataCenters") or []
+            for rack in center.get("Racks") or []
+            for node in rack.get("DataNodes") or []
+        ]
+        return bool(nodes) and sum(node.get("Volumes", 0) for node in nodes) >= on_disk
+
+    def is_ready(self) -> bool:
+        return self.answers_s3() and self.volumes_registered()
+
     def start(self, timeout_s: float = 60.0) -> float:
-        """Start and wait until an authenticated S3 call works; returns the seconds it took."""
+        """Start and wait until an authenticated S3 call works and every volume on disk is
+        registered; returns the seconds it took."""
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         self.process.start()
         return wait_until(
-            self.answers_s3,
+            self.is_ready,
             timeout_s=timeout_s,
             process=self.process,
             what=f"SeaweedFS S3 on {self.endpoint}",
