@@ -7,7 +7,7 @@ from flask import Flask
 
 from api.errors import register_error_handlers
 from api.metrics import init_metrics
-from api.routes import health, jobs
+from api.routes import batches, health, jobs
 from api.services import Services
 from shared.settings import Settings
 
@@ -28,4 +28,5 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     init_metrics(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(batches.bp)
     return app

@@ -20,7 +20,7 @@ from prometheus_client import (
 )
 
 from shared.jobs import JobStatus
-from shared.queue import JOBS_QUEUE
+from shared.queue import BATCH_QUEUE, JOBS_QUEUE
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 REQUEST_SECONDS = Histogram(
@@ -29,7 +29,7 @@ REQUEST_SECONDS = Histogram(
     ["endpoint", "method", "status"],
     registry=REGISTRY,
 )
-QUEUES = (JOBS_QUEUE,)
+QUEUES = (JOBS_QUEUE, BATCH_QUEUE)
 
 
 def init_metrics(app: Flask) -> None:

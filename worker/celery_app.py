@@ -20,7 +20,9 @@ if not settings.task_soft_time_limit_s < settings.task_time_limit_s < settings.v
         "second worker"
     )
 
-app = Celery("featuremaps", broker=settings.redis_url, include=["worker.tasks"])
+app = Celery(
+    "featuremaps", broker=settings.redis_url, include=["worker.tasks", "worker.batch_tasks"]
+)
 app.conf.update(
     # A task is acknowledged only once it has finished, and a worker that dies mid-task
     # gives its message back, so no job is lost; the job store's attempt counter stops a
@@ -33,7 +35,9 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     task_soft_time_limit=settings.task_soft_time_limit_s,
     task_time_limit=settings.task_time_limit_s,
-    broker_transport_options=broker_options(settings),
+    # "priority": BRPOP lists the queues in the order the worker consumes them (-Q
+    # jobs,batch), so an interactive job is always taken before the next batch chunk.
+    broker_transport_options={**broker_options(settings), "queue_order_strategy": "priority"},
     broker_connection_retry_on_startup=True,
     task_ignore_result=True,
     task_default_queue=JOBS_QUEUE,

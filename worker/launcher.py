@@ -21,7 +21,7 @@ import sys
 import time
 
 from shared.errors import WeightsUnavailable
-from shared.queue import JOBS_QUEUE
+from shared.queue import WORKER_QUEUES
 from shared.settings import Settings
 
 
@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default="auto", help="GPU indices (0,1), 'none', or 'auto'")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (same as --gpus none)")
     parser.add_argument("--replicas", type=int, default=1, help="CPU workers to start")
-    parser.add_argument("--queues", default=JOBS_QUEUE, help="queues to consume, in priority order")
+    parser.add_argument(
+        "--queues", default=WORKER_QUEUES, help="queues to consume, in priority order"
+    )
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
     gpus = [] if args.cpu else parse_gpus(args.gpus)

@@ -75,7 +75,7 @@ class Deployment:
         return url
 
     def start_worker(self, name: str, **overrides) -> ManagedProcess:
-        ((_, argv, extra),) = worker_commands([], replicas=1, loglevel="INFO", queues="jobs")
+        ((_, argv, extra),) = worker_commands([], replicas=1, loglevel="INFO", queues="jobs,batch")
         hostname = f"{name}@{socket.gethostname()}"
         argv = [*argv]
         argv[argv.index("--hostname") + 1] = hostname

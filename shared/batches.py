@@ -1,0 +1,481 @@
+"""Batch records in Redis: one batch, its items, and counters that always add up.
+
+A batch is five Redis keys under ``featuremaps:batch:<id>``: the batch hash (fields and the
+counters ``total``, ``queued``, ``running``, ``succeeded``, ``failed``, ``canceled``), the
+item ids in member order (a list, for paging and the manifest), each item's status, the
+token of the chunk delivery running it, and its details (JSON: name, keys, error).
+
+Every change is one short Lua script, so counters move with the statuses they count, two
+workers can't both start an item, and exactly one caller learns that the batch is complete
+and must be finalized (the ``finalizing`` flag is set inside the same script that sees the
+last item finish, or the expansion end, or a cancel leave nothing running).
+
+    batch: queued → expanding → running → succeeded | failed | canceled
+           expanding → failed        (an archive limit; dispatched items keep going)
+           queued | expanding | running → canceled
+    item:  queued → running → succeeded | failed;  queued → canceled
+           failed from the start     (a refused member, or not an image)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from redis import Redis
+
+from shared.errors import Conflict, NotFound
+from shared.jobs import PREFIX, now_iso
+
+COUNTERS = ("queued", "running", "succeeded", "failed", "canceled")
+_JSON_FIELDS = ("options", "source", "result", "error")
+_INT_FIELDS = ("total", *COUNTERS, "expanded", "finalizing", "failed_at_expansion")
+
+
+class BatchStatus(StrEnum):
+    QUEUED = "queued"
+    EXPANDING = "expanding"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class ItemStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+class BatchNotFound(NotFound):
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"no batch with id {batch_id!r} (unknown, expired, or not yours)")
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def item_id(batch_id: str, index: int) -> str:
+    """Server-generated, deterministic in the member's position: a redelivered expansion
+    finds the items it already created. Item keys in storage are prefixed by it."""
+    return f"{batch_id}-{index:06d}"
+
+
+def _keys(batch_id: str) -> list[str]:
+    base = batch_key(batch_id)
+    return [base, f"{base}:order", f"{base}:info", f"{base}:status", f"{base}:token"]
+
+
+@dataclass
+class Batch:
+    id: str
+    status: BatchStatus
+    options: dict[str, Any]
+    source: dict[str, Any]
+    owner: str = ""
+    created_at: str = field(default_factory=now_iso)
+    started_at: str | None = None
+    first_item_at: str | None = None
+    finished_at: str | None = None
+    error: dict[str, str] | None = None
+    result: dict[str, Any] | None = None
+    total: int = 0
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    canceled: int = 0
+    expanded: int = 0
+    finalizing: int = 0
+    # Members refused during expansion count as failed but were never processed.
+    failed_at_expansion: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (BatchStatus.SUCCEEDED, BatchStatus.FAILED, BatchStatus.CANCELED)
+
+    def counts(self) -> dict[str, int]:
+        return {"total": self.total, **{name: getattr(self, name) for name in COUNTERS}}
+
+    def to_dict(self, now: float | None = None) -> dict[str, Any]:
+        """The public batch document; storage keys and owner stay private."""
+        done = self.succeeded + self.failed + self.canceled
+        complete = self.finished and self.queued == 0 and self.running == 0
+        progress = 1.0 if complete else (done / self.total if self.total else 0.0)
+        doc: dict[str, Any] = {
+            "id": self.id,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "options": self.options,
+            "source": {"kind": self.source.get("kind"), "name": self.source.get("name")},
+            "counts": self.counts(),
+            "progress": round(progress, 4),
+            "rate": None,
+            "eta_s": None,
+            "error": self.error,
+            "result": None,
+        }
+        if self.first_item_at and (self.queued or self.running):
+            elapsed = (now or time.time()) - datetime.fromisoformat(self.first_item_at).timestamp()
+            processed = self.succeeded + self.failed - self.failed_at_expansion
+            rate = processed / elapsed if elapsed > 0 else 0.0
+            doc["rate"] = round(rate, 3)
+            if rate > 0:
+                doc["eta_s"] = round((self.queued + self.running) / rate, 1)
+        return doc
+
+    def to_redis(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, value in self.__dict__.items():
+            if value is None:
+                continue
+            out[name] = json.dumps(value) if name in _JSON_FIELDS else str(value)
+        return out
+
+    @classmethod
+    def from_redis(cls, raw: dict[bytes, bytes]) -> Batch:
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        kwargs: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            if name not in data:
+                continue
+            value: Any = data[name]
+            if name in _JSON_FIELDS:
+                value = json.loads(value)
+            elif name in _INT_FIELDS:
+                value = int(value)
+            elif name == "status":
+                value = BatchStatus(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    status: ItemStatus
+    info: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name", "")
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """An item as expansion creates it: queued with its input key, or failed with a reason."""
+
+    id: str
+    name: str
+    input_key: str | None = None
+    error: dict[str, str] | None = None
+
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"name": self.name}
+        if self.input_key:
+            info["input_key"] = self.input_key
+        if self.error:
+            info["error"] = self.error
+        return info
+
+
+# Shared by every script: KEYS = batch, order, info, status, token; ARGV[1] = ttl.
+_PRELUDE = """
+local function touch()
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1])) end
+end
+local function complete_if_done()
+  local b = redis.call('HMGET', KEYS[1], 'expanded', 'queued', 'running')
+  if b[1] == '1' and tonumber(b[2]) == 0 and tonumber(b[3]) == 0 then
+    if redis.call('HGET', KEYS[1], 'finalizing') ~= '1' then
+      redis.call('HSET', KEYS[1], 'finalizing', '1')
+      return 'finalize'
+    end
+  end
+  return 'ok'
+end
+local function move(id, from, to)
+  redis.call('HSET', KEYS[4], id, to)
+  redis.call('HINCRBY', KEYS[1], from, -1)
+  redis.call('HINCRBY', KEYS[1], to, 1)
+end
+"""
+
+# ARGV: ttl, then (id, status, info) triples. Returns {batch status, ids still queued...}:
+# a redelivered expansion re-dispatches only what has not started.
+_ADD_ITEMS = (
+    _PRELUDE
+    + """
+local bstatus = redis.call('HGET', KEYS[1], 'status')
+if not bstatus then return {'missing'} end
+local out = {bstatus}
+for i = 2, #ARGV, 3 do
+  local id, status = ARGV[i], ARGV[i + 1]
+  local cur = redis.call('HGET', KEYS[4], id)
+  if cur then
+    if cur == 'queued' then table.insert(out, id) end
+  else
+    if status == 'queued' and bstatus == 'canceled' then status = 'canceled' end
+    redis.call('RPUSH', KEYS[2], id)
+    redis.call('HSET', KEYS[3], id, ARGV[i + 2])
+    redis.call('HSET', KEYS[4], id, status)
+    redis.call('HINCRBY', KEYS[1], 'total', 1)
+    redis.call('HINCRBY', KEYS[1], status, 1)
+    if status == 'failed' then redis.call('HINCRBY', KEYS[1], 'failed_at_expansion', 1) end
+    if status == 'queued' then table.insert(out, id) end
+  end
+end
+touch()
+return out
+"""
+)
+
+# ARGV: ttl, now, token, ids... Returns the ids this delivery may run: queued ones, and
+# running ones this same delivery started before (its worker died; Celery redelivered it).
+_START_ITEMS = (
+    _PRELUDE
+    + """
+local out = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local cur = redis.call('HGET', KEYS[4], id)
+  if cur == 'queued' then
+    move(id, 'queued', 'running')
+    redis.call('HSET', KEYS[5], id, ARGV[3])
+    table.insert(out, id)
+  elseif cur == 'running' and redis.call('HGET', KEYS[5], id) == ARGV[3] then
+    table.insert(out, id)
+  end
+end
+if #out > 0 then redis.call('HSETNX', KEYS[1], 'first_item_at', ARGV[2]) end
+touch()
+return out
+"""
+)
+
+# ARGV: ttl, then (id, status, info) triples for running items. Returns 'finalize' to the
+# one caller that finished the batch's last item, else 'ok'.
+_FINISH_ITEMS = (
+    _PRELUDE
+    + """
+for i = 2, #ARGV, 3 do
+  local id = ARGV[i]
+  if redis.call('HGET', KEYS[4], id) == 'running' then
+    move(id, 'running', ARGV[i + 1])
+    redis.call('HSET', KEYS[3], id, ARGV[i + 2])
+  end
+end
+touch()
+return complete_if_done()
+"""
+)
+
+# ARGV: ttl, now. Returns 'ok' or the status that makes expansion pointless.
+_BEGIN_EXPANSION = (
+    _PRELUDE
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return 'missing' end
+if cur == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'expanding', 'started_at', ARGV[2])
+elseif cur ~= 'expanding' then
+  return cur
+end
+touch()
+return 'ok'
+"""
+)
+
+# ARGV: ttl, now, error JSON or ''. Returns 'finalize' or 'ok'.
+_END_EXPANSION = (
+    _PRELUDE
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return 'missing' end
+redis.call('HSET', KEYS[1], 'expanded', '1')
+if cur == 'queued' or cur == 'expanding' or cur == 'running' then
+  if ARGV[3] ~= '' then
+    redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[3])
+  else
+    redis.call('HSET', KEYS[1], 'status', 'running')
+  end
+end
+touch()
+return complete_if_done()
+"""
+)
+
+# ARGV: ttl, now. Returns {'ok' | current status, 'finalize' | 'ok'}.
+_CANCEL = (
+    _PRELUDE
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {'missing', 'ok'} end
+if cur ~= 'queued' and cur ~= 'expanding' and cur ~= 'running' then return {cur, 'ok'} end
+redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[2])
+local statuses = redis.call('HGETALL', KEYS[4])
+for i = 1, #statuses, 2 do
+  if statuses[i + 1] == 'queued' then move(statuses[i], 'queued', 'canceled') end
+end
+touch()
+return {'ok', complete_if_done()}
+"""
+)
+
+# ARGV: ttl, now, result JSON. A running batch succeeds; failed and canceled stay as they are.
+_COMPLETE = (
+    _PRELUDE
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return 'missing' end
+if cur == 'running' or cur == 'expanding' then
+  redis.call('HSET', KEYS[1], 'status', 'succeeded')
+end
+redis.call('HSET', KEYS[1], 'result', ARGV[3])
+if not redis.call('HGET', KEYS[1], 'finished_at') then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
+end
+touch()
+return redis.call('HGET', KEYS[1], 'status')
+"""
+)
+
+
+class BatchStore:
+    """Batch records in one Redis; the client and the TTL are given, never global."""
+
+    def __init__(self, redis: Redis, *, ttl_s: int) -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self._add_items = redis.register_script(_ADD_ITEMS)
+        self._start_items = redis.register_script(_START_ITEMS)
+        self._finish_items = redis.register_script(_FINISH_ITEMS)
+        self._begin_expansion = redis.register_script(_BEGIN_EXPANSION)
+        self._end_expansion = redis.register_script(_END_EXPANSION)
+        self._cancel = redis.register_script(_CANCEL)
+        self._complete = redis.register_script(_COMPLETE)
+
+    def create(self, batch: Batch) -> Batch:
+        key = batch_key(batch.id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=batch.to_redis())
+            pipe.expire(key, self.ttl_s)
+            pipe.execute()
+        return batch
+
+    def get(self, batch_id: str, *, owner: str | None = None) -> Batch:
+        raw = self.redis.hgetall(batch_key(batch_id)) if valid_id(batch_id) else {}
+        if not raw:
+            raise BatchNotFound(batch_id)
+        batch = Batch.from_redis(raw)
+        if owner is not None and batch.owner != owner:
+            raise BatchNotFound(batch_id)
+        return batch
+
+    def delete(self, batch_id: str) -> None:
+        self.redis.delete(*_keys(batch_id))
+
+    def begin_expansion(self, batch_id: str) -> str:
+        return _text(self._run(self._begin_expansion, batch_id, now_iso()))
+
+    def add_items(self, batch_id: str, items: list[NewItem]) -> tuple[str, list[str]]:
+        """Record new items (idempotent per id); returns the batch status and the ids of the
+        given items that are queued and need dispatching."""
+        args: list[str] = []
+        for item in items:
+            status = ItemStatus.FAILED if item.error else ItemStatus.QUEUED
+            args += [item.id, status.value, json.dumps(item.info())]
+        status, *queued = self._run(self._add_items, batch_id, *args)
+        return _text(status), [_text(i) for i in queued]
+
+    def end_expansion(self, batch_id: str, error: dict[str, str] | None = None) -> bool:
+        """Mark expansion over (failed with ``error``); True when the caller must finalize."""
+        outcome = self._run(
+            self._end_expansion, batch_id, now_iso(), json.dumps(error) if error else ""
+        )
+        return _text(outcome) == "finalize"
+
+    def start_items(self, batch_id: str, ids: list[str], *, token: str) -> list[str]:
+        started = self._run(self._start_items, batch_id, now_iso(), token, *ids)
+        return [_text(i) for i in started]
+
+    def finish_items(self, batch_id: str, outcomes: list[tuple[str, ItemStatus, dict]]) -> bool:
+        """Record finished items; True for the one caller that finished the last item."""
+        args: list[str] = []
+        for item, status, info in outcomes:
+            args += [item, status.value, json.dumps(info)]
+        return _text(self._run(self._finish_items, batch_id, *args)) == "finalize"
+
+    def cancel(self, batch_id: str, *, owner: str | None = None) -> tuple[Batch, bool]:
+        """Cancel; queued items end canceled. Returns the batch and whether the caller must
+        have it finalized (nothing was left running)."""
+        self.get(batch_id, owner=owner)  # 404 before 409: others' batches must look unknown
+        outcome, finalize = self._run(self._cancel, batch_id, now_iso())
+        if _text(outcome) != "ok":
+            raise Conflict(f"batch {batch_id} is already {_text(outcome)}; nothing to cancel")
+        return self.get(batch_id), _text(finalize) == "finalize"
+
+    def complete(self, batch_id: str, result: dict[str, Any]) -> str:
+        return _text(self._run(self._complete, batch_id, now_iso(), json.dumps(result)))
+
+    def items(self, batch_id: str, *, start: int = 0, count: int = 100) -> list[Item]:
+        """Items in member order, ``count`` from position ``start``."""
+        _, order, info, status, _ = _keys(batch_id)
+        ids = [_text(i) for i in self.redis.lrange(order, start, start + count - 1)]
+        if not ids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(status, ids)
+            pipe.hmget(info, ids)
+            statuses, infos = pipe.execute()
+        return [
+            Item(id=i, status=ItemStatus(_text(s)), info=json.loads(d))
+            for i, s, d in zip(ids, statuses, infos, strict=True)
+        ]
+
+    def get_items(self, batch_id: str, ids: list[str]) -> dict[str, Item]:
+        _, _, info, status, _ = _keys(batch_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(status, ids)
+            pipe.hmget(info, ids)
+            statuses, infos = pipe.execute()
+        return {
+            i: Item(id=i, status=ItemStatus(_text(s)), info=json.loads(d))
+            for i, s, d in zip(ids, statuses, infos, strict=True)
+            if s is not None
+        }
+
+    def iter_items(self, batch_id: str, *, page: int = 1000) -> Iterator[Item]:
+        start = 0
+        while page_items := self.items(batch_id, start=start, count=page):
+            yield from page_items
+            start += len(page_items)
+
+    def item_count(self, batch_id: str) -> int:
+        return int(self.redis.llen(_keys(batch_id)[1]))
+
+    def _run(self, script, batch_id: str, *args: Any) -> Any:
+        outcome = script(keys=_keys(batch_id), args=[self.ttl_s, *args])
+        if outcome in (b"missing", "missing") or (
+            isinstance(outcome, list) and outcome and _text(outcome[0]) == "missing"
+        ):
+            raise BatchNotFound(batch_id)
+        return outcome
+
+
+def valid_id(batch_id: str) -> bool:
+    return 0 < len(batch_id) <= 64 and all(c.isalnum() or c in "-_" for c in batch_id)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

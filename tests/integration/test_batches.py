@@ -1,0 +1,429 @@
+"""Batches end to end: archives and S3 prefixes through gunicorn, real Celery workers on a real
+redis-server, and a real S3 server; the archives hold planted hostile members."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image, ImageDraw
+
+from shared.settings import Settings
+from shared.storage import ObjectStore
+from tests.integration.deployment import Deployment, wait_for_job
+
+CHUNK = 4
+MAX_MEMBERS = 80
+MAX_BYTES = 30_000_000
+MAX_MEMBER_BYTES = 4_000_000
+MAX_PIXELS = 1_000_000
+FINISHED = ("succeeded", "failed", "canceled")
+
+
+def photo(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    """A small photo-like JPEG: a gradient, a few shapes and noise."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    x = np.linspace(0, 1, width)[None, :, None]
+    y = np.linspace(0, 1, height)[:, None, None]
+    base = (x * rng.uniform(50, 200, 3) + y * rng.uniform(50, 200, 3)) % 256
+    pixels = np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+        draw.ellipse(
+            (x0, y0, x0 + width // 3, y0 + height // 3), fill=tuple(rng.integers(0, 255, 3))
+        )
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _inner_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("inside.jpg", photo(999))
+    return buffer.getvalue()
+
+
+# name -> (bytes, expected failure code); written into zips and tars alike.
+BAD_FILES = {
+    "bad/truncated.jpg": (photo(1, (320, 240))[:1500], "truncated_image"),
+    "bad/notes.jpg": (b"this is a text file, not a photo\n", "unsupported_type"),
+    "bad/empty.jpg": (b"", "empty_image"),
+    "bad/bomb.png": (_png((1200, 1000)), "too_many_pixels"),
+    "../escape.jpg": (photo(2), "path_traversal"),
+    "/etc/abs.jpg": (photo(3), "absolute_path"),
+    "bad/nested.zip": (_inner_zip(), "nested_archive"),
+}
+SYMLINK = ("bad/link.jpg", "symlink")
+
+
+def make_zip(goods: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in goods.items():
+            archive.writestr(name, data)
+        for name, (data, _code) in BAD_FILES.items():
+            archive.writestr(name, data)
+        link = zipfile.ZipInfo(SYMLINK[0])
+        link.create_system = 3
+        link.external_attr = 0o120777 << 16
+        archive.writestr(link, "../../etc/passwd")
+    return buffer.getvalue()
+
+
+def make_tar(goods: dict[str, bytes], mode: str = "w:gz") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:
+        for name, data in [*goods.items(), *((n, d) for n, (d, _c) in BAD_FILES.items())]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo(SYMLINK[0])
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        archive.addfile(link)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def deployment(redis_server, s3_server, tmp_path_factory):
+    dep = Deployment(
+        tmp_path_factory.mktemp("batches"),
+        redis_url=redis_server.url.rsplit("/", 1)[0] + "/4",
+        s3=s3_server,
+        bucket=f"bat-{uuid.uuid4().hex[:8]}",
+        batch_chunk=CHUNK,
+        max_archive_members=MAX_MEMBERS,
+        max_archive_bytes=MAX_BYTES,
+        max_archive_member_bytes=MAX_MEMBER_BYTES,
+        max_image_pixels=MAX_PIXELS,
+    )
+    dep.redis.flushdb()
+    dep.api = dep.start_api()
+    dep.workers = [dep.start_worker("b1")]
+    yield dep
+    dep.stop()
+
+
+@pytest.fixture(scope="module")
+def store(deployment):
+    env = deployment.env()
+    settings = Settings(
+        **{
+            k.removeprefix("FEATUREMAPS_").lower(): v
+            for k, v in env.items()
+            if k.startswith("FEATUREMAPS_")
+        }
+    )
+    store = ObjectStore.from_settings(settings)
+    store.ensure_bucket()
+    return store
+
+
+def submit_archive(api: str, name: str, data: bytes, **options) -> requests.Response:
+    return requests.post(
+        f"{api}/batches", files={"archive": (name, data)}, data=options, timeout=60
+    )
+
+
+def wait_for_batch(api: str, batch_id: str, *, timeout_s: float = 240) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        doc = requests.get(f"{api}/batches/{batch_id}", timeout=10).json()
+        if doc["status"] in FINISHED and doc["result"]:
+            return doc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"batch {batch_id} not done after {timeout_s}s: {doc}")
+        time.sleep(0.2)
+
+
+def all_items(api: str, batch_id: str, limit: int = 7) -> list[dict]:
+    items, cursor = [], "0"
+    while cursor is not None:
+        page = requests.get(
+            f"{api}/batches/{batch_id}/items", params={"cursor": cursor, "limit": limit}, timeout=10
+        ).json()
+        items += page["items"]
+        cursor = page["next_cursor"]
+    return items
+
+
+def goods(count: int, seed: int = 0) -> dict[str, bytes]:
+    return {f"photos/img_{i:03d}.jpg": photo(seed + i) for i in range(count)}
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archive_with_planted_bad_members(deployment, store, kind):
+    good = goods(20 if kind == "zip" else 10)
+    data = make_zip(good) if kind == "zip" else make_tar(good)
+    response = submit_archive(deployment.api, f"photos.{kind}", data)
+    assert response.status_code == 202, response.text
+    batch_id = response.json()["id"]
+    assert response.headers["Location"] == f"/batches/{batch_id}"
+
+    doc = wait_for_batch(deployment.api, batch_id)
+    expected_bad = {name: code for name, (_d, code) in BAD_FILES.items()}
+    expected_bad[SYMLINK[0]] = SYMLINK[1]
+    members = len(good) + len(expected_bad)
+    assert doc["status"] == "succeeded", doc
+    assert doc["counts"] == {
+        "total": members,
+        "queued": 0,
+        "running": 0,
+        "succeeded": len(good),
+        "failed": len(expected_bad),
+        "canceled": 0,
+    }
+    assert doc["progress"] == 1.0
+
+    items = all_items(deployment.api, batch_id)
+    assert len(items) == members
+    by_name = {item["name"]: item for item in items}
+    for name in good:
+        assert by_name[name]["status"] == "succeeded", by_name[name]
+        figure = requests.get(by_name[name]["figure_url"], timeout=10)
+        assert Image.open(io.BytesIO(figure.content)).format == "JPEG"
+    for name, code in expected_bad.items():
+        assert by_name[name]["status"] == "failed"
+        assert by_name[name]["error"]["code"] == code, by_name[name]
+        assert by_name[name]["figure_url"] is None
+
+    manifest = requests.get(doc["result"]["manifest_url"], timeout=10).text.splitlines()
+    lines = [json.loads(line) for line in manifest]
+    assert len(lines) == members and len({line["item_id"] for line in lines}) == members
+    assert {line["name"] for line in lines} == set(by_name)
+    assert all(
+        line["error"]["code"] == expected_bad[line["name"]]
+        for line in lines
+        if line["status"] == "failed"
+    )
+
+    bundle = zipfile.ZipFile(
+        io.BytesIO(requests.get(doc["result"]["archive_url"], timeout=10).content)
+    )
+    assert sorted(bundle.namelist()) == sorted(f"figures/{name}.jpg" for name in good)
+
+    # Nothing outside the batch's own keys: its source, results and the items' keys.
+    outside = [
+        key
+        for key in store.list_keys("")
+        if not key.startswith(
+            (f"batches/{batch_id}/", f"inputs/{batch_id}-", f"results/{batch_id}-")
+        )
+        and batch_id in key
+    ]
+    assert outside == []
+    mine = [key for key in store.list_keys("") if batch_id in key]
+    assert all(
+        key.startswith((f"batches/{batch_id}/", f"inputs/{batch_id}-", f"results/{batch_id}-"))
+        for key in mine
+    )
+    for name in ("escape", "abs.jpg", "link", "nested", "passwd", "inside"):
+        assert not [key for key in store.list_keys("") if name in key]
+    inputs = [key for key in mine if key.startswith("inputs/")]
+    # Only members that look like images get an input: the good ones and the bad images.
+    assert len(inputs) == len(good) + 2
+
+
+def test_non_archive_and_missing_field_are_refused(deployment, store):
+    before = set(store.list_keys(""))
+    response = submit_archive(deployment.api, "photos.zip", photo(5))
+    assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_type"
+    response = requests.post(
+        f"{deployment.api}/batches", files={"photos": ("a.zip", b"PK")}, timeout=10
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "missing_field"
+    response = submit_archive(deployment.api, "a.zip", make_zip(goods(1)), mode="sideways")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_option"
+    assert set(store.list_keys("")) == before
+    assert requests.get(f"{deployment.api}/batches/nope", timeout=10).status_code == 404
+
+
+def _noise(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def _low_entropy(size: int, seed: int) -> bytes:
+    """Bytes that gzip shrinks about twofold: under the ratio limit, over the byte limit."""
+    return np.random.default_rng(seed).integers(0, 16, size, dtype=np.uint8).tobytes()
+
+
+LIMIT_CASES = {
+    "too many members": (
+        lambda: make_zip({f"{i}.jpg": photo(i) for i in range(MAX_MEMBERS)}),
+        "archive_too_many_members",
+    ),
+    "too many bytes": (
+        lambda: make_tar({f"big{i}.bin": _low_entropy(3_500_000, i) for i in range(9)}),
+        "archive_too_large",
+    ),
+    "zip bomb": (
+        lambda: make_zip({"zeros.bmp": b"\0" * 3_900_000}),
+        "archive_bomb",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LIMIT_CASES))
+def test_limits_fail_the_batch_with_a_clear_code(deployment, case):
+    build, code = LIMIT_CASES[case]
+    data = build()
+    name = "a.tar.gz" if data[:2] == b"\x1f\x8b" else "a.zip"
+    response = submit_archive(deployment.api, name, data)
+    assert response.status_code == 202, response.text
+    doc = wait_for_batch(deployment.api, response.json()["id"])
+    assert doc["status"] == "failed"
+    assert doc["error"]["code"] == code, doc["error"]
+    counts = doc["counts"]
+    assert counts["queued"] == counts["running"] == 0
+    assert counts["total"] == counts["succeeded"] + counts["failed"] + counts["canceled"]
+
+
+def test_upload_is_streamed_not_held_in_memory(deployment, store):
+    # Stored (uncompressed) noise members: a 28 MB archive, 400× the form memory limit.
+    members = {f"noise/{i:02d}.bin": _noise(2_000_000, 100 + i) for i in range(14)}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    data = buffer.getvalue()
+    peaks_before = _api_peak_rss(deployment)
+    response = submit_archive(deployment.api, "noise.zip", data)
+    assert response.status_code == 202, response.text
+    growth = max(_api_peak_rss(deployment)[pid] - peak for pid, peak in peaks_before.items())
+    assert growth < len(data) // 2, f"an API process grew by {growth} bytes for {len(data)}"
+    batch_id = response.json()["id"]
+    with store.open(f"batches/{batch_id}/source.zip") as reader:
+        assert reader.read() == data
+    doc = wait_for_batch(deployment.api, batch_id)
+    assert doc["status"] == "succeeded" and doc["counts"]["failed"] == 14
+
+
+def _api_peak_rss(deployment) -> dict[int, int]:
+    """Peak resident memory (VmHWM) of each gunicorn worker process of the API."""
+    (api,) = [p for p in deployment.processes if p.name == "api"]
+    peaks = {}
+    for child in Path(f"/proc/{api.pid}/task/{api.pid}/children").read_text().split():
+        status = Path(f"/proc/{child}/status").read_text()
+        (line,) = [line for line in status.splitlines() if line.startswith("VmHWM:")]
+        peaks[int(child)] = int(line.split()[1]) * 1024
+    return peaks
+
+
+def test_two_workers_split_one_batch_each_item_once(deployment):
+    second = deployment.start_worker("b2")
+    try:
+        response = submit_archive(deployment.api, "many.zip", make_zip(goods(24, seed=200)))
+        doc = wait_for_batch(deployment.api, response.json()["id"])
+        time.sleep(6)  # one heartbeat period, so both report their counts
+        beats = {w["hostname"]: w for w in _live(deployment)}
+    finally:
+        second.stop()
+    assert doc["status"] == "succeeded"
+    assert doc["counts"]["succeeded"] == 24
+    items = all_items(deployment.api, doc["id"], limit=100)
+    good = [item for item in items if item["status"] == "succeeded"]
+    assert len(good) == len({item["id"] for item in good}) == 24
+    assert beats[second.hostname]["jobs_done"] > 0
+    assert beats[deployment.workers[0].hostname]["jobs_done"] > 0
+
+
+def _live(deployment) -> list[dict]:
+    from shared.heartbeat import live_workers
+
+    return live_workers(deployment.redis)
+
+
+def test_single_job_is_not_stuck_behind_a_big_batch(deployment):
+    response = submit_archive(deployment.api, "big.tar.gz", make_tar(goods(32, seed=300)))
+    batch_id = response.json()["id"]
+    _wait_until(lambda: _doc(deployment, batch_id)["counts"]["succeeded"] >= 1)
+    job = requests.post(
+        f"{deployment.api}/jobs", files={"image": ("one.jpg", photo(7))}, timeout=30
+    ).json()
+    job_doc = wait_for_job(deployment.api, job["id"])
+    counts_then = _doc(deployment, batch_id)["counts"]
+    batch_doc = wait_for_batch(deployment.api, batch_id)
+    assert job_doc["status"] == "succeeded"
+    assert job_doc["finished_at"] < batch_doc["finished_at"]
+    # Long before: the job went ahead of the chunks already waiting, so when it finished
+    # most of the batch was still to do.
+    assert counts_then["queued"] + counts_then["running"] >= counts_then["total"] // 2, counts_then
+
+
+def test_cancel_mid_batch(deployment):
+    response = submit_archive(deployment.api, "cancel.zip", make_zip(goods(32, seed=400)))
+    batch_id = response.json()["id"]
+    _wait_until(lambda: _doc(deployment, batch_id)["counts"]["succeeded"] >= 1)
+    canceled = requests.delete(f"{deployment.api}/batches/{batch_id}", timeout=10)
+    assert canceled.status_code == 202, canceled.text
+    assert canceled.json()["status"] == "canceled"
+    doc = wait_for_batch(deployment.api, batch_id)
+    counts = doc["counts"]
+    assert doc["status"] == "canceled"
+    assert counts["queued"] == counts["running"] == 0
+    assert counts["canceled"] > 0 and counts["succeeded"] >= 1
+    assert counts["total"] == counts["succeeded"] + counts["failed"] + counts["canceled"]
+    statuses = [item["status"] for item in all_items(deployment.api, batch_id, limit=100)]
+    assert statuses.count("canceled") == counts["canceled"]
+    again = requests.delete(f"{deployment.api}/batches/{batch_id}", timeout=10)
+    assert again.status_code == 409
+
+
+def test_s3_prefix_source(deployment, store):
+    source = ObjectStore(store.client, f"src-{uuid.uuid4().hex[:8]}")
+    source.ensure_bucket()
+    for i in range(6):
+        source.put_bytes(f"incoming/set1/{i}.jpg", photo(500 + i), "image/jpeg")
+    source.put_bytes("incoming/set1/readme.txt", b"not an image", "text/plain")
+    source.put_bytes("incoming/other/skip.jpg", photo(600), "image/jpeg")
+    response = requests.post(
+        f"{deployment.api}/batches",
+        json={"source": f"s3://{source.bucket}/incoming/set1/", "format": "png"},
+        timeout=10,
+    )
+    assert response.status_code == 202, response.text
+    doc = wait_for_batch(deployment.api, response.json()["id"])
+    assert doc["status"] == "succeeded"
+    assert doc["counts"]["succeeded"] == 6 and doc["counts"]["failed"] == 1
+    names = {item["name"]: item for item in all_items(deployment.api, doc["id"])}
+    assert set(names) == {*(f"{i}.jpg" for i in range(6)), "readme.txt"}
+    assert names["readme.txt"]["error"]["code"] == "unsupported_type"
+    figure = requests.get(names["0.jpg"]["figure_url"], timeout=10).content
+    assert Image.open(io.BytesIO(figure)).format == "PNG"
+    private = requests.post(
+        f"{deployment.api}/batches",
+        json={"source": f"s3://{deployment.bucket}/results/"},
+        timeout=10,
+    )
+    assert private.status_code == 400
+
+
+def _doc(deployment, batch_id: str) -> dict:
+    return requests.get(f"{deployment.api}/batches/{batch_id}", timeout=10).json()
+
+
+def _wait_until(check, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
