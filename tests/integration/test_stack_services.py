@@ -1,18 +1,26 @@
 """The managed services themselves: Redis keeps its data across a restart or a crash (AOF),
-two SeaweedFS servers run side by side without a port clash, and stop() leaves nothing."""
+two SeaweedFS servers run side by side without a port clash, stop() leaves nothing, and
+`python -m stack up` / `down` start and stop exactly the local stack."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import requests
 
+from stack.local import resolve_weights
 from stack.services import (
     WEED_MINI_PORT_FLAGS,
     ManagedProcess,
     RedisServer,
     SeaweedS3,
+    free_port,
     pid_alive,
     port_is_listening,
     record_is_alive,
@@ -129,3 +137,61 @@ def test_pid_records_stop_only_the_recorded_process(tmp_path: Path) -> None:
     assert stop_recorded(record, grace_s=5) is True
     assert process.wait(5) is not None
     assert not record_is_alive(record)
+
+
+def test_weights_choice_is_explicit_and_said(tmp_path: Path) -> None:
+    assert resolve_weights({"FEATUREMAPS_WEIGHTS": "random"}) == ("random", None)
+    weights, notice = resolve_weights({"TORCH_HOME": str(tmp_path)})
+    assert weights == "random"
+    assert notice and "no ImageNet checkpoint found at" in notice and str(tmp_path) in notice
+    checkpoint = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")
+    assert resolve_weights({"TORCH_HOME": str(tmp_path)}) == ("imagenet", None)
+    state_dict = tmp_path / "w.pth"
+    assert resolve_weights({"FEATUREMAPS_WEIGHTS": str(state_dict)}) == (str(state_dict), None)
+
+
+def test_stack_up_status_down_leaves_nothing_running(
+    tmp_path: Path, redis_executable: str, s3_server: SeaweedS3
+) -> None:
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEATUREMAPS_")}
+    env.update(
+        FEATUREMAPS_STACK_RUN_DIR=str(run_dir),
+        FEATUREMAPS_API_PORT=str(free_port()),
+        FEATUREMAPS_WEIGHTS="random",
+        TORCH_HOME=str(tmp_path / "torch"),
+    )
+
+    def stack(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stack", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    up = stack("up", "--wait-workers", "0")
+    records = [json.loads(p.read_text()) for p in (run_dir / "pids").glob("*.json")]
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"http://127.0.0.1:{env['FEATUREMAPS_API_PORT']}" in up.stdout
+        assert "weights:  random" in up.stdout and str(run_dir) in up.stdout
+        assert {r["name"] for r in records} == {"redis", "s3", "api", "worker"}
+        assert all(record_is_alive(r) for r in records)  # detached: they outlive `up`
+        state = json.loads((run_dir / "stack.json").read_text())
+        assert requests.get(f"{state['api_url']}/healthz", timeout=5).status_code == 200
+
+        again = stack("up", "--wait-workers", "0")
+        assert "already running" in again.stdout
+        assert stack("status").returncode == 0
+    finally:
+        down = stack("down")
+    assert down.returncode == 0, down.stderr
+    assert not any(record_is_alive(r) for r in records)
+    assert not list((run_dir / "pids").glob("*.json"))
+    assert stack("status").returncode == 1
+    assert "nothing was running" in stack("down").stdout
