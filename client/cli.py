@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from client import local, remote
+from client import batch, local, remote
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     local.add_parser(sub)
     remote.add_parsers(sub)
+    batch.add_parser(sub)
     return parser
 
 

@@ -427,3 +427,18 @@ def _wait_until(check, timeout_s: float = 120) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.1)
+
+
+def test_cli_batch_streams_the_archive_waits_and_downloads(deployment, tmp_path, capsys):
+    from client.cli import main
+
+    archive = tmp_path / "photos.zip"
+    archive.write_bytes(make_zip(goods(6, seed=700)))
+    out = tmp_path / "out"
+    code = main(["batch", str(archive), "--download", str(out), "--api", deployment.api])
+    assert code == 0, capsys.readouterr().err
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 6 + len(BAD_FILES) + 1
+    figures = sorted(p.relative_to(out / "figures").as_posix() for p in out.rglob("*.jpg"))
+    assert figures == sorted(f"photos/img_{i:03d}.jpg.jpg" for i in range(6))
+    assert '"succeeded": 6' in capsys.readouterr().out
