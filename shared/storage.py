@@ -164,6 +164,11 @@ class ObjectStore:
                 f"S3 gave an invalid answer to {action} {target} at {self._where()}: {exc}"
             )
         reason = getattr(exc, "reason", None) or exc
+        if isinstance(reason, urllib3.exceptions.ResponseError):
+            # urllib3 retried 5xx answers until it gave up: reachable but failing.
+            return StorageUnavailable(
+                f"S3 at {self.endpoint} kept failing to {action} {target}: {reason}"
+            )
         return StorageUnavailable(
             f"S3 unreachable at {self.endpoint} while trying to {action} "
             f"{target}: {type(reason).__name__}: {reason}"

@@ -2,9 +2,10 @@
 and per-test isolation (a flushed Redis database, a fresh bucket).
 
 The servers are started once per session (SeaweedFS takes about a second) on free loopback
-ports, never the machine's own Redis on 6379. Everything under ``tests/integration`` is marked
-``integration``. Where ``redis-server`` or ``weed`` is missing the tests that need them are
-skipped with the reason, except in CI (``CI=true``) where a missing service is a failure.
+ports, never the machine's own Redis on 6379. Everything under ``tests/integration`` (and
+``tests/chaos``) is marked ``integration``. Where ``redis-server`` or ``weed`` is missing, the
+tests that need them are skipped with the reason, except in CI (``CI=true``) where a missing
+service is a failure.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from shared.settings import Settings
 from shared.storage import ObjectStore
 from stack.services import ManagedProcess, RedisServer, SeaweedS3, find_executable
 
-INTEGRATION_DIR = Path(__file__).parent / "integration"
+# Tests here need real services (the chaos tests too: they stop and kill them).
+INTEGRATION_DIRS = (Path(__file__).parent / "integration", Path(__file__).parent / "chaos")
 S3_ACCESS_KEY = "featuremaps-test"
 S3_SECRET_KEY = "featuremaps-test-secret"
 
@@ -43,7 +45,7 @@ def require_executable(name: str, install_hint: str) -> str:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if INTEGRATION_DIR in Path(str(item.path)).parents:
+        if any(directory in Path(str(item.path)).parents for directory in INTEGRATION_DIRS):
             item.add_marker(pytest.mark.integration)
 
 

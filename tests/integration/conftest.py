@@ -9,27 +9,15 @@ from pathlib import Path
 import pytest
 
 from shared.settings import Settings
+from stack.local import service_env as service_env_for
 from stack.services import SeaweedS3
-
-# Settings fields passed to service subprocesses as FEATUREMAPS_* variables.
-_SERVICE_FIELDS = (
-    "redis_url",
-    "s3_endpoint",
-    "s3_access_key",
-    "s3_secret_key",
-    "s3_bucket",
-    "s3_region",
-    "s3_public_endpoint",
-    "weights",
-    "device",
-)
 
 
 @pytest.fixture
 def service_env(settings: Settings) -> dict[str, str]:
     """``FEATUREMAPS_*`` variables that make an API or worker subprocess use this test's
-    Redis, S3 and bucket (merge into the subprocess's environment)."""
-    return {f"FEATUREMAPS_{name.upper()}": str(getattr(settings, name)) for name in _SERVICE_FIELDS}
+    Redis, S3 and bucket (merge into the subprocess's environment), as the local stack does."""
+    return {**service_env_for(settings), "FEATUREMAPS_DEVICE": settings.device}
 
 
 @pytest.fixture
