@@ -150,7 +150,9 @@ class ManagedProcess:
     """One child process with its own process group, output appended to ``log_path``.
 
     ``detach=True`` leaves it running when this Python process exits (for ``stack up``);
-    otherwise it is stopped at exit and, on Linux, signalled if this process dies.
+    otherwise it is stopped at exit and, on Linux, signalled if this process dies. Linux
+    sends that signal when the *thread* that started the child ends, so start attached
+    processes from a long-lived thread (the main thread, as pytest fixtures do).
     """
 
     def __init__(
