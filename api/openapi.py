@@ -74,6 +74,47 @@ _JOB_DOC = {
 }
 
 
+_BATCH_ID = {**_JOB_ID, "name": "batch_id"}
+_COUNTS = ("total", "queued", "running", "succeeded", "failed", "canceled")
+_BATCH_DOC = {
+    "type": "object",
+    "required": ["id", "status", "counts", "progress"],
+    "properties": {
+        "id": {"type": "string"},
+        "status": {
+            "type": "string",
+            "enum": ["queued", "expanding", "running", "succeeded", "failed", "canceled"],
+        },
+        "counts": {
+            "type": "object",
+            "properties": {name: {"type": "integer"} for name in _COUNTS},
+        },
+        "progress": {"type": "number", "minimum": 0, "maximum": 1},
+        "rate": {"type": ["number", "null"], "description": "images/s while running"},
+        "eta_s": {"type": ["number", "null"]},
+        "result": {
+            "type": ["object", "null"],
+            "properties": {"manifest_url": {"type": "string"}, "archive_url": {"type": "string"}},
+        },
+        "error": {"type": ["object", "null"]},
+        "links": {"type": "object"},
+    },
+}
+_ITEM_DOC = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "name": {"type": "string"},
+        "status": {
+            "type": "string",
+            "enum": ["queued", "running", "succeeded", "failed", "canceled"],
+        },
+        "figure_url": {"type": ["string", "null"]},
+        "error": {"type": ["object", "null"]},
+    },
+}
+
+
 def openapi_document() -> dict:
     return {
         "openapi": "3.1.0",
@@ -101,6 +142,7 @@ def openapi_document() -> dict:
                     },
                 },
                 "Job": _JOB_DOC,
+                "Batch": _BATCH_DOC,
                 "Accepted": {
                     "type": "object",
                     "required": ["id", "status", "links"],
@@ -185,6 +227,114 @@ def openapi_document() -> dict:
                         "302": {"description": "presigned URL of the figure"},
                         "409": _error("the job has not succeeded"),
                         **_pick("401", "404", "429", "503"),
+                    },
+                },
+            },
+            "/batches": {
+                "post": {
+                    "summary": "Submit an archive (streamed to storage) or an S3 prefix",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["archive"],
+                                    "properties": {
+                                        "archive": {"type": "string", "format": "binary"},
+                                        **_OPTION_PROPERTIES,
+                                    },
+                                }
+                            },
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["source"],
+                                    "properties": {
+                                        "source": {"type": "string", "pattern": "^s3://"},
+                                        **_OPTION_PROPERTIES,
+                                    },
+                                }
+                            },
+                        },
+                    },
+                    "responses": {
+                        "202": {
+                            "description": "queued",
+                            "headers": {"Location": {"schema": {"type": "string"}}},
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Accepted"}
+                                }
+                            },
+                        },
+                        **_pick("400", "401", "429", "503"),
+                        "413": _error("archive over MAX_ARCHIVE_BYTES or too many form parts"),
+                        "415": _error("not a .zip, .tar or .tar.gz archive"),
+                    },
+                }
+            },
+            "/batches/{batch_id}": {
+                "parameters": [_BATCH_ID],
+                "get": {
+                    "summary": "The batch: status, counts, progress, rate, ETA, result links",
+                    "responses": {
+                        "200": {
+                            "description": "the batch",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Batch"}
+                                }
+                            },
+                        },
+                        **_pick("401", "404", "429", "503"),
+                    },
+                },
+                "delete": {
+                    "summary": "Cancel: items not yet started end canceled",
+                    "responses": {
+                        "202": {
+                            "description": "canceled",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Batch"}
+                                }
+                            },
+                        },
+                        "409": _error("already finished"),
+                        **_pick("401", "404", "429", "503"),
+                    },
+                },
+            },
+            "/batches/{batch_id}/items": {
+                "parameters": [
+                    _BATCH_ID,
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                ],
+                "get": {
+                    "summary": "One page of items: name, status, figure_url, error",
+                    "responses": {
+                        "200": {
+                            "description": "a page; next_cursor is null on the last one",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["items", "next_cursor"],
+                                        "properties": {
+                                            "items": {"type": "array", "items": _ITEM_DOC},
+                                            "next_cursor": {"type": ["string", "null"]},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        **_pick("400", "401", "404", "429", "503"),
                     },
                 },
             },

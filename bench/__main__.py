@@ -13,10 +13,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import core
+from bench import bulk, core
 
 SECTIONS: dict[str, Callable[[int], dict]] = {
     "core": core.run,
+    "bulk": bulk.run,
 }
 
 

@@ -442,3 +442,10 @@ def test_cli_batch_streams_the_archive_waits_and_downloads(deployment, tmp_path,
     figures = sorted(p.relative_to(out / "figures").as_posix() for p in out.rglob("*.jpg"))
     assert figures == sorted(f"photos/img_{i:03d}.jpg.jpg" for i in range(6))
     assert '"succeeded": 6' in capsys.readouterr().out
+
+
+def test_openapi_and_metrics_know_batches(deployment):
+    spec = requests.get(f"{deployment.api}/openapi.json", timeout=10).json()
+    assert {"/batches", "/batches/{batch_id}", "/batches/{batch_id}/items"} <= set(spec["paths"])
+    metrics = requests.get(f"{deployment.api}/metrics", timeout=10).text
+    assert 'featuremaps_queue_depth{queue="batch"}' in metrics
