@@ -13,10 +13,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import bulk, core
+from bench import bulk, core, service
 
 SECTIONS: dict[str, Callable[[int], dict]] = {
     "core": core.run,
+    "service": service.run,
     "bulk": bulk.run,
 }
 
