@@ -13,10 +13,13 @@ the same code in the failed job's document.
     ├── PayloadTooLarge       413  too_large
     ├── UnsupportedType       415  unsupported_type
     ├── Unprocessable         422  truncated_image, undecodable_image, too_many_pixels,
-    │                              archive_* limits, corrupt_archive, refused members
+    │   │                          corrupt_archive, refused_member
+    │   └── ArchiveLimitExceeded   archive_too_many_members, archive_too_large,
+    │                              archive_member_too_large, archive_bomb
     ├── RateLimited           429  rate_limited
     ├── ServiceUnavailable    503  unavailable, storage_unavailable
-    └── WeightsUnavailable    500  weights_unavailable (worker start-up)
+    ├── WeightsUnavailable    500  weights_unavailable (worker start-up)
+    └── DeviceUnavailable     500  device_unavailable (worker start-up)
 """
 
 from __future__ import annotations
