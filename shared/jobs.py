@@ -166,6 +166,8 @@ end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'device', ARGV[2],
   'started_at', ARGV[3])
+-- A retry's reason ('retrying') was for the wait in the queue; this run starts clean.
+redis.call('HDEL', KEYS[1], 'error')
 if cur == 'queued' then redis.call('HINCRBY', KEYS[2], 'running', 1) end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 return {'ok', attempts}
