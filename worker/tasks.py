@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import celeryd_after_setup, worker_process_init
 from redis.exceptions import RedisError
 
@@ -45,10 +45,13 @@ def render_job(self, job_id: str) -> str:
         log.warning("job %s: storage unavailable, retry %d in %.1fs", job_id, retries + 1, delay)
         ctx.jobs.requeue(job_id, reason=f"storage unavailable, retry {retries + 1} in {delay:g}s")
         raise self.retry(exc=exc, countdown=delay) from exc
-    except RedisError:
-        # The job store itself is unreachable: nothing can be recorded, so the message is
-        # left unacknowledged (acks_on_failure_or_timeout=False) and is delivered again.
-        raise
+    except RedisError as exc:
+        # The job store itself is unreachable: nothing can be recorded. A plain failure would
+        # make Celery reject the message *without* requeueing it (acks_on_failure_or_timeout
+        # is off), so the job would stay `running` forever once Redis is back; reject with
+        # requeue instead. If Redis is still down the message stays unacknowledged and comes
+        # back after the visibility timeout; either way the job store counts the redelivery.
+        raise Reject(exc, requeue=True) from exc
     except SoftTimeLimitExceeded:
         ctx.jobs.fail(
             job_id,
