@@ -9,6 +9,8 @@ misbehave deterministically, the way a decoder crash, a hung computation or a de
     chaos:hold         block inside the pipeline until the test releases the gate
     chaos:hold-upload  block after the figure is uploaded, before the manifest
 
+Whatever the input, a task that raises records ``task-raised`` (e.g. Redis down at its end).
+
 Every event is appended to ``$CHAOS_GATE_DIR/events`` as ``<event> <pid>`` so a test can see
 what happened in which process, and ``release`` in that directory opens every hold.
 """
@@ -33,6 +35,7 @@ _MAX_WAIT_S = 120.0
 
 _real_process_image = worker.pipeline.process_image
 _real_put_bytes = ObjectStore.put_bytes
+_real_run_job = worker.tasks.run_job
 _holding_upload = {"on": False}
 
 
@@ -75,5 +78,14 @@ def put_bytes(self, key: str, data: bytes, content_type: str = "application/octe
     return _real_put_bytes(self, key, data, content_type)
 
 
+def run_job(ctx, job_id: str) -> str:
+    try:
+        return _real_run_job(ctx, job_id)
+    except Exception:
+        _record("task-raised")
+        raise
+
+
 worker.pipeline.process_image = process_image
 ObjectStore.put_bytes = put_bytes
+worker.tasks.run_job = run_job

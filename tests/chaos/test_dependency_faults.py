@@ -1,0 +1,105 @@
+"""Redis and S3 going away under a running deployment: the API says 503 (never 500) while a
+dependency is down, and every job finishes once it is back — or, past the retry budget,
+fails with ``storage_unavailable``."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from stack.services import wait_until
+from tests.chaos.faults import HOLD, marked_png
+
+ONE_SET = ["feature_maps.jpg", "manifest.json"]
+
+
+def _outputs(stack, job_id: str) -> list[str]:
+    return [key.removeprefix(f"results/{job_id}/") for key in stack.result_keys(job_id)]
+
+
+def _retrying(stack, job_id: str) -> bool:
+    doc = stack.job(job_id)
+    return doc["status"] == "queued" and (doc["error"] or {}).get("code") == "retrying"
+
+
+@pytest.mark.parametrize("running_job_ends", ["after_redis_is_back", "while_redis_is_down"])
+def test_redis_restart_with_jobs_queued_and_running_loses_nothing(make_stack, running_job_ends):
+    stack = make_stack()
+    stack.start_worker("w1")
+    running = stack.submit(marked_png(HOLD))
+    queued = [stack.submit(marked_png(color=(i, 70, 70))) for i in range(3)]
+    stack.wait_event("hold")
+
+    stack.redis_server.stop()
+    try:
+        answers = {
+            "submit": requests.post(
+                f"{stack.api}/jobs", files={"image": ("a.png", marked_png())}, timeout=60
+            ),
+            "status": requests.get(f"{stack.api}/jobs/{running}", timeout=60),
+            "figure": requests.get(f"{stack.api}/jobs/{running}/figure", timeout=60),
+            "cancel": requests.delete(f"{stack.api}/jobs/{queued[0]}", timeout=60),
+            "ready": requests.get(f"{stack.api}/readyz", timeout=60),
+        }
+        for what, response in answers.items():
+            assert response.status_code == 503, (what, response.status_code, response.text)
+        for what in ("submit", "status", "figure", "cancel"):
+            assert answers[what].json()["error"]["code"] == "unavailable", what
+        assert requests.get(f"{stack.api}/healthz", timeout=60).status_code == 200
+        if running_job_ends == "while_redis_is_down":
+            # It cannot record its result: the task gives up with a Redis error.
+            stack.release()
+            stack.wait_event("task-raised")
+    finally:
+        stack.redis_server.start()
+    stack.release()
+
+    # The append-only file brought back every record and message.
+    for job_id in [running, *queued]:
+        doc = stack.wait_finished(job_id)
+        assert doc["status"] == "succeeded", doc
+        assert _outputs(stack, job_id) == ONE_SET
+    # A task that could not record its end was delivered again and ran once more.
+    expected_attempts = 2 if running_job_ends == "while_redis_is_down" else 1
+    assert stack.job(running)["attempts"] == expected_attempts
+    later = stack.submit(marked_png(color=(3, 3, 3)))
+    assert stack.wait_finished(later)["status"] == "succeeded"
+    wait_until(stack.queue_is_drained, timeout_s=60, what="empty queue")
+
+
+def test_s3_down_while_uploading_retries_with_backoff_and_succeeds(make_stack):
+    stack = make_stack(storage_retries=6, storage_retry_backoff_s=0.5)
+    stack.start_worker("w1")
+    job_id = stack.submit(marked_png(HOLD))
+    stack.wait_event("hold")
+    stack.s3_server.stop()
+    try:
+        stack.release()
+        # The upload failed and the job went back to the queue for a retry with backoff.
+        wait_until(lambda: _retrying(stack, job_id), timeout_s=60, what="job requeued")
+    finally:
+        stack.s3_server.start()
+    doc = stack.wait_finished(job_id)
+    assert doc["status"] == "succeeded", doc
+    assert doc["attempts"] >= 2 and doc["error"] is None
+    assert _outputs(stack, job_id) == ONE_SET
+
+
+def test_s3_down_past_the_retry_budget_fails_storage_unavailable(make_stack):
+    stack = make_stack(storage_retries=2, storage_retry_backoff_s=0.2)
+    job_id = stack.submit(marked_png())  # queued: no worker yet
+    stack.s3_server.stop()
+    try:
+        stack.start_worker("w1")
+        doc = stack.wait_finished(job_id)
+        assert doc["status"] == "failed", doc
+        assert doc["error"]["code"] == "storage_unavailable"
+        assert "gave up after 2 retries" in doc["error"]["message"]
+        assert doc["attempts"] == 3  # the first try and two retries
+    finally:
+        stack.s3_server.start()
+    # Storage is back: the worker serves the next job.
+    later = stack.submit(marked_png(color=(5, 5, 5)))
+    assert stack.wait_finished(later)["status"] == "succeeded"
+    assert stack.job(job_id)["status"] == "failed"
+    wait_until(stack.queue_is_drained, timeout_s=60, what="empty queue")
