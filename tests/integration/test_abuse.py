@@ -1,0 +1,305 @@
+"""Bad input and abuse over HTTP against a real deployment (gunicorn API, Celery worker,
+Redis, S3): every row answers with its documented status and code, nothing is stored for a
+refused request, and the worker never sees it. Rows already covered by test_service.py
+(missing field, empty file, text/script/PDF named .jpg, truncated JPEG, pixel bomb, body
+over the limit with and without Content-Length, unknown job, other token's job, bad token)
+are not repeated here."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import uuid
+import zlib
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from PIL import Image
+
+from shared import imaging
+from shared.errors import UnsupportedType
+from shared.settings import Settings
+from shared.storage import ObjectStore
+from tests.integration.deployment import Deployment, wait_for_job
+
+MAX_UPLOAD_MB = 1
+MAX_PIXELS = 1_000_000
+MAX_FORM_PARTS = 12
+RATE_LIMIT = 6
+ALICE = {"Authorization": "Bearer alice-token"}
+BOB = {"Authorization": "Bearer bob-token"}
+
+
+def _png(size=(32, 24), color=(10, 200, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width×height but carries almost no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _gif_header_only(width: int, height: int) -> bytes:
+    screen = struct.pack("<HHBBB", width, height, 0, 0, 0)
+    image = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0)
+    return b"GIF89a" + screen + image + b"\x02\x02\x44\x01\x00\x3b"
+
+
+# Formats we do not accept, with real magic bytes, so a generic decoder *could* parse them.
+FOREIGN_FORMATS = {
+    "psd": b"8BPS\x00\x01" + b"\x00" * 6 + b"\x00\x03\x00\x00\x00\x10\x00\x00\x00\x10\x00\x08",
+    "eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+    "eps-binary": b"\xc5\xd0\xd3\xc6" + b"\x20\x00\x00\x00" + b"\x00" * 24,
+    "fits": b"SIMPLE  =                    T" + b" " * 50 + b"BITPIX  =                    8",
+    "pdf": b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n",
+    "svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+    "ico": b"\x00\x00\x01\x00\x01\x00\x10\x10\x00\x00\x01\x00\x20\x00" + b"\x00" * 32,
+    "html": b"<!doctype html><script>alert(1)</script>",
+    "elf": b"\x7fELF\x02\x01\x01" + b"\x00" * 57,
+    "zip": b"PK\x03\x04" + b"\x00" * 26,
+}
+
+
+@pytest.fixture(scope="module")
+def deployment(redis_server, s3_server, tmp_path_factory):
+    dep = Deployment(
+        tmp_path_factory.mktemp("abuse"),
+        redis_url=redis_server.url.rsplit("/", 1)[0] + "/5",
+        s3=s3_server,
+        bucket=f"abuse-{uuid.uuid4().hex[:8]}",
+        max_upload_mb=MAX_UPLOAD_MB,
+        max_image_pixels=MAX_PIXELS,
+        max_form_parts=MAX_FORM_PARTS,
+        api_tokens="alice-token,bob-token",
+    )
+    dep.redis.flushdb()
+    dep.api = dep.start_api()
+    dep.limited_api = dep.start_api("api-limited", rate_limit_per_minute=RATE_LIMIT)
+    dep.workers = [dep.start_worker("w1")]
+    yield dep
+    dep.stop()
+
+
+@pytest.fixture(scope="module")
+def store(deployment):
+    env = deployment.env()
+    settings = Settings(
+        s3_endpoint=env["FEATUREMAPS_S3_ENDPOINT"],
+        s3_access_key=env["FEATUREMAPS_S3_ACCESS_KEY"],
+        s3_secret_key=env["FEATUREMAPS_S3_SECRET_KEY"],
+        s3_bucket=deployment.bucket,
+    )
+    store = ObjectStore.from_settings(settings)
+    store.ensure_bucket()
+    return store
+
+
+@pytest.fixture
+def nothing_created(deployment, store):
+    """Asserts, after the test, that no object and no job record appeared."""
+    keys_before = set(store.list_keys(""))
+    jobs_before = set(deployment.redis.scan_iter("featuremaps:job:*"))
+    yield
+    assert set(store.list_keys("")) == keys_before
+    assert set(deployment.redis.scan_iter("featuremaps:job:*")) == jobs_before
+
+
+def _post(api, files, data=None, headers=ALICE, **kwargs):
+    return requests.post(
+        f"{api}/jobs", files=files, data=data, headers=headers, timeout=30, **kwargs
+    )
+
+
+def _error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] and error["message"]
+    return error
+
+
+# --- type, size and structure of the upload ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(FOREIGN_FORMATS))
+def test_foreign_formats_are_415_without_reaching_a_decoder(
+    deployment, nothing_created, monkeypatch, kind
+):
+    data = FOREIGN_FORMATS[kind]
+    response = _post(deployment.api, {"image": ("photo.jpg", data, "image/jpeg")})
+    assert _error(response, 415)["code"] == "unsupported_type"
+
+    # The same bytes in-process: refused from the magic bytes, Pillow never opens them.
+    def no_decoder(*_args, **_kwargs):
+        raise AssertionError(f"a decoder was reached for {kind}")
+
+    monkeypatch.setattr(imaging.Image, "open", no_decoder)
+    with pytest.raises(UnsupportedType):
+        imaging.validate_image(data, max_pixels=MAX_PIXELS)
+
+
+def test_too_many_form_parts_is_413(deployment, nothing_created):
+    fields = {f"f{i}": "x" for i in range(MAX_FORM_PARTS + 5)}
+    response = _post(deployment.api, {"image": ("a.png", _png())}, data=fields)
+    assert _error(response, 413)["code"] == "too_large"
+
+
+def test_an_oversized_form_field_is_413(deployment, nothing_created):
+    response = _post(deployment.api, {"image": ("a.png", _png())}, data={"mode": "chain" * 40_000})
+    assert _error(response, 413)["code"] == "too_large"
+
+
+def test_declared_content_length_over_the_limit_is_413_before_the_body(deployment):
+    """The server answers from the header alone; it does not wait for a gigabyte."""
+    url = urlsplit(deployment.api)
+    head = (
+        f"POST /jobs HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Authorization: Bearer alice-token\r\n"
+        f"Content-Type: multipart/form-data; boundary=xyz\r\n"
+        f"Content-Length: {10**9}\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(head.encode() + b"--xyz\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_not_multipart_is_400(deployment, nothing_created):
+    for kwargs in ({"json": {"image": "aGVsbG8="}}, {"data": b"\xff\xd8\xff raw bytes"}):
+        response = requests.post(f"{deployment.api}/jobs", headers=ALICE, timeout=30, **kwargs)
+        assert _error(response, 400)["code"] == "missing_field"
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (_png_header_only(100_000, 100_000), "too_many_pixels"),
+        (_png_header_only(2**31 - 1, 2**31 - 1), "too_many_pixels"),
+        (_gif_header_only(65_535, 65_535), "too_many_pixels"),
+        (_png_header_only(0, 10), None),
+        (_png()[:60], "truncated_image"),
+        (_png()[:8] + b"\x00" * 200, None),
+    ],
+    ids=["png-10g-pixels", "png-max-dims", "gif-4g-pixels", "png-zero-width", "png-cut", "junk"],
+)
+def test_bombs_and_broken_images_are_422(deployment, nothing_created, data, code):
+    error = _error(_post(deployment.api, {"image": ("a.png", data)}), 422)
+    if code is not None:
+        assert error["code"] == code
+    else:
+        assert error["code"] in ("undecodable_image", "truncated_image")
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"format": "gif"},
+        {"format": "JPG "},
+        {"colormap": "not-a-colormap"},
+        {"reduction": ""},
+        {"normalize": "imagenet\x00"},
+        {"mode": "chain; rm -rf /"},
+        {"renderer": "opengl"},
+        {"per_layer": "maybe"},
+        {"arrays": "2"},
+        {"mode": "ｃｈａｉｎ"},
+        {"layers": "999"},
+        {"image_url": "http://169.254.169.254/"},
+    ],
+    ids=lambda form: next(iter(form)),
+)
+def test_options_out_of_range_are_400(deployment, nothing_created, form):
+    error = _error(_post(deployment.api, {"image": ("a.png", _png())}, data=form), 400)
+    assert error["code"] == "invalid_option"
+
+
+def test_client_file_name_is_never_used_as_a_key(deployment, store):
+    response = _post(deployment.api, {"image": ("../../../etc/passwd.png", _png())})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert list(store.list_keys(f"inputs/{job_id}/")) == [f"inputs/{job_id}/0.png"]
+    assert not [k for k in store.list_keys("") if "passwd" in k or ".." in k]
+    assert wait_for_job(deployment.api, job_id, headers=ALICE)["status"] == "succeeded"
+
+
+# --- who may call -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["", "Bearer", "Bearer ", "Basic YWxpY2U6dG9rZW4=", "bearer alice-token-x", "alice-token"],
+)
+def test_malformed_or_wrong_authorization_is_401(deployment, nothing_created, header):
+    headers = {"Authorization": header} if header else {}
+    response = _post(deployment.api, {"image": ("a.png", _png())}, headers=headers)
+    assert _error(response, 401)["code"] == "unauthorized"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(
+    "job_id", ["..%2F..%2Fetc%2Fpasswd", "a" * 65, "x" * 3000, "%00", "job:1", "*"]
+)
+def test_odd_job_ids_are_404(deployment, job_id):
+    for method in ("GET", "DELETE"):
+        response = requests.request(
+            method, f"{deployment.api}/jobs/{job_id}", headers=ALICE, timeout=30
+        )
+        assert _error(response, 404)["code"] == "not_found"
+
+
+def test_wrong_method_is_405_json(deployment):
+    response = requests.put(f"{deployment.api}/jobs", headers=ALICE, timeout=30)
+    assert _error(response, 405)["code"] == "method_not_allowed"
+
+
+# --- rate limiting ------------------------------------------------------------------------
+
+
+def test_rate_limit_is_per_token_with_retry_after_and_workers_unaffected(deployment, store):
+    api = deployment.limited_api
+    answers = []
+    # A fixed one-minute window: 2·limit+1 requests span at most two windows, so at least
+    # one window sees more than the limit whenever the burst starts.
+    for i in range(2 * RATE_LIMIT + 1):
+        answers.append(_post(api, {"image": ("a.png", _png(color=(i, 1, 1)))}))
+    statuses = [r.status_code for r in answers]
+    assert set(statuses) == {202, 429}, statuses
+    limited = [r for r in answers if r.status_code == 429]
+    for response in limited:
+        assert _error(response, 429)["code"] == "rate_limited"
+        assert 1 <= int(response.headers["Retry-After"]) <= 60
+
+    # Bob has his own budget: Alice's burst does not limit him.
+    assert requests.get(f"{api}/jobs/unknown", headers=BOB, timeout=30).status_code == 404
+
+    # Every accepted job runs; refused ones created nothing.
+    accepted = [r.json()["id"] for r in answers if r.status_code == 202]
+    for job_id in accepted:
+        assert wait_for_job(deployment.api, job_id, headers=ALICE)["status"] == "succeeded"
+    owned = {
+        key.decode().rsplit(":", 1)[1] for key in deployment.redis.scan_iter("featuremaps:job:*")
+    }
+    assert set(accepted) <= owned
+    assert len(accepted) == statuses.count(202)
+    ready = requests.get(f"{deployment.api}/readyz", timeout=30).json()
+    assert ready["checks"]["workers"]["count"] >= 1
