@@ -51,7 +51,13 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         status = exc.code or 500
-        return error_response(status, _HTTP_CODES.get(status, f"http_{status}"), exc.description)
+        code = _HTTP_CODES.get(status, f"http_{status}")
+        response = error_response(status, code, exc.description)
+        # Werkzeug's own headers (e.g. Allow on a 405, which RFC 9110 requires), not its body's.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(RedisConnectionError)
     @app.errorhandler(RedisTimeoutError)
