@@ -31,6 +31,18 @@ _JOB_ID = {
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
 }
 
+# s3://bucket/prefix/ with a valid S3 bucket name (api/routes/batches.py checks the same).
+_S3_SOURCE = "^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
+
+# Spellings shared/options.py accepts for a boolean in a form field; a JSON body may also
+# use true/false.
+_BOOLEAN_TEXT = {
+    "type": "string",
+    "enum": ["true", "false", "1", "0", "yes", "no", "on", "off", ""],
+    "default": "false",
+}
+_BOOLEAN_JSON = {"anyOf": [{"type": "boolean"}, _BOOLEAN_TEXT], "default": False}
+
 _OPTION_PROPERTIES = {
     "mode": {"type": "string", "enum": list(MODES), "default": "chain"},
     "reduction": {"type": "string", "enum": list(REDUCTIONS), "default": "mean"},
@@ -38,8 +50,13 @@ _OPTION_PROPERTIES = {
     "format": {"type": "string", "enum": list(FORMATS), "default": "jpg"},
     "colormap": {"type": "string", "enum": list(COLORMAPS), "default": "viridis"},
     "renderer": {"type": "string", "enum": list(RENDERERS), "default": "fast"},
-    "per_layer": {"type": "string", "enum": ["true", "false"], "default": "false"},
-    "arrays": {"type": "string", "enum": ["true", "false"], "default": "false"},
+    "per_layer": _BOOLEAN_TEXT,
+    "arrays": _BOOLEAN_TEXT,
+}
+_JSON_OPTION_PROPERTIES = {
+    **_OPTION_PROPERTIES,
+    "per_layer": _BOOLEAN_JSON,
+    "arrays": _BOOLEAN_JSON,
 }
 
 _JOB_DOC = {
@@ -167,9 +184,14 @@ def openapi_document() -> dict:
                                     "type": "object",
                                     "required": ["image"],
                                     "properties": {
-                                        "image": {"type": "string", "format": "binary"},
+                                        "image": {
+                                            "type": "string",
+                                            "format": "binary",
+                                            "minLength": 1,
+                                        },
                                         **_OPTION_PROPERTIES,
                                     },
+                                    "additionalProperties": False,
                                 }
                             }
                         },
@@ -241,9 +263,14 @@ def openapi_document() -> dict:
                                     "type": "object",
                                     "required": ["archive"],
                                     "properties": {
-                                        "archive": {"type": "string", "format": "binary"},
+                                        "archive": {
+                                            "type": "string",
+                                            "format": "binary",
+                                            "minLength": 1,
+                                        },
                                         **_OPTION_PROPERTIES,
                                     },
+                                    "additionalProperties": False,
                                 }
                             },
                             "application/json": {
@@ -251,9 +278,10 @@ def openapi_document() -> dict:
                                     "type": "object",
                                     "required": ["source"],
                                     "properties": {
-                                        "source": {"type": "string", "pattern": "^s3://"},
-                                        **_OPTION_PROPERTIES,
+                                        "source": {"type": "string", "pattern": _S3_SOURCE},
+                                        **_JSON_OPTION_PROPERTIES,
                                     },
+                                    "additionalProperties": False,
                                 }
                             },
                         },
