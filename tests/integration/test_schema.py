@@ -1,0 +1,70 @@
+"""Schemathesis against the running API's own OpenAPI document: every operation, with a valid
+bearer token. No 5xx, and every response (status, headers, body) conforms to the document.
+
+The schema is built from :func:`api.openapi.openapi_document` at collection time (the
+deployment only exists once fixtures run), and a test checks that /openapi.json serves
+exactly that document."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from api.openapi import openapi_document
+from tests.integration.deployment import Deployment
+
+TOKEN = "schema-token"
+MAX_EXAMPLES = 100
+
+# A schema cannot say "a decodable image" or "an archive": schema-valid bytes may still be
+# refused for their content (413, 415, 422), never for a field or option (400).
+CONTENT_REFUSALS = ["413", "415", "422"]
+config = schemathesis.Config.from_dict(
+    {
+        "checks": {
+            "positive_data_acceptance": {
+                "expected-statuses": ["2xx", "3xx", "401", "404", "409", "429", *CONTENT_REFUSALS]
+            }
+        }
+    }
+)
+schema = schemathesis.openapi.from_dict(openapi_document(), config=config)
+
+
+@pytest.fixture(scope="module")
+def deployment(redis_server, s3_server, tmp_path_factory):
+    dep = Deployment(
+        tmp_path_factory.mktemp("schema"),
+        redis_url=redis_server.url.rsplit("/", 1)[0] + "/7",
+        s3=s3_server,
+        bucket=f"schema-{uuid.uuid4().hex[:8]}",
+        api_tokens=TOKEN,
+        max_upload_mb=1,
+    )
+    dep.redis.flushdb()
+    dep.api = dep.start_api()
+    dep.start_worker("w1")  # so that /readyz is ready
+    yield dep
+    dep.stop()
+
+
+def test_the_served_document_is_the_one_tested(deployment):
+    served = requests.get(f"{deployment.api}/openapi.json", timeout=30)
+    assert served.status_code == 200
+    assert served.json() == openapi_document()
+
+
+@schema.parametrize()
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
+def test_every_operation_conforms_to_the_openapi_document(case, deployment):
+    case.call_and_validate(base_url=deployment.api, headers={"Authorization": f"Bearer {TOKEN}"})
