@@ -20,8 +20,8 @@ computation and makes no network call.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
-from datetime import timedelta
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -267,6 +267,28 @@ class ObjectStore:
                     yield obj.object_name
         except _STORAGE_ERRORS as exc:
             raise self._translate(exc, "list", prefix) from exc
+
+    def list_modified(self, prefix: str = "") -> Iterator[tuple[str, datetime]]:
+        """(key, last-modified time) of every key under ``prefix``, as :meth:`list_keys`."""
+        try:
+            for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+                if not obj.is_dir:
+                    yield obj.object_name, obj.last_modified
+        except _STORAGE_ERRORS as exc:
+            raise self._translate(exc, "list", prefix) from exc
+
+    def delete_keys(self, keys: Iterable[str]) -> int:
+        """Delete the given keys (absent ones are fine); returns how many were deleted."""
+        deleted = 0
+        batch: list[str] = []
+        for key in keys:
+            batch.append(key)
+            if len(batch) == _DELETE_BATCH:
+                deleted += self._delete_keys(batch)
+                batch = []
+        if batch:
+            deleted += self._delete_keys(batch)
+        return deleted
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix``; returns how many were deleted.

@@ -1,4 +1,4 @@
-"""Per-process worker state: the resident model, clients, and a heartbeat.
+"""Per-process worker state: the resident model, clients, a heartbeat and retention sweeps.
 
 The model is loaded once in each worker process, after the fork (Celery's
 ``worker_process_init``), never in the parent: CUDA cannot be re-initialised in a forked
@@ -19,6 +19,7 @@ from shared.heartbeat import HEARTBEAT_EVERY_S, write_heartbeat
 from shared.jobs import RedisJobStore
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from worker.retention import retention_loop
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ def init_process(settings: Settings, hostname: str) -> WorkerContext:
     )
     log.info("model loaded on %s with weights %s", _context.device, loaded.weights)
     threading.Thread(target=_heartbeat_loop, args=(_context,), daemon=True).start()
+    threading.Thread(
+        target=retention_loop,
+        args=(_context.store, redis),
+        kwargs={"ttl_s": settings.job_ttl_s, "holder": f"{hostname}:{os.getpid()}"},
+        daemon=True,
+    ).start()
     return _context
 
 
