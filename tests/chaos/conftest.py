@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from shared.queue import WORKER_QUEUES
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from stack.services import ManagedProcess, RedisServer, SeaweedS3, wait_until
@@ -43,7 +44,7 @@ class ChaosStack(Deployment):
 
     # --- processes ---------------------------------------------------------------------
 
-    def start_worker(self, name: str, queues: str = "jobs", **overrides) -> ManagedProcess:
+    def start_worker(self, name: str, queues: str = WORKER_QUEUES, **overrides) -> ManagedProcess:
         ((_, argv, extra),) = worker_commands([], replicas=1, loglevel="INFO", queues=queues)
         hostname = f"{name}@{socket.gethostname()}"
         argv = [*argv]
@@ -77,6 +78,27 @@ class ChaosStack(Deployment):
         )
         assert response.status_code == 202, response.text
         return response.json()["id"]
+
+    def submit_archive(self, name: str, data: bytes, **options) -> str:
+        response = requests.post(
+            f"{self.api}/batches", files={"archive": (name, data)}, data=options, timeout=60
+        )
+        assert response.status_code == 202, response.text
+        return response.json()["id"]
+
+    def batch(self, batch_id: str) -> dict:
+        response = requests.get(f"{self.api}/batches/{batch_id}", timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_batch_finished(self, batch_id: str, timeout_s: float = 240) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            doc = self.batch(batch_id)
+            if doc["status"] in FINISHED and doc["result"]:
+                return doc
+            assert time.monotonic() < deadline, f"batch {batch_id} still {doc['status']}: {doc}"
+            time.sleep(0.2)
 
     def job(self, job_id: str) -> dict:
         response = requests.get(f"{self.api}/jobs/{job_id}", timeout=30)
@@ -124,8 +146,9 @@ class ChaosStack(Deployment):
         return sorted(self.store().list_keys(f"results/{job_id}/"))
 
     def queue_is_drained(self) -> bool:
-        """Nothing waiting in the jobs queue and nothing delivered but unacknowledged."""
-        return self.redis.llen("jobs") == 0 and self.redis.hlen("unacked") == 0
+        """Nothing waiting in any queue and nothing delivered but unacknowledged."""
+        waiting = sum(self.redis.llen(queue) for queue in WORKER_QUEUES.split(","))
+        return waiting == 0 and self.redis.hlen("unacked") == 0
 
 
 @pytest.fixture

@@ -1,0 +1,96 @@
+"""Retention: job and batch records expire after JOB_TTL_HOURS, and the worker's periodic
+sweep deletes their objects (and those of submissions that never got a record)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from datetime import UTC, datetime, timedelta
+
+import requests
+
+from shared.batches import batch_key
+from shared.jobs import Job, JobStatus, RedisJobStore, new_job_id
+from stack.services import wait_until
+from tests.chaos.faults import marked_png
+from worker.retention import owner_record_key, sweep
+
+TTL_S = 3600
+
+
+def test_owner_of_each_object_key():
+    assert owner_record_key("inputs/abc123/0.png") == "featuremaps:job:abc123"
+    assert owner_record_key("results/abc123/layers/00_conv1.png") == "featuremaps:job:abc123"
+    assert owner_record_key("inputs/b0b1-000042/0.jpg") == "featuremaps:batch:b0b1"
+    assert owner_record_key("batches/b0b1/results.zip") == "featuremaps:batch:b0b1"
+    assert owner_record_key("elsewhere/b0b1/x") is None
+    assert owner_record_key("inputs/") is None
+
+
+def test_sweep_deletes_only_old_objects_whose_record_is_gone(object_store, redis_client):
+    jobs = RedisJobStore(redis_client, ttl_s=TTL_S)
+    live, gone, live_batch, gone_batch = (new_job_id() for _ in range(4))
+    jobs.create(Job(id=live, status=JobStatus.SUCCEEDED, options={}, input_key=""))
+    redis_client.hset(batch_key(live_batch), "status", "running")
+    kept = {
+        f"inputs/{live}/0.png",
+        f"results/{live}/manifest.json",
+        f"batches/{live_batch}/source.zip",
+        f"inputs/{live_batch}-000000/0.png",
+        "uploads-of-someone-else/x.png",
+    }
+    expired = {
+        f"inputs/{gone}/0.png",
+        f"results/{gone}/feature_maps.jpg",
+        f"results/{gone}/layers/00_conv1.png",
+        f"batches/{gone_batch}/manifest.jsonl",
+        f"inputs/{gone_batch}-000001/0.png",
+        f"results/{gone_batch}-000001/manifest.json",
+    }
+    for key in kept | expired:
+        object_store.put_bytes(key, b"x")
+
+    # Young objects stay even without a record (their record may be being written now).
+    assert sweep(object_store, redis_client, ttl_s=TTL_S) == 0
+    assert set(object_store.list_keys("")) == kept | expired
+
+    later = datetime.now(UTC) + timedelta(seconds=TTL_S + 60)
+    assert sweep(object_store, redis_client, ttl_s=TTL_S, now=later) == len(expired)
+    assert set(object_store.list_keys("")) == kept
+    assert sweep(object_store, redis_client, ttl_s=TTL_S, now=later) == 0
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_records_and_objects_expire_after_the_ttl(make_stack):
+    stack = make_stack(job_ttl_hours=0.002)  # 7 s; the worker sweeps every ~2 s
+    stack.start_worker("w1")
+    store = stack.store()
+    job_id = stack.submit(marked_png())
+    batch_id = stack.submit_archive(
+        "two.zip", _zip({"a.png": marked_png(color=(1, 1, 1)), "b.png": marked_png()})
+    )
+    # An input whose submission was undone (no record was ever written).
+    orphan = new_job_id()
+    store.put_bytes(f"inputs/{orphan}/0.png", marked_png())
+
+    assert stack.wait_finished(job_id)["status"] == "succeeded"
+    assert stack.wait_batch_finished(batch_id)["status"] == "succeeded"
+    prefixes = ("inputs/", "results/", "batches/")
+    owners = {key.split("/")[1].split("-")[0] for p in prefixes for key in store.list_keys(p)}
+    assert {job_id, batch_id} <= owners
+
+    def gone() -> bool:
+        return not any(list(store.list_keys(p)) for p in prefixes)
+
+    wait_until(gone, timeout_s=120, what="every object deleted", interval_s=0.5)
+    for path in (f"/jobs/{job_id}", f"/batches/{batch_id}"):
+        assert requests.get(f"{stack.api}{path}", timeout=30).status_code == 404
+    assert not list(stack.redis.scan_iter(f"featuremaps:batch:{batch_id}*"))
+    assert not list(stack.redis.scan_iter(f"featuremaps:job:{job_id}"))
