@@ -350,6 +350,21 @@ return redis.call('HGET', KEYS[1], 'status')
 """
 )
 
+# ARGV: ttl, now, error JSON. The batch could not be closed (its manifest could not be
+# written): a batch still open ends failed with that error, so it never waits forever.
+_FAIL = (
+    _PRELUDE
+    + """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return 'missing' end
+if cur == 'queued' or cur == 'expanding' or cur == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[3], 'finished_at', ARGV[2])
+end
+touch()
+return redis.call('HGET', KEYS[1], 'status')
+"""
+)
+
 
 class BatchStore:
     """Batch records in one Redis; the client and the TTL are given, never global."""
@@ -364,6 +379,7 @@ class BatchStore:
         self._end_expansion = redis.register_script(_END_EXPANSION)
         self._cancel = redis.register_script(_CANCEL)
         self._complete = redis.register_script(_COMPLETE)
+        self._fail = redis.register_script(_FAIL)
 
     def create(self, batch: Batch) -> Batch:
         key = batch_key(batch.id)
@@ -427,6 +443,11 @@ class BatchStore:
 
     def complete(self, batch_id: str, result: dict[str, Any]) -> str:
         return _text(self._run(self._complete, batch_id, now_iso(), json.dumps(result)))
+
+    def fail(self, batch_id: str, *, code: str, message: str) -> str:
+        """End a batch that is still open as failed; returns its final status."""
+        error = json.dumps({"code": code, "message": message})
+        return _text(self._run(self._fail, batch_id, now_iso(), error))
 
     def items(self, batch_id: str, *, start: int = 0, count: int = 100) -> list[Item]:
         """Items in member order, ``count`` from position ``start``."""

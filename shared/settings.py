@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: int = Field(120, gt=0)
     task_time_limit_s: int = Field(150, gt=0)
     visibility_timeout_s: int = Field(600, gt=0)
+    # Expanding a big archive (tens of thousands of members) takes longer than one job;
+    # unset, they are 80% and 90% of the visibility timeout.
+    expand_soft_time_limit_s: int | None = Field(None, gt=0)
+    expand_time_limit_s: int | None = Field(None, gt=0)
     max_attempts: int = Field(3, ge=1)
     storage_retries: int = Field(5, ge=0)
     storage_retry_backoff_s: float = Field(1.0, ge=0)
@@ -67,6 +71,14 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def expand_limits_s(self) -> tuple[int, int]:
+        """(soft, hard) time limits of the archive-expansion task."""
+        return (
+            self.expand_soft_time_limit_s or int(self.visibility_timeout_s * 0.8),
+            self.expand_time_limit_s or int(self.visibility_timeout_s * 0.9),
+        )
 
     @property
     def job_ttl_s(self) -> int:

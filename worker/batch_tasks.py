@@ -17,8 +17,15 @@ from redis.exceptions import RedisError
 from shared.errors import StorageUnavailable
 from shared.queue import BATCH_QUEUE, EXPAND_BATCH, FINALIZE_BATCH, RUN_BATCH_CHUNK
 from worker import runtime
-from worker.batches import expand_batch, fail_chunk, fail_expansion, finalize_batch, run_chunk
-from worker.celery_app import app
+from worker.batches import (
+    batch_store,
+    expand_batch,
+    fail_chunk,
+    fail_expansion,
+    finalize_batch,
+    run_chunk,
+)
+from worker.celery_app import app, settings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ def _guarded(
         # The batch store itself is unreachable: leave the message unacknowledged.
         raise
     except SoftTimeLimitExceeded:
-        limit = ctx.settings.task_soft_time_limit_s
+        limit = task.soft_time_limit or ctx.settings.task_soft_time_limit_s
         give_up("timeout", f"{what} ran past its time limit of {limit}s")
         return "failed"
     except Exception as exc:
@@ -61,7 +68,12 @@ def _guarded(
         return "failed"
 
 
-@app.task(name=EXPAND_BATCH, bind=True)
+@app.task(
+    name=EXPAND_BATCH,
+    bind=True,
+    soft_time_limit=settings.expand_limits_s[0],
+    time_limit=settings.expand_limits_s[1],
+)
 def expand_batch_task(self: Task, batch_id: str) -> object:
     ctx = runtime.context()
     return _guarded(
@@ -93,5 +105,7 @@ def finalize_batch_task(self: Task, batch_id: str) -> object:
         self,
         f"finalizing batch {batch_id}",
         lambda: finalize_batch(ctx, batch_id),
-        lambda code, message: log.error("batch %s not finalized: %s %s", batch_id, code, message),
+        lambda code, message: batch_store(ctx).fail(
+            batch_id, code=code, message=f"the batch's manifest could not be written: {message}"
+        ),
     )

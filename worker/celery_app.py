@@ -13,12 +13,16 @@ from shared.settings import Settings
 
 settings = Settings()
 
-if not settings.task_soft_time_limit_s < settings.task_time_limit_s < settings.visibility_timeout_s:
-    raise SystemExit(
-        "FEATUREMAPS_TASK_SOFT_TIME_LIMIT_S < FEATUREMAPS_TASK_TIME_LIMIT_S < "
-        "FEATUREMAPS_VISIBILITY_TIMEOUT_S must hold, or a running task could be handed to a "
-        "second worker"
-    )
+for soft, hard, name in (
+    (settings.task_soft_time_limit_s, settings.task_time_limit_s, "TASK"),
+    (*settings.expand_limits_s, "EXPAND"),
+):
+    if not soft < hard < settings.visibility_timeout_s:
+        raise SystemExit(
+            f"FEATUREMAPS_{name}_SOFT_TIME_LIMIT_S < FEATUREMAPS_{name}_TIME_LIMIT_S < "
+            "FEATUREMAPS_VISIBILITY_TIMEOUT_S must hold, or a running task could be handed to "
+            "a second worker"
+        )
 
 app = Celery(
     "featuremaps", broker=settings.redis_url, include=["worker.tasks", "worker.batch_tasks"]
