@@ -16,7 +16,13 @@ from typing import IO
 import requests
 from tqdm import tqdm
 
-from client.remote import ApiClient, ApiError, add_connection_flags, add_option_flags
+from client.remote import (
+    ApiClient,
+    ApiError,
+    add_connection_flags,
+    add_option_flags,
+    options_from_args,
+)
 
 FINISHED = ("succeeded", "failed", "canceled")
 READ_BLOCK = 1024 * 1024
@@ -118,20 +124,7 @@ def download(doc: dict, out_dir: Path, *, timeout: float = 300) -> list[Path]:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     client = ApiClient(args.api, args.token, timeout=600)
-    options = {
-        k: v
-        for k, v in {
-            "mode": args.mode,
-            "reduction": args.reduction,
-            "normalize": args.normalize,
-            "format": args.format,
-            "colormap": args.colormap,
-            "renderer": args.renderer,
-            "per_layer": "true" if args.per_layer else None,
-            "arrays": "true" if args.arrays else None,
-        }.items()
-        if v is not None
-    }
+    options = options_from_args(args)
     try:
         accepted = submit_batch(client, args.source, options)
     except (ApiError, OSError) as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 
 FINISHED = ("succeeded", "failed", "canceled")
+OPTION_FLAGS = ("mode", "reduction", "normalize", "format", "colormap", "renderer")
 
 
 class ApiClient:
@@ -102,20 +103,7 @@ def _status_line(doc: dict) -> None:
 
 def cmd_submit(args) -> int:
     client = _client(args)
-    options = {
-        k: v
-        for k, v in {
-            "mode": args.mode,
-            "reduction": args.reduction,
-            "normalize": args.normalize,
-            "format": args.format,
-            "colormap": args.colormap,
-            "renderer": args.renderer,
-            "per_layer": "true" if args.per_layer else None,
-            "arrays": "true" if args.arrays else None,
-        }.items()
-        if v is not None
-    }
+    options = options_from_args(args)
     failures = 0
     for image in args.images:
         try:
@@ -177,10 +165,19 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_option_flags(parser: argparse.ArgumentParser) -> None:
-    for name in ("mode", "reduction", "normalize", "format", "colormap", "renderer"):
+    for name in OPTION_FLAGS:
         parser.add_argument(f"--{name}", help=f"job option {name} (server validates)")
     parser.add_argument("--per-layer", action="store_true", help="also store per-layer PNGs")
     parser.add_argument("--arrays", action="store_true", help="also store maps.npz")
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """The job options given by add_option_flags' flags, as form fields (unset ones left out
+    so the server's defaults apply)."""
+    values = {name: getattr(args, name) for name in OPTION_FLAGS}
+    values["per_layer"] = "true" if args.per_layer else None
+    values["arrays"] = "true" if args.arrays else None
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def add_parsers(sub) -> None:
