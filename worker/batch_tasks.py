@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from redis.exceptions import RedisError
 
 from shared.errors import StorageUnavailable
@@ -55,9 +55,11 @@ def _guarded(
         delay = ctx.settings.storage_retry_backoff_s * 2**retries
         log.warning("%s: storage unavailable, retry %d in %.1fs", what, retries + 1, delay)
         raise task.retry(exc=exc, countdown=delay) from exc
-    except RedisError:
-        # The batch store itself is unreachable: leave the message unacknowledged.
-        raise
+    except RedisError as exc:
+        # The batch store itself is unreachable. A plain failure would make Celery reject
+        # the message without requeueing it and the batch would wait for ever; requeue it
+        # (or, with Redis still down, it comes back after the visibility timeout).
+        raise Reject(exc, requeue=True) from exc
     except SoftTimeLimitExceeded:
         limit = task.soft_time_limit or ctx.settings.task_soft_time_limit_s
         give_up("timeout", f"{what} ran past its time limit of {limit}s")
