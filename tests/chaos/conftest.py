@@ -41,6 +41,7 @@ class ChaosStack(Deployment):
         self.gate = run_dir / "gate"
         self.gate.mkdir()
         self.api = ""
+        self._store: ObjectStore | None = None
 
     # --- processes ---------------------------------------------------------------------
 
@@ -134,13 +135,25 @@ class ChaosStack(Deployment):
         (self.gate / "release").touch()
 
     def store(self) -> ObjectStore:
-        settings = Settings(
-            s3_endpoint=self.s3.endpoint,
-            s3_access_key=self.s3.access_key,
-            s3_secret_key=self.s3.secret_key,
-            s3_bucket=self.bucket,
-        )
-        return ObjectStore.from_settings(settings)
+        if self._store is None:
+            settings = Settings(
+                s3_endpoint=self.s3.endpoint,
+                s3_access_key=self.s3.access_key,
+                s3_secret_key=self.s3.secret_key,
+                s3_bucket=self.bucket,
+            )
+            self._store = ObjectStore.from_settings(settings)
+        return self._store
+
+    def close(self) -> None:
+        """Stop every process of the stack and drop this test's connections."""
+        self.release()  # nothing stays held while the processes are stopped
+        self.stop()
+        self.s3_server.stop()
+        self.redis_server.stop()
+        if self._store is not None:
+            self._store.close()
+        self.redis.close()
 
     def result_keys(self, job_id: str) -> list[str]:
         return sorted(self.store().list_keys(f"results/{job_id}/"))
@@ -174,7 +187,4 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., ChaosStack]]:
 
     yield make
     for stack in stacks:
-        stack.release()  # nothing stays held while the processes are stopped
-        stack.stop()
-        stack.s3_server.stop()
-        stack.redis_server.stop()
+        stack.close()

@@ -1,7 +1,7 @@
 """The real worker app with test-only faults, for ``celery -A tests.chaos.faulty_worker``.
 
 Only the fault tests start workers from this module. It imports the production Celery app
-unchanged and wraps two functions so that a marker in an input's bytes makes the pool process
+unchanged and wraps a few functions so that a marker in an input's bytes makes the pool process
 misbehave deterministically, the way a decoder crash, a hung computation or a deploy would:
 
     chaos:kill         SIGKILL the pool process running the job (every time it is delivered)
@@ -9,7 +9,8 @@ misbehave deterministically, the way a decoder crash, a hung computation or a de
     chaos:hold         block inside the pipeline until the test releases the gate
     chaos:hold-upload  block after the figure is uploaded, before the manifest
 
-Whatever the input, a task that raises records ``task-raised`` (e.g. Redis down at its end).
+Whatever the input, a job or chunk task that raises records ``task-raised`` (e.g. Redis down
+at its end).
 
 Every event is appended to ``$CHAOS_GATE_DIR/events`` as ``<event> <pid>`` so a test can see
 what happened in which process, and ``release`` in that directory opens every hold.
@@ -22,8 +23,9 @@ import signal
 import time
 from pathlib import Path
 
+import worker.batch_tasks
 import worker.pipeline
-import worker.tasks  # registers the tasks on the app
+import worker.tasks
 from shared.storage import ObjectStore
 from tests.chaos.faults import HOLD, HOLD_UPLOAD, KILL, SLOW
 from worker.celery_app import app
@@ -33,9 +35,8 @@ __all__ = ["app"]
 # No fault may leave a process waiting forever if a test dies halfway.
 _MAX_WAIT_S = 120.0
 
-_real_process_image = worker.pipeline.process_image
+_real_process_images = worker.pipeline.process_images
 _real_put_bytes = ObjectStore.put_bytes
-_real_run_job = worker.tasks.run_job
 _holding_upload = {"on": False}
 
 
@@ -56,7 +57,9 @@ def _wait_for_release(event: str) -> None:
     _record(f"{event}-released")
 
 
-def process_image(loaded, data: bytes, options, *, max_pixels: int):
+def process_images(loaded, images, options, *, max_pixels: int):
+    """The pipeline for single jobs (process_image calls it) and batch chunks alike."""
+    data = b"".join(image for image in images if isinstance(image, bytes))
     _holding_upload["on"] = HOLD_UPLOAD in data
     if KILL in data:
         _record("kill")
@@ -69,7 +72,7 @@ def process_image(loaded, data: bytes, options, *, max_pixels: int):
         _record("slow-not-interrupted")
     if HOLD in data and not _holding_upload["on"]:
         _wait_for_release("hold")
-    return _real_process_image(loaded, data, options, max_pixels=max_pixels)
+    return _real_process_images(loaded, images, options, max_pixels=max_pixels)
 
 
 def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream"):
@@ -78,14 +81,18 @@ def put_bytes(self, key: str, data: bytes, content_type: str = "application/octe
     return _real_put_bytes(self, key, data, content_type)
 
 
-def run_job(ctx, job_id: str) -> str:
-    try:
-        return _real_run_job(ctx, job_id)
-    except Exception:
-        _record("task-raised")
-        raise
+def _recording_raise(real):
+    def run(*args, **kwargs):
+        try:
+            return real(*args, **kwargs)
+        except Exception:
+            _record("task-raised")
+            raise
+
+    return run
 
 
-worker.pipeline.process_image = process_image
+worker.pipeline.process_images = process_images
 ObjectStore.put_bytes = put_bytes
-worker.tasks.run_job = run_job
+worker.tasks.run_job = _recording_raise(worker.tasks.run_job)
+worker.batch_tasks.run_chunk = _recording_raise(worker.batch_tasks.run_chunk)

@@ -25,8 +25,8 @@ def test_sigkill_pool_process_mid_job_the_job_is_redelivered_and_succeeds_once(m
     # The figure is already in storage when the process doing the job dies.
     (child,) = stack.wait_event("hold-upload")
     assert stack.result_keys(held) == [f"results/{held}/feature_maps.jpg"]
-    stack.release()
     os.kill(child, signal.SIGKILL)
+    stack.release()
 
     doc = stack.wait_finished(held)
     assert doc["status"] == "succeeded", doc

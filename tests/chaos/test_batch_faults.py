@@ -1,0 +1,97 @@
+"""SIGKILL in the middle of a batch: chunks done, one running (its first figures already
+uploaded), others queued. With the pool process respawned, or a restarted worker, every item
+ends ``succeeded`` with one set of outputs and the batch completes once."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import zipfile
+
+import pytest
+import requests
+
+from stack.services import wait_until
+from tests.chaos.faults import HOLD, HOLD_UPLOAD, marked_png
+
+ITEMS = 8
+CHUNK = 2
+ONE_SET = ["feature_maps.jpg", "manifest.json"]
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+def _items(stack, batch_id: str) -> list[dict]:
+    items, cursor = [], "0"
+    while cursor is not None:
+        page = requests.get(
+            f"{stack.api}/batches/{batch_id}/items",
+            params={"cursor": cursor, "limit": 100},
+            timeout=30,
+        ).json()
+        items += page["items"]
+        cursor = page["next_cursor"]
+    return items
+
+
+@pytest.mark.parametrize("killed", ["pool_process", "whole_worker"])
+def test_sigkill_mid_batch_every_item_succeeds_with_one_set_of_outputs(make_stack, killed):
+    stack = make_stack(batch_chunk=CHUNK)
+    first = stack.start_worker("w1")
+    files = {f"img_{i}.png": marked_png(color=(30 * i, 5, 5)) for i in range(ITEMS)}
+    files["img_5.png"] = marked_png(HOLD_UPLOAD, color=(1, 2, 3))
+    batch_id = stack.submit_archive("photos.zip", _zip(files))
+
+    child = stack.wait_event("hold-upload")[0]
+    if killed == "pool_process":
+        os.kill(child, signal.SIGKILL)
+    else:
+        first.kill()
+    stack.release()
+    if killed == "whole_worker":
+        stack.start_worker("w2")
+
+    doc = stack.wait_batch_finished(batch_id)
+    assert doc["status"] == "succeeded", doc
+    assert doc["counts"]["total"] == ITEMS
+    assert doc["counts"]["succeeded"] == ITEMS and doc["counts"]["failed"] == 0, doc
+    items = _items(stack, batch_id)
+    assert sorted(item["name"] for item in items) == sorted(files)
+    for item in items:
+        assert item["status"] == "succeeded", item
+        keys = [k.split("/", 2)[2] for k in stack.result_keys(item["id"])]
+        assert keys == ONE_SET, (item, keys)
+    # The held chunk ran again in another process.
+    assert any(pid != child for event, pid in stack.events() if event == "hold-upload")
+    wait_until(stack.queue_is_drained, timeout_s=60, what="empty queues")
+
+
+def test_redis_down_when_a_chunk_ends_the_batch_still_completes(make_stack):
+    stack = make_stack(batch_chunk=CHUNK)
+    stack.start_worker("w1")
+    files = {f"img_{i}.png": marked_png(color=(5, 30 * i, 5)) for i in range(4)}
+    files["img_3.png"] = marked_png(HOLD, color=(3, 2, 1))
+    batch_id = stack.submit_archive("photos.zip", _zip(files))
+    stack.wait_event("hold")
+
+    stack.redis_server.stop()
+    try:
+        stack.release()
+        stack.wait_event("task-raised")  # the chunk could not record its items
+    finally:
+        stack.redis_server.start()
+
+    doc = stack.wait_batch_finished(batch_id)
+    assert doc["status"] == "succeeded", doc
+    assert doc["counts"]["succeeded"] == len(files), doc
+    for item in _items(stack, batch_id):
+        keys = [k.split("/", 2)[2] for k in stack.result_keys(item["id"])]
+        assert keys == ONE_SET, (item, keys)
+    wait_until(stack.queue_is_drained, timeout_s=60, what="empty queues")
