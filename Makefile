@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: setup demo test test-unit test-integration lint format bench up down clean
+.PHONY: setup demo test test-unit test-integration chaos lint format bench up down clean
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -24,13 +24,16 @@ down:
 	$(PY) -m stack down
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/chaos
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
 test-integration: setup
 	$(PY) -m pytest -q tests/integration
+
+chaos: setup ## fault tests: kill, stop and restart workers, Redis and S3 (docs/reliability.md)
+	$(PY) -m pytest -q tests/chaos
 
 lint: setup
 	.venv/bin/ruff check .
