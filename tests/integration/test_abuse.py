@@ -3,14 +3,18 @@ Redis, S3): every row answers with its documented status and code, nothing is st
 refused request, and the worker never sees it. Rows already covered by test_service.py
 (missing field, empty file, text/script/PDF named .jpg, truncated JPEG, pixel bomb, body
 over the limit with and without Content-Length, unknown job, other token's job, bad token)
-are not repeated here."""
+are not repeated here, nor are the archive attacks of test_batches.py (path traversal,
+absolute paths, symlinks, nested archives, member/byte/ratio limits)."""
 
 from __future__ import annotations
 
 import io
 import socket
 import struct
+import tarfile
+import time
 import uuid
+import zipfile
 import zlib
 from urllib.parse import urlsplit
 
@@ -303,3 +307,117 @@ def test_rate_limit_is_per_token_with_retry_after_and_workers_unaffected(deploym
     assert len(accepted) == statuses.count(202)
     ready = requests.get(f"{deployment.api}/readyz", timeout=30).json()
     assert ready["checks"]["workers"]["count"] >= 1
+
+
+# --- archives (rows not in test_batches.py: links, devices, encryption, CRC, truncation) ------
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as archive:
+        for info, data in members:
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def _tar_member(name: str, kind: bytes = tarfile.REGTYPE, **fields) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+def _zip_with_bad_members() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("ok.png", _png())
+        archive.writestr("secret.png", _png(color=(1, 1, 1)))
+        archive.writestr("crc.png", _png(color=(2, 2, 2)))
+    data = bytearray(buf.getvalue())
+    # zipfile cannot write encrypted members: set the "encrypted" flag bit of secret.png in
+    # its local header and its central directory entry.
+    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = _header_of(data, signature, b"secret.png")
+        data[at + flag_offset] |= 0x01
+    # Flip a byte inside crc.png's stored data: its CRC no longer matches.
+    at = data.rfind(b"IDAT") + 8
+    data[at] ^= 0xFF
+    return bytes(data)
+
+
+def _header_of(data: bytearray, signature: bytes, name: bytes) -> int:
+    """Offset of the zip header with ``signature`` whose file name is ``name``."""
+    name_offset = 30 if signature == b"PK\x03\x04" else 46
+    at = data.find(signature)
+    while data[at + name_offset : at + name_offset + len(name)] != name:
+        at = data.find(signature, at + 1)
+        assert at >= 0, f"no {signature!r} header for {name!r}"
+    return at
+
+
+def _submit_archive(api: str, name: str, data: bytes) -> requests.Response:
+    return requests.post(
+        f"{api}/batches", files={"archive": (name, data)}, headers=ALICE, timeout=60
+    )
+
+
+def _wait_batch(api: str, batch_id: str, timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        doc = requests.get(f"{api}/batches/{batch_id}", headers=ALICE, timeout=30).json()
+        if doc["status"] in ("succeeded", "failed", "canceled") and doc.get("result"):
+            return doc
+        assert time.monotonic() < deadline, doc
+        time.sleep(0.2)
+
+
+def _item_codes(api: str, batch_id: str) -> dict[str, str | None]:
+    page = requests.get(
+        f"{api}/batches/{batch_id}/items", params={"limit": 100}, headers=ALICE, timeout=30
+    ).json()
+    return {item["name"]: (item["error"] or {}).get("code") for item in page["items"]}
+
+
+@pytest.mark.parametrize("kind", ["tar-links-and-devices", "zip-encrypted-and-bad-crc"])
+def test_archive_members_that_must_never_be_read_fail_alone(deployment, store, kind):
+    if kind == "tar-links-and-devices":
+        data = _tar(
+            [
+                (_tar_member("ok.png"), _png()),
+                (_tar_member("hard.png", tarfile.LNKTYPE, linkname="ok.png"), b""),
+                (_tar_member("dev", tarfile.CHRTYPE, devmajor=1, devminor=3), b""),
+                (_tar_member("fifo", tarfile.FIFOTYPE), b""),
+            ]
+        )
+        name = "a.tar.gz"
+        expected = {"hard.png": "hardlink", "dev": "special_file", "fifo": "special_file"}
+    else:
+        data, name = _zip_with_bad_members(), "a.zip"
+        expected = {"secret.png": "encrypted", "crc.png": "corrupt_member"}
+    response = _submit_archive(deployment.api, name, data)
+    assert response.status_code == 202, response.text
+    batch_id = response.json()["id"]
+    doc = _wait_batch(deployment.api, batch_id)
+    assert doc["status"] == "succeeded", doc
+    assert _item_codes(deployment.api, batch_id) == {"ok.png": None, **expected}
+    assert doc["counts"]["succeeded"] == 1 and doc["counts"]["failed"] == len(expected)
+    # Refused members never became inputs; nothing was written outside the batch's keys.
+    names = {key.split("/")[1] for key in store.list_keys("inputs/") if batch_id in key}
+    assert len(names) == 1
+    assert not [k for k in store.list_keys("") if "passwd" in k or "/dev" in k]
+
+
+def test_truncated_archive_fails_the_batch_as_corrupt(deployment):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for i in range(4):
+            archive.writestr(f"{i}.png", _png(color=(i, i, i)))
+    data = buf.getvalue()[: len(buf.getvalue()) // 2]
+    # It starts like a zip, so it is accepted and stored; reading it ends the batch.
+    response = _submit_archive(deployment.api, "a.zip", data)
+    assert response.status_code == 202, response.text
+    doc = _wait_batch(deployment.api, response.json()["id"])
+    assert doc["status"] == "failed" and doc["error"]["code"] == "corrupt_archive", doc
+    assert doc["counts"]["total"] == 0
