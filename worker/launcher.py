@@ -68,11 +68,13 @@ def worker_commands(gpus: list[str], *, replicas: int, loglevel: str, queues: st
             for g in gpus
         ]
     names = ["cpu"] if replicas == 1 else [f"cpu{i}" for i in range(replicas)]
+    # CPU workers share the cores instead of each starting one torch thread per core.
+    threads = str(max(1, (os.cpu_count() or 1) // len(names)))
     return [
         (
             f"{n}@%h",
             [*base, "--hostname", f"{n}@%h", *common],
-            {"CUDA_VISIBLE_DEVICES": "", "FEATUREMAPS_DEVICE": "cpu"},
+            {"CUDA_VISIBLE_DEVICES": "", "FEATUREMAPS_DEVICE": "cpu", "OMP_NUM_THREADS": threads},
         )
         for n in names
     ]

@@ -1,6 +1,7 @@
 """The per-GPU launcher: one Celery worker per GPU, pinned, concurrency 1, named by GPU."""
 
 import argparse
+import os
 
 import pytest
 
@@ -20,6 +21,9 @@ def test_cpu_workers_hide_gpus():
     commands = worker_commands([], replicas=2, loglevel="INFO", queues="jobs")
     assert [h for h, _, _ in commands] == ["cpu0@%h", "cpu1@%h"]
     assert all(env["CUDA_VISIBLE_DEVICES"] == "" for _, _, env in commands)
+    # Two CPU workers split the cores rather than each taking all of them.
+    per_worker = max(1, (os.cpu_count() or 1) // 2)
+    assert [env["OMP_NUM_THREADS"] for _, _, env in commands] == [str(per_worker)] * 2
 
 
 def test_gpu_list_parsing():
