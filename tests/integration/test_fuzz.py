@@ -243,12 +243,10 @@ def test_api_and_worker_answer_every_mutant_without_5xx_or_crash(deployment):
         assert response.json()["error"]["code"] in IMAGING_CODES, (name, response.text)
     assert statuses[202] >= 20 and sum(statuses.values()) - statuses[202] >= 100, statuses
 
+    # What validation accepts, the worker decodes and renders: every accepted job succeeds.
     for job_id in accepted:
         doc = _wait(deployment, job_id)
-        if doc["status"] == "failed":
-            assert doc["error"]["code"] in IMAGING_CODES, doc
-        else:
-            assert doc["status"] == "succeeded", doc
+        assert doc["status"] == "succeeded", doc
     # The same pool process did every job: it never died and was never replaced.
     (after,) = live_workers(deployment.redis)
     assert after["pid"] == beat["pid"] and after["model_loads"] == 1
