@@ -30,7 +30,7 @@ from typing import Any
 from redis import Redis
 
 from shared.errors import Conflict, NotFound
-from shared.jobs import PREFIX, now_iso
+from shared.jobs import PREFIX, now_iso, valid_id
 
 COUNTERS = ("queued", "running", "succeeded", "failed", "canceled")
 _JSON_FIELDS = ("options", "source", "result", "error")
@@ -492,10 +492,6 @@ class BatchStore:
         ):
             raise BatchNotFound(batch_id)
         return outcome
-
-
-def valid_id(batch_id: str) -> bool:
-    return 0 < len(batch_id) <= 64 and all(c.isalnum() or c in "-_" for c in batch_id)
 
 
 def _text(value: bytes | str) -> str:

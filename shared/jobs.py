@@ -200,7 +200,7 @@ class RedisJobStore:
         return job
 
     def get(self, job_id: str, *, owner: str | None = None) -> Job:
-        raw = self.redis.hgetall(job_key(job_id)) if _valid_id(job_id) else {}
+        raw = self.redis.hgetall(job_key(job_id)) if valid_id(job_id) else {}
         if not raw:
             raise JobNotFound(job_id)
         job = Job.from_redis(raw)
@@ -310,8 +310,9 @@ def _parse_iso(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def _valid_id(job_id: str) -> bool:
-    return 0 < len(job_id) <= 64 and all(c.isalnum() or c in "-_" for c in job_id)
+def valid_id(record_id: str) -> bool:
+    """Whether an id from a URL can name a job or batch record (anything else is a 404)."""
+    return 0 < len(record_id) <= 64 and all(c.isalnum() or c in "-_" for c in record_id)
 
 
 def elapsed_ms(start_iso: str, end_iso: str) -> float:
