@@ -11,12 +11,13 @@ import pytest
 import requests
 from PIL import Image
 
+from shared.heartbeat import live_workers
 from shared.jobs import Job, JobStatus, RedisJobStore, new_job_id
 from shared.options import JobOptions
 from shared.queue import JOBS_QUEUE, RENDER_JOB, make_producer
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from stack.services import RedisServer, SeaweedS3
+from stack.services import RedisServer, SeaweedS3, wait_until
 from tests.integration.deployment import Deployment, wait_for_job
 
 GRACE_HOPPER = f"{matplotlib.get_data_path()}/sample_data/grace_hopper.jpg"
@@ -266,16 +267,25 @@ def test_two_workers_share_jobs_and_each_runs_once(deployment):
 
 
 def test_model_is_resident_one_load_per_worker_process(deployment):
-    ids = [_submit(deployment.api, _png(color=(0, i, 0)), "a.png").json()["id"] for i in range(8)]
-    for job_id in ids:
-        assert wait_for_job(deployment.api, job_id)["status"] == "succeeded"
-    from shared.heartbeat import live_workers
+    hostname = deployment.workers[0].hostname
 
-    (beat,) = [
-        w for w in live_workers(deployment.redis) if w["hostname"] == deployment.workers[0].hostname
-    ]
-    assert beat["jobs_done"] >= 8
-    assert beat["model_loads"] == 1
+    def beat() -> dict:
+        (only,) = [w for w in live_workers(deployment.redis) if w["hostname"] == hostname]
+        return only
+
+    before = beat()
+    ids = [_submit(deployment.api, _png(color=(0, i, 0)), "a.png").json()["id"] for i in range(8)]
+    docs = [wait_for_job(deployment.api, job_id) for job_id in ids]
+    assert all(d["status"] == "succeeded" and d["worker"] == hostname for d in docs)
+    # Heartbeats are refreshed every few seconds: wait for one written after these jobs.
+    wait_until(
+        lambda: beat()["jobs_done"] >= before["jobs_done"] + 8,
+        timeout_s=30,
+        what="a heartbeat counting the 8 jobs",
+    )
+    after = beat()
+    assert after["pid"] == before["pid"]  # the same pool process served every job
+    assert after["model_loads"] == 1
 
 
 def test_health_readiness_metrics_openapi(deployment):
