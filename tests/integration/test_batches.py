@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from stack.services import wait_until
 from tests.integration.deployment import Deployment, wait_for_job
 
 CHUNK = 4
@@ -334,7 +335,14 @@ def test_two_workers_split_one_batch_each_item_once(deployment):
     try:
         response = submit_archive(deployment.api, "many.zip", make_zip(goods(24, seed=200)))
         doc = wait_for_batch(deployment.api, response.json()["id"])
-        time.sleep(6)  # one heartbeat period, so both report their counts
+        # Heartbeats come every few seconds: wait for the new worker's to count its chunks.
+        wait_until(
+            lambda: any(
+                w["hostname"] == second.hostname and w["jobs_done"] > 0 for w in _live(deployment)
+            ),
+            timeout_s=30,
+            what="the second worker's heartbeat to count its items",
+        )
         beats = {w["hostname"]: w for w in _live(deployment)}
     finally:
         second.stop()
