@@ -157,3 +157,17 @@ def test_forward_with_imagenet_weights_predicts(random_model, photos, tmp_path, 
     assert probabilities == sorted(probabilities, reverse=True)
     assert 0 < sum(probabilities) <= 1.0 + 1e-6
     assert result.manifest["weights"]["id"] == "IMAGENET1K_V1"
+
+
+@pytest.mark.parametrize("mode", ["chain", "forward"])
+def test_a_chunk_larger_than_the_model_slice_matches_one_by_one(random_model, photos, mode):
+    # More images than CPU_MODEL_BATCH: the model runs in slices whose outputs are joined.
+    inputs = list(photos.values())[: pipeline.CPU_MODEL_BATCH + 3]
+    options = JobOptions(mode=mode)
+    together = process_images(random_model, inputs, options, max_pixels=LIMIT)
+    assert len(together) == len(inputs)
+    for data, result in zip(inputs, together, strict=True):
+        alone = process_image(random_model, data, options, max_pixels=LIMIT)
+        assert list(result.maps) == list(alone.maps)
+        for name, array in result.maps.items():
+            np.testing.assert_allclose(array, alone.maps[name], rtol=1e-4, atol=1e-5)
