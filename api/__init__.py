@@ -10,6 +10,7 @@ from api.metrics import init_metrics
 from api.routes import batches, health, jobs
 from api.services import Services
 from shared.settings import Settings
+from shared.storage import ensure_bucket
 
 # Multipart framing (boundaries, headers, small option fields) on top of the file itself.
 FORM_OVERHEAD_BYTES = 64 * 1024
@@ -23,7 +24,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.config["MAX_FORM_MEMORY_SIZE"] = FORM_OVERHEAD_BYTES
     app.config["MAX_FORM_PARTS"] = settings.max_form_parts
     app.json.sort_keys = False
-    app.extensions["featuremaps"] = services or Services.from_settings(settings)
+    app.extensions["featuremaps"] = services = services or Services.from_settings(settings)
+    ensure_bucket(services.store, app.logger)
     register_error_handlers(app)
     init_metrics(app)
     app.register_blueprint(health.bp)

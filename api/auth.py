@@ -19,6 +19,13 @@ from shared.errors import RateLimited, Unauthorized
 from shared.settings import Settings
 
 
+def caller(request: Request, settings: Settings, redis: Redis) -> str:
+    """The owner a /jobs or /batches request acts as, once its token and rate are checked."""
+    owner = owner_for(request, settings)
+    enforce_rate_limit(redis, settings, owner)
+    return owner
+
+
 def owner_for(request: Request, settings: Settings) -> str:
     tokens = settings.tokens
     if not tokens:

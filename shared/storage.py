@@ -20,6 +20,7 @@ computation and makes no network call.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any
@@ -83,6 +84,17 @@ def split_endpoint(endpoint: str, *, secure: bool) -> tuple[str, bool]:
             f"S3 endpoint {endpoint!r} must be host[:port] or http(s)://host[:port], no path"
         )
     return parts.netloc, parts.scheme == "https"
+
+
+def ensure_bucket(store: ObjectStore, log: logging.Logger) -> bool:
+    """Create the bucket at start-up if it is missing. Storage being down then is not fatal:
+    the service starts, answers 503 and /readyz says why until storage is back."""
+    try:
+        store.ensure_bucket()
+    except StorageUnavailable as exc:
+        log.warning("storage not ready at start (%s); /readyz reports it until it is", exc)
+        return False
+    return True
 
 
 class ObjectStore:

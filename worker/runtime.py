@@ -18,7 +18,7 @@ from redis import Redis
 from shared.heartbeat import HEARTBEAT_EVERY_S, write_heartbeat
 from shared.jobs import RedisJobStore
 from shared.settings import Settings
-from shared.storage import ObjectStore
+from shared.storage import ObjectStore, ensure_bucket
 from worker.retention import retention_loop
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def init_process(settings: Settings, hostname: str) -> WorkerContext:
         device=describe_device(loaded.device),
     )
     log.info("model loaded on %s with weights %s", _context.device, loaded.weights)
+    ensure_bucket(_context.store, log)
     threading.Thread(target=_heartbeat_loop, args=(_context,), daemon=True).start()
     threading.Thread(
         target=retention_loop,

@@ -19,7 +19,7 @@ from flask import Blueprint, Request, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.multipart import NEED_DATA, Data, Epilogue, Field, File, MultipartDecoder
 
-from api.auth import enforce_rate_limit, owner_for
+from api.auth import caller
 from api.services import Services, services
 from shared import keys
 from shared.archives import SNIFF_BYTES, SOURCE_EXTENSIONS, sniff_archive
@@ -59,9 +59,7 @@ def _batches(svc: Services) -> BatchStore:
 
 
 def _caller(svc: Services) -> str:
-    owner = owner_for(request, svc.settings)
-    enforce_rate_limit(svc.redis, svc.settings, owner)
-    return owner
+    return caller(request, svc.settings, svc.redis)
 
 
 @bp.post("/batches")

@@ -6,7 +6,7 @@ import logging
 
 from flask import Blueprint, redirect, request, url_for
 
-from api.auth import enforce_rate_limit, owner_for
+from api.auth import caller
 from api.services import Services, services
 from api.uploads import read_image_upload
 from shared import keys
@@ -19,9 +19,7 @@ bp = Blueprint("jobs", __name__)
 
 
 def _caller(svc: Services) -> str:
-    owner = owner_for(request, svc.settings)
-    enforce_rate_limit(svc.redis, svc.settings, owner)
-    return owner
+    return caller(request, svc.settings, svc.redis)
 
 
 @bp.post("/jobs")

@@ -128,6 +128,14 @@ def test_options_reach_the_worker(deployment):
     assert requests.get(doc["result"]["arrays_url"]).content[:2] == b"PK"
 
 
+def test_api_creates_its_bucket_at_start(deployment, s3_server):
+    bucket = f"fresh-{uuid.uuid4().hex[:8]}"
+    client = s3_server.client()
+    assert not client.bucket_exists(bucket)
+    deployment.start_api("api-fresh-bucket", s3_bucket=bucket)
+    assert client.bucket_exists(bucket)
+
+
 def test_unknown_job_is_404(deployment):
     for path in ("/jobs/nope", "/jobs/nope/figure"):
         response = requests.get(f"{deployment.api}{path}", timeout=10)
