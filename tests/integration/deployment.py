@@ -4,15 +4,21 @@ redis-server and SeaweedFS. Everything is reached over HTTP / Redis / S3, never 
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
 from redis import Redis
 
 from shared.heartbeat import live_workers
+from shared.settings import Settings
+from shared.storage import ObjectStore
 from stack.services import ManagedProcess, free_port, wait_until
 from worker.launcher import worker_commands
 
@@ -27,9 +33,51 @@ class Deployment:
         self.processes: list[ManagedProcess] = []
         self.redis = Redis.from_url(redis_url)
 
-    def env(self, **overrides) -> dict[str, str]:
-        import os
+    @classmethod
+    @contextmanager
+    def started(
+        cls,
+        run_dir: Path,
+        redis_server,
+        s3_server,
+        *,
+        name: str,
+        db: int,
+        worker: str = "w1",
+        **settings,
+    ) -> Iterator[Deployment]:
+        """A module's deployment: its own Redis database (flushed) and bucket on the suite's
+        servers, one API and one worker; everything is stopped on exit."""
+        dep = cls(
+            run_dir,
+            redis_url=redis_server.url.rsplit("/", 1)[0] + f"/{db}",
+            s3=s3_server,
+            bucket=f"{name}-{uuid.uuid4().hex[:8]}",
+            **settings,
+        )
+        dep.redis.flushdb()
+        try:
+            dep.api = dep.start_api()
+            dep.workers = [dep.start_worker(worker)]
+            yield dep
+        finally:
+            dep.stop()
 
+    def service_settings(self) -> Settings:
+        """The settings the API and workers of this deployment run with."""
+        prefix = "FEATUREMAPS_"
+        values = {
+            k.removeprefix(prefix).lower(): v for k, v in self.env().items() if k.startswith(prefix)
+        }
+        return Settings(**{k: v for k, v in values.items() if k in Settings.model_fields})
+
+    def object_store(self) -> ObjectStore:
+        """A client for this deployment's bucket (created if the API has not yet)."""
+        store = ObjectStore.from_settings(self.service_settings())
+        store.ensure_bucket()
+        return store
+
+    def env(self, **overrides) -> dict[str, str]:
         values = {
             "FEATUREMAPS_REDIS_URL": self.redis_url,
             "FEATUREMAPS_S3_ENDPOINT": self.s3.endpoint,

@@ -13,7 +13,6 @@ import socket
 import struct
 import tarfile
 import time
-import uuid
 import zipfile
 import zlib
 from urllib.parse import urlsplit
@@ -24,8 +23,6 @@ from PIL import Image
 
 from shared import imaging
 from shared.errors import UnsupportedType
-from shared.settings import Settings
-from shared.storage import ObjectStore
 from tests.integration.deployment import Deployment, wait_for_job
 
 MAX_UPLOAD_MB = 1
@@ -81,36 +78,24 @@ FOREIGN_FORMATS = {
 
 @pytest.fixture(scope="module")
 def deployment(redis_server, s3_server, tmp_path_factory):
-    dep = Deployment(
+    with Deployment.started(
         tmp_path_factory.mktemp("abuse"),
-        redis_url=redis_server.url.rsplit("/", 1)[0] + "/5",
-        s3=s3_server,
-        bucket=f"abuse-{uuid.uuid4().hex[:8]}",
+        redis_server,
+        s3_server,
+        name="abuse",
+        db=5,
         max_upload_mb=MAX_UPLOAD_MB,
         max_image_pixels=MAX_PIXELS,
         max_form_parts=MAX_FORM_PARTS,
         api_tokens="alice-token,bob-token",
-    )
-    dep.redis.flushdb()
-    dep.api = dep.start_api()
-    dep.limited_api = dep.start_api("api-limited", rate_limit_per_minute=RATE_LIMIT)
-    dep.workers = [dep.start_worker("w1")]
-    yield dep
-    dep.stop()
+    ) as dep:
+        dep.limited_api = dep.start_api("api-limited", rate_limit_per_minute=RATE_LIMIT)
+        yield dep
 
 
 @pytest.fixture(scope="module")
 def store(deployment):
-    env = deployment.env()
-    settings = Settings(
-        s3_endpoint=env["FEATUREMAPS_S3_ENDPOINT"],
-        s3_access_key=env["FEATUREMAPS_S3_ACCESS_KEY"],
-        s3_secret_key=env["FEATUREMAPS_S3_SECRET_KEY"],
-        s3_bucket=deployment.bucket,
-    )
-    store = ObjectStore.from_settings(settings)
-    store.ensure_bucket()
-    return store
+    return deployment.object_store()
 
 
 @pytest.fixture

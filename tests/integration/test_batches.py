@@ -17,7 +17,6 @@ import pytest
 import requests
 from PIL import Image, ImageDraw
 
-from shared.settings import Settings
 from shared.storage import ObjectStore
 from stack.services import wait_until
 from tests.integration.deployment import Deployment, wait_for_job
@@ -106,37 +105,25 @@ def make_tar(goods: dict[str, bytes], mode: str = "w:gz") -> bytes:
 
 @pytest.fixture(scope="module")
 def deployment(redis_server, s3_server, tmp_path_factory):
-    dep = Deployment(
+    with Deployment.started(
         tmp_path_factory.mktemp("batches"),
-        redis_url=redis_server.url.rsplit("/", 1)[0] + "/4",
-        s3=s3_server,
-        bucket=f"bat-{uuid.uuid4().hex[:8]}",
+        redis_server,
+        s3_server,
+        name="bat",
+        db=4,
+        worker="b1",
         batch_chunk=CHUNK,
         max_archive_members=MAX_MEMBERS,
         max_archive_bytes=MAX_BYTES,
         max_archive_member_bytes=MAX_MEMBER_BYTES,
         max_image_pixels=MAX_PIXELS,
-    )
-    dep.redis.flushdb()
-    dep.api = dep.start_api()
-    dep.workers = [dep.start_worker("b1")]
-    yield dep
-    dep.stop()
+    ) as dep:
+        yield dep
 
 
 @pytest.fixture(scope="module")
 def store(deployment):
-    env = deployment.env()
-    settings = Settings(
-        **{
-            k.removeprefix("FEATUREMAPS_").lower(): v
-            for k, v in env.items()
-            if k.startswith("FEATUREMAPS_")
-        }
-    )
-    store = ObjectStore.from_settings(settings)
-    store.ensure_bucket()
-    return store
+    return deployment.object_store()
 
 
 def submit_archive(api: str, name: str, data: bytes, **options) -> requests.Response:

@@ -10,7 +10,6 @@ import collections
 import io
 import random
 import struct
-import uuid
 import zlib
 from collections.abc import Iterator
 
@@ -213,18 +212,15 @@ def test_worker_decode_and_pipeline_handle_the_mutants_that_validate(validated):
 
 @pytest.fixture(scope="module")
 def deployment(redis_server, s3_server, tmp_path_factory):
-    dep = Deployment(
+    with Deployment.started(
         tmp_path_factory.mktemp("fuzz"),
-        redis_url=redis_server.url.rsplit("/", 1)[0] + "/6",
-        s3=s3_server,
-        bucket=f"fuzz-{uuid.uuid4().hex[:8]}",
+        redis_server,
+        s3_server,
+        name="fuzz",
+        db=6,
         max_image_pixels=MAX_PIXELS,
-    )
-    dep.redis.flushdb()
-    dep.api = dep.start_api()
-    dep.workers = [dep.start_worker("w1")]
-    yield dep
-    dep.stop()
+    ) as dep:
+        yield dep
 
 
 def test_api_and_worker_answer_every_mutant_without_5xx_or_crash(deployment):

@@ -7,8 +7,6 @@ exactly that document."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 import requests
 import schemathesis
@@ -37,19 +35,17 @@ schema = schemathesis.openapi.from_dict(openapi_document(), config=config)
 
 @pytest.fixture(scope="module")
 def deployment(redis_server, s3_server, tmp_path_factory):
-    dep = Deployment(
+    # A worker too, so that /readyz is ready.
+    with Deployment.started(
         tmp_path_factory.mktemp("schema"),
-        redis_url=redis_server.url.rsplit("/", 1)[0] + "/7",
-        s3=s3_server,
-        bucket=f"schema-{uuid.uuid4().hex[:8]}",
+        redis_server,
+        s3_server,
+        name="schema",
+        db=7,
         api_tokens=TOKEN,
         max_upload_mb=1,
-    )
-    dep.redis.flushdb()
-    dep.api = dep.start_api()
-    dep.start_worker("w1")  # so that /readyz is ready
-    yield dep
-    dep.stop()
+    ) as dep:
+        yield dep
 
 
 def test_the_served_document_is_the_one_tested(deployment):

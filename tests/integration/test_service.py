@@ -38,31 +38,21 @@ def _jpeg_bytes() -> bytes:
 
 @pytest.fixture(scope="module")
 def deployment(redis_server, s3_server, tmp_path_factory):
-    dep = Deployment(
+    with Deployment.started(
         tmp_path_factory.mktemp("service"),
-        redis_url=redis_server.url.rsplit("/", 1)[0] + "/3",
-        s3=s3_server,
-        bucket=f"svc-{uuid.uuid4().hex[:8]}",
+        redis_server,
+        s3_server,
+        name="svc",
+        db=3,
         max_upload_mb=MAX_UPLOAD_MB,
         max_image_pixels=MAX_PIXELS,
-    )
-    dep.redis.flushdb()
-    dep.api = dep.start_api()
-    dep.workers = [dep.start_worker("w1")]
-    yield dep
-    dep.stop()
+    ) as dep:
+        yield dep
 
 
 @pytest.fixture(scope="module")
 def store(deployment):
-    settings = Settings(
-        **{
-            k.removeprefix("FEATUREMAPS_").lower(): v
-            for k, v in deployment.env().items()
-            if k.startswith("FEATUREMAPS_")
-        }
-    )
-    return ObjectStore.from_settings(settings)
+    return deployment.object_store()
 
 
 def _submit(api, data=None, filename="photo.jpg", headers=None, **options):
