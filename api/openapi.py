@@ -20,6 +20,14 @@ _ERRORS = {
 }
 
 
+# 202 of POST /jobs and POST /batches.
+_ACCEPTED = {
+    "description": "queued",
+    "headers": {"Location": {"schema": {"type": "string"}}},
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
+}
+
+
 def _pick(*codes: str) -> dict:
     return {c: _ERRORS[c] for c in codes}
 
@@ -197,15 +205,7 @@ def openapi_document() -> dict:
                         },
                     },
                     "responses": {
-                        "202": {
-                            "description": "queued",
-                            "headers": {"Location": {"schema": {"type": "string"}}},
-                            "content": {
-                                "application/json": {
-                                    "schema": {"$ref": "#/components/schemas/Accepted"}
-                                }
-                            },
-                        },
+                        "202": _ACCEPTED,
                         **_pick("400", "401", "429", "503"),
                         "413": _error("upload too large or too many form parts"),
                         "415": _error("not an accepted image type"),
@@ -287,15 +287,7 @@ def openapi_document() -> dict:
                         },
                     },
                     "responses": {
-                        "202": {
-                            "description": "queued",
-                            "headers": {"Location": {"schema": {"type": "string"}}},
-                            "content": {
-                                "application/json": {
-                                    "schema": {"$ref": "#/components/schemas/Accepted"}
-                                }
-                            },
-                        },
+                        "202": _ACCEPTED,
                         **_pick("400", "401", "429", "503"),
                         "413": _error("archive over MAX_ARCHIVE_BYTES or too many form parts"),
                         "415": _error("not a .zip, .tar or .tar.gz archive"),

@@ -118,30 +118,24 @@ class ObjectStore:
         """Build the store from settings: one client for the endpoint and, when a public
         endpoint is set, one for signing URLs that clients outside the network can use."""
         http = http_client or make_http_client()
-        endpoint, secure = split_endpoint(settings.s3_endpoint, secure=settings.s3_secure)
-        client = Minio(
-            endpoint,
-            access_key=settings.s3_access_key,
-            secret_key=settings.s3_secret_key,
-            secure=secure,
-            region=settings.s3_region,
-            http_client=http,
-        )
-        public_client = None
-        if settings.s3_public_endpoint:
-            public, public_secure = split_endpoint(
-                settings.s3_public_endpoint, secure=settings.s3_secure
-            )
-            public_client = Minio(
-                public,
+
+        def client_for(endpoint_setting: str) -> Minio:
+            endpoint, secure = split_endpoint(endpoint_setting, secure=settings.s3_secure)
+            return Minio(
+                endpoint,
                 access_key=settings.s3_access_key,
                 secret_key=settings.s3_secret_key,
-                secure=public_secure,
+                secure=secure,
                 # Set explicitly: without a region minio would ask the server for it, and
                 # the public host is often not reachable from inside the network.
                 region=settings.s3_region,
                 http_client=http,
             )
+
+        client = client_for(settings.s3_endpoint)
+        public_client = (
+            client_for(settings.s3_public_endpoint) if settings.s3_public_endpoint else None
+        )
         return cls(client, settings.s3_bucket, public_client=public_client)
 
     def __repr__(self) -> str:
