@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -40,13 +40,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge):
-        limit_mb = app.extensions["featuremaps"].settings.max_upload_mb
-        return error_response(
-            413,
-            "too_large",
-            f"the request body is too large or has too many parts; uploads are limited to "
-            f"{limit_mb:g} MB and {app.config['MAX_FORM_PARTS']} form parts",
-        )
+        return error_response(413, "too_large", _too_large_message(app))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -70,3 +64,19 @@ def register_error_handlers(app: Flask) -> None:
     def _unexpected(exc: Exception):
         log.exception("unhandled error")
         return error_response(500, "internal_error", "an unexpected error occurred; it was logged")
+
+
+def _too_large_message(app: Flask) -> str:
+    """Say which limit a 413 from Werkzeug's body reader hit, in the units people use."""
+    limit_mb = app.extensions["featuremaps"].settings.max_upload_mb
+    declared = request.content_length
+    if declared is not None and declared > (app.config["MAX_CONTENT_LENGTH"] or declared):
+        return (
+            f"the request body is {declared / 2**20:.1f} MB; uploads are limited to "
+            f"{limit_mb:g} MB (FEATUREMAPS_MAX_UPLOAD_MB)"
+        )
+    return (
+        f"the request is over a limit: uploads are limited to {limit_mb:g} MB "
+        f"(FEATUREMAPS_MAX_UPLOAD_MB), {app.config['MAX_FORM_PARTS']} form parts, and "
+        f"{app.config['MAX_FORM_MEMORY_SIZE'] // 1024} KB per text field"
+    )
