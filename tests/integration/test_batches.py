@@ -19,14 +19,13 @@ from PIL import Image, ImageDraw
 
 from shared.storage import ObjectStore
 from stack.services import wait_until
-from tests.integration.deployment import Deployment, wait_for_job
+from tests.integration.deployment import Deployment, wait_for_batch, wait_for_job
 
 CHUNK = 4
 MAX_MEMBERS = 80
 MAX_BYTES = 70_000_000
 MAX_MEMBER_BYTES = 4_000_000
 MAX_PIXELS = 1_000_000
-FINISHED = ("succeeded", "failed", "canceled")
 
 
 def photo(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
@@ -130,17 +129,6 @@ def submit_archive(api: str, name: str, data: bytes, **options) -> requests.Resp
     return requests.post(
         f"{api}/batches", files={"archive": (name, data)}, data=options, timeout=60
     )
-
-
-def wait_for_batch(api: str, batch_id: str, *, timeout_s: float = 240) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        doc = requests.get(f"{api}/batches/{batch_id}", timeout=10).json()
-        if doc["status"] in FINISHED and doc["result"]:
-            return doc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"batch {batch_id} not done after {timeout_s}s: {doc}")
-        time.sleep(0.2)
 
 
 def all_items(api: str, batch_id: str, limit: int = 7) -> list[dict]:
