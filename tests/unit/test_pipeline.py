@@ -34,7 +34,14 @@ def test_manifest_describes_everything(chain_result):
     assert manifest["torch"] == torch.__version__
     assert manifest["torchvision"] == torchvision.__version__
     assert manifest["device"] == "cpu"
-    assert manifest["input"] == {"format": "jpg", "width": 512, "height": 600}
+    assert manifest["input"] == {
+        "format": "jpg",
+        "width": 512,
+        "height": 600,
+        "mode": "RGB",
+        "exif_orientation": 1,
+        "frames": 1,
+    }
     assert manifest["layers"] == chain_result.layers
     assert set(manifest["timings"]) == STAGES
     assert chain_result.timings == manifest["timings"]
