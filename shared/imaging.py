@@ -94,8 +94,9 @@ class DecodedImage:
     mode: str
     # the EXIF orientation (1-8) that was applied; 1 when there was none to apply
     exif_orientation: int
-    # frames (or top-level images) in the file; only one of them is used
-    frames: int
+    # frames (or top-level images) in the file, of which one is used; None when a later frame
+    # is too broken to count
+    frames: int | None
 
     def describe(self) -> dict:
         """The manifest's ``input`` entry: the size is that of the picture used."""
@@ -184,7 +185,6 @@ def _sniff_bmff(data: bytes) -> str | None:
 
 def _decode(data: bytes, ext: str, max_pixels: int) -> DecodedImage:
     image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[ext]])
-    frames = _frame_count(image)
     if ext != "heic":
         # HEIF opens on its primary image, the others on their first frame; say so anyway.
         image.seek(0)
@@ -193,12 +193,23 @@ def _decode(data: bytes, ext: str, max_pixels: int) -> DecodedImage:
     image.load()
     orientation = _orientation(image)
     ImageOps.exif_transpose(image, in_place=True)
-    return DecodedImage(_to_rgb(image), ext, mode, orientation, frames)
+    return DecodedImage(_to_rgb(image), ext, mode, orientation, _frame_count(data, ext))
 
 
-def _frame_count(image: Image.Image) -> int:
-    # GIF counts by skipping through the frames' data blocks without decoding them.
-    return int(getattr(image, "n_frames", 1))
+def _frame_count(data: bytes, ext: str) -> int | None:
+    """How many frames the file has, counted on a second opening so that the image in use is
+    never moved; None when a frame after the first is too broken to count."""
+    if ext in ("jpg", "bmp"):
+        return 1
+    try:
+        # GIF and TIFF count by walking the frames' headers and data blocks, undecoded.
+        return int(
+            getattr(Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[ext]]), "n_frames", 1)
+        )
+    except Exception:
+        # The first frame decoded; damage after it must not fail the image (it did not
+        # before frames were counted), so the count is reported as unknown instead.
+        return None
 
 
 def _orientation(image: Image.Image) -> int:

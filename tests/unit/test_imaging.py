@@ -417,3 +417,12 @@ def test_wide_panorama_within_the_limit():
     assert _near(image.getpixel((11500, 500)), BLUE, 4)
     with pytest.raises(TooManyPixels):
         decode_image(data, max_pixels=11_999_999)
+
+
+def test_a_broken_later_frame_leaves_the_count_unknown(special_images):
+    # Cut inside the second frame's headers: the first frame decodes as it always did.
+    data = special_images["animated_gif"]
+    second_frame = data.index(b"\x21\xf9\x04", data.index(b"\x21\xf9\x04") + 1)
+    decoded = decode(data[: second_frame + 12], max_pixels=LIMIT)
+    assert decoded.frames is None
+    assert decoded.image.getpixel((0, 0)) == RED
