@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shared.imaging import ACCEPTED_NAMES
 from shared.options import COLORMAPS, FORMATS, MODES, NORMALIZATIONS, REDUCTIONS, RENDERERS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -208,7 +209,9 @@ def openapi_document() -> dict:
                         "202": _ACCEPTED,
                         **_pick("400", "401", "429", "503"),
                         "413": _error("upload too large or too many form parts"),
-                        "415": _error("not an accepted image type"),
+                        "415": _error(
+                            f"not an accepted image type ({ACCEPTED_NAMES}, judged by content)"
+                        ),
                         "422": _error("undecodable image or too many pixels"),
                     },
                 }

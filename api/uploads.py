@@ -19,6 +19,8 @@ CONTENT_TYPES = {
     "bmp": "image/bmp",
     "gif": "image/gif",
     "tiff": "image/tiff",
+    "heic": "image/heic",
+    "avif": "image/avif",
 }
 
 

@@ -2,11 +2,26 @@
 
 The container type is identified from its magic bytes before any decoder runs, and Pillow is
 then allowed to use only that one decoder, so a PSD, EPS or HTML file named ``.jpg`` never
-reaches a parser it was not meant for. The pixel count is checked from the header before the
-pixel data is decoded. Every failure is one of the :mod:`shared.errors` classes:
+reaches a parser it was not meant for. HEIC and AVIF are ISO-BMFF files: they are told apart
+(and from MP4/MOV videos, which share the container) by the brands of their ``ftyp`` box.
+The pixel count is checked from the header, on the frame that will be used, before the pixel
+data is decoded.
+
+What the decoded RGB picture is, for inputs that need a choice:
+
+- orientation: the EXIF orientation tag is applied (the manifest records which one). HEIC
+  is turned by libheif from the container's own ``irot``/``imir`` boxes, as the HEIF
+  standard says; its EXIF tag (which on iPhones repeats them) is not applied a second time.
+- several frames (animated GIF/WebP/AVIF): the first; HEIC: its primary image.
+- transparency: composited on white.
+- CMYK (including Adobe's inverted CMYK JPEGs): converted by Pillow, without ICC profiles.
+- 16-bit samples: the top 8 bits; 16-bit grey becomes grey RGB; float samples are stretched
+  onto 0..255; HDR HEIC/AVIF come out as 8 bits from their decoders.
+
+Every failure is one of the :mod:`shared.errors` classes:
 
     EmptyImage          empty_image         no bytes at all
-    UnsupportedType     unsupported_type    not JPEG, PNG, WebP, BMP, GIF or TIFF
+    UnsupportedType     unsupported_type    not JPEG, PNG, WebP, BMP, GIF, TIFF, HEIC or AVIF
     TooManyPixels       too_many_pixels     width × height over ``max_pixels``
     TruncatedImage      truncated_image     the data stops before the image does
     UndecodableImage    undecodable_image   anything else the decoder rejects
@@ -21,7 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+import pillow_heif
+from PIL import ExifTags, Image, ImageOps
 
 from shared.errors import (
     EmptyImage,
@@ -31,7 +47,8 @@ from shared.errors import (
     UnsupportedType,
 )
 
-ACCEPTED_EXTENSIONS = ("jpg", "png", "webp", "bmp", "gif", "tiff")
+ACCEPTED_EXTENSIONS = ("jpg", "png", "webp", "bmp", "gif", "tiff", "heic", "avif")
+ACCEPTED_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF, HEIC, AVIF"
 
 # storage extension -> the only Pillow decoder allowed for it
 _PIL_FORMATS = {
@@ -41,7 +58,20 @@ _PIL_FORMATS = {
     "bmp": "BMP",
     "gif": "GIF",
     "tiff": "TIFF",
+    "heic": "HEIF",
+    "avif": "AVIF",
 }
+
+# ISO-BMFF ftyp brands. MP4, MOV and 3GP use the same container with other brands, and the
+# generic still-image brands (mif1, msf1, miaf) say nothing of the codec: only these do.
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIC_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"})
+# Far more than any real ftyp box; a longer one is not read.
+_FTYP_MAX_BYTES = 4096
+
+# pillow-heif adds Pillow's "HEIF" plugin; nothing else in Pillow changes, and every open here
+# names its one allowed format, so the plugin only ever sees data sniffed as HEIC.
+pillow_heif.register_heif_opener()
 
 # Composited under transparent pixels: white, like a browser page.
 _BACKGROUND = (255, 255, 255)
@@ -52,6 +82,32 @@ class ImageInfo:
     ext: str
     width: int
     height: int
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """The RGB picture and what was done to get it from the file."""
+
+    image: Image.Image
+    ext: str
+    # the mode as stored, before conversion to RGB (e.g. "CMYK", "I;16", "RGBA", "P")
+    mode: str
+    # the EXIF orientation (1-8) that was applied; 1 when there was none to apply
+    exif_orientation: int
+    # frames (or top-level images) in the file, of which one is used; None when a later frame
+    # is too broken to count
+    frames: int | None
+
+    def describe(self) -> dict:
+        """The manifest's ``input`` entry: the size is that of the picture used."""
+        return {
+            "format": self.ext,
+            "width": self.image.width,
+            "height": self.image.height,
+            "mode": self.mode,
+            "exif_orientation": self.exif_orientation,
+            "frames": self.frames,
+        }
 
 
 def sniff_format(data: bytes) -> str:
@@ -71,29 +127,18 @@ def sniff_format(data: bytes) -> str:
     # "BM" alone is two printable letters; also require the DIB header size of a real BMP.
     if data[:2] == b"BM" and len(data) >= 18 and data[14] in (12, 40, 52, 56, 64, 108, 124):
         return "bmp"
-    raise UnsupportedType("not an accepted image type (accepted: JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    if ext := _sniff_bmff(data):
+        return ext
+    raise UnsupportedType(f"not an accepted image type (accepted: {ACCEPTED_NAMES})")
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Decode ``data`` into a fully loaded RGB image with its EXIF orientation applied."""
-    return _decode(data, max_pixels=max_pixels)[1]
-
-
-def validate_image(data: bytes, *, max_pixels: int) -> ImageInfo:
-    """Check that ``data`` is an accepted, decodable image within ``max_pixels``."""
-    ext, image = _decode(data, max_pixels=max_pixels)
-    return ImageInfo(ext=ext, width=image.width, height=image.height)
-
-
-def _decode(data: bytes, *, max_pixels: int) -> tuple[str, Image.Image]:
+def decode(data: bytes, *, max_pixels: int) -> DecodedImage:
+    """Decode ``data`` into a fully loaded RGB image with its EXIF orientation applied, with
+    what the file held (format, mode, orientation, frames)."""
     ext = sniff_format(data)
     try:
         with _decoder_warnings_silenced():
-            image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[ext]])
-            _check_pixels(image.size, max_pixels)
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-            return ext, _to_rgb(image)
+            return _decode(data, ext, max_pixels)
     except (TooManyPixels, UndecodableImage):
         raise
     except Image.DecompressionBombError as exc:
@@ -107,6 +152,70 @@ def _decode(data: bytes, *, max_pixels: int) -> tuple[str, Image.Image]:
         if isinstance(exc, Image.UnidentifiedImageError):
             raise UndecodableImage(f"the data starts like {ext} but is not a valid {ext}") from exc
         raise UndecodableImage(f"the {ext} data cannot be decoded: {exc}") from exc
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode ``data`` into a fully loaded RGB image with its EXIF orientation applied."""
+    return decode(data, max_pixels=max_pixels).image
+
+
+def validate_image(data: bytes, *, max_pixels: int) -> ImageInfo:
+    """Check that ``data`` is an accepted, decodable image within ``max_pixels``."""
+    decoded = decode(data, max_pixels=max_pixels)
+    return ImageInfo(ext=decoded.ext, width=decoded.image.width, height=decoded.image.height)
+
+
+def _sniff_bmff(data: bytes) -> str | None:
+    """``heic`` or ``avif`` from an ISO-BMFF ``ftyp`` box, judged by the major brand first,
+    then by the compatible ones; None for anything else (MP4, MOV, bare ``mif1``...)."""
+    if data[4:8] != b"ftyp":
+        return None
+    size = int.from_bytes(data[:4], "big")
+    if not 16 <= size <= _FTYP_MAX_BYTES:
+        return None
+    body = data[8 : min(size, len(data))]
+    brands = [body[:4]] + [body[offset : offset + 4] for offset in range(8, len(body) - 3, 4)]
+    for group in (brands[:1], brands[1:]):
+        if _AVIF_BRANDS.intersection(group):
+            return "avif"
+        if _HEIC_BRANDS.intersection(group):
+            return "heic"
+    return None
+
+
+def _decode(data: bytes, ext: str, max_pixels: int) -> DecodedImage:
+    image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[ext]])
+    if ext != "heic":
+        # HEIF opens on its primary image, the others on their first frame; say so anyway.
+        image.seek(0)
+    _check_pixels(image.size, max_pixels)
+    mode = image.mode
+    image.load()
+    orientation = _orientation(image)
+    ImageOps.exif_transpose(image, in_place=True)
+    return DecodedImage(_to_rgb(image), ext, mode, orientation, _frame_count(data, ext))
+
+
+def _frame_count(data: bytes, ext: str) -> int | None:
+    """How many frames the file has, counted on a second opening so that the image in use is
+    never moved; None when a frame after the first is too broken to count."""
+    if ext in ("jpg", "bmp"):
+        return 1
+    try:
+        # GIF and TIFF count by walking the frames' headers and data blocks, undecoded.
+        return int(
+            getattr(Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[ext]]), "n_frames", 1)
+        )
+    except Exception:
+        # The first frame decoded; damage after it must not fail the image (it did not
+        # before frames were counted), so the count is reported as unknown instead.
+        return None
+
+
+def _orientation(image: Image.Image) -> int:
+    # What exif_transpose applies: values outside 2..8 leave the image as it is.
+    value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
 
 
 @contextlib.contextmanager
@@ -137,10 +246,34 @@ def _is_truncation(exc: BaseException, ext: str, data: bytes) -> bool:
         # libwebp only says "could not create decoder object"; the RIFF header says how long
         # the file should be.
         return int.from_bytes(data[4:8], "little") + 8 > len(data)
+    if ext in ("heic", "avif"):
+        # libheif and libavif say "cannot identify" or "unexpected end of file" variously;
+        # the boxes' sizes say whether the data stops early.
+        return _bmff_is_cut(data)
     text = str(exc).lower()
     return isinstance(exc, OSError) and any(
         marker in text for marker in ("truncated", "broken data stream", "premature end")
     )
+
+
+def _bmff_is_cut(data: bytes) -> bool:
+    """Whether a top-level ISO-BMFF box claims more bytes than ``data`` holds."""
+    offset = 0
+    while offset < len(data):
+        if len(data) - offset < 8:
+            return True
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        header = 8
+        if size == 1:  # a 64-bit size follows the type
+            if len(data) - offset < 16:
+                return True
+            size, header = int.from_bytes(data[offset + 8 : offset + 16], "big"), 16
+        elif size == 0:  # the box runs to the end of the file
+            return False
+        if size < header:
+            return False  # not a size at all: broken, not cut
+        offset += size
+    return offset > len(data)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

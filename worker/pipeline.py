@@ -17,7 +17,7 @@ import torchvision
 from PIL import Image
 
 from shared.errors import FeatureMapsError
-from shared.imaging import decode_image, sniff_format
+from shared.imaging import DecodedImage, decode
 from shared.options import JobOptions
 from worker.features import conv_chain, forward_activations, preprocess, reduce_channels
 from worker.model import LoadedModel
@@ -49,9 +49,12 @@ class ImageResult:
 @dataclass
 class _Decoded:
     position: int
-    ext: str
-    image: Image.Image
+    source: DecodedImage
     decode_ms: float
+
+    @property
+    def image(self) -> Image.Image:
+        return self.source.image
 
 
 def process_image(
@@ -74,12 +77,11 @@ def process_images(
     for position, data in enumerate(images):
         started = time.perf_counter()
         try:
-            ext = sniff_format(data)
-            image = decode_image(data, max_pixels=max_pixels)
+            source = decode(data, max_pixels=max_pixels)
         except FeatureMapsError as exc:
             results[position] = exc
             continue
-        decoded.append(_Decoded(position, ext, image, _ms_since(started)))
+        decoded.append(_Decoded(position, source, _ms_since(started)))
     if decoded:
         for item, result in zip(decoded, _run_batch(loaded, decoded, options), strict=True):
             results[item.position] = result
@@ -218,7 +220,7 @@ def _finish(
         "model": MODEL_NAME,
         "weights": loaded.weights,
         "options": options.to_dict(),
-        "input": {"format": item.ext, "width": item.image.width, "height": item.image.height},
+        "input": item.source.describe(),
         "figure": f"feature_maps.{options.format}",
         "layers": layers,
         "torch": torch.__version__,

@@ -11,11 +11,25 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import pillow_heif
 import pytest
 from PIL import Image
 
-ACCEPTED = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "gif": "GIF", "tiff": "TIFF"}
+ACCEPTED = {
+    "jpg": "JPEG",
+    "png": "PNG",
+    "webp": "WEBP",
+    "bmp": "BMP",
+    "gif": "GIF",
+    "tiff": "TIFF",
+    "heic": "HEIF",
+    "avif": "AVIF",
+}
 PHOTO_SIZE = (160, 120)
+
+# Fixtures are encoded as HEIC through Pillow, which needs the plugin (shared.imaging
+# registers it too; registering twice is harmless).
+pillow_heif.register_heif_opener()
 
 
 def encode(image: Image.Image, pil_format: str, **options) -> bytes:
@@ -48,18 +62,31 @@ def noise_photo(size: tuple[int, int] = PHOTO_SIZE, seed: int = 0) -> Image.Imag
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png(ihdr: bytes, idat: bytes) -> bytes:
+    chunks = _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A valid PNG signature and IHDR declaring ``width``×``height``, one empty IDAT: costs
     nothing to build, and a decoder that trusted it would allocate width×height×3 bytes."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return _png(ihdr, zlib.compress(b"\x00" * 64))
+
+
+def png16(samples: np.ndarray) -> bytes:
+    """A 16-bit-per-sample PNG of ``samples`` (H×W×3 for 48-bit RGB, H×W×4 for RGBA), which
+    Pillow can read but not write."""
+    height, width, channels = samples.shape
+    color_type = {3: 2, 4: 6}[channels]
+    rows = samples.astype(">u2").reshape(height, width * channels)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return _png(ihdr, zlib.compress(raw))
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import tarfile
 import zipfile
 
 import pytest
+from PIL import Image
 
 from shared.archives import (
     ArchiveLimits,
@@ -24,6 +25,8 @@ from shared.errors import (
     RefusedMember,
     UnsupportedType,
 )
+from tests.unit.conftest import encode
+from worker.batches import _new_item
 
 LIMITS = ArchiveLimits(
     max_members=100, max_total_bytes=10_000_000, max_member_bytes=3_000_000, max_ratio=50
@@ -215,3 +218,22 @@ def test_corrupt_archives():
     truncated = _tar(lambda t: _add(t, "a.jpg", noise)).getvalue()[:20_000]
     with pytest.raises(CorruptArchive):
         list(iter_archive(io.BytesIO(truncated), "tar.gz", LIMITS))
+
+
+def test_phone_formats_in_a_zip_become_items_and_a_video_fails_alone():
+    # Members are classified by the same sniffing as uploads: HEIC and AVIF become inputs
+    # stored under their own extension; an MP4 (the same container) is refused by itself.
+    photo = Image.new("RGB", (32, 24), (200, 30, 60))
+    mp4 = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + b"\x00" * 64
+    entries = [
+        ("DCIM/IMG_0001.HEIC", encode(photo, "HEIF")),
+        ("DCIM/IMG_0002.avif", encode(photo, "AVIF")),
+        ("DCIM/IMG_0003.MOV", mp4),
+    ]
+    members = list(iter_archive(_zip(entries), "zip", LIMITS))
+    assert [member.error for member in members] == [None, None, None]
+    heic, avif, video = (_new_item("b1", member) for member in members)
+    assert heic[0].input_key.endswith(".heic") and heic[1] == entries[0][1]
+    assert avif[0].input_key.endswith(".avif") and avif[1] == entries[1][1]
+    assert video[0].input_key is None and video[1] is None
+    assert video[0].error["code"] == "unsupported_type"

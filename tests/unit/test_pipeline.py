@@ -34,11 +34,38 @@ def test_manifest_describes_everything(chain_result):
     assert manifest["torch"] == torch.__version__
     assert manifest["torchvision"] == torchvision.__version__
     assert manifest["device"] == "cpu"
-    assert manifest["input"] == {"format": "jpg", "width": 512, "height": 600}
+    assert manifest["input"] == {
+        "format": "jpg",
+        "width": 512,
+        "height": 600,
+        "mode": "RGB",
+        "exif_orientation": 1,
+        "frames": 1,
+    }
     assert manifest["layers"] == chain_result.layers
     assert set(manifest["timings"]) == STAGES
     assert chain_result.timings == manifest["timings"]
     assert "predictions" not in manifest  # random weights: class names would be a lie
+
+
+def test_manifest_records_what_the_file_held(random_model, special_images):
+    # Stored 40×20 with EXIF orientation 6: the maps are of the 20×40 picture as shown.
+    result = process_image(
+        random_model, special_images["exif_rotated_jpeg"], JobOptions(), max_pixels=LIMIT
+    )
+    assert result.manifest["input"] == {
+        "format": "jpg",
+        "width": 20,
+        "height": 40,
+        "mode": "RGB",
+        "exif_orientation": 6,
+        "frames": 1,
+    }
+    animated = process_image(
+        random_model, special_images["animated_gif"], JobOptions(), max_pixels=LIMIT
+    )
+    assert animated.manifest["input"]["frames"] == 2
+    assert animated.manifest["input"]["mode"] == "P"
 
 
 def test_layer_summaries_match_the_maps(chain_result):
