@@ -155,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         max_restarts=args.max_restarts,
         window_s=args.restart_window,
     )
-    for spec in specs:
-        print(f"featuremaps-worker: {spec.hostname} runs with {dict(spec.env)}", flush=True)
     supervisor = Supervisor(
         specs, spawn=lambda spec: WorkerProcess(spec, os.environ), policy=policy
     )

@@ -199,7 +199,10 @@ class Supervisor:
         slot.process = self.spawn(slot.spec)
         slot.started_at = self.clock()
         slot.restart_at = None
-        self.say(f"featuremaps-worker: started {slot.name} (pid {slot.process.pid})")
+        self.say(
+            f"featuremaps-worker: started {slot.name} (pid {slot.process.pid}) "
+            f"with {dict(slot.spec.env)}"
+        )
 
     def _exited(self, slot: _Slot, code: int, now: float) -> None:
         process, slot.process = slot.process, None
