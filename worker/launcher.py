@@ -139,6 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     gpus = [] if args.cpu else parse_gpus(args.gpus)
+    try:
+        policy = RestartPolicy(
+            backoff_s=args.restart_backoff,
+            max_backoff_s=args.restart_backoff_max,
+            reset_after_s=args.restart_reset_after,
+            max_restarts=args.max_restarts,
+            window_s=args.restart_window,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     settings = Settings()
     try:
         check_weights(settings)
@@ -147,13 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     specs = worker_commands(
         gpus, replicas=args.replicas, loglevel=args.loglevel, queues=args.queues
-    )
-    policy = RestartPolicy(
-        backoff_s=args.restart_backoff,
-        max_backoff_s=args.restart_backoff_max,
-        reset_after_s=args.restart_reset_after,
-        max_restarts=args.max_restarts,
-        window_s=args.restart_window,
     )
     supervisor = Supervisor(
         specs, spawn=lambda spec: WorkerProcess(spec, os.environ), policy=policy

@@ -49,6 +49,12 @@ class RestartPolicy:
     max_restarts: int = 5
     window_s: float = 300.0
 
+    def __post_init__(self) -> None:
+        if min(self.backoff_s, self.max_backoff_s, self.reset_after_s, self.window_s) < 0:
+            raise ValueError("restart delays and windows cannot be negative")
+        if self.max_restarts < 0:
+            raise ValueError("--max-restarts cannot be negative")
+
 
 class WorkerHandle(Protocol):
     pid: int
@@ -77,7 +83,8 @@ class WorkerProcess:
         self.pid = self._popen.pid
         self._tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
         self._sink = sink if sink is not None else sys.stdout.buffer
-        threading.Thread(target=self._copy_output, daemon=True).start()
+        self._reader = threading.Thread(target=self._copy_output, daemon=True)
+        self._reader.start()
 
     def _copy_output(self) -> None:
         assert self._popen.stdout is not None
@@ -94,6 +101,9 @@ class WorkerProcess:
             self._popen.send_signal(signum)
 
     def output_tail(self) -> list[str]:
+        # Let the reader catch up with what the process wrote before it exited (bounded: a
+        # pool process it left behind may keep the pipe open).
+        self._reader.join(timeout=1.0)
         return list(self._tail)
 
 
@@ -199,6 +209,8 @@ class Supervisor:
         slot.process = self.spawn(slot.spec)
         slot.started_at = self.clock()
         slot.restart_at = None
+        if self.stopping:  # the shutdown signal came while it was being started
+            slot.process.send_signal(signal.SIGTERM)
         self.say(
             f"featuremaps-worker: started {slot.name} (pid {slot.process.pid}) "
             f"with {dict(slot.spec.env)}"
@@ -235,5 +247,5 @@ class Supervisor:
         slot.backoff_s = min(delay * 2, policy.max_backoff_s)
         self.say(
             f"featuremaps-worker: {slot.name} (pid {process.pid if process else '?'}) exited "
-            f"with {describe_exit(code)} after {up_s:.1f}s; restarting it in {delay:.0f}s"
+            f"with {describe_exit(code)} after {up_s:.1f}s; restarting it in {delay:g}s"
         )

@@ -196,3 +196,26 @@ def test_a_worker_that_does_not_stop_cleanly_on_shutdown_sets_the_exit_code():
     world.spawned[0].code, world.spawned[1].code = 0, 1
     world.advance(0.5)
     assert world.supervisor.done and world.supervisor.exit_code == 1
+
+
+def test_a_worker_started_as_the_shutdown_comes_is_stopped_too():
+    world = World()
+    world.supervisor.start()
+    world.crash("cpu0@%h")
+    spawn = world.supervisor.spawn
+
+    def spawn_then_signal(spec: WorkerSpec) -> FakeProcess:
+        process = spawn(spec)
+        world.supervisor.shutdown(signal.SIGTERM)  # lands while the restart is under way
+        return process
+
+    world.supervisor.spawn = spawn_then_signal
+    world.advance(1)
+    assert world.current("cpu0@%h").signals == [signal.SIGTERM]
+
+
+def test_negative_restart_settings_are_refused():
+    with pytest.raises(ValueError):
+        RestartPolicy(max_restarts=-1)
+    with pytest.raises(ValueError):
+        RestartPolicy(backoff_s=-1)
