@@ -62,7 +62,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``port`` now: nothing listens there, and a bind with
+    SO_REUSEADDR succeeds.
+
+    SO_REUSEADDR because the servers we start (gunicorn, redis-server, SeaweedFS) all bind
+    with it: connections their previous run closed first stay in TIME_WAIT for a minute, and
+    a plain bind fails on those although the server itself would start fine.
+    """
+    if port_is_listening(port, host):
+        return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -73,7 +83,11 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 def port_is_listening(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
-        return sock.connect_ex((host, port)) == 0
+        if sock.connect_ex((host, port)) != 0:
+            return False
+        # With nothing listening, the kernel may pick ``port`` itself as the source port and
+        # connect the socket to itself (TCP simultaneous open): that is not a listener.
+        return sock.getsockname() != sock.getpeername()
 
 
 def find_executable(name: str) -> str | None:
@@ -135,6 +149,32 @@ def pid_alive(pid: int) -> bool:
 def _killpg(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the running (not zombie) processes in process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _kill_group_and_wait(pgid: int, timeout_s: float = 5.0) -> None:
+    """SIGKILL what is left of a group and wait until none of it runs any more: the leader
+    exiting is not enough, forked children (gunicorn's workers) may still hold its listening
+    socket for a moment, and ``stack up`` right after ``down`` would find the port taken."""
+    _killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def tail(path: Path, lines: int = 20) -> str:
@@ -232,8 +272,8 @@ class ManagedProcess:
             with contextlib.suppress(ProcessLookupError):
                 self._popen.send_signal(signal.SIGTERM)
             self.wait(grace_s)
-        # Also reaps grandchildren the leader left behind.
-        _killpg(self._popen.pid, signal.SIGKILL)
+        # Also stops children the leader left behind.
+        _kill_group_and_wait(self._popen.pid)
         self.wait(5.0)
         _attached.discard(self)
 
@@ -241,7 +281,7 @@ class ManagedProcess:
         """SIGKILL the whole process group at once, as a crash would."""
         if self._popen is None:
             return
-        _killpg(self._popen.pid, signal.SIGKILL)
+        _kill_group_and_wait(self._popen.pid)
         self.wait(5.0)
         _attached.discard(self)
 
@@ -277,10 +317,7 @@ def stop_recorded(record: Mapping, grace_s: float = DEFAULT_STOP_GRACE_S) -> boo
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.1)
-    _killpg(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and pid_alive(pid):
-        time.sleep(0.1)
+    _kill_group_and_wait(pid)
     return True
 
 

@@ -6,8 +6,11 @@ CUDA_VISIBLE_DEVICES, concurrency 1, and a hostname that names its GPU.
     featuremaps-worker --cpu --replicas 2
 
 The weights are checked before any worker starts, so a missing ImageNet checkpoint is one
-clear message at start, not a crash loop. The launcher forwards SIGTERM/SIGINT (Celery's
-warm shutdown: running jobs finish) and exits when any of its workers exits.
+clear message at start, not a crash loop. A worker that exits is restarted with exponential
+backoff and given up on if it crash-loops, while the others keep serving
+(:mod:`worker.supervisor`); the launcher exits non-zero once every worker was given up on.
+SIGTERM/SIGINT are forwarded to every worker (Celery's warm shutdown: running jobs finish)
+and the launcher exits when all are down.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 from shared.errors import WeightsUnavailable
 from shared.queue import WORKER_QUEUES
 from shared.settings import Settings
+from worker.supervisor import RestartPolicy, Supervisor, WorkerProcess, WorkerSpec
 
 
 def parse_gpus(value: str) -> list[str]:
@@ -43,7 +46,9 @@ def detect_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
 
 
-def worker_commands(gpus: list[str], *, replicas: int, loglevel: str, queues: str) -> list[tuple]:
+def worker_commands(
+    gpus: list[str], *, replicas: int, loglevel: str, queues: str
+) -> list[WorkerSpec]:
     """(hostname, argv, extra env) for each worker process to start."""
     base = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"]
     common = [
@@ -60,7 +65,7 @@ def worker_commands(gpus: list[str], *, replicas: int, loglevel: str, queues: st
     ]
     if gpus:
         return [
-            (
+            WorkerSpec(
                 f"gpu{g}@%h",
                 [*base, "--hostname", f"gpu{g}@%h", *common],
                 {"CUDA_VISIBLE_DEVICES": g, "FEATUREMAPS_DEVICE": "cuda:0"},
@@ -71,7 +76,7 @@ def worker_commands(gpus: list[str], *, replicas: int, loglevel: str, queues: st
     # CPU workers share the cores instead of each starting one torch thread per core.
     threads = str(max(1, (os.cpu_count() or 1) // len(names)))
     return [
-        (
+        WorkerSpec(
             f"{n}@%h",
             [*base, "--hostname", f"{n}@%h", *common],
             {"CUDA_VISIBLE_DEVICES": "", "FEATUREMAPS_DEVICE": "cpu", "OMP_NUM_THREADS": threads},
@@ -95,33 +100,70 @@ def main(argv: list[str] | None = None) -> int:
         "--queues", default=WORKER_QUEUES, help="queues to consume, in priority order"
     )
     parser.add_argument("--loglevel", default="INFO")
+    defaults = RestartPolicy()
+    restarts = parser.add_argument_group("restarting workers that exit")
+    restarts.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=defaults.backoff_s,
+        metavar="S",
+        help="first delay before a restart; doubles after each (default %(default)s)",
+    )
+    restarts.add_argument(
+        "--restart-backoff-max",
+        type=float,
+        default=defaults.max_backoff_s,
+        metavar="S",
+        help="longest delay before a restart (default %(default)s)",
+    )
+    restarts.add_argument(
+        "--restart-reset-after",
+        type=float,
+        default=defaults.reset_after_s,
+        metavar="S",
+        help="a worker up this long restarts after the first delay again (default %(default)s)",
+    )
+    restarts.add_argument(
+        "--max-restarts",
+        type=int,
+        default=defaults.max_restarts,
+        metavar="N",
+        help="give a worker up after N restarts within the window (default %(default)s)",
+    )
+    restarts.add_argument(
+        "--restart-window",
+        type=float,
+        default=defaults.window_s,
+        metavar="S",
+        help="the window --max-restarts counts in (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     gpus = [] if args.cpu else parse_gpus(args.gpus)
+    try:
+        policy = RestartPolicy(
+            backoff_s=args.restart_backoff,
+            max_backoff_s=args.restart_backoff_max,
+            reset_after_s=args.restart_reset_after,
+            max_restarts=args.max_restarts,
+            window_s=args.restart_window,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     settings = Settings()
     try:
         check_weights(settings)
     except WeightsUnavailable as exc:
         print(f"featuremaps-worker: {exc.message}", file=sys.stderr)
         return 2
-    procs = []
-    for hostname, cmd, extra in worker_commands(
+    specs = worker_commands(
         gpus, replicas=args.replicas, loglevel=args.loglevel, queues=args.queues
-    ):
-        print(f"featuremaps-worker: starting {hostname} ({extra})", flush=True)
-        procs.append(subprocess.Popen(cmd, env={**os.environ, **extra}))
-
-    def forward(signum, _frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    while all(p.poll() is None for p in procs):
-        time.sleep(0.5)
-    forward(signal.SIGTERM, None)
-    codes = [p.wait() for p in procs]
-    return next((c for c in codes if c), 0)
+    )
+    supervisor = Supervisor(
+        specs, spawn=lambda spec: WorkerProcess(spec, os.environ), policy=policy
+    )
+    signal.signal(signal.SIGTERM, lambda signum, _frame: supervisor.shutdown(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: supervisor.shutdown(signum))
+    return supervisor.run()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,51 @@ def test_stack_up_status_down_leaves_nothing_running(
     assert not list((run_dir / "pids").glob("*.json"))
     assert stack("status").returncode == 1
     assert "nothing was running" in stack("down").stdout
+
+
+def test_stack_down_then_up_at_once_with_a_keep_alive_client_on_the_api_port(
+    tmp_path: Path, redis_executable: str, s3_server: SeaweedS3
+) -> None:
+    """`make down && make up` while a browser or requests.Session holds a keep-alive
+    connection: the API's side of it is left closing (FIN_WAIT_2 / TIME_WAIT) for up to a
+    minute, which a plain bind refuses but gunicorn's SO_REUSEADDR bind does not."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEATUREMAPS_")}
+    env.update(
+        FEATUREMAPS_STACK_RUN_DIR=str(tmp_path / "run"),
+        FEATUREMAPS_API_PORT=str(port),
+        FEATUREMAPS_WEIGHTS="random",
+        TORCH_HOME=str(tmp_path / "torch"),
+    )
+
+    def stack(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stack", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    api = f"http://127.0.0.1:{port}"
+    session = requests.Session()
+    try:
+        up = stack("up", "--wait-workers", "0")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert session.get(f"{api}/healthz", timeout=5).status_code == 200
+        down = stack("down")
+        assert down.returncode == 0, down.stderr
+        # `down` returns once every process of the stack is gone: nothing listens any more.
+        assert not port_is_listening(port)
+        # The fault is there: the API's end of the session's connection still holds the port.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as plain, pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+
+        again = stack("up", "--wait-workers", "0")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert session.get(f"{api}/healthz", timeout=5).status_code == 200
+    finally:
+        session.close()
+        assert stack("down").returncode == 0
+    assert not port_is_listening(port)
