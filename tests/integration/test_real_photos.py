@@ -29,7 +29,7 @@ def deployment(redis_server, s3_server, tmp_path_factory):
         redis_server,
         s3_server,
         name="pho",
-        db=8,
+        db=9,
         worker="p1",
         max_upload_mb=LIMIT_MB,
         max_image_pixels=MAX_PIXELS,
