@@ -77,6 +77,15 @@ def _reference_maps(model, pixels: np.ndarray) -> dict[str, np.ndarray]:
 def test_a_camera_jpeg_with_orientation_6_is_processed_upright(deployment, camera_jpeg, model):
     doc = _submit(deployment.api, camera_jpeg, arrays="true")
     assert doc["status"] == "succeeded", doc
+    manifest = requests.get(doc["result"]["manifest_url"], timeout=30).json()
+    assert manifest["input"] == {
+        "format": "jpg",
+        "width": 3000,
+        "height": 4000,
+        "mode": "RGB",
+        "exif_orientation": 6,
+        "frames": 1,
+    }, manifest["input"]
     got = _maps(doc)
 
     stored = photos.stored_pixels(camera_jpeg)
