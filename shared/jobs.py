@@ -84,7 +84,7 @@ class Job:
     error: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The public job document (DESIGN.md); storage keys and owner stay private."""
+        """The public job document (docs/design.md "HTTP API"); keys and owner stay private."""
         return {
             "id": self.id,
             "status": self.status.value,

@@ -1,4 +1,4 @@
-"""Object-storage keys (DESIGN.md "Storage layout"). Result keys depend only on the job id,
+"""Object-storage keys (docs/design.md "Storage layout"). Result keys depend only on the job id,
 so a redelivered task overwrites its outputs rather than duplicating them."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one Celery app of the workers, and its configuration (DESIGN.md "Workers").
+"""The one Celery app of the workers and its configuration (docs/design.md "Workers").
 
 This module is the worker's entry point (`celery -A worker.celery_app worker`), so it is
 where the settings are built.
