@@ -12,7 +12,7 @@ from shared.errors import StorageUnavailable
 from shared.queue import RENDER_JOB
 from worker import runtime
 from worker.celery_app import app, settings
-from worker.execute import run_job
+from worker.execute import release_input, run_job
 
 log = logging.getLogger(__name__)
 _node = {"hostname": "worker"}
@@ -32,6 +32,13 @@ def _load_model(**_kwargs) -> None:
 @app.task(name=RENDER_JOB, bind=True)
 def render_job(self, job_id: str) -> str:
     ctx = runtime.context()
+    # Returning means the job has ended (a retry or a requeue raises): its input can go.
+    status = _render(self, ctx, job_id)
+    release_input(ctx, job_id)
+    return status
+
+
+def _render(self, ctx: runtime.WorkerContext, job_id: str) -> str:
     try:
         return run_job(ctx, job_id)
     except StorageUnavailable as exc:
