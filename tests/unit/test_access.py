@@ -81,7 +81,7 @@ def test_per_token_entries_allow_only_that_token():
     ["s3://photos/in", "s3://photos*/", "s3://photos/*/", "http://photos/", "s3://photos/../x/"],
 )
 def test_allow_entries_that_could_reach_further_are_refused(entry):
-    with pytest.raises(ValidationError, match="FEATUREMAPS_SOURCE_ALLOW|s3://bucket"):
+    with pytest.raises(ValidationError, match=r"FEATUREMAPS_SOURCE_ALLOW|s3://bucket"):
         Settings(source_allow=entry)
 
 
