@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import time
 import uuid
 import zipfile
@@ -15,6 +18,7 @@ import requests
 from PIL import Image
 
 from shared.storage import ObjectStore
+from stack.services import free_port, wait_until
 from tests.integration.deployment import Deployment, wait_for_job
 
 UID = uuid.uuid4().hex[:8]
@@ -256,3 +260,21 @@ def test_plaintext_tokens_are_nowhere_in_redis_or_logs(deployment, buckets):
     assert any(f"accepted job id={job} token=alice size=" in line for line in audit), audit
     assert any(f"id={prefix} token=alice size=- source=s3://{TEAM}/alice/" in x for x in audit)
     assert any(f"id={archive} token=bob size=" in x and "archive:two.zip" in x for x in audit)
+
+
+@pytest.mark.parametrize("tokens", ["", "ops:tok"], ids=["no-tokens", "tokens"])
+def test_api_warns_loudly_without_tokens_beyond_loopback(tmp_path, tokens):
+    log_path = tmp_path / "gunicorn.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEATUREMAPS_")}
+    env["FEATUREMAPS_API_TOKENS"] = tokens
+    argv = [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf"]
+    # A stand-in WSGI app: the warning comes from the master, before any app is loaded.
+    argv += ["--bind", f"0.0.0.0:{free_port()}", "wsgiref.simple_server:demo_app"]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until(lambda: "Booting worker" in log_path.read_text(), timeout_s=30, what="boot")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert ("SECURITY WARNING" in log_path.read_text()) == (not tokens)
