@@ -19,8 +19,9 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     s3_endpoint: str = "127.0.0.1:9000"
-    s3_access_key: str = "minioadmin"
-    s3_secret_key: str = "minioadmin"
+    # No default: the service's own scoped S3 user (docs/security.md), never a root login.
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
     s3_bucket: str = "featuremaps"
     s3_secure: bool = False
     s3_region: str = "us-east-1"
