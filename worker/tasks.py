@@ -51,7 +51,9 @@ def _render(self, ctx: runtime.WorkerContext, job_id: str) -> str:
         delay = ctx.settings.storage_retry_backoff_s * 2**retries
         log.warning("job %s: storage unavailable, retry %d in %.1fs", job_id, retries + 1, delay)
         ctx.jobs.requeue(job_id, reason=f"storage unavailable, retry {retries + 1} in {delay:g}s")
-        raise self.retry(exc=exc, countdown=delay) from exc
+        # Celery's own limit (3 unless told) would end the ladder early and leave the job
+        # `queued` for ever; the count above is the limit.
+        raise self.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
     except RedisError as exc:
         # The job store itself is unreachable: nothing can be recorded. A plain failure would
         # make Celery reject the message *without* requeueing it (acks_on_failure_or_timeout
