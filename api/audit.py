@@ -26,6 +26,8 @@ def init_audit_log() -> None:
 
 
 def record_submission(kind: str, record_id: str, owner: str, size: int | None, source: str) -> None:
+    # The source holds a client's file name or URL: escaped, it cannot forge a second line.
+    source = source.encode("unicode_escape").decode("ascii")
     log.info(
         "accepted %s id=%s token=%s size=%s source=%s",
         kind,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import pytest
 from pydantic import ValidationError
 
-from api.audit import exposure_warning
+from api.audit import exposure_warning, record_submission
 from shared.access import source_allowed, token_name
 from shared.settings import Settings
 
@@ -95,3 +96,14 @@ def test_no_tokens_beyond_loopback_warns_loudly():
 def test_loopback_only_does_not_warn():
     hosts = ["127.0.0.1", "::1", "localhost", "unix:/run/api.sock"]
     assert exposure_warning(hosts, Settings()) is None
+
+
+def test_audit_line_names_the_token_and_cannot_be_forged(caplog, monkeypatch):
+    # The API's audit logger does not propagate; let caplog's root handler see it here.
+    monkeypatch.setattr(logging.getLogger("featuremaps.audit"), "propagate", True)
+    with caplog.at_level("INFO", logger="featuremaps.audit"):
+        record_submission("batch", "b1", "alice", 10, "archive:x.zip\naccepted job id=f")
+    (line,) = caplog.messages
+    assert (
+        line == "accepted batch id=b1 token=alice size=10 source=archive:x.zip\\naccepted job id=f"
+    )
