@@ -35,9 +35,10 @@ test-integration: setup
 chaos: setup ## fault tests: kill, stop and restart workers, Redis and S3 (docs/reliability.md)
 	$(PY) -m pytest -q tests/chaos
 
-lint: setup
+lint: setup ## ruff, and bandit over the service code (findings fixed or justified inline)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/bandit -q -c pyproject.toml -r api worker shared client stack
 
 format: setup
 	.venv/bin/ruff check --fix .

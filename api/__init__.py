@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flask import Flask
 
+from api.audit import init_audit_log
 from api.errors import register_error_handlers
 from api.metrics import init_metrics
 from api.routes import batches, health, jobs
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.extensions["featuremaps"] = services = services or Services.from_settings(settings)
     ensure_bucket(services.store, app.logger)
     register_error_handlers(app)
+    init_audit_log()
     init_metrics(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)

@@ -1,20 +1,20 @@
 """Bearer tokens and per-caller rate limiting.
 
-With ``FEATUREMAPS_API_TOKENS`` set, every job call needs one of the tokens; jobs are owned
-by a digest of the token that created them, so a caller sees only its own. Without tokens
-everything is owned by the anonymous owner "". The rate limit is a fixed one-minute window
-per caller, counted in Redis so every API process shares it.
+With tokens configured (``FEATUREMAPS_API_TOKENS`` or ``_FILE``, see ``shared/access.py``),
+every job call needs one of them; jobs and batches are owned by the *name* of the token that
+created them, so a caller sees only its own and no record holds a token or its hash. Without
+tokens everything is owned by the anonymous owner "". The rate limit is a fixed one-minute
+window per caller, counted in Redis so every API process shares it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 
 from flask import Request
 from redis import Redis
 
+from shared.access import token_name
 from shared.errors import RateLimited, Unauthorized
 from shared.settings import Settings
 
@@ -27,17 +27,17 @@ def caller(request: Request, settings: Settings, redis: Redis) -> str:
 
 
 def owner_for(request: Request, settings: Settings) -> str:
-    tokens = settings.tokens
-    if not tokens:
+    table = settings.token_table
+    if not table:
         return ""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("this API needs a token: send 'Authorization: Bearer <token>'")
-    token = token.strip()
-    if not any(hmac.compare_digest(token, known) for known in tokens):
+    name = token_name(table, token.strip())
+    if name is None:
         raise Unauthorized("the bearer token is not valid")
-    return hashlib.sha256(token.encode()).hexdigest()[:24]
+    return name
 
 
 def enforce_rate_limit(redis: Redis, settings: Settings, caller: str) -> None:

@@ -11,4 +11,4 @@ RUN pip install --no-cache-dir '.[api]'
 ENV PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
 RUN mkdir -p /tmp/prometheus
 EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", "api:create_app()"]
+CMD ["gunicorn", "--config", "python:api.gunicorn_conf", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", "api:create_app()"]

@@ -8,6 +8,7 @@ the same code in the failed job's document.
     FeatureMapsError
     ├── BadRequest            400  invalid_option, missing_field, empty_image, bad_request
     ├── Unauthorized          401  unauthorized
+    ├── Forbidden             403  forbidden_source
     ├── NotFound              404  not_found
     ├── Conflict              409  conflict
     ├── PayloadTooLarge       413  too_large
@@ -59,6 +60,17 @@ class EmptyImage(BadRequest):
 class Unauthorized(FeatureMapsError):
     code = "unauthorized"
     http_status = 401
+
+
+class Forbidden(FeatureMapsError):
+    code = "forbidden"
+    http_status = 403
+
+
+class ForbiddenSource(Forbidden):
+    """An ``s3://`` batch source that FEATUREMAPS_SOURCE_ALLOW does not allow this caller."""
+
+    code = "forbidden_source"
 
 
 class NotFound(FeatureMapsError):

@@ -6,8 +6,12 @@ code never reads ``os.environ`` itself.
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pathlib import Path
+
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.access import SourceRule, parse_source_allow, parse_tokens
 
 
 class Settings(BaseSettings):
@@ -15,8 +19,9 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     s3_endpoint: str = "127.0.0.1:9000"
-    s3_access_key: str = "minioadmin"
-    s3_secret_key: str = "minioadmin"
+    # No default: the service's own scoped S3 user (docs/security.md), never a root login.
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
     s3_bucket: str = "featuremaps"
     s3_secure: bool = False
     s3_region: str = "us-east-1"
@@ -30,8 +35,15 @@ class Settings(BaseSettings):
     # auto | cpu | cuda | cuda:N
     device: str = "auto"
 
-    # Comma-separated bearer tokens; empty means no auth.
+    # Bearer tokens (shared/access.py): `name:token,…` here, or `name:sha256hex` lines in the
+    # file; neither means no auth.
     api_tokens: str = ""
+    api_tokens_file: Path | None = None
+    # `s3://bucket/prefix/` (or `name=s3://…` for one token) a batch may read; none by default.
+    source_allow: str = ""
+    # false: a job's uploaded input is deleted when the job ends, a batch's archive and
+    # expanded members when it is finalized; figures stay for the TTL.
+    keep_inputs: bool = False
     max_upload_mb: float = Field(20.0, gt=0)
     max_image_pixels: int = Field(50_000_000, gt=0)
     max_form_parts: int = Field(20, gt=0)
@@ -57,6 +69,9 @@ class Settings(BaseSettings):
 
     rate_limit_per_minute: int = Field(0, ge=0)  # 0 = off
 
+    _token_table: dict[str, str] = PrivateAttr(default_factory=dict)
+    _source_rules: tuple[SourceRule, ...] = PrivateAttr(default=())
+
     @field_validator("weights")
     @classmethod
     def _weights_not_empty(cls, value: str) -> str:
@@ -64,9 +79,20 @@ class Settings(BaseSettings):
             raise ValueError("FEATUREMAPS_WEIGHTS must be imagenet, random or a state_dict path")
         return value.strip()
 
+    @model_validator(mode="after")
+    def _parse_access(self) -> Settings:
+        self._token_table = parse_tokens(self.api_tokens, self.api_tokens_file)
+        self._source_rules = parse_source_allow(self.source_allow)
+        return self
+
     @property
-    def tokens(self) -> frozenset[str]:
-        return frozenset(t.strip() for t in self.api_tokens.split(",") if t.strip())
+    def token_table(self) -> dict[str, str]:
+        """Token name → SHA-256 hex digest of the token; empty means no auth."""
+        return self._token_table
+
+    @property
+    def source_rules(self) -> tuple[SourceRule, ...]:
+        return self._source_rules
 
     @property
     def max_upload_bytes(self) -> int:

@@ -117,6 +117,11 @@ class ObjectStore:
     ) -> ObjectStore:
         """Build the store from settings: one client for the endpoint and, when a public
         endpoint is set, one for signing URLs that clients outside the network can use."""
+        if not (settings.s3_access_key and settings.s3_secret_key):
+            raise ValueError(
+                "set FEATUREMAPS_S3_ACCESS_KEY and FEATUREMAPS_S3_SECRET_KEY to the service's "
+                "own S3 user (there is no default; see docs/security.md)"
+            )
         http = http_client or make_http_client()
 
         def client_for(endpoint_setting: str) -> Minio:

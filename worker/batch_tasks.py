@@ -54,7 +54,8 @@ def _guarded(
             return "failed"
         delay = ctx.settings.storage_retry_backoff_s * 2**retries
         log.warning("%s: storage unavailable, retry %d in %.1fs", what, retries + 1, delay)
-        raise task.retry(exc=exc, countdown=delay) from exc
+        # Celery's own limit (3 unless told) must not end the ladder before the count above.
+        raise task.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
     except RedisError as exc:
         # The batch store itself is unreachable. A plain failure would make Celery reject
         # the message without requeueing it and the batch would wait for ever; requeue it

@@ -9,7 +9,9 @@ workers start on the first chunk while later members are still being read.
 A chunk downloads its inputs in parallel, runs them through the model as one tensor batch
 (:func:`worker.pipeline.process_images`), uploads every item's outputs in parallel, and
 records all outcomes in one atomic step. Whoever records the batch's last outcome writes the
-manifest and the bundle of figures (``BatchStore`` makes that exactly one caller).
+manifest and the bundle of figures (``BatchStore`` makes that exactly one caller), and then,
+unless ``KEEP_INPUTS``, deletes the uploaded archive and the items' expanded inputs: no item
+can run again once the batch is complete.
 """
 
 from __future__ import annotations
@@ -367,7 +369,25 @@ def finalize_batch(ctx: WorkerContext, batch_id: str) -> str:
     _stream_zip(ctx, archive_key, _figures(ctx, store, batch_id, fmt))
     status = store.complete(batch_id, {"manifest_key": manifest_key, "archive_key": archive_key})
     log.info("batch %s finalized: %s", batch_id, status)
+    if not ctx.settings.keep_inputs:
+        release_batch_inputs(ctx, store, batch)
     return status
+
+
+def release_batch_inputs(ctx: WorkerContext, store: BatchStore, batch: Batch) -> None:
+    """Delete a finalized batch's uploaded archive and its items' inputs; if storage is down
+    now, the retention sweep deletes them with the rest of the batch's objects."""
+    inputs = [
+        item.info["input_key"]
+        for item in store.iter_items(batch.id, page=MANIFEST_PAGE)
+        if item.info.get("input_key")
+    ]
+    if batch.source.get("key"):
+        inputs.append(batch.source["key"])
+    try:
+        ctx.store.delete_keys(inputs)
+    except FeatureMapsError as exc:
+        log.warning("batch %s: inputs not deleted now (retention will): %s", batch.id, exc)
 
 
 def _manifest_lines(store: BatchStore, batch_id: str, fmt: str) -> Iterator[str]:

@@ -3,7 +3,9 @@
 It moves the job through the store, fetches the input, calls the pipeline and uploads the
 outputs to deterministic keys (so a redelivered job overwrites rather than duplicates).
 Bad input fails the job at once with its code; storage errors propagate as
-:class:`StorageUnavailable` for the task to retry with backoff.
+:class:`StorageUnavailable` for the task to retry with backoff. Once the job has ended (and
+only then: a retried job still needs it), :func:`release_input` deletes its upload unless
+``KEEP_INPUTS``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,17 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         return ctx.jobs.get(job_id).status.value
     ctx.jobs_done += 1
     return "succeeded"
+
+
+def release_input(ctx: WorkerContext, job_id: str) -> None:
+    """Delete an ended job's uploaded input unless FEATUREMAPS_KEEP_INPUTS; if storage is down
+    now, the retention sweep deletes it with the rest of the job's objects."""
+    if ctx.settings.keep_inputs:
+        return
+    try:
+        ctx.store.delete_prefix(keys.inputs_prefix(job_id))
+    except FeatureMapsError as exc:
+        log.warning("job %s: input not deleted now (retention will): %s", job_id, exc)
 
 
 def upload_outputs(ctx: WorkerContext, job_id: str, result) -> dict:

@@ -73,7 +73,8 @@ class WorkerProcess:
     def __init__(
         self, spec: WorkerSpec, env: Mapping[str, str], sink: IO[bytes] | None = None
     ) -> None:
-        self._popen = subprocess.Popen(
+        # argv from worker_commands (this interpreter running celery), no shell.
+        self._popen = subprocess.Popen(  # nosec B603
             list(spec.argv),
             env={**env, **spec.env},
             stdin=subprocess.DEVNULL,
@@ -83,12 +84,12 @@ class WorkerProcess:
         self.pid = self._popen.pid
         self._tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
         self._sink = sink if sink is not None else sys.stdout.buffer
+        self._output = self._popen.stdout
         self._reader = threading.Thread(target=self._copy_output, daemon=True)
         self._reader.start()
 
     def _copy_output(self) -> None:
-        assert self._popen.stdout is not None
-        for line in self._popen.stdout:
+        for line in self._output or ():
             self._tail.append(line.decode(errors="replace").rstrip("\n"))
             self._sink.write(line)
             self._sink.flush()

@@ -12,7 +12,7 @@ from shared.errors import StorageUnavailable
 from shared.queue import RENDER_JOB
 from worker import runtime
 from worker.celery_app import app, settings
-from worker.execute import run_job
+from worker.execute import release_input, run_job
 
 log = logging.getLogger(__name__)
 _node = {"hostname": "worker"}
@@ -32,6 +32,13 @@ def _load_model(**_kwargs) -> None:
 @app.task(name=RENDER_JOB, bind=True)
 def render_job(self, job_id: str) -> str:
     ctx = runtime.context()
+    # Returning means the job has ended (a retry or a requeue raises): its input can go.
+    status = _render(self, ctx, job_id)
+    release_input(ctx, job_id)
+    return status
+
+
+def _render(self, ctx: runtime.WorkerContext, job_id: str) -> str:
     try:
         return run_job(ctx, job_id)
     except StorageUnavailable as exc:
@@ -44,7 +51,9 @@ def render_job(self, job_id: str) -> str:
         delay = ctx.settings.storage_retry_backoff_s * 2**retries
         log.warning("job %s: storage unavailable, retry %d in %.1fs", job_id, retries + 1, delay)
         ctx.jobs.requeue(job_id, reason=f"storage unavailable, retry {retries + 1} in {delay:g}s")
-        raise self.retry(exc=exc, countdown=delay) from exc
+        # Celery's own limit (3 unless told) would end the ladder early and leave the job
+        # `queued` for ever; the count above is the limit.
+        raise self.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
     except RedisError as exc:
         # The job store itself is unreachable: nothing can be recorded. A plain failure would
         # make Celery reject the message *without* requeueing it (acks_on_failure_or_timeout

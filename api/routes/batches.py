@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,14 +18,17 @@ from flask import Blueprint, Request, request, url_for
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.multipart import NEED_DATA, Data, Epilogue, Field, File, MultipartDecoder
 
+from api.audit import record_submission
 from api.auth import caller
 from api.services import Services, services
 from shared import keys
+from shared.access import source_allowed, split_s3_url
 from shared.archives import SNIFF_BYTES, SOURCE_EXTENSIONS, sniff_archive
 from shared.batches import Batch, BatchStatus, BatchStore
 from shared.errors import (
     BadRequest,
     FeatureMapsError,
+    ForbiddenSource,
     InvalidOption,
     MissingField,
     PayloadTooLarge,
@@ -49,7 +51,6 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 # Parts of the service's own bucket that a source prefix may never read: other users' data.
 _PRIVATE_PREFIXES = ("inputs/", "results/", "batches/")
-_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 def _batches(svc: Services) -> BatchStore:
@@ -68,7 +69,7 @@ def submit_batch():
     owner = _caller(svc)
     batch_id = new_job_id()
     if request.mimetype == "application/json":
-        options, source = read_source_request(request, svc)
+        options, source = read_source_request(request, svc, owner)
     elif request.mimetype == "multipart/form-data":
         try:
             options, source = stream_archive_upload(request, svc, batch_id)
@@ -83,6 +84,8 @@ def submit_batch():
             '{"source": "s3://bucket/prefix/"}'
         )
     batch = enqueue_batch(svc, batch_id, options, source, owner)
+    origin = source["name"] if source["kind"] == "s3" else f"archive:{source['name']}"
+    record_submission("batch", batch.id, owner, source.get("size"), origin)
     body = {"id": batch.id, "status": batch.status.value, "links": _links(batch.id)}
     return body, 202, {"Location": url_for("batches.get_batch", batch_id=batch.id)}
 
@@ -161,7 +164,7 @@ def enqueue_batch(
     return batch
 
 
-def read_source_request(req: Request, svc: Services) -> tuple[JobOptions, dict]:
+def read_source_request(req: Request, svc: Services, owner: str) -> tuple[JobOptions, dict]:
     body = req.get_json(silent=True)
     if not isinstance(body, dict):
         raise BadRequest('the JSON body must be an object like {"source": "s3://bucket/prefix/"}')
@@ -170,15 +173,22 @@ def read_source_request(req: Request, svc: Services) -> tuple[JobOptions, dict]:
     if not isinstance(url, str) or not url:
         raise MissingField('JSON field "source" (s3://bucket/prefix/) is required')
     bucket, prefix = parse_source_url(url, service_bucket=svc.settings.s3_bucket)
+    if not source_allowed(svc.settings.source_rules, bucket, prefix, owner):
+        # The service's credentials may reach buckets the caller has no business reading:
+        # only what the operator listed is read on a caller's behalf (a confused deputy).
+        raise ForbiddenSource(
+            f"source {url!r} is not in FEATUREMAPS_SOURCE_ALLOW for this caller; the operator "
+            "lists the s3://bucket/prefix/ entries batches may read"
+        )
     options = JobOptions.from_mapping(body)
     return options, {"kind": "s3", "bucket": bucket, "prefix": prefix, "name": url}
 
 
 def parse_source_url(url: str, *, service_bucket: str) -> tuple[str, str]:
-    scheme, sep, rest = url.partition("://")
-    bucket, _, prefix = rest.partition("/")
-    if scheme != "s3" or not sep or not _BUCKET_NAME.match(bucket):
-        raise InvalidOption(f"source {url!r} is not an s3://bucket/prefix/ URL")
+    try:
+        bucket, prefix = split_s3_url(url)
+    except ValueError as exc:
+        raise InvalidOption(f"source {url!r} is not an s3://bucket/prefix/ URL") from exc
     if ".." in prefix.split("/"):
         raise InvalidOption(f"source prefix {prefix!r} may not contain '..'")
     if bucket == service_bucket and (not prefix or prefix.startswith(_PRIVATE_PREFIXES)):
@@ -234,7 +244,7 @@ def _store_archive(svc: Services, batch_id: str, filename: str, events: Iterator
         content_type="application/octet-stream",
         part_size=MIN_PART_SIZE,
     )
-    return {"kind": "archive", "archive": kind, "key": key, "name": filename}
+    return {"kind": "archive", "archive": kind, "key": key, "name": filename, "size": part.size}
 
 
 def _events(stream, boundary: bytes, max_parts: int) -> Iterator:
@@ -279,6 +289,7 @@ class _PartReader(io.RawIOBase):
         self._events = events
         self._buffer = bytearray()
         self._done = False
+        self.size = 0  # bytes handed out so far
 
     def readable(self) -> bool:
         return True
@@ -294,6 +305,7 @@ class _PartReader(io.RawIOBase):
         count = min(len(target), len(self._buffer))
         target[:count] = self._buffer[:count]
         del self._buffer[:count]
+        self.size += count
         return count
 
     def _pull(self) -> bool:

@@ -6,6 +6,7 @@ import logging
 
 from flask import Blueprint, redirect, request, url_for
 
+from api.audit import record_submission
 from api.auth import caller
 from api.services import Services, services
 from api.uploads import read_image_upload
@@ -33,6 +34,7 @@ def submit_job():
         max_bytes=svc.settings.max_upload_bytes,
     )
     job = enqueue_job(svc, upload.data, upload.info.ext, upload.content_type, upload.options, owner)
+    record_submission("job", job.id, owner, len(upload.data), "upload")
     body = {"id": job.id, "status": job.status.value, "links": _links(job.id)}
     return body, 202, {"Location": url_for("jobs.get_job", job_id=job.id)}
 
@@ -58,6 +60,11 @@ def get_figure(job_id: str):
 def cancel_job(job_id: str):
     svc = services()
     job = svc.jobs.cancel(job_id, owner=_caller(svc))
+    if not svc.settings.keep_inputs:
+        # Ended: no worker will read the input again (one already running has it in memory).
+        _best_effort(
+            f"input of canceled job {job_id}", lambda: svc.store.delete_keys([job.input_key])
+        )
     return job_document(svc, job), 202
 
 
@@ -95,11 +102,16 @@ def enqueue_job(svc: Services, data: bytes, ext: str, content_type: str, options
 def _undo(svc: Services, job_id: str, input_key: str) -> None:
     # Best effort: with the dependency down these can fail too; the input object then
     # has no record pointing at it and is removed by retention.
-    for step in (lambda: svc.jobs.delete(job_id), lambda: svc.store.delete_prefix(input_key)):
-        try:
-            step()
-        except Exception as exc:  # cleanup must try every step, whatever failed
-            log.warning("cleanup of half-created job %s incomplete: %s", job_id, exc)
+    what = f"cleanup of half-created job {job_id}"
+    _best_effort(what, lambda: svc.jobs.delete(job_id))
+    _best_effort(what, lambda: svc.store.delete_prefix(input_key))
+
+
+def _best_effort(what: str, step) -> None:
+    try:
+        step()
+    except Exception as exc:  # cleanup must not fail the request; retention is the backstop
+        log.warning("%s incomplete: %s", what, exc)
 
 
 def job_document(svc: Services, job: Job) -> dict:

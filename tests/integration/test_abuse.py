@@ -88,6 +88,8 @@ def deployment(redis_server, s3_server, tmp_path_factory):
         max_image_pixels=MAX_PIXELS,
         max_form_parts=MAX_FORM_PARTS,
         api_tokens="alice-token,bob-token",
+        # Tests here look at the input keys jobs and batches leave behind.
+        keep_inputs="true",
     ) as dep:
         dep.limited_api = dep.start_api("api-limited", rate_limit_per_minute=RATE_LIMIT)
         yield dep
@@ -226,9 +228,10 @@ def test_client_file_name_is_never_used_as_a_key(deployment, store):
     response = _post(deployment.api, {"image": ("../../../etc/passwd.png", _png())})
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
+    assert wait_for_job(deployment.api, job_id, headers=ALICE)["status"] == "succeeded"
+    # KEEP_INPUTS=true: the input outlives its job.
     assert list(store.list_keys(f"inputs/{job_id}/")) == [f"inputs/{job_id}/0.png"]
     assert not [k for k in store.list_keys("") if "passwd" in k or ".." in k]
-    assert wait_for_job(deployment.api, job_id, headers=ALICE)["status"] == "succeeded"
 
 
 # --- who may call -------------------------------------------------------------------------

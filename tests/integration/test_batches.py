@@ -26,6 +26,8 @@ MAX_MEMBERS = 80
 MAX_BYTES = 70_000_000
 MAX_MEMBER_BYTES = 4_000_000
 MAX_PIXELS = 1_000_000
+# The one bucket prefix this deployment lets batches read (FEATUREMAPS_SOURCE_ALLOW).
+SOURCE_BUCKET = f"src-{uuid.uuid4().hex[:8]}"
 
 
 def photo(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
@@ -116,6 +118,10 @@ def deployment(redis_server, s3_server, tmp_path_factory):
         max_archive_bytes=MAX_BYTES,
         max_archive_member_bytes=MAX_MEMBER_BYTES,
         max_image_pixels=MAX_PIXELS,
+        source_allow=f"s3://{SOURCE_BUCKET}/incoming/",
+        # These tests look at the inputs a finished batch leaves (KEEP_INPUTS=false, the
+        # default, is tested in test_security.py).
+        keep_inputs="true",
     ) as dep:
         yield dep
 
@@ -217,6 +223,8 @@ def test_archive_with_planted_bad_members(deployment, store, kind):
     inputs = [key for key in mine if key.startswith("inputs/")]
     # Only members that look like images get an input: the good ones and the bad images.
     assert len(inputs) == len(good) + 2
+    # KEEP_INPUTS=true: the uploaded archive stays after finalisation too.
+    assert [key for key in mine if key.startswith(f"batches/{batch_id}/source.")]
 
 
 def test_non_archive_and_missing_field_are_refused(deployment, store):
@@ -376,7 +384,7 @@ def test_cancel_mid_batch(deployment):
 
 
 def test_s3_prefix_source(deployment, store):
-    source = ObjectStore(store.client, f"src-{uuid.uuid4().hex[:8]}")
+    source = ObjectStore(store.client, SOURCE_BUCKET)
     source.ensure_bucket()
     for i in range(6):
         source.put_bytes(f"incoming/set1/{i}.jpg", photo(500 + i), "image/jpeg")
