@@ -89,6 +89,35 @@ def worker_commands(
     ]
 
 
+# (flag, RestartPolicy field, type, help); defaults come from RestartPolicy itself.
+RESTART_FLAGS = (
+    ("--restart-backoff", "backoff_s", float, "first delay before a restart; doubles after each"),
+    ("--restart-backoff-max", "max_backoff_s", float, "longest delay before a restart"),
+    (
+        "--restart-reset-after",
+        "reset_after_s",
+        float,
+        "a worker up this long restarts after the first delay again",
+    ),
+    ("--max-restarts", "max_restarts", int, "give a worker up after N restarts in the window"),
+    ("--restart-window", "window_s", float, "the window --max-restarts counts in"),
+)
+
+
+def _add_restart_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("restarting workers that exit")
+    defaults = RestartPolicy()
+    for flag, field, kind, text in RESTART_FLAGS:
+        group.add_argument(
+            flag,
+            dest=field,
+            type=kind,
+            default=getattr(defaults, field),
+            metavar="N" if kind is int else "S",
+            help=f"{text} (default %(default)s)",
+        )
+
+
 def check_weights(settings: Settings) -> None:
     from worker.model import load_model
 
@@ -104,53 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         "--queues", default=WORKER_QUEUES, help="queues to consume, in priority order"
     )
     parser.add_argument("--loglevel", default="INFO")
-    defaults = RestartPolicy()
-    restarts = parser.add_argument_group("restarting workers that exit")
-    restarts.add_argument(
-        "--restart-backoff",
-        type=float,
-        default=defaults.backoff_s,
-        metavar="S",
-        help="first delay before a restart; doubles after each (default %(default)s)",
-    )
-    restarts.add_argument(
-        "--restart-backoff-max",
-        type=float,
-        default=defaults.max_backoff_s,
-        metavar="S",
-        help="longest delay before a restart (default %(default)s)",
-    )
-    restarts.add_argument(
-        "--restart-reset-after",
-        type=float,
-        default=defaults.reset_after_s,
-        metavar="S",
-        help="a worker up this long restarts after the first delay again (default %(default)s)",
-    )
-    restarts.add_argument(
-        "--max-restarts",
-        type=int,
-        default=defaults.max_restarts,
-        metavar="N",
-        help="give a worker up after N restarts within the window (default %(default)s)",
-    )
-    restarts.add_argument(
-        "--restart-window",
-        type=float,
-        default=defaults.window_s,
-        metavar="S",
-        help="the window --max-restarts counts in (default %(default)s)",
-    )
+    _add_restart_flags(parser)
     args = parser.parse_args(argv)
     gpus = [] if args.cpu else parse_gpus(args.gpus)
     try:
-        policy = RestartPolicy(
-            backoff_s=args.restart_backoff,
-            max_backoff_s=args.restart_backoff_max,
-            reset_after_s=args.restart_reset_after,
-            max_restarts=args.max_restarts,
-            window_s=args.restart_window,
-        )
+        policy = RestartPolicy(**{field: getattr(args, field) for _, field, _, _ in RESTART_FLAGS})
     except ValueError as exc:
         parser.error(str(exc))
     settings = Settings()
