@@ -23,6 +23,7 @@ import importlib.util
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -113,39 +114,43 @@ class GpuStats(Collector):
     """On CUDA: the allocator's figures for this process, and (with nvidia-ml-py installed)
     the device's used memory and utilisation as nvidia-smi reports them."""
 
+    # featuremaps_worker_gpu_memory_<name>_bytes: (help, needs NVML)
+    MEMORY: ClassVar[dict[str, tuple[str, bool]]] = {
+        "allocated": ("Memory held by this process's tensors", False),
+        "reserved": ("Memory this process's caching allocator holds", False),
+        "total": ("Memory of the device", False),
+        "used": ("Memory in use on the device, all processes (as nvidia-smi)", True),
+    }
+    UTILIZATION = "featuremaps_worker_gpu_utilization_ratio"
+
     def __init__(self, device) -> None:
         self.device = device
         self.nvml = importlib.util.find_spec("pynvml") is not None
         if not self.nvml:
-            log.info("nvidia-ml-py is not installed: no GPU utilisation metrics")
+            log.info("nvidia-ml-py is not installed: no GPU utilisation or used-memory metrics")
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         import torch
 
-        device = self.device
-        figures = [
-            ("allocated", "Memory held by this process's tensors", torch.cuda.memory_allocated),
-            ("reserved", "Memory this process's allocator holds", torch.cuda.memory_reserved),
-            ("total", "Memory of the device", _total_memory),
-        ]
+        read = {
+            "allocated": torch.cuda.memory_allocated,
+            "reserved": torch.cuda.memory_reserved,
+            "total": lambda device: torch.cuda.get_device_properties(device).total_memory,
+            "used": torch.cuda.device_memory_used,
+        }
+        for name, (help_text, needs_nvml) in self.MEMORY.items():
+            if self.nvml or not needs_nvml:
+                yield GaugeMetricFamily(
+                    f"featuremaps_worker_gpu_memory_{name}_bytes",
+                    help_text,
+                    value=read[name](self.device),
+                )
         if self.nvml:
-            figures.append(("used", "Memory in use, all processes", torch.cuda.device_memory_used))
-        for name, help_text, read in figures:
             yield GaugeMetricFamily(
-                f"featuremaps_worker_gpu_memory_{name}_bytes", help_text, value=read(device)
-            )
-        if self.nvml:
-            yield GaugeMetricFamily(
-                "featuremaps_worker_gpu_utilization_ratio",
+                self.UTILIZATION,
                 "Share of the last sample period the GPU was busy (0-1).",
-                value=torch.cuda.utilization(device) / 100,
+                value=torch.cuda.utilization(self.device) / 100,
             )
-
-
-def _total_memory(device) -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(device).total_memory
 
 
 def start_server(port: int, device) -> None:
