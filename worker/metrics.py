@@ -68,6 +68,12 @@ CHUNK_IMAGES = Histogram(
     registry=REGISTRY,
 )
 
+# Every series exists from the start, at zero, so that rate() sees the first observation.
+for _stage in STAGES:
+    STAGE_SECONDS.labels(_stage)
+for _kind in ("job", "batch"):
+    IMAGES_PROCESSED.labels(_kind)
+
 
 def image_succeeded(kind: str, timings: Mapping[str, float]) -> None:
     """One image's outputs are stored; ``timings`` is its pipeline timings dict (ms)."""
