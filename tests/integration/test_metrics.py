@@ -7,6 +7,8 @@ Redis db 12."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 import zipfile
 
@@ -135,6 +137,27 @@ def test_a_batch_is_counted_per_image_and_per_chunk(deployment):
     assert grew("featuremaps_worker_chunk_images_count") == 2
     assert grew("featuremaps_worker_chunk_images_sum") == 3
     assert stage(after, "count", "model") - stage(before, "count", "model") == 3
+
+
+def test_the_liveness_check_sees_this_hosts_worker_heartbeat(deployment):
+    def check(redis_url: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "worker.health"],
+            env=deployment.env(redis_url=redis_url),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert check(deployment.redis_url).returncode == 0
+    # A Redis without this host's heartbeat (db 13, flushed): not alive.
+    empty = deployment.redis_url.rsplit("/", 1)[0] + "/13"
+    deployment.redis.from_url(empty).flushdb()
+    dead = check(empty)
+    assert dead.returncode == 1
+    assert "no worker on" in dead.stderr
+    # Redis unreachable: not the worker's fault, so no restart.
+    assert check("redis://127.0.0.1:1/0").returncode == 0
 
 
 def test_the_queue_gauges_follow_a_real_backlog(deployment):
