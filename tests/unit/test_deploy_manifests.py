@@ -128,19 +128,28 @@ def defaults(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def deployed_settings(docs: list[dict]) -> Settings:
-    """The settings the pods run with: the defaults, then the ConfigMap's values."""
-    config = find(docs, "ConfigMap", "featuremaps-config")["data"]
-    return Settings(**{k.removeprefix("FEATUREMAPS_").lower(): v for k, v in config.items()})
-
-
 def container(deployment: dict) -> dict:
     (only,) = deployment["spec"]["template"]["spec"]["containers"]
     return only
 
 
 def env_of(c: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in c.get("env", [])}
+    """The container's literal env values (not those from Secrets)."""
+    return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+
+
+def deployed_settings(docs: list[dict]) -> Settings:
+    """The settings the workers run with: the defaults, the ConfigMap's values, then their
+    own env (the Redis URL with its password still a $(REDIS_PASSWORD) reference)."""
+    values = dict(find(docs, "ConfigMap", "featuremaps-config")["data"])
+    values.update(env_of(container(find(docs, "Deployment", "worker"))))
+    return Settings(
+        **{
+            key.removeprefix("FEATUREMAPS_").lower(): value
+            for key, value in values.items()
+            if key.startswith("FEATUREMAPS_")
+        }
+    )
 
 
 # -- schemas -------------------------------------------------------------------------------
@@ -214,7 +223,13 @@ def test_the_grace_period_outlasts_every_task_so_a_warm_shutdown_finishes_it(var
 def test_api_probes_point_at_endpoints_the_api_serves() -> None:
     from api import create_app
 
-    app = create_app(Settings(s3_endpoint="127.0.0.1:1", redis_url="redis://127.0.0.1:1/0"))
+    unreachable = Settings(
+        s3_endpoint="127.0.0.1:1",
+        s3_access_key="test",
+        s3_secret_key="test-secret",
+        redis_url="redis://127.0.0.1:1/0",
+    )
+    app = create_app(unreachable)
     rules = {rule.rule for rule in app.url_map.iter_rules() if "GET" in rule.methods}
     api = container(find(documents(K8S), "Deployment", "api"))
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -271,11 +286,17 @@ def test_keda_counts_exactly_the_redis_lists_the_celery_app_uses_summed() -> Non
     url = urlsplit(deployed_settings(docs).redis_url)
     namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
     service = find(docs, "Service", url.hostname)
+    # ... and the password Redis requires, from the Secret Redis reads it from.
+    auth = find(docs, "TriggerAuthentication", "redis")["spec"]["secretTargetRef"]
+    redis = container(find(docs, "StatefulSet", "redis"))
+    (password,) = [e for e in redis["env"] if e["name"] == "REDIS_PASSWORD"]
+    assert auth == [{"parameter": "password", **password["valueFrom"]["secretKeyRef"]}]
     for trigger in triggers:
         host, port = trigger["metadata"]["address"].rsplit(":", 1)
         assert host == f"{service['metadata']['name']}.{namespace}.svc.cluster.local"
         assert int(port) == url.port == service["spec"]["ports"][0]["port"]
         assert trigger["metadata"]["databaseIndex"] == url.path.strip("/")
+        assert trigger["authenticationRef"] == {"name": "redis"}
 
 
 def test_only_the_api_workers_and_keda_reach_redis() -> None:
@@ -297,6 +318,7 @@ def test_only_the_api_workers_and_keda_reach_redis() -> None:
 def test_redis_keeps_an_append_only_file_on_a_persistent_volume() -> None:
     redis = find(documents(K8S), "StatefulSet", "redis")["spec"]
     args = container({"spec": redis})["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
     (claim,) = redis["volumeClaimTemplates"]
@@ -307,17 +329,34 @@ def test_redis_keeps_an_append_only_file_on_a_persistent_volume() -> None:
 
 def test_every_referenced_config_and_secret_is_provided() -> None:
     base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
-    generated = {g["name"] for g in base.get("secretGenerator", [])}
-    assert (K8S / "base" / "s3.env.example").exists()
+    generated = {}
+    for generator in base["secretGenerator"]:
+        (env_file,) = generator["envs"]
+        example = (K8S / "base" / f"{env_file}.example").read_text()
+        keys = {line.split("=", 1)[0] for line in example.splitlines() if "=" in line}
+        keys.discard("")
+        generated[generator["name"]] = {k for k in keys if not k.startswith("#")}
     for variant in (K8S, K8S / "cpu"):
         docs = documents(variant)
         config_maps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
-        for name in ("api", "worker"):
-            for source in container(find(docs, "Deployment", name))["envFrom"]:
+        for kind, name in (
+            ("Deployment", "api"),
+            ("Deployment", "worker"),
+            ("StatefulSet", "redis"),
+        ):
+            c = container(find(docs, kind, name))
+            for source in c.get("envFrom", []):
                 if "configMapRef" in source:
                     assert source["configMapRef"]["name"] in config_maps
                 else:
                     assert source["secretRef"]["name"] in generated
+            for variable in c.get("env", []):
+                ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in generated[ref["name"]]
+    # Tokens go to the API only.
+    worker = container(find(documents(K8S), "Deployment", "worker"))
+    assert "featuremaps-api-tokens" not in json.dumps(worker)
 
 
 def test_dashboard_and_alerts_only_use_metrics_that_exist() -> None:
