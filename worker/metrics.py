@@ -63,7 +63,7 @@ STAGE_SECONDS = Histogram(
 )
 CHUNK_IMAGES = Histogram(
     "featuremaps_worker_chunk_images",
-    "Images per batch chunk that went through the model together.",
+    "Items per batch chunk (those whose input could not be fetched included).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
     registry=REGISTRY,
 )
