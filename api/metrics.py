@@ -2,11 +2,14 @@
 
 Request durations are observed in-process by prometheus_client (in multiprocess mode when
 ``PROMETHEUS_MULTIPROC_DIR`` is set, as under gunicorn with several workers). Job counts,
-job durations and queue depth live in Redis, so every API process reports the same numbers.
+job durations, queue depth, the oldest waiting message and live workers are read from Redis
+at scrape time, so every API process reports the same numbers. (Each worker serves its own
+metrics: worker/metrics.py.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -19,8 +22,9 @@ from prometheus_client import (
     multiprocess,
 )
 
+from shared.heartbeat import live_workers
 from shared.jobs import JobStatus
-from shared.queue import BATCH_QUEUE, JOBS_QUEUE
+from shared.queue import QUEUES, SENT_AT_HEADER, broker_options, queue_keys
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 REQUEST_SECONDS = Histogram(
@@ -29,7 +33,6 @@ REQUEST_SECONDS = Histogram(
     ["endpoint", "method", "status"],
     registry=REGISTRY,
 )
-QUEUES = (JOBS_QUEUE, BATCH_QUEUE)
 
 
 def init_metrics(app: Flask) -> None:
@@ -70,11 +73,7 @@ def _job_metrics(svc) -> list[str]:
         f'featuremaps_jobs_total{{status="{s.value}"}} {counts.get(s.value, 0)}\n'
         for s in JobStatus
     ]
-    out += [
-        "# HELP featuremaps_queue_depth Messages waiting in each queue.\n",
-        "# TYPE featuremaps_queue_depth gauge\n",
-    ]
-    out += [f'featuremaps_queue_depth{{queue="{q}"}} {svc.redis.llen(q)}\n' for q in QUEUES]
+    out += _queue_metrics(svc)
     buckets, total, count = svc.jobs.duration_histogram()
     out += [
         "# HELP featuremaps_job_duration_seconds Submit-to-success time of jobs.\n",
@@ -88,3 +87,46 @@ def _job_metrics(svc) -> list[str]:
         f"featuremaps_job_duration_seconds_count {count}\n",
     ]
     return out
+
+
+def _queue_metrics(svc) -> list[str]:
+    options = broker_options(svc.settings)
+    depth, oldest = {}, {}
+    now = time.time()
+    for queue in QUEUES:
+        lists = queue_keys(queue, options)
+        depth[queue] = sum(svc.redis.llen(key) for key in lists)
+        # kombu pushes on the left and workers pop on the right: the right end is the oldest.
+        ages = [_age(message, now) for message in (svc.redis.lindex(key, -1) for key in lists)]
+        oldest[queue] = max((a for a in ages if a is not None), default=0.0)
+    workers = live_workers(svc.redis)
+    out = [
+        "# HELP featuremaps_queue_depth Messages waiting in each queue, all priorities.\n",
+        "# TYPE featuremaps_queue_depth gauge\n",
+    ]
+    out += [f'featuremaps_queue_depth{{queue="{q}"}} {n}\n' for q, n in depth.items()]
+    out += [
+        "# HELP featuremaps_queue_oldest_age_seconds Time the oldest waiting message of each "
+        "queue has waited since it was sent (0 when empty).\n",
+        "# TYPE featuremaps_queue_oldest_age_seconds gauge\n",
+    ]
+    out += [
+        f'featuremaps_queue_oldest_age_seconds{{queue="{q}"}} {age:.3f}\n'
+        for q, age in oldest.items()
+    ]
+    out += [
+        "# HELP featuremaps_workers_alive Worker processes with a fresh heartbeat.\n",
+        "# TYPE featuremaps_workers_alive gauge\n",
+        f"featuremaps_workers_alive {len(workers)}\n",
+    ]
+    return out
+
+
+def _age(message: bytes | None, now: float) -> float | None:
+    if message is None:
+        return None
+    try:
+        sent_at = json.loads(message)["headers"][SENT_AT_HEADER]
+    except (ValueError, KeyError, TypeError):
+        return None  # sent before the header existed, or not a Celery message
+    return max(0.0, now - float(sent_at))

@@ -8,7 +8,7 @@ COPY shared shared
 COPY client client
 COPY stack stack
 COPY worker worker
-RUN pip install --no-cache-dir '.[worker]'
+RUN pip install --no-cache-dir '.[worker,gpu]'
 ENV TORCH_HOME=/opt/torch
 RUN python -c "from torchvision.models import ResNet18_Weights as W; W.IMAGENET1K_V1.get_state_dict(progress=False)"
 ENV FEATUREMAPS_WEIGHTS=imagenet

@@ -1,9 +1,23 @@
-"""What the API and the workers agree on about the queue: task names, queue names and the
-broker settings. The API sends tasks by name and never imports worker code."""
+"""What the API and the workers agree on about the queue: task names, queue names, the
+broker settings and the Redis keys the queues live in. The API sends tasks by name and never
+imports worker code.
+
+A queue is several Redis lists: kombu files a message sent with a priority under
+``<queue><PRIORITY_SEP><step>`` for the highest step of ``PRIORITY_STEPS`` at or below it,
+and priority 0 under the bare queue name. Both are set here on purpose (to kombu's own
+defaults, so that messages already waiting keep their keys across an upgrade) because
+whatever counts a queue from outside (the API's gauges, the KEDA scaler in deploy/k8s/) must
+read the same lists: :func:`queue_keys` names them, e.g. ``jobs``, ``jobs\x06\x163``,
+``jobs\x06\x166``, ``jobs\x06\x169``.
+"""
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from celery import Celery
+from celery.signals import before_task_publish
 
 from shared.settings import Settings
 
@@ -15,6 +29,13 @@ FINALIZE_BATCH = "featuremaps.finalize_batch"
 BATCH_QUEUE = "batch"
 # Workers consume both, interactive jobs first (see worker/celery_app.py).
 WORKER_QUEUES = f"{JOBS_QUEUE},{BATCH_QUEUE}"
+QUEUES = (JOBS_QUEUE, BATCH_QUEUE)
+# kombu's defaults, spelled out: control characters cannot clash with any key of ours.
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+# Unix time at which a message was first sent (a Celery message carries none of its own);
+# the API reports the age of the oldest waiting message from it.
+SENT_AT_HEADER = "featuremaps_sent_at"
 
 
 def broker_options(settings: Settings) -> dict:
@@ -30,7 +51,23 @@ def broker_options(settings: Settings) -> dict:
         "socket_connect_timeout": 3,
         "socket_timeout": 10,
         "retry_on_timeout": True,
+        "sep": PRIORITY_SEP,
+        "priority_steps": list(PRIORITY_STEPS),
     }
+
+
+def queue_keys(queue: str, options: dict[str, Any]) -> list[str]:
+    """The Redis lists that hold ``queue``'s waiting messages under these broker transport
+    options: the bare name (priority 0) and one per further priority step."""
+    sep = options["sep"]
+    return [queue] + [f"{queue}{sep}{step}" for step in options["priority_steps"] if step]
+
+
+@before_task_publish.connect(dispatch_uid="featuremaps-sent-at")
+def _stamp_sent_at(headers: dict | None = None, **_kwargs) -> None:
+    # A retry is a new message of the same task; keep the first time it was sent.
+    if headers is not None:
+        headers.setdefault(SENT_AT_HEADER, time.time())
 
 
 def make_producer(settings: Settings) -> Celery:
@@ -42,5 +79,7 @@ def make_producer(settings: Settings) -> Celery:
         broker_connection_timeout=3,
         task_ignore_result=True,
         task_default_queue=JOBS_QUEUE,
+        # A "task-sent" event, so Flower lists a job from the moment it is queued.
+        task_send_sent_event=True,
     )
     return app

@@ -69,6 +69,14 @@ class Settings(BaseSettings):
 
     rate_limit_per_minute: int = Field(0, ge=0)  # 0 = off
 
+    # /readyz fails while no worker heartbeats. Off where workers scale to zero on an empty
+    # queue (KEDA, deploy/k8s/): the API must stay in its Service to take the job that
+    # brings the first worker up.
+    readyz_requires_worker: bool = True
+    # Each worker process serves Prometheus metrics on this port (0 = off); the launcher
+    # gives its N-th worker this port + N.
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
+
     _token_table: dict[str, str] = PrivateAttr(default_factory=dict)
     _source_rules: tuple[SourceRule, ...] = PrivateAttr(default=())
 

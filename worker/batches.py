@@ -48,6 +48,7 @@ from shared.errors import (
 from shared.imaging import sniff_format
 from shared.options import JobOptions
 from shared.storage import MIN_PART_SIZE, ObjectStore
+from worker import metrics
 from worker.execute import upload_outputs
 from worker.runtime import WorkerContext
 
@@ -264,6 +265,7 @@ def run_chunk(
                 zip(started, (items[i].info for i in started), results, strict=True),
             )
         )
+    metrics.chunk_done(results)
     if store.finish_items(batch_id, outcomes):
         finalize(batch_id)
     ctx.jobs_done += len(started)
@@ -287,13 +289,15 @@ def fail_chunk(
     items = store.get_items(batch_id, started)
     error = {"code": code, "message": message}
     outcomes = [(i, ItemStatus.FAILED, {**items[i].info, "error": error}) for i in started]
+    metrics.images_failed("batch", code, len(outcomes))
     if outcomes and store.finish_items(batch_id, outcomes):
         finalize(batch_id)
 
 
 def _download(ctx: WorkerContext, key: str) -> bytes | FeatureMapsError:
     try:
-        return ctx.store.get_bytes(key)
+        with metrics.timed("fetch"):
+            return ctx.store.get_bytes(key)
     except NotFound as exc:
         return FeatureMapsError(f"the input is gone from storage: {exc.message}", code="lost")
 

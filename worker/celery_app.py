@@ -45,6 +45,10 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     task_ignore_result=True,
     task_default_queue=JOBS_QUEUE,
+    # Task events (received, started, succeeded, failed) and worker heartbeats go out on
+    # Redis pub/sub, so Flower (or `celery events`) shows live workers and tasks.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,
 )

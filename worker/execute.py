@@ -19,6 +19,7 @@ from shared import keys
 from shared.errors import FeatureMapsError, StorageUnavailable
 from shared.jobs import elapsed_ms, now_iso
 from shared.options import JobOptions
+from worker import metrics
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,15 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     try:
         from worker.pipeline import process_image
 
-        data = _timed(timings, "download_ms", lambda: ctx.store.get_bytes(job.input_key))
+        with metrics.timed("fetch"):
+            data = _timed(timings, "download_ms", lambda: ctx.store.get_bytes(job.input_key))
         options = JobOptions.from_mapping(job.options)
         result = process_image(ctx.loaded, data, options, max_pixels=ctx.settings.max_image_pixels)
     except StorageUnavailable:
         raise
     except FeatureMapsError as exc:
         ctx.jobs.fail(job_id, code=exc.code, message=exc.message, timings=timings)
+        metrics.images_failed("job", exc.code)
         return "failed"
     timings.update(result.timings)
     started = time.perf_counter()
@@ -62,6 +65,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         ctx.store.delete_prefix(keys.results_prefix(job_id))
         return ctx.jobs.get(job_id).status.value
     ctx.jobs_done += 1
+    metrics.image_succeeded("job", result.timings)
     return "succeeded"
 
 
@@ -77,6 +81,11 @@ def release_input(ctx: WorkerContext, job_id: str) -> None:
 
 
 def upload_outputs(ctx: WorkerContext, job_id: str, result) -> dict:
+    with metrics.timed("upload"):
+        return _upload_outputs(ctx, job_id, result)
+
+
+def _upload_outputs(ctx: WorkerContext, job_id: str, result) -> dict:
     store = ctx.store
     fmt = result.figure_ext
     stored: dict = {

@@ -51,9 +51,22 @@ def detect_gpus() -> list[str]:
 
 
 def worker_commands(
+    gpus: list[str], *, replicas: int, loglevel: str, queues: str, metrics_port: int = 0
+) -> list[WorkerSpec]:
+    """(hostname, argv, extra env) for each worker process to start; with a metrics port,
+    the N-th worker serves its metrics on ``metrics_port + N``."""
+    specs = _worker_specs(gpus, replicas=replicas, loglevel=loglevel, queues=queues)
+    if not metrics_port:
+        return specs
+    return [
+        spec._replace(env={**spec.env, "FEATUREMAPS_WORKER_METRICS_PORT": str(metrics_port + n)})
+        for n, spec in enumerate(specs)
+    ]
+
+
+def _worker_specs(
     gpus: list[str], *, replicas: int, loglevel: str, queues: str
 ) -> list[WorkerSpec]:
-    """(hostname, argv, extra env) for each worker process to start."""
     base = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"]
     common = [
         "--pool",
@@ -147,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"featuremaps-worker: {exc.message}", file=sys.stderr)
         return 2
     specs = worker_commands(
-        gpus, replicas=args.replicas, loglevel=args.loglevel, queues=args.queues
+        gpus,
+        replicas=args.replicas,
+        loglevel=args.loglevel,
+        queues=args.queues,
+        metrics_port=settings.worker_metrics_port,
     )
     supervisor = Supervisor(
         specs, spawn=lambda spec: WorkerProcess(spec, os.environ), policy=policy

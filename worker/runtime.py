@@ -1,4 +1,5 @@
-"""Per-process worker state: the resident model, clients, a heartbeat and retention sweeps.
+"""Per-process worker state: the resident model, clients, a heartbeat, retention sweeps and
+the metrics endpoint.
 
 The model is loaded once in each worker process, after the fork (Celery's
 ``worker_process_init``), never in the parent: CUDA cannot be re-initialised in a forked
@@ -19,6 +20,7 @@ from shared.heartbeat import HEARTBEAT_EVERY_S, write_heartbeat
 from shared.jobs import RedisJobStore
 from shared.settings import Settings
 from shared.storage import ObjectStore, ensure_bucket
+from worker import metrics
 from worker.retention import retention_loop
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ def init_process(settings: Settings, hostname: str) -> WorkerContext:
     )
     log.info("model loaded on %s with weights %s", _context.device, loaded.weights)
     ensure_bucket(_context.store, log)
+    if settings.worker_metrics_port:
+        metrics.start_server(settings.worker_metrics_port, loaded.device)
     threading.Thread(target=_heartbeat_loop, args=(_context,), daemon=True).start()
     threading.Thread(
         target=retention_loop,

@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 
 from shared.errors import StorageUnavailable
 from shared.queue import RENDER_JOB
-from worker import runtime
+from worker import metrics, runtime
 from worker.celery_app import app, settings
 from worker.execute import release_input, run_job
 
@@ -47,6 +47,7 @@ def _render(self, ctx: runtime.WorkerContext, job_id: str) -> str:
             ctx.jobs.fail(
                 job_id, code=exc.code, message=f"{exc.message} (gave up after {retries} retries)"
             )
+            metrics.images_failed("job", exc.code)
             return "failed"
         delay = ctx.settings.storage_retry_backoff_s * 2**retries
         log.warning("job %s: storage unavailable, retry %d in %.1fs", job_id, retries + 1, delay)
@@ -67,8 +68,10 @@ def _render(self, ctx: runtime.WorkerContext, job_id: str) -> str:
             code="timeout",
             message=f"the job ran past its time limit of {ctx.settings.task_soft_time_limit_s}s",
         )
+        metrics.images_failed("job", "timeout")
         return "failed"
     except Exception as exc:
         log.exception("job %s failed unexpectedly", job_id)
         ctx.jobs.fail(job_id, code="internal_error", message=f"{type(exc).__name__}: {exc}")
+        metrics.images_failed("job", "internal_error")
         return "failed"

@@ -38,7 +38,10 @@ def readyz():
         checks["storage"] = {"ok": True}
     except Exception as exc:  # readiness reports every failure instead of raising
         checks["storage"] = {"ok": False, "error": str(exc)}
-    ready = all(c["ok"] for c in checks.values())
+    required = {"redis", "storage"}
+    if svc.settings.readyz_requires_worker:
+        required.add("workers")
+    ready = all(checks[name]["ok"] for name in required)
     return {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
 
 

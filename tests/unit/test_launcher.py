@@ -30,6 +30,15 @@ def test_cpu_workers_hide_gpus():
     assert [env["OMP_NUM_THREADS"] for _, _, env in commands] == [str(per_worker)] * 2
 
 
+def test_each_worker_of_a_launcher_gets_its_own_metrics_port():
+    commands = worker_commands(
+        ["0", "1"], replicas=1, loglevel="INFO", queues="jobs", metrics_port=9100
+    )
+    assert [env["FEATUREMAPS_WORKER_METRICS_PORT"] for _, _, env in commands] == ["9100", "9101"]
+    off = worker_commands(["0"], replicas=1, loglevel="INFO", queues="jobs")
+    assert "FEATUREMAPS_WORKER_METRICS_PORT" not in off[0].env
+
+
 def test_gpu_list_parsing():
     assert parse_gpus("0,1,3") == ["0", "1", "3"]
     assert parse_gpus("none") == []
