@@ -75,6 +75,9 @@ def upload_outputs(ctx: WorkerContext, job_id: str, result) -> dict:
     if result.manifest.get("predictions"):
         stored["predictions"] = result.manifest["predictions"]
     store.put_bytes(stored["figure_key"], result.figure, _CONTENT_TYPES[fmt])
+    if result.thumbnail:
+        stored["thumbnail_key"] = keys.thumbnail_key(job_id)
+        store.put_bytes(stored["thumbnail_key"], result.thumbnail, "image/jpeg")
     if result.arrays is not None:
         stored["arrays_key"] = keys.arrays_key(job_id)
         store.put_bytes(stored["arrays_key"], result.arrays, "application/octet-stream")

@@ -21,7 +21,7 @@ from shared.imaging import DecodedImage, decode
 from shared.options import JobOptions
 from worker.features import conv_chain, forward_activations, preprocess, reduce_channels
 from worker.model import LoadedModel
-from worker.render import LayerMap, render_grid, render_layer_png
+from worker.render import LayerMap, render_grid, render_layer_png, render_thumbnail
 
 MODEL_NAME = "resnet18"
 TOP_K = 5
@@ -44,6 +44,8 @@ class ImageResult:
     layer_pngs: list[tuple[int, str, bytes]]
     # decode_ms, model_ms, reduce_ms, render_ms, encode_ms; batch-wide stages split evenly
     timings: dict[str, float]
+    # a small JPEG of the grid for galleries (render_thumbnail)
+    thumbnail: bytes = b""
 
 
 @dataclass
@@ -194,6 +196,7 @@ def _finish(
     )
 
     started = time.perf_counter()
+    thumbnail = render_thumbnail(layer_maps, options.colormap)
     arrays = _npz(maps) if options.arrays else None
     layer_pngs = (
         [
@@ -239,6 +242,7 @@ def _finish(
         arrays=arrays,
         layer_pngs=layer_pngs,
         timings=timings,
+        thumbnail=thumbnail,
     )
 
 
