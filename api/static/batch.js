@@ -69,7 +69,7 @@
     for (const item of body.items) {
       if (item.status === "succeeded") {
         const image = item.thumbnail_url
-          ? FM.element("img", { src: item.thumbnail_url, alt: `Feature maps of ${item.name}`, loading: "lazy" })
+          ? FM.element("img", { src: item.thumbnail_url, alt: `Feature maps of ${item.name}` })
           : null;
         gallery.push(FM.element("li", { class: "item" },
           FM.element("a", { href: item.figure_url, target: "_blank", rel: "noopener" }, image,

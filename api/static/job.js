@@ -74,7 +74,7 @@
       const button = FM.element("button", { type: "button", class: "tile", "data-layer": layer.name });
       if (urls[index]) {
         button.append(FM.element("img", {
-          src: urls[index], alt: `Map of layer ${layer.name}`, loading: "lazy", width: "112", height: "112",
+          src: urls[index], alt: `Map of layer ${layer.name}`, width: "112", height: "112",
         }));
       }
       button.append(
