@@ -43,7 +43,9 @@
     const result = doc.result;
     document.getElementById("result").hidden = false;
     document.getElementById("input").src = doc.input_url;
-    document.getElementById("figure").src = result.figure_url;
+    // A PDF cannot be an <img>: its thumbnail stands in, linked to the PDF.
+    const shown = doc.options.format === "pdf" ? result.thumbnail_url : result.figure_url;
+    document.getElementById("figure").src = shown;
     document.getElementById("figure-link").href = result.figure_url;
     document.getElementById("weights").textContent =
       `${describeWeights(result.weights)} · mode=${doc.options.mode} · reduction=${doc.options.reduction}`;
