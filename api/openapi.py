@@ -275,16 +275,6 @@ def openapi_document() -> dict:
                     },
                 },
             },
-            "/jobs/{job_id}/input": {
-                "parameters": [_JOB_ID],
-                "get": {
-                    "summary": "Redirect to the uploaded input image",
-                    "responses": {
-                        "302": {"description": "presigned URL of the input as stored"},
-                        **_pick("401", "404", "429", "503"),
-                    },
-                },
-            },
             "/jobs/{job_id}/layers/{layer}": {
                 "parameters": [_JOB_ID, _LAYER],
                 "get": {

@@ -16,6 +16,10 @@ def thumbnail_key(job_id: str) -> str:
     return f"results/{job_id}/thumbnail.jpg"
 
 
+def input_preview_key(job_id: str) -> str:
+    return f"results/{job_id}/input.jpg"
+
+
 def manifest_key(job_id: str) -> str:
     return f"results/{job_id}/manifest.json"
 

@@ -342,7 +342,7 @@ def _store_outcome(
 ) -> tuple[str, ItemStatus, dict]:
     if isinstance(result, FeatureMapsError):
         return item, ItemStatus.FAILED, {**info, "error": result.to_dict()}
-    stored = upload_outputs(ctx, item, result)
+    stored = upload_outputs(ctx, item, result, with_input_preview=False)
     kept = {k: stored[k] for k in _ITEM_KEYS if k in stored}
     return item, ItemStatus.SUCCEEDED, {**info, **kept}
 

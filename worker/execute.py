@@ -63,7 +63,11 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     return "succeeded"
 
 
-def upload_outputs(ctx: WorkerContext, job_id: str, result) -> dict:
+def upload_outputs(
+    ctx: WorkerContext, job_id: str, result, *, with_input_preview: bool = True
+) -> dict:
+    """Store a result's outputs under the job's keys; the manifest last. Batch items skip the
+    input preview (their pages show figures only, and there may be thousands)."""
     store = ctx.store
     fmt = result.figure_ext
     stored: dict = {
@@ -78,6 +82,9 @@ def upload_outputs(ctx: WorkerContext, job_id: str, result) -> dict:
     if result.thumbnail:
         stored["thumbnail_key"] = keys.thumbnail_key(job_id)
         store.put_bytes(stored["thumbnail_key"], result.thumbnail, "image/jpeg")
+    if result.input_preview and with_input_preview:
+        stored["input_preview_key"] = keys.input_preview_key(job_id)
+        store.put_bytes(stored["input_preview_key"], result.input_preview, "image/jpeg")
     if result.arrays is not None:
         stored["arrays_key"] = keys.arrays_key(job_id)
         store.put_bytes(stored["arrays_key"], result.arrays, "application/octet-stream")

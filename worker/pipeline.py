@@ -21,7 +21,13 @@ from shared.imaging import DecodedImage, decode
 from shared.options import JobOptions
 from worker.features import conv_chain, forward_activations, preprocess, reduce_channels
 from worker.model import LoadedModel
-from worker.render import LayerMap, render_grid, render_layer_png, render_thumbnail
+from worker.render import (
+    LayerMap,
+    render_grid,
+    render_input_preview,
+    render_layer_png,
+    render_thumbnail,
+)
 
 MODEL_NAME = "resnet18"
 TOP_K = 5
@@ -46,6 +52,8 @@ class ImageResult:
     timings: dict[str, float]
     # a small JPEG of the grid for galleries (render_thumbnail)
     thumbnail: bytes = b""
+    # the input as analysed, small, for pages (render_input_preview)
+    input_preview: bytes = b""
 
 
 @dataclass
@@ -197,6 +205,7 @@ def _finish(
 
     started = time.perf_counter()
     thumbnail = render_thumbnail(layer_maps, options.colormap)
+    input_preview = render_input_preview(item.image)
     arrays = _npz(maps) if options.arrays else None
     layer_pngs = (
         [
@@ -243,6 +252,7 @@ def _finish(
         layer_pngs=layer_pngs,
         timings=timings,
         thumbnail=thumbnail,
+        input_preview=input_preview,
     )
 
 

@@ -39,6 +39,8 @@ LAYER_PNG_MIN_SIDE = 224
 # them costs what one figure does.
 THUMBNAIL_TILE = 56
 THUMBNAIL_PAD = 2
+# The input as analysed (upright, RGB), for a page to show beside the figure.
+INPUT_PREVIEW_SIDE = 640
 
 _MATPLOTLIB_FORMATS = ("jpg", "png", "webp", "svg", "pdf")
 _PIL_SAVE = {
@@ -137,6 +139,15 @@ def render_thumbnail(layers: Sequence[LayerMap], colormap: str = "viridis") -> b
         tile = _colormapped(layer.map, (THUMBNAIL_TILE, THUMBNAIL_TILE), colormap)
         image.paste(tile.convert("RGB"), (THUMBNAIL_PAD + col * step, THUMBNAIL_PAD + row * step))
     return _encode_pil(image, "jpg")
+
+
+def render_input_preview(image: Image.Image) -> bytes:
+    """The decoded input (already upright and RGB) as a JPEG of at most INPUT_PREVIEW_SIDE
+    pixels a side: any browser shows it, whatever the upload's format (HEIC, TIFF, CMYK)."""
+    scale = min(1.0, INPUT_PREVIEW_SIDE / max(image.size))
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    preview = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    return _encode_pil(preview.convert("RGB"), "jpg")
 
 
 @lru_cache(maxsize=32)

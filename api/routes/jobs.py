@@ -1,5 +1,4 @@
-"""/jobs: submit one image, poll its document, fetch its figure, input and layer maps,
-cancel it."""
+"""/jobs: submit one image, poll its document, fetch its figure and layer maps, cancel it."""
 
 from __future__ import annotations
 
@@ -54,13 +53,6 @@ def get_figure(job_id: str):
         raise Conflict(f"job {job_id} is {job.status.value}; the figure exists once it succeeded")
     url = svc.store.presigned_get(job.result["figure_key"], svc.settings.presign_expiry_s)
     return redirect(url, code=302)
-
-
-@bp.get("/jobs/<job_id>/input")
-def get_input(job_id: str):
-    svc = services()
-    job = svc.jobs.get(job_id, owner=_caller(svc))
-    return redirect(svc.store.presigned_get(job.input_key, svc.settings.presign_expiry_s), 302)
 
 
 @bp.get("/jobs/<job_id>/layers/<layer>")
@@ -124,13 +116,14 @@ def _undo(svc: Services, job_id: str, input_key: str) -> None:
 def job_document(svc: Services, job: Job) -> dict:
     doc = job.to_dict()
     doc["links"] = _links(job.id)
-    expiry = svc.settings.presign_expiry_s
-    doc["input_url"] = svc.store.presigned_get(job.input_key, expiry)
     result = job.result
     if result:
+        expiry = svc.settings.presign_expiry_s
         public = {k: v for k, v in result.items() if not k.endswith("_key")}
         public["figure_url"] = svc.store.presigned_get(result["figure_key"], expiry)
         public["manifest_url"] = svc.store.presigned_get(result["manifest_key"], expiry)
+        if result.get("input_preview_key"):
+            public["input_url"] = svc.store.presigned_get(result["input_preview_key"], expiry)
         if result.get("thumbnail_key"):
             public["thumbnail_url"] = svc.store.presigned_get(result["thumbnail_key"], expiry)
         if result.get("arrays_key"):
@@ -147,6 +140,5 @@ def _links(job_id: str) -> dict:
     return {
         "self": url_for("jobs.get_job", job_id=job_id),
         "figure": url_for("jobs.get_figure", job_id=job_id),
-        "input": url_for("jobs.get_input", job_id=job_id),
         "page": url_for("ui.job_page", job_id=job_id),
     }

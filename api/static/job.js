@@ -42,7 +42,9 @@
   function show(doc) {
     const result = doc.result;
     document.getElementById("result").hidden = false;
-    document.getElementById("input").src = doc.input_url;
+    const input = document.getElementById("input");
+    input.closest("figure").hidden = !result.input_url;
+    if (result.input_url) input.src = result.input_url;
     // A PDF cannot be an <img>: its thumbnail stands in, linked to the PDF.
     const shown = doc.options.format === "pdf" ? result.thumbnail_url : result.figure_url;
     document.getElementById("figure").src = shown;

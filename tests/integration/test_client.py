@@ -5,6 +5,8 @@ honoured on a rate-limited API process."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import requests
@@ -79,14 +81,12 @@ def test_bytes_and_pil_images_are_accepted(client):
     assert raised.value.code == "no_arrays"
 
 
-def test_the_input_and_a_layer_are_served(deployment, client, camera_photo):
+def test_the_input_as_analysed_and_a_layer_are_served(client, camera_photo):
     job = client.submit(camera_photo).wait(timeout=120)
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    moved = requests.get(
-        f"{deployment.api}/jobs/{job.id}/input", headers=headers, allow_redirects=False, timeout=10
-    )
-    assert moved.status_code == 302
-    assert requests.get(moved.headers["Location"], timeout=10).content == camera_photo.read_bytes()
+    # The input beside the figure: upright (EXIF orientation 6 turns 2000×1500 into
+    # 1500×2000), small, a JPEG whatever was uploaded.
+    preview = Image.open(io.BytesIO(client.fetch(job.result["input_url"])))
+    assert (preview.format, preview.size) == ("JPEG", (480, 640))
     # Without arrays=true the maps were not kept: a 409 that says what to do.
     with pytest.raises(Conflict, match="arrays=true"):
         job.layer("conv1")
