@@ -40,6 +40,25 @@ _JOB_ID = {
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
 }
 
+# A layer's qualified module name (conv1, layer4.1.conv2, layer2.0.downsample.0).
+_LAYER = {
+    "name": "layer",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.]{1,128}$"},
+}
+_LAYER_MAP = {
+    "type": "object",
+    "required": ["name", "shape", "min", "max", "data"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
+        "min": {"type": "number"},
+        "max": {"type": "number"},
+        "data": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+    },
+}
+
 # s3://bucket/prefix/ with a valid S3 bucket name (api/routes/batches.py checks the same).
 _S3_SOURCE = "^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
 
@@ -136,6 +155,7 @@ _ITEM_DOC = {
             "enum": ["queued", "running", "succeeded", "failed", "canceled"],
         },
         "figure_url": {"type": ["string", "null"]},
+        "thumbnail_url": {"type": ["string", "null"], "description": "a small JPEG of the grid"},
         "error": {"type": ["object", "null"]},
     },
 }
@@ -255,6 +275,28 @@ def openapi_document() -> dict:
                     },
                 },
             },
+            "/jobs/{job_id}/layers/{layer}": {
+                "parameters": [_JOB_ID, _LAYER],
+                "get": {
+                    "summary": "One layer's reduced map, read from maps.npz (needs arrays=true)",
+                    "responses": {
+                        "200": {
+                            "description": "the float32 H×W map: JSON, or raw little-endian "
+                            "float32 (row-major, shape in X-Shape) for "
+                            "Accept: application/octet-stream",
+                            "headers": {"X-Shape": {"schema": {"type": "string"}}},
+                            "content": {
+                                "application/json": {"schema": _LAYER_MAP},
+                                "application/octet-stream": {
+                                    "schema": {"type": "string", "format": "binary"}
+                                },
+                            },
+                        },
+                        "409": _error("the job has not succeeded, or was run without arrays"),
+                        **_pick("401", "404", "429", "503"),
+                    },
+                },
+            },
             "/batches": {
                 "post": {
                     "summary": "Submit an archive (streamed to storage) or an S3 prefix",
@@ -341,7 +383,7 @@ def openapi_document() -> dict:
                     },
                 ],
                 "get": {
-                    "summary": "One page of items: name, status, figure_url, error",
+                    "summary": "One page of items: name, status, figure_url, thumbnail_url, error",
                     "responses": {
                         "200": {
                             "description": "a page; next_cursor is null on the last one",

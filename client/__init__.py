@@ -1,2 +1,38 @@
-"""The `featuremaps` command line: `local` runs the pipeline in-process; `submit`, `status`,
-`download` and `batch` talk to the service over HTTP."""
+"""The featuremaps client: the :class:`Client` library for notebooks and scripts, and the
+`featuremaps` command built on it (`local` runs the pipeline in-process; `submit`, `status`,
+`download` and `batch` talk to the service over HTTP)."""
+
+from client.api import Batch, BatchItem, Client, Job
+from client.errors import (
+    ApiError,
+    BadRequest,
+    ClientError,
+    Conflict,
+    JobFailed,
+    NotFound,
+    RateLimited,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    Unprocessable,
+    UnsupportedType,
+)
+
+__all__ = [
+    "ApiError",
+    "BadRequest",
+    "Batch",
+    "BatchItem",
+    "Client",
+    "ClientError",
+    "Conflict",
+    "Job",
+    "JobFailed",
+    "NotFound",
+    "RateLimited",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "Unprocessable",
+    "UnsupportedType",
+]

@@ -1,6 +1,6 @@
 """Sub-commands that talk to the featuremaps service over HTTP: `submit`, `status`,
-`download`. The API address and token come from flags or FEATUREMAPS_API_URL /
-FEATUREMAPS_API_TOKEN."""
+`download`, through :class:`client.api.Client`. The API address and token come from flags or
+FEATUREMAPS_API_URL / FEATUREMAPS_API_TOKEN."""
 
 from __future__ import annotations
 
@@ -8,128 +8,46 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-import requests
+from client.api import DEFAULT_URL, Client
+from client.errors import ApiError
 
-FINISHED = ("succeeded", "failed", "canceled")
 OPTION_FLAGS = ("mode", "reduction", "normalize", "format", "colormap", "renderer")
 
 
-class ApiClient:
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.session = requests.Session()
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
-        self.timeout = timeout
-
-    def request(self, method: str, path: str, **kwargs) -> requests.Response:
-        response = self.session.request(
-            method, f"{self.base_url}{path}", timeout=self.timeout, **kwargs
-        )
-        if response.status_code >= 400:
-            raise ApiError(response)
-        return response
-
-    def submit(self, image: Path, options: dict[str, str]) -> dict:
-        with image.open("rb") as fh:
-            return self.request(
-                "POST", "/jobs", files={"image": (image.name, fh)}, data=options
-            ).json()
-
-    def job(self, job_id: str) -> dict:
-        return self.request("GET", f"/jobs/{job_id}").json()
-
-    def wait(self, job_id: str, *, interval: float = 0.25, timeout: float = 600, echo=None) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            doc = self.job(job_id)
-            if echo:
-                echo(doc)
-            if doc["status"] in FINISHED:
-                return doc
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {doc['status']} after {timeout:g}s")
-            time.sleep(interval)
-
-    def download(self, doc: dict, out_dir: Path) -> list[Path]:
-        """Fetch the figure, manifest and optional outputs of a succeeded job."""
-        result = doc.get("result") or {}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fmt = doc["options"].get("format", "jpg")
-        wanted = [
-            (result.get("figure_url"), f"feature_maps.{fmt}"),
-            (result.get("manifest_url"), "manifest.json"),
-            (result.get("arrays_url"), "maps.npz"),
-        ]
-        wanted += [
-            (url, f"layers/{i:02d}.png") for i, url in enumerate(result.get("layer_urls") or [])
-        ]
-        written = []
-        for url, name in wanted:
-            if not url:
-                continue
-            response = requests.get(url, timeout=self.timeout)
-            response.raise_for_status()
-            path = out_dir / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(response.content)
-            written.append(path)
-        return written
-
-
-class ApiError(Exception):
-    def __init__(self, response: requests.Response) -> None:
-        try:
-            error = response.json()["error"]
-            self.code, message = error["code"], error["message"]
-        except (ValueError, KeyError, TypeError):
-            self.code, message = f"http_{response.status_code}", response.text[:200]
-        super().__init__(f"{response.status_code} {self.code}: {message}")
-        self.status = response.status_code
-
-
-def _client(args) -> ApiClient:
-    return ApiClient(args.api, args.token)
-
-
-def _status_line(doc: dict) -> None:
-    extra = f" on {doc['worker']}" if doc.get("worker") else ""
-    sys.stderr.write(f"\r{doc['id']}: {doc['status']}{extra}   ")
-    sys.stderr.flush()
+def client_for(args: argparse.Namespace, **kwargs) -> Client:
+    return Client(args.api, args.token, **kwargs)
 
 
 def cmd_submit(args) -> int:
-    client = _client(args)
+    client = client_for(args)
     options = options_from_args(args)
     failures = 0
     for image in args.images:
         try:
-            accepted = client.submit(Path(image), options)
+            job = client.submit(Path(image), **options)
         except (ApiError, OSError) as exc:
             print(f"{image}: {exc}", file=sys.stderr)
             failures += 1
             continue
         if not args.wait:
-            print(json.dumps(accepted))
+            print(json.dumps(job.doc))
             continue
-        doc = client.wait(accepted["id"], echo=_status_line)
-        sys.stderr.write("\n")
-        print(json.dumps(doc, indent=2))
-        if doc["status"] != "succeeded":
+        job.wait(progress=True)
+        print(json.dumps(job.doc, indent=2))
+        if job.status != "succeeded":
             failures += 1
         elif args.download:
-            target = Path(args.download) / (accepted["id"] if len(args.images) > 1 else "")
-            for path in client.download(doc, target):
+            target = Path(args.download) / (job.id if len(args.images) > 1 else "")
+            for path in job.download(target):
                 print(f"downloaded {path}", file=sys.stderr)
     return 1 if failures else 0
 
 
 def cmd_status(args) -> int:
     try:
-        print(json.dumps(_client(args).job(args.id), indent=2))
+        print(json.dumps(client_for(args).job(args.id).doc, indent=2))
     except ApiError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -137,16 +55,15 @@ def cmd_status(args) -> int:
 
 
 def cmd_download(args) -> int:
-    client = _client(args)
     try:
-        doc = client.job(args.id)
+        job = client_for(args).job(args.id)
     except ApiError as exc:
         print(exc, file=sys.stderr)
         return 1
-    if doc["status"] != "succeeded":
-        print(f"job {args.id} is {doc['status']}; nothing to download", file=sys.stderr)
+    if job.status != "succeeded":
+        print(f"job {args.id} is {job.status}; nothing to download", file=sys.stderr)
         return 1
-    for path in client.download(doc, Path(args.output)):
+    for path in job.download(Path(args.output)):
         print(path)
     return 0
 
@@ -154,7 +71,7 @@ def cmd_download(args) -> int:
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api",
-        default=os.environ.get("FEATUREMAPS_API_URL", "http://127.0.0.1:8000"),
+        default=os.environ.get("FEATUREMAPS_API_URL", DEFAULT_URL),
         help="API base URL (env FEATUREMAPS_API_URL)",
     )
     parser.add_argument(

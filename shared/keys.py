@@ -12,6 +12,14 @@ def figure_key(job_id: str, fmt: str) -> str:
     return f"results/{job_id}/feature_maps.{fmt}"
 
 
+def thumbnail_key(job_id: str) -> str:
+    return f"results/{job_id}/thumbnail.jpg"
+
+
+def input_preview_key(job_id: str) -> str:
+    return f"results/{job_id}/input.jpg"
+
+
 def manifest_key(job_id: str) -> str:
     return f"results/{job_id}/manifest.json"
 

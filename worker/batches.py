@@ -339,17 +339,18 @@ def _process_one(ctx: WorkerContext, data: Any, options: JobOptions) -> Any:
     return result
 
 
+# What an item's record keeps of its stored outputs (the items page presigns these).
+_ITEM_KEYS = ("figure_key", "thumbnail_key", "manifest_key")
+
+
 def _store_outcome(
     ctx: WorkerContext, item: str, info: dict, result: Any
 ) -> tuple[str, ItemStatus, dict]:
     if isinstance(result, FeatureMapsError):
         return item, ItemStatus.FAILED, {**info, "error": result.to_dict()}
-    stored = upload_outputs(ctx, item, result)
-    return (
-        item,
-        ItemStatus.SUCCEEDED,
-        {**info, "figure_key": stored["figure_key"], "manifest_key": stored["manifest_key"]},
-    )
+    stored = upload_outputs(ctx, item, result, with_input_preview=False)
+    kept = {k: stored[k] for k in _ITEM_KEYS if k in stored}
+    return item, ItemStatus.SUCCEEDED, {**info, **kept}
 
 
 # -- finalize ----------------------------------------------------------------------------

@@ -80,12 +80,16 @@ def release_input(ctx: WorkerContext, job_id: str) -> None:
         log.warning("job %s: input not deleted now (retention will): %s", job_id, exc)
 
 
-def upload_outputs(ctx: WorkerContext, job_id: str, result) -> dict:
+def upload_outputs(
+    ctx: WorkerContext, job_id: str, result, *, with_input_preview: bool = True
+) -> dict:
+    """Store a result's outputs under the job's keys; the manifest last. Batch items skip the
+    input preview (their pages show figures only, and there may be thousands)."""
     with metrics.timed("upload"):
-        return _upload_outputs(ctx, job_id, result)
+        return _upload_outputs(ctx, job_id, result, with_input_preview=with_input_preview)
 
 
-def _upload_outputs(ctx: WorkerContext, job_id: str, result) -> dict:
+def _upload_outputs(ctx: WorkerContext, job_id: str, result, *, with_input_preview: bool) -> dict:
     store = ctx.store
     fmt = result.figure_ext
     stored: dict = {
@@ -97,6 +101,12 @@ def _upload_outputs(ctx: WorkerContext, job_id: str, result) -> dict:
     if result.manifest.get("predictions"):
         stored["predictions"] = result.manifest["predictions"]
     store.put_bytes(stored["figure_key"], result.figure, _CONTENT_TYPES[fmt])
+    if result.thumbnail:
+        stored["thumbnail_key"] = keys.thumbnail_key(job_id)
+        store.put_bytes(stored["thumbnail_key"], result.thumbnail, "image/jpeg")
+    if result.input_preview and with_input_preview:
+        stored["input_preview_key"] = keys.input_preview_key(job_id)
+        store.put_bytes(stored["input_preview_key"], result.input_preview, "image/jpeg")
     if result.arrays is not None:
         stored["arrays_key"] = keys.arrays_key(job_id)
         store.put_bytes(stored["arrays_key"], result.arrays, "application/octet-stream")

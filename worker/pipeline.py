@@ -21,7 +21,13 @@ from shared.imaging import DecodedImage, decode
 from shared.options import JobOptions
 from worker.features import conv_chain, forward_activations, preprocess, reduce_channels
 from worker.model import LoadedModel
-from worker.render import LayerMap, render_grid, render_layer_png
+from worker.render import (
+    LayerMap,
+    render_grid,
+    render_input_preview,
+    render_layer_png,
+    render_thumbnail,
+)
 
 MODEL_NAME = "resnet18"
 TOP_K = 5
@@ -44,6 +50,10 @@ class ImageResult:
     layer_pngs: list[tuple[int, str, bytes]]
     # decode_ms, model_ms, reduce_ms, render_ms, encode_ms; batch-wide stages split evenly
     timings: dict[str, float]
+    # a small JPEG of the grid for galleries (render_thumbnail)
+    thumbnail: bytes = b""
+    # the input as analysed, small, for pages (render_input_preview)
+    input_preview: bytes = b""
 
 
 @dataclass
@@ -194,6 +204,8 @@ def _finish(
     )
 
     started = time.perf_counter()
+    thumbnail = render_thumbnail(layer_maps, options.colormap)
+    input_preview = render_input_preview(item.image)
     arrays = _npz(maps) if options.arrays else None
     layer_pngs = (
         [
@@ -239,6 +251,8 @@ def _finish(
         arrays=arrays,
         layer_pngs=layer_pngs,
         timings=timings,
+        thumbnail=thumbnail,
+        input_preview=input_preview,
     )
 
 

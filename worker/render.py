@@ -35,6 +35,12 @@ FONT_SIZE = 15
 CAPTION_FONT_SIZE = 16
 CAPTION_LINE_HEIGHT = 22
 LAYER_PNG_MIN_SIDE = 224
+# Thumbnails: the grid's tiles without titles or caption, small enough that a gallery page of
+# them costs what one figure does.
+THUMBNAIL_TILE = 56
+THUMBNAIL_PAD = 2
+# The input as analysed (upright, RGB), for a page to show beside the figure.
+INPUT_PREVIEW_SIDE = 640
 
 _MATPLOTLIB_FORMATS = ("jpg", "png", "webp", "svg", "pdf")
 _PIL_SAVE = {
@@ -119,6 +125,29 @@ def render_layer_png(array: np.ndarray, colormap: str = "viridis") -> bytes:
     factor = max(1, math.ceil(LAYER_PNG_MIN_SIDE / min(height, width)))
     # A palette PNG: the map's colours exactly, in a third of the bytes of RGB.
     return _encode_pil(_colormapped(array, (width * factor, height * factor), colormap), "png")
+
+
+def render_thumbnail(layers: Sequence[LayerMap], colormap: str = "viridis") -> bytes:
+    """A small JPEG of the grid (4 columns of untitled tiles) for galleries, whatever the
+    figure's format: a browser should never scale a full figure down to show a thumbnail."""
+    rows = max(1, math.ceil(len(layers) / COLUMNS))
+    step = THUMBNAIL_TILE + THUMBNAIL_PAD
+    size = (THUMBNAIL_PAD + COLUMNS * step, THUMBNAIL_PAD + rows * step)
+    image = Image.new("RGB", size, (255, 255, 255))
+    for index, layer in enumerate(layers):
+        row, col = divmod(index, COLUMNS)
+        tile = _colormapped(layer.map, (THUMBNAIL_TILE, THUMBNAIL_TILE), colormap)
+        image.paste(tile.convert("RGB"), (THUMBNAIL_PAD + col * step, THUMBNAIL_PAD + row * step))
+    return _encode_pil(image, "jpg")
+
+
+def render_input_preview(image: Image.Image) -> bytes:
+    """The decoded input (already upright and RGB) as a JPEG of at most INPUT_PREVIEW_SIDE
+    pixels a side: any browser shows it, whatever the upload's format (HEIC, TIFF, CMYK)."""
+    scale = min(1.0, INPUT_PREVIEW_SIDE / max(image.size))
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    preview = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    return _encode_pil(preview.convert("RGB"), "jpg")
 
 
 @lru_cache(maxsize=32)

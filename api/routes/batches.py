@@ -108,13 +108,16 @@ def list_items(batch_id: str):
     expiry = svc.settings.presign_expiry_s
     page = []
     for item in items:
-        figure_key = item.info.get("figure_key")
+        figure_key, thumbnail_key = item.info.get("figure_key"), item.info.get("thumbnail_key")
         page.append(
             {
                 "id": item.id,
                 "name": item.name,
                 "status": item.status.value,
                 "figure_url": svc.store.presigned_get(figure_key, expiry) if figure_key else None,
+                "thumbnail_url": (
+                    svc.store.presigned_get(thumbnail_key, expiry) if thumbnail_key else None
+                ),
                 "error": item.info.get("error"),
             }
         )
@@ -356,4 +359,5 @@ def _links(batch_id: str) -> dict:
     return {
         "self": url_for("batches.get_batch", batch_id=batch_id),
         "items": url_for("batches.list_items", batch_id=batch_id),
+        "page": url_for("ui.batch_page", batch_id=batch_id),
     }

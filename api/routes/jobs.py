@@ -1,4 +1,4 @@
-"""/jobs: submit one image, poll its document, fetch its figure, cancel it."""
+"""/jobs: submit one image, poll its document, fetch its figure and layer maps, cancel it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from flask import Blueprint, redirect, request, url_for
 
 from api.audit import record_submission
 from api.auth import caller
+from api.layers import RAW_MEDIA_TYPE, layer_json, layer_raw, read_layer_map
 from api.services import Services, services
 from api.uploads import read_image_upload
 from shared import keys
@@ -54,6 +55,16 @@ def get_figure(job_id: str):
         raise Conflict(f"job {job_id} is {job.status.value}; the figure exists once it succeeded")
     url = svc.store.presigned_get(job.result["figure_key"], svc.settings.presign_expiry_s)
     return redirect(url, code=302)
+
+
+@bp.get("/jobs/<job_id>/layers/<layer>")
+def get_layer(job_id: str, layer: str):
+    svc = services()
+    job = svc.jobs.get(job_id, owner=_caller(svc))
+    array = read_layer_map(svc.store, job, layer)
+    if request.accept_mimetypes.best_match(["application/json", RAW_MEDIA_TYPE]) == RAW_MEDIA_TYPE:
+        return layer_raw(array)
+    return layer_json(layer, array)
 
 
 @bp.delete("/jobs/<job_id>")
@@ -123,6 +134,10 @@ def job_document(svc: Services, job: Job) -> dict:
         public = {k: v for k, v in result.items() if not k.endswith("_key")}
         public["figure_url"] = svc.store.presigned_get(result["figure_key"], expiry)
         public["manifest_url"] = svc.store.presigned_get(result["manifest_key"], expiry)
+        if result.get("input_preview_key"):
+            public["input_url"] = svc.store.presigned_get(result["input_preview_key"], expiry)
+        if result.get("thumbnail_key"):
+            public["thumbnail_url"] = svc.store.presigned_get(result["thumbnail_key"], expiry)
         if result.get("arrays_key"):
             public["arrays_url"] = svc.store.presigned_get(result["arrays_key"], expiry)
         if result.get("layer_keys"):
@@ -137,4 +152,5 @@ def _links(job_id: str) -> dict:
     return {
         "self": url_for("jobs.get_job", job_id=job_id),
         "figure": url_for("jobs.get_figure", job_id=job_id),
+        "page": url_for("ui.job_page", job_id=job_id),
     }

@@ -1,0 +1,117 @@
+// The submit page: one image → its job page; several → one job each, listed here;
+// an archive → its batch page. The server judges every file; these checks only help.
+"use strict";
+
+(() => {
+  const form = document.getElementById("submit-form");
+  const input = document.getElementById("files");
+  const drop = document.getElementById("drop");
+  const chosen = document.getElementById("chosen");
+  const button = document.getElementById("submit");
+  const tokenInput = document.getElementById("token");
+  const ARCHIVE = /\.(zip|tar|tgz|tar\.gz)$/i;
+  const OPTIONS = ["mode", "reduction", "normalize", "colormap", "format"];
+  let files = [];
+
+  if (tokenInput) tokenInput.value = FM.token();
+
+  function choose(list) {
+    files = Array.from(list);
+    chosen.textContent = files.length
+      ? `${files.length} file(s): ${files.map((f) => f.name).join(", ")}`
+      : "";
+  }
+
+  input.addEventListener("change", () => choose(input.files));
+  for (const name of ["dragenter", "dragover"]) {
+    drop.addEventListener(name, (event) => {
+      event.preventDefault();
+      drop.classList.add("over");
+    });
+  }
+  for (const name of ["dragleave", "drop"]) {
+    drop.addEventListener(name, () => drop.classList.remove("over"));
+  }
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    choose(event.dataTransfer.files);
+  });
+
+  function optionFields(data) {
+    for (const name of OPTIONS) data.append(name, document.getElementById(`opt-${name}`).value);
+    for (const name of ["per_layer", "arrays"]) {
+      data.append(name, document.getElementById(`opt-${name}`).checked ? "true" : "false");
+    }
+    return data;
+  }
+
+  async function submitImage(file) {
+    const data = optionFields(new FormData());
+    data.append("image", file, file.name);
+    return FM.json("/jobs", { method: "POST", body: data });
+  }
+
+  async function submitArchive(file) {
+    const data = optionFields(new FormData());
+    data.append("archive", file, file.name);
+    return FM.json("/batches", { method: "POST", body: data });
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    FM.showMessage("");
+    if (tokenInput) FM.setToken(tokenInput.value.trim());
+    if (!files.length) {
+      FM.showMessage("Choose or drop at least one image or an archive first.");
+      input.focus();
+      return;
+    }
+    if (FM.tokensRequired && !FM.token()) {
+      FM.showMessage("This API needs a token: enter it above.");
+      tokenInput.focus();
+      return;
+    }
+    const archives = files.filter((f) => ARCHIVE.test(f.name));
+    if (archives.length && files.length > 1) {
+      FM.showMessage("Send an archive on its own (or the images without it).");
+      return;
+    }
+    button.disabled = true;
+    try {
+      if (archives.length) {
+        const accepted = await submitArchive(archives[0]);
+        window.location.assign(`/ui/batches/${accepted.id}`);
+        return;
+      }
+      if (files.length === 1) {
+        const accepted = await submitImage(files[0]);
+        window.location.assign(`/ui/jobs/${accepted.id}`);
+        return;
+      }
+      await submitEach(files);
+    } catch (error) {
+      FM.showMessage(error.message);
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  async function submitEach(list) {
+    const section = document.getElementById("submitted-section");
+    const listing = document.getElementById("submitted");
+    section.hidden = false;
+    const failures = [];
+    for (const file of list) {
+      try {
+        const accepted = await submitImage(file);
+        listing.append(
+          FM.element("li", {}, FM.element("a", { href: `/ui/jobs/${accepted.id}`, text: file.name }))
+        );
+      } catch (error) {
+        failures.push(`${file.name}: ${error.message}`);
+        listing.append(FM.element("li", { class: "failed", text: `${file.name}: ${error.message}` }));
+      }
+    }
+    if (failures.length) FM.showMessage(`${failures.length} of ${list.length} refused.`);
+  }
+})();
