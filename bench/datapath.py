@@ -1,0 +1,381 @@
+"""Data path: where a worker's host CPU goes per image, next to the model's own cost.
+
+Three runs in one process, on the same seeded random ResNet-18 and the same images:
+
+- **model only**: the conv chain (each layer reduced as it comes, as the pipeline does) on
+  preloaded ``[16, 3, 224, 224]`` tensors, in the pipeline's CPU slices.
+- **data path**: :func:`worker.pipeline.process_images` on chunks of 16 encoded images,
+  bytes in, encoded figures and manifests out.
+- **chunk path**: :func:`worker.batches.run_chunk` against a private redis-server and
+  SeaweedFS, so a chunk also downloads its inputs, uploads figures and manifests and moves its
+  items through the batch store.
+
+The images are photo-like JPEGs of mixed sizes, a share of them camera-size (12 MP); a few
+dozen distinct ones are generated and cycled through, so generation stays quick while every
+image is still decoded, resized and rendered for real.
+
+Every stage's cost is CPU time, not wall time, so that other work on the machine does not
+inflate it: decode, render, encode and the storage and Redis calls are each measured with
+the calling thread's CPU clock (``time.thread_time``); preprocess, model and reduce, which
+torch spreads over its threads, with the process's. *other* is what no stage accounts for
+(result assembly, manifests, thread pools). *host outside model* is the process's whole CPU
+time for the run less the model's, per image. Run it with ``python -m bench --only
+datapath`` or ``python -m bench.datapath [--count N] [--no-stack]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.bulk import photo
+from shared import keys
+from shared.batches import Batch, BatchStatus, BatchStore, NewItem, item_id
+from shared.jobs import RedisJobStore
+from shared.options import JobOptions
+from shared.settings import Settings
+from shared.storage import ObjectStore
+from worker import batches, pipeline, render
+from worker.features import conv_chain, preprocess, reduce_channels
+from worker.model import LoadedModel, load_model
+from worker.runtime import WorkerContext
+
+COUNT = 2000
+CHUNK = 16
+# (width, height, how many distinct images of that size): 3 of 24 are 12 MP camera photos.
+SIZES = ((320, 240, 6), (640, 480, 6), (1024, 768, 5), (1920, 1080, 4), (4000, 3000, 3))
+MAX_PIXELS = 50_000_000
+STAGES = ("decode", "preprocess", "model", "reduce", "render", "encode")
+STACK_STAGES = ("download", "upload", "redis")
+
+
+def run(repeat: int) -> dict:
+    return measure(COUNT, repeat=repeat)
+
+
+def measure(count: int, *, repeat: int = 1, stack: bool = True) -> dict:
+    photos = distinct_photos()
+    sequence = [photos[i % len(photos)] for i in range(count)]
+    loaded = load_model("random", device="cpu", seed=0)
+    model_only = _model_only(loaded, photos, count, repeat=max(1, repeat))
+    data_path = _data_path(loaded, sequence)
+    numbers = {
+        "section": "datapath",
+        "images": count,
+        "distinct_images": len(photos),
+        "sizes": [[w, h, n] for w, h, n in SIZES],
+        "input_bytes_mean": round(sum(len(p) for p in sequence) / count),
+        "chunk": CHUNK,
+        "model_only": model_only,
+        "data_path": data_path,
+        "ratios": {"data_path_vs_model_only": _ratio(data_path, model_only)},
+        "machine": _machine(),
+    }
+    if stack:
+        chunk_path = _chunk_path(loaded, photos, count)
+        numbers["chunk_path"] = chunk_path
+        numbers["ratios"]["chunk_path_vs_model_only"] = _ratio(chunk_path, model_only)
+    numbers["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
+    _print(numbers)
+    return numbers
+
+
+def distinct_photos() -> list[bytes]:
+    """The distinct inputs, smallest first; seeded, so every run uses the same bytes."""
+    out = []
+    for width, height, n in SIZES:
+        out += [photo(len(out), (width, height)) for _ in range(n)]
+    return out
+
+
+class StageMeter:
+    """CPU milliseconds per stage, taken by wrapping the functions that do each stage.
+
+    ``with meter.wrapping(module, "name", "stage"):`` replaces ``module.name`` by a wrapper
+    that adds its CPU time to ``stage`` and puts the original back on exit. A wrapper called
+    inside another stage's wrapper (the reduction inside the model pass) is taken out of
+    the outer stage, so the stages add up.
+    """
+
+    def __init__(self) -> None:
+        self.cpu_ms: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def wrap(self, fn: Callable, stage: str, clock: Callable[[], float]) -> Callable:
+        def timed(*args, **kwargs):
+            nested = getattr(self._local, "nested", None)
+            self._local.nested = 0.0
+            started = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = clock() - started
+                inner = self._local.nested
+                self._local.nested = nested
+                if nested is not None:
+                    self._local.nested = nested + spent
+                self._add(stage, (spent - inner) * 1000)
+
+        return timed
+
+    @contextlib.contextmanager
+    def wrapping(
+        self, owner: object, name: str, stage: str, clock: Callable[[], float] = time.thread_time
+    ) -> Iterator[None]:
+        original = getattr(owner, name)
+        setattr(owner, name, self.wrap(original, stage, clock))
+        try:
+            yield
+        finally:
+            setattr(owner, name, original)
+
+    def _add(self, stage: str, ms: float) -> None:
+        with self._lock:
+            self.cpu_ms[stage] = self.cpu_ms.get(stage, 0.0) + ms
+
+
+def _pipeline_stages(meter: StageMeter) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(meter.wrapping(pipeline, "decode_image", "decode"))
+    stack.enter_context(meter.wrapping(pipeline, "preprocess", "preprocess", time.process_time))
+    stack.enter_context(meter.wrapping(pipeline, "conv_chain", "model", time.process_time))
+    stack.enter_context(meter.wrapping(pipeline, "reduce_channels", "reduce", time.process_time))
+    stack.enter_context(meter.wrapping(render, "_draw_fast", "render"))
+    stack.enter_context(meter.wrapping(render, "_encode_pil", "encode"))
+    return stack
+
+
+def _model_only(loaded: LoadedModel, photos: list[bytes], count: int, *, repeat: int) -> dict:
+    """The chain on preloaded tensors, chunk after chunk, for ``count`` images (at most 256
+    timed, the rate being steady), best of ``repeat``."""
+    tensors = preprocess([Image.open(io.BytesIO(p)).convert("RGB") for p in photos], "none")
+    chunk = torch.cat([tensors] * (CHUNK // len(tensors) + 1))[:CHUNK]
+    timed = min(count, 256)
+
+    def keep(activation: torch.Tensor) -> torch.Tensor:
+        return reduce_channels(activation, "mean")
+
+    def one_pass() -> None:
+        for _ in range(0, timed, CHUNK):
+            for start in range(0, CHUNK, pipeline.CPU_MODEL_BATCH):
+                conv_chain(loaded.model, chunk[start : start + pipeline.CPU_MODEL_BATCH], keep=keep)
+
+    conv_chain(loaded.model, chunk[: pipeline.CPU_MODEL_BATCH], keep=keep)  # warm-up
+    best_wall, best_cpu = float("inf"), float("inf")
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        one_pass()
+        best_wall = min(best_wall, time.perf_counter() - wall)
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+    images = (timed // CHUNK) * CHUNK
+    return {
+        "images_timed": images,
+        "images_per_s": round(images / best_wall, 2),
+        "wall_ms_per_image": round(best_wall * 1000 / images, 2),
+        "cpu_ms_per_image": round(best_cpu * 1000 / images, 2),
+    }
+
+
+def _data_path(loaded: LoadedModel, sequence: list[bytes]) -> dict:
+    options = JobOptions()
+    pipeline.process_images(loaded, sequence[:2], options, max_pixels=MAX_PIXELS)  # warm-up
+    meter = StageMeter()
+    with _pipeline_stages(meter):
+        wall, cpu = time.perf_counter(), time.process_time()
+        for start in range(0, len(sequence), CHUNK):
+            results = pipeline.process_images(
+                loaded, sequence[start : start + CHUNK], options, max_pixels=MAX_PIXELS
+            )
+            if not all(isinstance(r, pipeline.ImageResult) for r in results):
+                raise RuntimeError(f"bench image failed: {results}")
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return _summary(meter, len(sequence), wall, cpu, STAGES)
+
+
+def _chunk_path(loaded: LoadedModel, photos: list[bytes], count: int) -> dict:
+    from stack.services import RedisServer, SeaweedS3
+
+    with tempfile.TemporaryDirectory(prefix="bench-datapath-") as tmp:
+        redis_server = RedisServer(Path(tmp) / "redis", appendonly=False)
+        s3 = SeaweedS3(Path(tmp) / "s3")
+        redis_server.start()
+        s3.start()
+        try:
+            settings = Settings(
+                redis_url=redis_server.url,
+                s3_endpoint=s3.endpoint,
+                s3_access_key=s3.access_key,
+                s3_secret_key=s3.secret_key,
+                s3_bucket="bench",
+                batch_chunk=CHUNK,
+                max_image_pixels=MAX_PIXELS,
+            )
+            ctx = _context(settings, loaded)
+            batch_id, chunks = _seed_batch(ctx, photos, count)
+            return _run_chunks(ctx, batch_id, chunks, count)
+        finally:
+            s3.stop()
+            redis_server.stop()
+
+
+def _context(settings: Settings, loaded: LoadedModel) -> WorkerContext:
+    redis = __import__("redis").Redis.from_url(settings.redis_url)
+    store = ObjectStore.from_settings(settings)
+    store.ensure_bucket()
+    return WorkerContext(
+        settings=settings,
+        hostname="bench@datapath",
+        redis=redis,
+        jobs=RedisJobStore(redis, ttl_s=settings.job_ttl_s),
+        store=store,
+        loaded=loaded,
+        device="cpu",
+    )
+
+
+def _seed_batch(ctx: WorkerContext, photos: list[bytes], count: int) -> tuple[str, list]:
+    """A running batch of ``count`` queued items. Items share the distinct inputs' keys (so
+    seeding uploads a few dozen objects), but each chunk still downloads every item's."""
+    store = batches.batch_store(ctx)
+    batch_id = uuid.uuid4().hex
+    store.create(
+        Batch(
+            id=batch_id,
+            status=BatchStatus.RUNNING,
+            options=JobOptions().to_dict(),
+            source={"kind": "bench"},
+        )
+    )
+    input_keys = [keys.input_key(f"{batch_id}-src{i:03d}", "jpg") for i in range(len(photos))]
+    for key, data in zip(input_keys, photos, strict=True):
+        ctx.store.put_bytes(key, data)
+    items = [
+        NewItem(item_id(batch_id, i), f"{i:05d}.jpg", input_key=input_keys[i % len(photos)])
+        for i in range(count)
+    ]
+    _, queued = store.add_items(batch_id, items)
+    store.end_expansion(batch_id)
+    return batch_id, [queued[s : s + CHUNK] for s in range(0, len(queued), CHUNK)]
+
+
+def _run_chunks(ctx: WorkerContext, batch_id: str, chunks: list, count: int) -> dict:
+    finalized: list[str] = []
+    meter = StageMeter()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_pipeline_stages(meter))
+        stack.enter_context(meter.wrapping(ctx.store, "get_bytes", "download"))
+        stack.enter_context(meter.wrapping(ctx.store, "put_bytes", "upload"))
+        for name in ("start_items", "get", "get_items", "finish_items"):
+            stack.enter_context(meter.wrapping(BatchStore, name, "redis"))
+        wall, cpu = time.perf_counter(), time.process_time()
+        for ids in chunks:
+            batches.run_chunk(ctx, batch_id, ids, token=uuid.uuid4().hex, finalize=finalized.append)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    done = batches.batch_store(ctx).get(batch_id)
+    if done.succeeded != count or finalized != [batch_id]:
+        raise RuntimeError(f"bench batch did not process every image: {done.counts()}")
+    return _summary(meter, count, wall, cpu, (*STAGES, *STACK_STAGES))
+
+
+def _summary(
+    meter: StageMeter, count: int, wall: float, cpu: float, stages: tuple[str, ...]
+) -> dict:
+    per_image = {stage: round(meter.cpu_ms.get(stage, 0.0) / count, 2) for stage in stages}
+    cpu_ms = cpu * 1000 / count
+    per_image["other"] = round(cpu_ms - sum(per_image.values()), 2)
+    return {
+        "images_per_s": round(count / wall, 2),
+        "wall_ms_per_image": round(wall * 1000 / count, 2),
+        "cpu_ms_per_image": round(cpu_ms, 2),
+        "host_cpu_ms_outside_model": round(cpu_ms - per_image["model"], 2),
+        "stage_cpu_ms_per_image": per_image,
+    }
+
+
+def _ratio(path: dict, model_only: dict) -> dict:
+    return {
+        "images_per_s": round(path["images_per_s"] / model_only["images_per_s"], 3),
+        "cpu_per_image": round(path["cpu_ms_per_image"] / model_only["cpu_ms_per_image"], 3),
+    }
+
+
+def _machine() -> dict:
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m_before": round(os.getloadavg()[0], 2),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def _print(numbers: dict) -> None:
+    model = numbers["model_only"]
+    paths = [("data_path", "data path")]
+    if "chunk_path" in numbers:
+        paths.append(("chunk_path", "chunk path"))
+    print(
+        f"\ndatapath: {numbers['images']} images ({numbers['distinct_images']} distinct, "
+        f"mixed sizes up to 12 MP), chunks of {numbers['chunk']}, CPU ms per image"
+    )
+    header = f"  {'stage':<26}{'model only':>12}" + "".join(f"{label:>12}" for _, label in paths)
+    print(header)
+    for stage in (*STAGES, *STACK_STAGES, "other"):
+        row = [numbers[key]["stage_cpu_ms_per_image"].get(stage) for key, _ in paths]
+        if all(v is None for v in row):
+            continue
+        ref = model["cpu_ms_per_image"] if stage == "model" else None
+        print(
+            f"  {stage:<26}{'' if ref is None else f'{ref:.2f}':>12}"
+            + "".join(f"{'' if v is None else f'{v:.2f}':>12}" for v in row)
+        )
+    for field, label in (
+        ("cpu_ms_per_image", "CPU, total"),
+        ("host_cpu_ms_outside_model", "host CPU outside model"),
+        ("wall_ms_per_image", "wall"),
+        ("images_per_s", "images/s"),
+    ):
+        ref = model.get(field)
+        print(
+            f"  {label:<26}{'' if ref is None else f'{ref:.2f}':>12}"
+            + "".join(f"{numbers[key][field]:>12.2f}" for key, _ in paths)
+        )
+    for key, label in paths:
+        ratio = numbers["ratios"][f"{key}_vs_model_only"]
+        print(
+            f"  {label}: {ratio['images_per_s']}x model-only images/s, "
+            f"{ratio['cpu_per_image']}x its CPU per image"
+        )
+    print(f"  load average (1 min): {numbers['machine']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.datapath", description=__doc__)
+    parser.add_argument("--count", type=int, default=COUNT, help="images per run")
+    parser.add_argument("--repeat", type=int, default=1, help="model-only runs (best kept)")
+    parser.add_argument("--no-stack", action="store_true", help="skip the chunk path")
+    parser.add_argument("--out", type=Path, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    numbers = measure(args.count, repeat=args.repeat, stack=not args.no_stack)
+    if args.out:
+        args.out.write_text(json.dumps(numbers, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
