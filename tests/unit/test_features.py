@@ -231,6 +231,31 @@ def test_preprocess(grace_hopper_path):
     torch.testing.assert_close(normalized[0], (plain[0] - mean) / std)
 
 
+@pytest.mark.parametrize("normalize", ["none", "imagenet"])
+def test_preprocess_is_the_articles_transform_bit_for_bit(normalize):
+    mean, std = (0.0, 1.0) if normalize == "none" else (IMAGENET_MEAN, IMAGENET_STD)
+    transform = transforms.Compose(
+        [
+            transforms.Resize((224, 224)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=mean, std=std),
+        ]
+    )
+    rng = np.random.default_rng(3)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for width, height in ((224, 224), (1003, 701), (97, 333), (2000, 1500))
+    ]
+    batch = preprocess(images, normalize)
+    assert batch.is_contiguous() and batch.dtype == torch.float32
+    assert torch.equal(batch, torch.stack([transform(image) for image in images]))
+
+
+def test_preprocess_refuses_an_unknown_normalization():
+    with pytest.raises(ValueError, match="unknown normalize"):
+        preprocess([Image.new("RGB", (8, 8))], "zscore")
+
+
 def test_preprocess_resizes_any_size():
     image = Image.new("RGB", (300, 90), (10, 20, 30))
     assert preprocess([image], "none").shape == (1, 3, 224, 224)
