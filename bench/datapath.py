@@ -137,7 +137,10 @@ class StageMeter:
     def wrapping(
         self, owner: object, name: str, stage: str, clock: Callable[[], float] = time.thread_time
     ) -> Iterator[None]:
-        original = getattr(owner, name)
+        original = getattr(owner, name, None)
+        if original is None:
+            yield
+            return
         setattr(owner, name, self.wrap(original, stage, clock))
         try:
             yield
@@ -152,7 +155,11 @@ class StageMeter:
 def _pipeline_stages(meter: StageMeter) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     stack.enter_context(meter.wrapping(pipeline, "decode_image", "decode"))
+    # Older pipelines preprocess in one call, newer ones resize as they decode; wrapping
+    # skips a name the pipeline does not have, so the same bench measures both.
     stack.enter_context(meter.wrapping(pipeline, "preprocess", "preprocess", time.process_time))
+    stack.enter_context(meter.wrapping(pipeline, "resize_input", "preprocess"))
+    stack.enter_context(meter.wrapping(pipeline, "to_batch", "preprocess", time.process_time))
     stack.enter_context(meter.wrapping(pipeline, "conv_chain", "model", time.process_time))
     stack.enter_context(meter.wrapping(pipeline, "reduce_channels", "reduce", time.process_time))
     stack.enter_context(meter.wrapping(render, "_draw_fast", "render"))

@@ -19,7 +19,13 @@ from PIL import Image
 from shared.errors import FeatureMapsError
 from shared.imaging import decode_image, sniff_format
 from shared.options import JobOptions
-from worker.features import conv_chain, forward_activations, preprocess, reduce_channels
+from worker.features import (
+    conv_chain,
+    forward_activations,
+    reduce_channels,
+    resize_input,
+    to_batch,
+)
 from worker.model import LoadedModel
 from worker.render import LayerMap, render_grid, render_layer_png
 
@@ -50,8 +56,12 @@ class ImageResult:
 class _Decoded:
     position: int
     ext: str
-    image: Image.Image
+    # (width, height) as decoded, for the manifest
+    size: tuple[int, int]
+    # resized to the model's 224×224 input at once, so no full-size decode is kept
+    resized: Image.Image
     decode_ms: float
+    preprocess_ms: float
 
 
 def process_image(
@@ -79,7 +89,10 @@ def process_images(
         except FeatureMapsError as exc:
             results[position] = exc
             continue
-        decoded.append(_Decoded(position, ext, image, _ms_since(started)))
+        decode_ms = _ms_since(started)
+        started = time.perf_counter()
+        resized = resize_input(image)
+        decoded.append(_Decoded(position, ext, image.size, resized, decode_ms, _ms_since(started)))
     if decoded:
         for item, result in zip(decoded, _run_batch(loaded, decoded, options), strict=True):
             results[item.position] = result
@@ -103,7 +116,7 @@ def _run_batch(
 ) -> list[ImageResult]:
     count = len(decoded)
     started = time.perf_counter()
-    batch = preprocess([item.image for item in decoded], options.normalize)
+    batch = to_batch([item.resized for item in decoded], options.normalize)
     preprocess_ms = _ms_since(started)
 
     # Each layer is reduced as soon as it is computed, so the full activations never all
@@ -148,7 +161,7 @@ def _run_batch(
     results = []
     for row, item in enumerate(decoded):
         timings = {
-            "decode_ms": item.decode_ms + preprocess_ms / count,
+            "decode_ms": item.decode_ms + item.preprocess_ms + preprocess_ms / count,
             "model_ms": model_ms / count,
             "reduce_ms": reduce_ms / count,
         }
@@ -218,7 +231,7 @@ def _finish(
         "model": MODEL_NAME,
         "weights": loaded.weights,
         "options": options.to_dict(),
-        "input": {"format": item.ext, "width": item.image.width, "height": item.image.height},
+        "input": {"format": item.ext, "width": item.size[0], "height": item.size[1]},
         "figure": f"feature_maps.{options.format}",
         "layers": layers,
         "torch": torch.__version__,
