@@ -45,6 +45,7 @@ from PIL import Image
 from bench.bulk import photo
 from shared import keys
 from shared.batches import Batch, BatchStatus, BatchStore, NewItem, item_id
+from shared.imaging import decode_image
 from shared.jobs import RedisJobStore
 from shared.options import JobOptions
 from shared.settings import Settings
@@ -81,6 +82,7 @@ def measure(count: int, *, repeat: int = 1, stack: bool = True) -> dict:
         "input_bytes_mean": round(sum(len(p) for p in sequence) / count),
         "chunk": CHUNK,
         "model_only": model_only,
+        "decode_by_size": _decode_by_size(photos),
         "data_path": data_path,
         "ratios": {"data_path_vs_model_only": _ratio(data_path, model_only)},
         "machine": _machine(),
@@ -196,6 +198,23 @@ def _model_only(loaded: LoadedModel, photos: list[bytes], count: int, *, repeat:
         "wall_ms_per_image": round(best_wall * 1000 / images, 2),
         "cpu_ms_per_image": round(best_cpu * 1000 / images, 2),
     }
+
+
+def _decode_by_size(photos: list[bytes]) -> dict:
+    """CPU ms to decode one image and resize it to 224×224, per input size (best of 3)."""
+    out = {}
+    for data in photos:
+        with Image.open(io.BytesIO(data)) as probe:
+            label = f"{probe.width}x{probe.height}"
+        if label in out:
+            continue
+        best = float("inf")
+        for _ in range(3):
+            started = time.thread_time()
+            decode_image(data, max_pixels=MAX_PIXELS).resize((224, 224), Image.Resampling.BILINEAR)
+            best = min(best, time.thread_time() - started)
+        out[label] = round(best * 1000, 2)
+    return out
 
 
 def _data_path(loaded: LoadedModel, sequence: list[bytes]) -> dict:
@@ -368,7 +387,13 @@ def _print(numbers: dict) -> None:
             f"  {label}: {ratio['images_per_s']}x model-only images/s, "
             f"{ratio['cpu_per_image']}x its CPU per image"
         )
-    print(f"  load average (1 min): {numbers['machine']}")
+    sizes = ", ".join(f"{k} {v:.1f}" for k, v in numbers["decode_by_size"].items())
+    print(f"  decode + resize to 224, CPU ms: {sizes}")
+    machine = numbers["machine"]
+    print(
+        f"  load average (1 min) before/after: {machine['load_average_1m_before']}"
+        f"/{machine['load_average_1m_after']} on {machine['cpus']} CPUs"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
