@@ -83,6 +83,7 @@ def measure(count: int, *, repeat: int = 1, stack: bool = True) -> dict:
         "chunk": CHUNK,
         "model_only": model_only,
         "decode_by_size": _decode_by_size(photos),
+        "render_compare": render_compare(loaded),
         "data_path": data_path,
         "ratios": {"data_path_vs_model_only": _ratio(data_path, model_only)},
         "machine": _machine(),
@@ -197,6 +198,40 @@ def _model_only(loaded: LoadedModel, photos: list[bytes], count: int, *, repeat:
         "images_per_s": round(images / best_wall, 2),
         "wall_ms_per_image": round(best_wall * 1000 / images, 2),
         "cpu_ms_per_image": round(best_cpu * 1000 / images, 2),
+    }
+
+
+def render_compare(loaded: LoadedModel, rounds: int = 5) -> dict:
+    """CPU ms per image to draw a chunk's grids: the fast renderer (numpy and Pillow, image
+    by image) against the batched torch renderer, on the same maps (the chain's 17 layers of
+    16 images), interleaved, best of ``rounds``; and the largest pixel difference."""
+    from worker.render_tensor import draw_grids
+
+    tensors = torch.rand(CHUNK, 3, 224, 224)
+    outputs = conv_chain(loaded.model, tensors, keep=lambda a: reduce_channels(a, "mean"))
+    modules = dict(loaded.model.named_modules())
+    layers = [(n, (modules[n].out_channels, *t.shape[1:]), t) for n, t in outputs]
+    caption = "ResNet-18 feature maps · weights: random, seed 0 (untrained)"
+    numpy_maps = [
+        [render.LayerMap(n, shape, t[row].numpy()) for n, shape, t in layers]
+        for row in range(CHUNK)
+    ]
+    pillow = tensor = float("inf")
+    for _ in range(rounds):
+        started = time.process_time()
+        drawn = [render._draw_fast(maps, "viridis", caption) for maps in numpy_maps]
+        pillow = min(pillow, time.process_time() - started)
+        started = time.process_time()
+        canvases = draw_grids(layers, "viridis", caption).numpy()
+        tensor = min(tensor, time.process_time() - started)
+    difference = max(
+        int(np.abs(np.asarray(image, dtype=np.int16) - canvas).max())
+        for image, canvas in zip(drawn, canvases, strict=True)
+    )
+    return {
+        "pillow_cpu_ms_per_image": round(pillow * 1000 / CHUNK, 2),
+        "torch_batched_cpu_ms_per_image": round(tensor * 1000 / CHUNK, 2),
+        "max_pixel_difference": difference,
     }
 
 
@@ -387,6 +422,12 @@ def _print(numbers: dict) -> None:
             f"  {label}: {ratio['images_per_s']}x model-only images/s, "
             f"{ratio['cpu_per_image']}x its CPU per image"
         )
+    compare = numbers["render_compare"]
+    print(
+        f"  render, CPU ms per image: Pillow {compare['pillow_cpu_ms_per_image']}, torch "
+        f"batched {compare['torch_batched_cpu_ms_per_image']} (max pixel difference "
+        f"{compare['max_pixel_difference']})"
+    )
     sizes = ", ".join(f"{k} {v:.1f}" for k, v in numbers["decode_by_size"].items())
     print(f"  decode + resize to 224, CPU ms: {sizes}")
     machine = numbers["machine"]

@@ -36,15 +36,16 @@ def draw_grids(
     device = layers[0][2].device
     count = layers[0][2].shape[0]
     template = _template(tuple((name, shape) for name, shape, _ in layers), caption, device)
-    canvases = template.unsqueeze(0).repeat(count, 1, 1, 1)
+    canvases = template.expand(count, -1, -1, -1).clone()
     colours = _lut(colormap, device)
     layout = grid_layout(len(layers))
     for index, (_, _, maps) in enumerate(layers):
         x, y = layout.tile_origin(index)
         rows = _nearest(maps.shape[1], TILE, device)
         cols = _nearest(maps.shape[2], TILE, device)
-        tiles = colormap_index(maps)[:, rows][:, :, cols]
-        canvases[:, y : y + TILE, x : x + TILE] = colours[tiles.long()]
+        tiles = colormap_index(maps).index_select(1, rows).index_select(2, cols)
+        rgb = colours.index_select(0, tiles.flatten().long()).view(count, TILE, TILE, 3)
+        canvases[:, y : y + TILE, x : x + TILE] = rgb
     return canvases
 
 
