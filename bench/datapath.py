@@ -69,11 +69,12 @@ def run(repeat: int) -> dict:
 
 
 def measure(count: int, *, repeat: int = 1, stack: bool = True) -> dict:
+    """``repeat`` is accepted for ``python -m bench``; every chunk is measured once, the
+    paths taking turns chunk by chunk so that a change in the machine's load hits all."""
+    count = max(1, -(-count // CHUNK)) * CHUNK  # whole chunks
     photos = distinct_photos()
     sequence = [photos[i % len(photos)] for i in range(count)]
     loaded = load_model("random", device="cpu", seed=0)
-    model_only = _model_only(loaded, photos, count, repeat=max(1, repeat))
-    data_path = _data_path(loaded, sequence)
     numbers = {
         "section": "datapath",
         "images": count,
@@ -81,17 +82,18 @@ def measure(count: int, *, repeat: int = 1, stack: bool = True) -> dict:
         "sizes": [[w, h, n] for w, h, n in SIZES],
         "input_bytes_mean": round(sum(len(p) for p in sequence) / count),
         "chunk": CHUNK,
-        "model_only": model_only,
+        "machine": _machine(),
         "decode_by_size": _decode_by_size(photos),
         "render_compare": render_compare(loaded),
-        "data_path": data_path,
-        "ratios": {"data_path_vs_model_only": _ratio(data_path, model_only)},
-        "machine": _machine(),
     }
-    if stack:
-        chunk_path = _chunk_path(loaded, photos, count)
-        numbers["chunk_path"] = chunk_path
-        numbers["ratios"]["chunk_path_vs_model_only"] = _ratio(chunk_path, model_only)
+    with contextlib.ExitStack() as services:
+        ctx = services.enter_context(_services(loaded)) if stack else None
+        numbers.update(_interleaved(loaded, photos, sequence, ctx))
+    numbers["ratios"] = {
+        f"{path}_vs_model_only": _ratio(numbers[path], numbers["model_only"])
+        for path in ("data_path", "chunk_path")
+        if path in numbers
+    }
     numbers["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     _print(numbers)
     return numbers
@@ -170,37 +172,6 @@ def _pipeline_stages(meter: StageMeter) -> contextlib.ExitStack:
     return stack
 
 
-def _model_only(loaded: LoadedModel, photos: list[bytes], count: int, *, repeat: int) -> dict:
-    """The chain on preloaded tensors, chunk after chunk, for ``count`` images (at most 256
-    timed, the rate being steady), best of ``repeat``."""
-    tensors = preprocess([Image.open(io.BytesIO(p)).convert("RGB") for p in photos], "none")
-    chunk = torch.cat([tensors] * (CHUNK // len(tensors) + 1))[:CHUNK]
-    timed = min(count, 256)
-
-    def keep(activation: torch.Tensor) -> torch.Tensor:
-        return reduce_channels(activation, "mean")
-
-    def one_pass() -> None:
-        for _ in range(0, timed, CHUNK):
-            for start in range(0, CHUNK, pipeline.CPU_MODEL_BATCH):
-                conv_chain(loaded.model, chunk[start : start + pipeline.CPU_MODEL_BATCH], keep=keep)
-
-    conv_chain(loaded.model, chunk[: pipeline.CPU_MODEL_BATCH], keep=keep)  # warm-up
-    best_wall, best_cpu = float("inf"), float("inf")
-    for _ in range(repeat):
-        wall, cpu = time.perf_counter(), time.process_time()
-        one_pass()
-        best_wall = min(best_wall, time.perf_counter() - wall)
-        best_cpu = min(best_cpu, time.process_time() - cpu)
-    images = (timed // CHUNK) * CHUNK
-    return {
-        "images_timed": images,
-        "images_per_s": round(images / best_wall, 2),
-        "wall_ms_per_image": round(best_wall * 1000 / images, 2),
-        "cpu_ms_per_image": round(best_cpu * 1000 / images, 2),
-    }
-
-
 def render_compare(loaded: LoadedModel, rounds: int = 5) -> dict:
     """CPU ms per image to draw a chunk's grids: the fast renderer (numpy and Pillow, image
     by image) against the batched torch renderer, on the same maps (the chain's 17 layers of
@@ -252,23 +223,74 @@ def _decode_by_size(photos: list[bytes]) -> dict:
     return out
 
 
-def _data_path(loaded: LoadedModel, sequence: list[bytes]) -> dict:
+def _interleaved(
+    loaded: LoadedModel, photos: list[bytes], sequence: list[bytes], ctx: WorkerContext | None
+) -> dict:
+    """Chunk by chunk: the model alone on a preloaded chunk, then the data path on the chunk's
+    bytes, then (with ``ctx``) the chunk path on the same items."""
     options = JobOptions()
-    pipeline.process_images(loaded, sequence[:2], options, max_pixels=MAX_PIXELS)  # warm-up
+    tensors = preprocess([Image.open(io.BytesIO(p)).convert("RGB") for p in photos], "none")
+    preloaded = [
+        tensors[[(start + i) % len(photos) for i in range(CHUNK)]]
+        for start in range(0, len(sequence), CHUNK)
+    ]
+    chunks = [sequence[s : s + CHUNK] for s in range(0, len(sequence), CHUNK)]
+    count = len(chunks) * CHUNK
+    batch_id, item_chunks = _seed_batch(ctx, photos, count) if ctx else ("", [])
+    finalized: list[str] = []
+
+    def keep(activation: torch.Tensor) -> torch.Tensor:
+        return reduce_channels(activation, "mean")
+
+    def model_only(index: int) -> None:
+        batch = preloaded[index]
+        for start in range(0, CHUNK, pipeline.CPU_MODEL_BATCH):
+            conv_chain(loaded.model, batch[start : start + pipeline.CPU_MODEL_BATCH], keep=keep)
+
+    def data_path(index: int) -> None:
+        results = pipeline.process_images(loaded, chunks[index], options, max_pixels=MAX_PIXELS)
+        if not all(isinstance(r, pipeline.ImageResult) for r in results):
+            raise RuntimeError(f"bench image failed: {results}")
+
+    def chunk_path(index: int) -> None:
+        ids = item_chunks[index]
+        batches.run_chunk(ctx, batch_id, ids, token=uuid.uuid4().hex, finalize=finalized.append)
+
+    paths: dict[str, Callable[[int], None]] = {"model_only": model_only, "data_path": data_path}
+    if ctx:
+        paths["chunk_path"] = chunk_path
+    model_only(0)
+    data_path(0)  # warm-ups, not counted
     meter = StageMeter()
-    with _pipeline_stages(meter):
-        wall, cpu = time.perf_counter(), time.process_time()
-        for start in range(0, len(sequence), CHUNK):
-            results = pipeline.process_images(
-                loaded, sequence[start : start + CHUNK], options, max_pixels=MAX_PIXELS
-            )
-            if not all(isinstance(r, pipeline.ImageResult) for r in results):
-                raise RuntimeError(f"bench image failed: {results}")
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return _summary(meter, len(sequence), wall, cpu, STAGES)
+    totals = {path: {"wall": 0.0, "cpu": 0.0, "stages": {}} for path in paths}
+    with contextlib.ExitStack() as wrapped:
+        wrapped.enter_context(_pipeline_stages(meter))
+        if ctx:
+            wrapped.enter_context(meter.wrapping(ctx.store, "get_bytes", "download"))
+            wrapped.enter_context(meter.wrapping(ctx.store, "put_bytes", "upload"))
+            for name in ("start_items", "get", "get_items", "finish_items"):
+                wrapped.enter_context(meter.wrapping(BatchStore, name, "redis"))
+        for index in range(len(chunks)):
+            for path, fn in paths.items():
+                meter.cpu_ms = totals[path]["stages"]
+                wall, cpu = time.perf_counter(), time.process_time()
+                fn(index)
+                totals[path]["wall"] += time.perf_counter() - wall
+                totals[path]["cpu"] += time.process_time() - cpu
+    if ctx:
+        done = batches.batch_store(ctx).get(batch_id)
+        if done.succeeded != count or finalized != [batch_id]:
+            raise RuntimeError(f"bench batch did not process every image: {done.counts()}")
+    stages = {"model_only": (), "data_path": STAGES, "chunk_path": (*STAGES, *STACK_STAGES)}
+    return {
+        path: _summary(total["stages"], count, total["wall"], total["cpu"], stages[path])
+        for path, total in totals.items()
+    }
 
 
-def _chunk_path(loaded: LoadedModel, photos: list[bytes], count: int) -> dict:
+@contextlib.contextmanager
+def _services(loaded: LoadedModel) -> Iterator[WorkerContext]:
+    """A private redis-server and SeaweedFS, and a worker context that uses them."""
     from stack.services import RedisServer, SeaweedS3
 
     with tempfile.TemporaryDirectory(prefix="bench-datapath-") as tmp:
@@ -286,9 +308,7 @@ def _chunk_path(loaded: LoadedModel, photos: list[bytes], count: int) -> dict:
                 batch_chunk=CHUNK,
                 max_image_pixels=MAX_PIXELS,
             )
-            ctx = _context(settings, loaded)
-            batch_id, chunks = _seed_batch(ctx, photos, count)
-            return _run_chunks(ctx, batch_id, chunks, count)
+            yield _context(settings, loaded)
         finally:
             s3.stop()
             redis_server.stop()
@@ -334,38 +354,24 @@ def _seed_batch(ctx: WorkerContext, photos: list[bytes], count: int) -> tuple[st
     return batch_id, [queued[s : s + CHUNK] for s in range(0, len(queued), CHUNK)]
 
 
-def _run_chunks(ctx: WorkerContext, batch_id: str, chunks: list, count: int) -> dict:
-    finalized: list[str] = []
-    meter = StageMeter()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_pipeline_stages(meter))
-        stack.enter_context(meter.wrapping(ctx.store, "get_bytes", "download"))
-        stack.enter_context(meter.wrapping(ctx.store, "put_bytes", "upload"))
-        for name in ("start_items", "get", "get_items", "finish_items"):
-            stack.enter_context(meter.wrapping(BatchStore, name, "redis"))
-        wall, cpu = time.perf_counter(), time.process_time()
-        for ids in chunks:
-            batches.run_chunk(ctx, batch_id, ids, token=uuid.uuid4().hex, finalize=finalized.append)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    done = batches.batch_store(ctx).get(batch_id)
-    if done.succeeded != count or finalized != [batch_id]:
-        raise RuntimeError(f"bench batch did not process every image: {done.counts()}")
-    return _summary(meter, count, wall, cpu, (*STAGES, *STACK_STAGES))
-
-
 def _summary(
-    meter: StageMeter, count: int, wall: float, cpu: float, stages: tuple[str, ...]
+    stage_ms: dict[str, float], count: int, wall: float, cpu: float, stages: tuple[str, ...]
 ) -> dict:
-    per_image = {stage: round(meter.cpu_ms.get(stage, 0.0) / count, 2) for stage in stages}
     cpu_ms = cpu * 1000 / count
-    per_image["other"] = round(cpu_ms - sum(per_image.values()), 2)
-    return {
+    summary = {
         "images_per_s": round(count / wall, 2),
         "wall_ms_per_image": round(wall * 1000 / count, 2),
         "cpu_ms_per_image": round(cpu_ms, 2),
-        "host_cpu_ms_outside_model": round(cpu_ms - per_image["model"], 2),
-        "stage_cpu_ms_per_image": per_image,
     }
+    if stages:
+        per_image = {stage: round(stage_ms.get(stage, 0.0) / count, 2) for stage in stages}
+        per_image["other"] = round(cpu_ms - sum(per_image.values()), 2)
+        # Model-only runs the reduction as the pipeline does (each layer as it comes), so
+        # "outside the model" leaves out both, to compare with model-only's own cost.
+        outside = cpu_ms - per_image["model"] - per_image["reduce"]
+        summary["host_cpu_ms_outside_model"] = round(outside, 2)
+        summary["stage_cpu_ms_per_image"] = per_image
+    return summary
 
 
 def _ratio(path: dict, model_only: dict) -> dict:
@@ -407,7 +413,7 @@ def _print(numbers: dict) -> None:
         )
     for field, label in (
         ("cpu_ms_per_image", "CPU, total"),
-        ("host_cpu_ms_outside_model", "host CPU outside model"),
+        ("host_cpu_ms_outside_model", "host outside model+reduce"),
         ("wall_ms_per_image", "wall"),
         ("images_per_s", "images/s"),
     ):
