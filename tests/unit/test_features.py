@@ -20,6 +20,8 @@ from worker.features import (
     forward_activations,
     preprocess,
     reduce_channels,
+    resize_input,
+    to_batch,
 )
 from worker.pipeline import process_image, process_images
 
@@ -249,6 +251,12 @@ def test_preprocess_is_the_articles_transform_bit_for_bit(normalize):
     batch = preprocess(images, normalize)
     assert batch.is_contiguous() and batch.dtype == torch.float32
     assert torch.equal(batch, torch.stack([transform(image) for image in images]))
+
+
+def test_to_batch_takes_only_resized_images():
+    with pytest.raises(ValueError, match="224×224"):
+        to_batch([Image.new("RGB", (225, 224))], "none")
+    assert resize_input(Image.new("RGB", (640, 480))).size == (224, 224)
 
 
 def test_preprocess_refuses_an_unknown_normalization():
