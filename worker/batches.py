@@ -6,8 +6,9 @@ key under an S3 prefix), uploads each image member to its own ``inputs/<item_id>
 records the items and dispatches a chunk task as soon as ``BATCH_CHUNK`` items are queued, so
 workers start on the first chunk while later members are still being read.
 
-A chunk downloads its inputs in parallel, runs them through the model as one tensor batch
-(:func:`worker.pipeline.process_images`), uploads every item's outputs in parallel, and
+A chunk requests all its inputs in parallel, runs them through the model in tensor batches
+(:func:`worker.pipeline.process_images`; on the CPU in slices of ``CPU_MODEL_BATCH``, each
+starting as soon as its inputs are in, while the previous slice's outputs upload), and
 records all outcomes in one atomic step. Whoever records the batch's last outcome writes the
 manifest and the bundle of figures (``BatchStore`` makes that exactly one caller), and then,
 unless ``KEEP_INPUTS``, deletes the uploaded archive and the items' expanded inputs: no item
@@ -256,15 +257,22 @@ def run_chunk(
     batch = store.get(batch_id)
     options = JobOptions.from_mapping(batch.options)
     items = store.get_items(batch_id, started)
+    step = _model_slice(ctx, len(started))
     with ThreadPoolExecutor(IO_THREADS) as pool:
-        inputs = list(pool.map(lambda i: _download(ctx, items[i].info["input_key"]), started))
-        results = _process(ctx, inputs, options)
-        outcomes = list(
-            pool.map(
-                lambda args: _store_outcome(ctx, *args),
-                zip(started, (items[i].info for i in started), results, strict=True),
-            )
-        )
+        # Every input is requested at once; a slice goes through the model as soon as its
+        # own inputs are in, and its outputs upload while the next slice computes.
+        downloads = [pool.submit(_download, ctx, items[i].info["input_key"]) for i in started]
+        uploads, results = [], []
+        for start in range(0, len(started), step):
+            part = started[start : start + step]
+            inputs = [download.result() for download in downloads[start : start + step]]
+            part_results = _process(ctx, inputs, options)
+            results += part_results
+            uploads += [
+                pool.submit(_store_outcome, ctx, i, items[i].info, result)
+                for i, result in zip(part, part_results, strict=True)
+            ]
+        outcomes = [upload.result() for upload in uploads]
     metrics.chunk_done(results)
     if store.finish_items(batch_id, outcomes):
         finalize(batch_id)
@@ -292,6 +300,13 @@ def fail_chunk(
     metrics.images_failed("batch", code, len(outcomes))
     if outcomes and store.finish_items(batch_id, outcomes):
         finalize(batch_id)
+
+
+def _model_slice(ctx: WorkerContext, count: int) -> int:
+    """Images per model pass: the pipeline's CPU slice, or the whole chunk on a GPU."""
+    from worker.pipeline import CPU_MODEL_BATCH
+
+    return count if ctx.loaded.device.type == "cuda" else CPU_MODEL_BATCH
 
 
 def _download(ctx: WorkerContext, key: str) -> bytes | FeatureMapsError:

@@ -17,9 +17,15 @@ import torchvision
 from PIL import Image
 
 from shared.errors import FeatureMapsError
-from shared.imaging import DecodedImage, decode
+from shared.imaging import decode
 from shared.options import JobOptions
-from worker.features import conv_chain, forward_activations, preprocess, reduce_channels
+from worker.features import (
+    conv_chain,
+    forward_activations,
+    reduce_channels,
+    resize_input,
+    to_batch,
+)
 from worker.model import LoadedModel
 from worker.render import (
     LayerMap,
@@ -59,29 +65,39 @@ class ImageResult:
 @dataclass
 class _Decoded:
     position: int
-    source: DecodedImage
+    # the manifest's ``input`` entry (DecodedImage.describe): format, size, mode, orientation
+    input: dict
+    # resized to the model's 224×224 input at once, so no full-size decode is kept
+    resized: Image.Image
+    # the upright input as a small JPEG for pages (single jobs only), else b""
+    preview: bytes
     decode_ms: float
-
-    @property
-    def image(self) -> Image.Image:
-        return self.source.image
+    preprocess_ms: float
+    preview_ms: float = 0.0
 
 
 def process_image(
     loaded: LoadedModel, data: bytes, options: JobOptions, *, max_pixels: int
 ) -> ImageResult:
     """Process one image; bad input raises its :class:`FeatureMapsError`."""
-    (result,) = process_images(loaded, [data], options, max_pixels=max_pixels)
+    (result,) = process_images(loaded, [data], options, max_pixels=max_pixels, input_previews=True)
     if isinstance(result, FeatureMapsError):
         raise result
     return result
 
 
 def process_images(
-    loaded: LoadedModel, images: Sequence[bytes], options: JobOptions, *, max_pixels: int
+    loaded: LoadedModel,
+    images: Sequence[bytes],
+    options: JobOptions,
+    *,
+    max_pixels: int,
+    input_previews: bool = False,
 ) -> list[ImageResult | FeatureMapsError]:
     """Process several images with one model pass; the answer has one entry per input, in
-    order: its result, or the error that its bytes caused (the others still go through)."""
+    order: its result, or the error that its bytes caused (the others still go through).
+    ``input_previews`` adds each upright input as a small JPEG (single jobs' pages show it;
+    batch items do not, and a chunk of camera photos would pay ~tens of ms each for it)."""
     results: list[ImageResult | FeatureMapsError | None] = [None] * len(images)
     decoded: list[_Decoded] = []
     for position, data in enumerate(images):
@@ -91,7 +107,23 @@ def process_images(
         except FeatureMapsError as exc:
             results[position] = exc
             continue
-        decoded.append(_Decoded(position, source, _ms_since(started)))
+        decode_ms = _ms_since(started)
+        started = time.perf_counter()
+        resized = resize_input(source.image)
+        preprocess_ms = _ms_since(started)
+        started = time.perf_counter()
+        preview = render_input_preview(source.image) if input_previews else b""
+        decoded.append(
+            _Decoded(
+                position,
+                source.describe(),
+                resized,
+                preview,
+                decode_ms,
+                preprocess_ms,
+                preview_ms=_ms_since(started),
+            )
+        )
     if decoded:
         for item, result in zip(decoded, _run_batch(loaded, decoded, options), strict=True):
             results[item.position] = result
@@ -115,7 +147,7 @@ def _run_batch(
 ) -> list[ImageResult]:
     count = len(decoded)
     started = time.perf_counter()
-    batch = preprocess([item.image for item in decoded], options.normalize)
+    batch = to_batch([item.resized for item in decoded], options.normalize)
     preprocess_ms = _ms_since(started)
 
     # Each layer is reduced as soon as it is computed, so the full activations never all
@@ -160,7 +192,7 @@ def _run_batch(
     results = []
     for row, item in enumerate(decoded):
         timings = {
-            "decode_ms": item.decode_ms + preprocess_ms / count,
+            "decode_ms": item.decode_ms + item.preprocess_ms + preprocess_ms / count,
             "model_ms": model_ms / count,
             "reduce_ms": reduce_ms / count,
         }
@@ -205,7 +237,6 @@ def _finish(
 
     started = time.perf_counter()
     thumbnail = render_thumbnail(layer_maps, options.colormap)
-    input_preview = render_input_preview(item.image)
     arrays = _npz(maps) if options.arrays else None
     layer_pngs = (
         [
@@ -215,7 +246,7 @@ def _finish(
         if options.per_layer
         else []
     )
-    timings["encode_ms"] += _ms_since(started)
+    timings["encode_ms"] += _ms_since(started) + item.preview_ms
     timings = {key: round(value, 2) for key, value in timings.items()}
 
     layers = [
@@ -232,7 +263,7 @@ def _finish(
         "model": MODEL_NAME,
         "weights": loaded.weights,
         "options": options.to_dict(),
-        "input": item.source.describe(),
+        "input": item.input,
         "figure": f"feature_maps.{options.format}",
         "layers": layers,
         "torch": torch.__version__,
@@ -252,7 +283,7 @@ def _finish(
         layer_pngs=layer_pngs,
         timings=timings,
         thumbnail=thumbnail,
-        input_preview=input_preview,
+        input_preview=item.preview,
     )
 
 

@@ -151,7 +151,7 @@ def render_input_preview(image: Image.Image) -> bytes:
 
 
 @lru_cache(maxsize=32)
-def _lut(name: str) -> np.ndarray:
+def lut(name: str) -> np.ndarray:
     rgba = matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))
     return np.rint(rgba[:, :3] * 255).astype(np.uint8)
 
@@ -174,19 +174,34 @@ def _colormapped(array: np.ndarray, size: tuple[int, int], colormap: str) -> Ima
     """
     index = Image.fromarray(_colormap_index(array)).resize(size, Image.Resampling.NEAREST)
     tile = Image.frombytes("P", size, index.tobytes())
-    tile.putpalette(_lut(colormap).tobytes())
+    tile.putpalette(lut(colormap).tobytes())
     return tile
 
 
 def _draw_fast(layers: Sequence[LayerMap], colormap: str, caption: str) -> Image.Image:
+    image = draw_template(tuple((layer.name, layer.shape) for layer in layers), caption).copy()
+    layout = grid_layout(len(layers))
+    for index, layer in enumerate(layers):
+        image.paste(
+            _colormapped(layer.map, (TILE, TILE), colormap).convert("RGB"),
+            layout.tile_origin(index),
+        )
+    return image
+
+
+@lru_cache(maxsize=32)
+def draw_template(
+    layers: tuple[tuple[str, tuple[int, int, int]], ...], caption: str
+) -> Image.Image:
+    """The grid without its tiles: background, every layer's title, the caption. The same
+    for every image of a job or a batch, so drawn once and cached; callers copy it."""
     layout = grid_layout(len(layers))
     caption_band = _caption_band(caption, layout.width)
     height = layout.grid_height + caption_band.height
     image = Image.new("RGB", (layout.width, height), (255, 255, 255))
-    for index, layer in enumerate(layers):
+    for index, (name, shape) in enumerate(layers):
         x, y = layout.tile_origin(index)
-        image.paste(_colormapped(layer.map, (TILE, TILE), colormap).convert("RGB"), (x, y))
-        image.paste(_title(layer.name, layer.shape), (x, y - TITLE_HEIGHT))
+        image.paste(_title(name, shape), (x, y - TITLE_HEIGHT))
     image.paste(caption_band, (0, layout.grid_height))
     return image
 

@@ -20,6 +20,8 @@ from worker.features import (
     forward_activations,
     preprocess,
     reduce_channels,
+    resize_input,
+    to_batch,
 )
 from worker.pipeline import process_image, process_images
 
@@ -229,6 +231,37 @@ def test_preprocess(grace_hopper_path):
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     torch.testing.assert_close(normalized[0], (plain[0] - mean) / std)
+
+
+@pytest.mark.parametrize("normalize", ["none", "imagenet"])
+def test_preprocess_is_the_articles_transform_bit_for_bit(normalize):
+    mean, std = (0.0, 1.0) if normalize == "none" else (IMAGENET_MEAN, IMAGENET_STD)
+    transform = transforms.Compose(
+        [
+            transforms.Resize((224, 224)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=mean, std=std),
+        ]
+    )
+    rng = np.random.default_rng(3)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for width, height in ((224, 224), (1003, 701), (97, 333), (2000, 1500))
+    ]
+    batch = preprocess(images, normalize)
+    assert batch.is_contiguous() and batch.dtype == torch.float32
+    assert torch.equal(batch, torch.stack([transform(image) for image in images]))
+
+
+def test_to_batch_takes_only_resized_images():
+    with pytest.raises(ValueError, match="224×224"):
+        to_batch([Image.new("RGB", (225, 224))], "none")
+    assert resize_input(Image.new("RGB", (640, 480))).size == (224, 224)
+
+
+def test_preprocess_refuses_an_unknown_normalization():
+    with pytest.raises(ValueError, match="unknown normalize"):
+        preprocess([Image.new("RGB", (8, 8))], "zscore")
 
 
 def test_preprocess_resizes_any_size():
