@@ -57,7 +57,7 @@ def _wait_for_release(event: str) -> None:
     _record(f"{event}-released")
 
 
-def process_images(loaded, images, options, *, max_pixels: int):
+def process_images(loaded, images, options, *, max_pixels: int, **kwargs):
     """The pipeline for single jobs (process_image calls it) and batch chunks alike."""
     data = b"".join(image for image in images if isinstance(image, bytes))
     _holding_upload["on"] = HOLD_UPLOAD in data
@@ -72,7 +72,7 @@ def process_images(loaded, images, options, *, max_pixels: int):
         _record("slow-not-interrupted")
     if HOLD in data and not _holding_upload["on"]:
         _wait_for_release("hold")
-    return _real_process_images(loaded, images, options, max_pixels=max_pixels)
+    return _real_process_images(loaded, images, options, max_pixels=max_pixels, **kwargs)
 
 
 def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream"):
