@@ -10,7 +10,6 @@ sniffed before anything is stored, so a non-archive is a 415 with nothing left b
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from werkzeug.sansio.multipart import NEED_DATA, Data, Epilogue, Field, File, Mu
 
 from api.audit import record_submission
 from api.auth import caller
+from api.enqueue import enqueue
 from api.services import Services, services
 from shared import keys
 from shared.access import source_allowed, split_s3_url
@@ -27,20 +27,17 @@ from shared.archives import SNIFF_BYTES, SOURCE_EXTENSIONS, sniff_archive
 from shared.batches import Batch, BatchStatus, BatchStore
 from shared.errors import (
     BadRequest,
-    FeatureMapsError,
     ForbiddenSource,
     InvalidOption,
     MissingField,
     PayloadTooLarge,
-    ServiceUnavailable,
     UnsupportedType,
 )
-from shared.jobs import new_job_id
 from shared.options import JobOptions
 from shared.queue import BATCH_QUEUE, EXPAND_BATCH, FINALIZE_BATCH
+from shared.records import new_record_id
 from shared.storage import MIN_PART_SIZE
 
-log = logging.getLogger(__name__)
 bp = Blueprint("batches", __name__)
 
 ARCHIVE_FIELD = "archive"
@@ -67,7 +64,7 @@ def _caller(svc: Services) -> str:
 def submit_batch():
     svc = services()
     owner = _caller(svc)
-    batch_id = new_job_id()
+    batch_id = new_record_id()
     if request.mimetype == "application/json":
         options, source = read_source_request(request, svc, owner)
     elif request.mimetype == "multipart/form-data":
@@ -148,22 +145,18 @@ def enqueue_batch(
         source=source,
         owner=owner,
     )
-    try:
-        store.create(batch)
-        svc.producer.send_task(
-            EXPAND_BATCH,
-            args=[batch_id],
-            queue=BATCH_QUEUE,
-            retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
-        )
-    except Exception as exc:
-        _undo(svc, store, batch_id, source)
-        if isinstance(exc, FeatureMapsError):
-            raise
-        log.warning("could not queue batch %s: %s", batch_id, exc)
-        raise ServiceUnavailable(
-            "the queue (Redis) is unavailable; the batch was not created, try again shortly"
-        ) from exc
+    undo = [lambda: store.delete(batch_id)]
+    if source.get("key"):
+        undo.append(lambda: svc.store.delete_prefix(source["key"]))
+    enqueue(
+        svc.producer,
+        kind="batch",
+        record_id=batch_id,
+        create=lambda: store.create(batch),
+        task=EXPAND_BATCH,
+        queue=BATCH_QUEUE,
+        undo=undo,
+    )
     return batch
 
 
@@ -320,17 +313,6 @@ class _PartReader(io.RawIOBase):
         self._buffer += event.data
         self._done = not event.more_data
         return True
-
-
-def _undo(svc: Services, store: BatchStore, batch_id: str, source: dict) -> None:
-    steps = [lambda: store.delete(batch_id)]
-    if source.get("key"):
-        steps.append(lambda: svc.store.delete_prefix(source["key"]))
-    for step in steps:
-        try:
-            step()
-        except Exception as exc:  # cleanup must try every step, whatever failed
-            log.warning("cleanup of half-created batch %s incomplete: %s", batch_id, exc)
 
 
 def _int_arg(name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:

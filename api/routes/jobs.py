@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import Blueprint, redirect, request, url_for
 
 from api.audit import record_submission
 from api.auth import caller
+from api.enqueue import best_effort, enqueue
 from api.layers import RAW_MEDIA_TYPE, layer_json, layer_raw, read_layer_map
 from api.services import Services, services
 from api.uploads import read_image_upload
 from shared import keys
-from shared.errors import Conflict, FeatureMapsError, ServiceUnavailable
+from shared.errors import Conflict
 from shared.jobs import Job, JobStatus, new_job_id
 from shared.queue import JOBS_QUEUE, RENDER_JOB
 
-log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__)
 
 
@@ -73,7 +71,7 @@ def cancel_job(job_id: str):
     job = svc.jobs.cancel(job_id, owner=_caller(svc))
     if not svc.settings.keep_inputs:
         # Ended: no worker will read the input again (one already running has it in memory).
-        _best_effort(
+        best_effort(
             f"input of canceled job {job_id}", lambda: svc.store.delete_keys([job.input_key])
         )
     return job_document(svc, job), 202
@@ -91,38 +89,16 @@ def enqueue_job(svc: Services, data: bytes, ext: str, content_type: str, options
         input_key=input_key,
         owner=owner,
     )
-    try:
-        svc.jobs.create(job)
-        svc.producer.send_task(
-            RENDER_JOB,
-            args=[job_id],
-            queue=JOBS_QUEUE,
-            retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
-        )
-    except Exception as exc:
-        _undo(svc, job_id, input_key)
-        if isinstance(exc, FeatureMapsError):
-            raise
-        log.warning("could not queue job %s: %s", job_id, exc)
-        raise ServiceUnavailable(
-            "the queue (Redis) is unavailable; the job was not created, try again shortly"
-        ) from exc
+    enqueue(
+        svc.producer,
+        kind="job",
+        record_id=job_id,
+        create=lambda: svc.jobs.create(job),
+        task=RENDER_JOB,
+        queue=JOBS_QUEUE,
+        undo=[lambda: svc.jobs.delete(job_id), lambda: svc.store.delete_prefix(input_key)],
+    )
     return job
-
-
-def _undo(svc: Services, job_id: str, input_key: str) -> None:
-    # Best effort: with the dependency down these can fail too; the input object then
-    # has no record pointing at it and is removed by retention.
-    what = f"cleanup of half-created job {job_id}"
-    _best_effort(what, lambda: svc.jobs.delete(job_id))
-    _best_effort(what, lambda: svc.store.delete_prefix(input_key))
-
-
-def _best_effort(what: str, step) -> None:
-    try:
-        step()
-    except Exception as exc:  # cleanup must not fail the request; retention is the backstop
-        log.warning("%s incomplete: %s", what, exc)
 
 
 def job_document(svc: Services, job: Job) -> dict:
