@@ -7,7 +7,6 @@ from flask import Blueprint, request, url_for
 
 from api.archive_uploads import stream_archive_upload
 from api.audit import record_submission
-from api.auth import caller
 from api.enqueue import enqueue
 from api.services import Services, services
 from api.sources import read_source_request
@@ -29,14 +28,10 @@ def _batches(svc: Services) -> BatchStore:
     return BatchStore(svc.redis, ttl_s=svc.settings.job_ttl_s)
 
 
-def _caller(svc: Services) -> str:
-    return caller(request, svc.settings, svc.redis)
-
-
 @bp.post("/batches")
 def submit_batch():
     svc = services()
-    owner = _caller(svc)
+    owner = svc.caller(request)
     batch_id = new_record_id()
     if request.mimetype == "application/json":
         options, source = read_source_request(request, svc.settings, owner)
@@ -57,7 +52,7 @@ def submit_batch():
 @bp.get("/batches/<batch_id>")
 def get_batch(batch_id: str):
     svc = services()
-    batch = _batches(svc).get(batch_id, owner=_caller(svc))
+    batch = _batches(svc).get(batch_id, owner=svc.caller(request))
     return batch_document(svc, batch)
 
 
@@ -65,7 +60,7 @@ def get_batch(batch_id: str):
 def list_items(batch_id: str):
     svc = services()
     store = _batches(svc)
-    store.get(batch_id, owner=_caller(svc))
+    store.get(batch_id, owner=svc.caller(request))
     start = _int_arg("cursor", 0, minimum=0)
     limit = _int_arg("limit", DEFAULT_PAGE, minimum=1, maximum=MAX_PAGE)
     items = store.items(batch_id, start=start, count=limit)
@@ -79,7 +74,7 @@ def list_items(batch_id: str):
 @bp.delete("/batches/<batch_id>")
 def cancel_batch(batch_id: str):
     svc = services()
-    batch, finalize = _batches(svc).cancel(batch_id, owner=_caller(svc))
+    batch, finalize = _batches(svc).cancel(batch_id, owner=svc.caller(request))
     if finalize:
         # Nothing was running: no worker will finish an item, so ask one to write the
         # manifest of what there is.

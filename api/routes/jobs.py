@@ -5,7 +5,6 @@ from __future__ import annotations
 from flask import Blueprint, redirect, request, url_for
 
 from api.audit import record_submission
-from api.auth import caller
 from api.enqueue import best_effort, enqueue
 from api.layers import RAW_MEDIA_TYPE, layer_json, layer_raw, read_layer_map
 from api.services import Services, services
@@ -18,14 +17,10 @@ from shared.queue import JOBS_QUEUE, RENDER_JOB
 bp = Blueprint("jobs", __name__)
 
 
-def _caller(svc: Services) -> str:
-    return caller(request, svc.settings, svc.redis)
-
-
 @bp.post("/jobs")
 def submit_job():
     svc = services()
-    owner = _caller(svc)
+    owner = svc.caller(request)
     upload = read_image_upload(
         request,
         field="image",
@@ -41,14 +36,14 @@ def submit_job():
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str):
     svc = services()
-    job = svc.jobs.get(job_id, owner=_caller(svc))
+    job = svc.jobs.get(job_id, owner=svc.caller(request))
     return job_document(svc, job)
 
 
 @bp.get("/jobs/<job_id>/figure")
 def get_figure(job_id: str):
     svc = services()
-    job = svc.jobs.get(job_id, owner=_caller(svc))
+    job = svc.jobs.get(job_id, owner=svc.caller(request))
     if job.status is not JobStatus.SUCCEEDED or not job.result:
         raise Conflict(f"job {job_id} is {job.status.value}; the figure exists once it succeeded")
     url = svc.store.presigned_get(job.result["figure_key"], svc.settings.presign_expiry_s)
@@ -58,7 +53,7 @@ def get_figure(job_id: str):
 @bp.get("/jobs/<job_id>/layers/<layer>")
 def get_layer(job_id: str, layer: str):
     svc = services()
-    job = svc.jobs.get(job_id, owner=_caller(svc))
+    job = svc.jobs.get(job_id, owner=svc.caller(request))
     array = read_layer_map(svc.store, job, layer)
     if request.accept_mimetypes.best_match(["application/json", RAW_MEDIA_TYPE]) == RAW_MEDIA_TYPE:
         return layer_raw(array)
@@ -68,7 +63,7 @@ def get_layer(job_id: str, layer: str):
 @bp.delete("/jobs/<job_id>")
 def cancel_job(job_id: str):
     svc = services()
-    job = svc.jobs.cancel(job_id, owner=_caller(svc))
+    job = svc.jobs.cancel(job_id, owner=svc.caller(request))
     if not svc.settings.keep_inputs:
         # Ended: no worker will read the input again (one already running has it in memory).
         best_effort(
