@@ -59,7 +59,7 @@ _LAYER_MAP = {
     },
 }
 
-# s3://bucket/prefix/ with a valid S3 bucket name (api/routes/batches.py checks the same).
+# s3://bucket/prefix/ with a valid S3 bucket name (api/sources.py checks the same).
 _S3_SOURCE = "^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
 
 # Spellings shared/options.py accepts for a boolean in a form field; a JSON body may also

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from celery import Celery
-from flask import current_app
+from flask import Request, current_app
 from redis import Redis
 
+from api.auth import caller
 from shared.jobs import RedisJobStore
 from shared.queue import make_producer
 from shared.settings import Settings
@@ -34,6 +35,10 @@ class Services:
             store=ObjectStore.from_settings(settings),
             producer=make_producer(settings),
         )
+
+    def caller(self, request: Request) -> str:
+        """The owner a /jobs or /batches request acts as, once its token and rate are checked."""
+        return caller(request, self.settings, self.redis)
 
 
 def services() -> Services:

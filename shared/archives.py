@@ -36,6 +36,15 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from shared.errors import (
+    ABSOLUTE_PATH,
+    BAD_NAME,
+    CORRUPT_MEMBER,
+    ENCRYPTED,
+    HARDLINK,
+    NESTED_ARCHIVE,
+    PATH_TRAVERSAL,
+    SPECIAL_FILE,
+    SYMLINK,
     ArchiveBomb,
     ArchiveMemberTooLarge,
     ArchiveTooLarge,
@@ -120,12 +129,12 @@ def safe_name(raw: str) -> str:
     name that is absolute, climbs out with ``..``, or is empty or holds a NUL."""
     name = raw.replace("\\", "/")
     if name.startswith("/") or _DRIVE.match(name):
-        raise RefusedMember(f"absolute path {raw!r} refused", code="absolute_path")
+        raise RefusedMember(f"absolute path {raw!r} refused", code=ABSOLUTE_PATH)
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise RefusedMember(f"path {raw!r} climbs out with '..'; refused", code="path_traversal")
+        raise RefusedMember(f"path {raw!r} climbs out with '..'; refused", code=PATH_TRAVERSAL)
     if not parts or "\x00" in name:
-        raise RefusedMember(f"member name {raw!r} is not usable", code="bad_name")
+        raise RefusedMember(f"member name {raw!r} is not usable", code=BAD_NAME)
     return "/".join(parts)
 
 
@@ -243,11 +252,11 @@ def _zip_member(
     try:
         name = safe_name(raw)
         if mode and stat.S_ISLNK(mode):
-            raise RefusedMember(f"symlink {raw!r} refused", code="symlink")
+            raise RefusedMember(f"symlink {raw!r} refused", code=SYMLINK)
         if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
-            raise RefusedMember(f"{raw!r} is not a regular file; refused", code="special_file")
+            raise RefusedMember(f"{raw!r} is not a regular file; refused", code=SPECIAL_FILE)
         if info.flag_bits & 0x1:
-            raise RefusedMember(f"{raw!r} is encrypted; refused", code="encrypted")
+            raise RefusedMember(f"{raw!r} is encrypted; refused", code=ENCRYPTED)
         if looks_like_archive(name):
             raise _nested(raw)
     except RefusedMember as exc:
@@ -262,7 +271,7 @@ def _zip_member(
                 lambda size: budget.check_ratio(size, info.compress_size, f"member {raw!r}"),
             )
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
-        error = RefusedMember(f"member {raw!r} cannot be read: {exc}", code="corrupt_member")
+        error = RefusedMember(f"member {raw!r} cannot be read: {exc}", code=CORRUPT_MEMBER)
         return Member(index, raw, error=error)
     if looks_like_archive(name, data[:SNIFF_BYTES]):
         return Member(index, raw, error=_nested(raw))
@@ -295,11 +304,11 @@ def _tar_member(
     try:
         name = safe_name(raw)
         if info.issym():
-            raise RefusedMember(f"symlink {raw!r} → {info.linkname!r} refused", code="symlink")
+            raise RefusedMember(f"symlink {raw!r} → {info.linkname!r} refused", code=SYMLINK)
         if info.islnk():
-            raise RefusedMember(f"hardlink {raw!r} → {info.linkname!r} refused", code="hardlink")
+            raise RefusedMember(f"hardlink {raw!r} → {info.linkname!r} refused", code=HARDLINK)
         if not info.isreg():
-            raise RefusedMember(f"{raw!r} is not a regular file; refused", code="special_file")
+            raise RefusedMember(f"{raw!r} is not a regular file; refused", code=SPECIAL_FILE)
         if looks_like_archive(name):
             raise _nested(raw)
     except RefusedMember as exc:
@@ -307,7 +316,7 @@ def _tar_member(
     budget.check_declared(raw, info.size)
     member_stream = archive.extractfile(info)
     if member_stream is None:  # isreg() was checked; tarfile returns None only otherwise
-        return Member(index, raw, error=RefusedMember(f"{raw!r} has no data", code="bad_name"))
+        return Member(index, raw, error=RefusedMember(f"{raw!r} has no data", code=BAD_NAME))
     # The whole stream's inflated bytes against the compressed bytes read so far.
     data = budget.read_member(
         raw,
@@ -320,7 +329,7 @@ def _tar_member(
 
 
 def _nested(raw: str) -> RefusedMember:
-    return RefusedMember(f"{raw!r} is an archive itself; not opened", code="nested_archive")
+    return RefusedMember(f"{raw!r} is an archive itself; not opened", code=NESTED_ARCHIVE)
 
 
 def _is_tar_header(block: bytes) -> bool:

@@ -25,16 +25,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
-from redis import Redis
-
-from shared.errors import Conflict, NotFound
-from shared.jobs import PREFIX, now_iso, valid_id
+from shared.errors import Conflict
+from shared.records import (
+    Record,
+    RecordNotFound,
+    RecordStore,
+    now_iso,
+    record_key,
+    text,
+)
 
 COUNTERS = ("queued", "running", "succeeded", "failed", "canceled")
-_JSON_FIELDS = ("options", "source", "result", "error")
-_INT_FIELDS = ("total", *COUNTERS, "expanded", "finalizing", "failed_at_expansion")
 
 
 class BatchStatus(StrEnum):
@@ -54,13 +57,12 @@ class ItemStatus(StrEnum):
     CANCELED = "canceled"
 
 
-class BatchNotFound(NotFound):
-    def __init__(self, batch_id: str) -> None:
-        super().__init__(f"no batch with id {batch_id!r} (unknown, expired, or not yours)")
+class BatchNotFound(RecordNotFound):
+    kind = "batch"
 
 
 def batch_key(batch_id: str) -> str:
-    return f"{PREFIX}:batch:{batch_id}"
+    return record_key("batch", batch_id)
 
 
 def item_id(batch_id: str, index: int) -> str:
@@ -75,7 +77,11 @@ def _keys(batch_id: str) -> list[str]:
 
 
 @dataclass
-class Batch:
+class Batch(Record):
+    STATUS: ClassVar = BatchStatus
+    JSON_FIELDS: ClassVar = ("options", "source", "result", "error")
+    INT_FIELDS: ClassVar = ("total", *COUNTERS, "expanded", "finalizing", "failed_at_expansion")
+
     id: str
     status: BatchStatus
     options: dict[str, Any]
@@ -111,12 +117,7 @@ class Batch:
         complete = self.finished and self.queued == 0 and self.running == 0
         progress = 1.0 if complete else (done / self.total if self.total else 0.0)
         doc: dict[str, Any] = {
-            "id": self.id,
-            "status": self.status.value,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "options": self.options,
+            **self.document_head(),
             "source": {"kind": self.source.get("kind"), "name": self.source.get("name")},
             "counts": self.counts(),
             "progress": round(progress, 4),
@@ -133,31 +134,6 @@ class Batch:
             if rate > 0:
                 doc["eta_s"] = round((self.queued + self.running) / rate, 1)
         return doc
-
-    def to_redis(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for name, value in self.__dict__.items():
-            if value is None:
-                continue
-            out[name] = json.dumps(value) if name in _JSON_FIELDS else str(value)
-        return out
-
-    @classmethod
-    def from_redis(cls, raw: dict[bytes, bytes]) -> Batch:
-        data = {k.decode(): v.decode() for k, v in raw.items()}
-        kwargs: dict[str, Any] = {}
-        for name in cls.__dataclass_fields__:
-            if name not in data:
-                continue
-            value: Any = data[name]
-            if name in _JSON_FIELDS:
-                value = json.loads(value)
-            elif name in _INT_FIELDS:
-                value = int(value)
-            elif name == "status":
-                value = BatchStatus(value)
-            kwargs[name] = value
-        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -366,43 +342,28 @@ return redis.call('HGET', KEYS[1], 'status')
 )
 
 
-class BatchStore:
-    """Batch records in one Redis; the client and the TTL are given, never global."""
+class BatchStore(RecordStore[Batch]):
+    """Batches and their items: five keys per batch, every change one script that keeps
+    the counters, the item statuses and the ``finalizing`` flag in step."""
 
-    def __init__(self, redis: Redis, *, ttl_s: int) -> None:
-        self.redis = redis
-        self.ttl_s = ttl_s
-        self._add_items = redis.register_script(_ADD_ITEMS)
-        self._start_items = redis.register_script(_START_ITEMS)
-        self._finish_items = redis.register_script(_FINISH_ITEMS)
-        self._begin_expansion = redis.register_script(_BEGIN_EXPANSION)
-        self._end_expansion = redis.register_script(_END_EXPANSION)
-        self._cancel = redis.register_script(_CANCEL)
-        self._complete = redis.register_script(_COMPLETE)
-        self._fail = redis.register_script(_FAIL)
+    RECORD = Batch
+    NOT_FOUND = BatchNotFound
+    SCRIPTS: ClassVar = {
+        "_add_items": _ADD_ITEMS,
+        "_start_items": _START_ITEMS,
+        "_finish_items": _FINISH_ITEMS,
+        "_begin_expansion": _BEGIN_EXPANSION,
+        "_end_expansion": _END_EXPANSION,
+        "_cancel": _CANCEL,
+        "_complete": _COMPLETE,
+        "_fail": _FAIL,
+    }
 
-    def create(self, batch: Batch) -> Batch:
-        key = batch_key(batch.id)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=batch.to_redis())
-            pipe.expire(key, self.ttl_s)
-            pipe.execute()
-        return batch
-
-    def get(self, batch_id: str, *, owner: str | None = None) -> Batch:
-        raw = self.redis.hgetall(batch_key(batch_id)) if valid_id(batch_id) else {}
-        if not raw:
-            raise BatchNotFound(batch_id)
-        batch = Batch.from_redis(raw)
-        if owner is not None and batch.owner != owner:
-            raise BatchNotFound(batch_id)
-        return batch
-
-    def delete(self, batch_id: str) -> None:
-        self.redis.delete(*_keys(batch_id))
+    def record_keys(self, record_id: str) -> list[str]:
+        return _keys(record_id)
 
     def begin_expansion(self, batch_id: str) -> str:
-        return _text(self._run(self._begin_expansion, batch_id, now_iso()))
+        return text(self._run(self._begin_expansion, batch_id, now_iso()))
 
     def add_items(self, batch_id: str, items: list[NewItem]) -> tuple[str, list[str]]:
         """Record new items (idempotent per id); returns the batch status and the ids of the
@@ -412,47 +373,47 @@ class BatchStore:
             status = ItemStatus.FAILED if item.error else ItemStatus.QUEUED
             args += [item.id, status.value, json.dumps(item.info())]
         status, *queued = self._run(self._add_items, batch_id, *args)
-        return _text(status), [_text(i) for i in queued]
+        return text(status), [text(i) for i in queued]
 
     def end_expansion(self, batch_id: str, error: dict[str, str] | None = None) -> bool:
         """Mark expansion over (failed with ``error``); True when the caller must finalize."""
         outcome = self._run(
             self._end_expansion, batch_id, now_iso(), json.dumps(error) if error else ""
         )
-        return _text(outcome) == "finalize"
+        return text(outcome) == "finalize"
 
     def start_items(self, batch_id: str, ids: list[str], *, token: str) -> list[str]:
         started = self._run(self._start_items, batch_id, now_iso(), token, *ids)
-        return [_text(i) for i in started]
+        return [text(i) for i in started]
 
     def finish_items(self, batch_id: str, outcomes: list[tuple[str, ItemStatus, dict]]) -> bool:
         """Record finished items; True for the one caller that finished the last item."""
         args: list[str] = []
         for item, status, info in outcomes:
             args += [item, status.value, json.dumps(info)]
-        return _text(self._run(self._finish_items, batch_id, *args)) == "finalize"
+        return text(self._run(self._finish_items, batch_id, *args)) == "finalize"
 
     def cancel(self, batch_id: str, *, owner: str | None = None) -> tuple[Batch, bool]:
         """Cancel; queued items end canceled. Returns the batch and whether the caller must
         have it finalized (nothing was left running)."""
         self.get(batch_id, owner=owner)  # 404 before 409: others' batches must look unknown
         outcome, finalize = self._run(self._cancel, batch_id, now_iso())
-        if _text(outcome) != "ok":
-            raise Conflict(f"batch {batch_id} is already {_text(outcome)}; nothing to cancel")
-        return self.get(batch_id), _text(finalize) == "finalize"
+        if text(outcome) != "ok":
+            raise Conflict(f"batch {batch_id} is already {text(outcome)}; nothing to cancel")
+        return self.get(batch_id), text(finalize) == "finalize"
 
     def complete(self, batch_id: str, result: dict[str, Any]) -> str:
-        return _text(self._run(self._complete, batch_id, now_iso(), json.dumps(result)))
+        return text(self._run(self._complete, batch_id, now_iso(), json.dumps(result)))
 
     def fail(self, batch_id: str, *, code: str, message: str) -> str:
         """End a batch that is still open as failed; returns its final status."""
         error = json.dumps({"code": code, "message": message})
-        return _text(self._run(self._fail, batch_id, now_iso(), error))
+        return text(self._run(self._fail, batch_id, now_iso(), error))
 
     def items(self, batch_id: str, *, start: int = 0, count: int = 100) -> list[Item]:
         """Items in member order, ``count`` from position ``start``."""
         _, order, info, status, _ = _keys(batch_id)
-        ids = [_text(i) for i in self.redis.lrange(order, start, start + count - 1)]
+        ids = [text(i) for i in self.redis.lrange(order, start, start + count - 1)]
         if not ids:
             return []
         with self.redis.pipeline(transaction=False) as pipe:
@@ -460,7 +421,7 @@ class BatchStore:
             pipe.hmget(info, ids)
             statuses, infos = pipe.execute()
         return [
-            Item(id=i, status=ItemStatus(_text(s)), info=json.loads(d))
+            Item(id=i, status=ItemStatus(text(s)), info=json.loads(d))
             for i, s, d in zip(ids, statuses, infos, strict=True)
         ]
 
@@ -471,7 +432,7 @@ class BatchStore:
             pipe.hmget(info, ids)
             statuses, infos = pipe.execute()
         return {
-            i: Item(id=i, status=ItemStatus(_text(s)), info=json.loads(d))
+            i: Item(id=i, status=ItemStatus(text(s)), info=json.loads(d))
             for i, s, d in zip(ids, statuses, infos, strict=True)
             if s is not None
         }
@@ -488,11 +449,7 @@ class BatchStore:
     def _run(self, script, batch_id: str, *args: Any) -> Any:
         outcome = script(keys=_keys(batch_id), args=[self.ttl_s, *args])
         if outcome in (b"missing", "missing") or (
-            isinstance(outcome, list) and outcome and _text(outcome[0]) == "missing"
+            isinstance(outcome, list) and outcome and text(outcome[0]) == "missing"
         ):
             raise BatchNotFound(batch_id)
         return outcome
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

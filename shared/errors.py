@@ -14,16 +14,46 @@ the same code in the failed job's document.
     ├── PayloadTooLarge       413  too_large
     ├── UnsupportedType       415  unsupported_type
     ├── Unprocessable         422  truncated_image, undecodable_image, too_many_pixels,
-    │   │                          corrupt_archive, refused_member
+    │   │                          corrupt_archive
+    │   ├── RefusedMember          refused_member, or the member's own code (below)
     │   └── ArchiveLimitExceeded   archive_too_many_members, archive_too_large,
     │                              archive_member_too_large, archive_bomb
     ├── RateLimited           429  rate_limited
     ├── ServiceUnavailable    503  unavailable, storage_unavailable
     ├── WeightsUnavailable    500  weights_unavailable (worker start-up)
     └── DeviceUnavailable     500  device_unavailable (worker start-up)
+
+Codes that are never raised to a caller, named here so that every code has one spelling:
+
+    a refused archive member (RefusedMember's code; the item fails, the batch goes on)
+        ABSOLUTE_PATH, PATH_TRAVERSAL, BAD_NAME       a name that could escape a directory
+        SYMLINK, HARDLINK, SPECIAL_FILE               anything but a regular file
+        ENCRYPTED, CORRUPT_MEMBER                     an unreadable zip member
+        NESTED_ARCHIVE                                an archive inside the archive
+    a failed job or item (stored in its ``error``)
+        TIMEOUT          it ran past its time limit
+        WORKER_LOST      its worker died while running it MAX_ATTEMPTS times
+        LOST             its input vanished from storage
+        SOURCE_MISSING   a batch's source vanished before it was read
+        RETRYING         not a failure: a storage error is being retried (job is queued)
 """
 
 from __future__ import annotations
+
+ABSOLUTE_PATH = "absolute_path"
+PATH_TRAVERSAL = "path_traversal"
+BAD_NAME = "bad_name"
+SYMLINK = "symlink"
+HARDLINK = "hardlink"
+SPECIAL_FILE = "special_file"
+ENCRYPTED = "encrypted"
+CORRUPT_MEMBER = "corrupt_member"
+NESTED_ARCHIVE = "nested_archive"
+TIMEOUT = "timeout"
+WORKER_LOST = "worker_lost"
+LOST = "lost"
+SOURCE_MISSING = "source_missing"
+RETRYING = "retrying"
 
 
 class FeatureMapsError(Exception):
@@ -167,8 +197,8 @@ class CorruptArchive(Unprocessable):
 
 
 class RefusedMember(Unprocessable):
-    """One archive member that is never read or written anywhere: ``absolute_path``,
-    ``path_traversal``, ``symlink``, ``hardlink``, ``special_file``, ``encrypted``,
-    ``nested_archive``. The batch goes on; the member becomes a failed item."""
+    """One archive member that is never read or written anywhere, with its own code
+    (``ABSOLUTE_PATH`` … ``NESTED_ARCHIVE`` above). The batch goes on; the member becomes a
+    failed item."""
 
     code = "refused_member"

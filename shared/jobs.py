@@ -15,17 +15,25 @@ cancelling user) can never both move the same job forward. Records expire after
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
-from redis import Redis
+from redis.client import Pipeline
 
-from shared.errors import Conflict, NotFound
+from shared.errors import RETRYING, WORKER_LOST, Conflict
+from shared.records import (
+    PREFIX,
+    Record,
+    RecordNotFound,
+    RecordStore,
+    new_record_id,
+    now_iso,
+    parse_iso,
+    record_key,
+    text,
+)
 
-PREFIX = "featuremaps"
 STATS_KEY = f"{PREFIX}:stats:jobs"
 DURATION_KEY = f"{PREFIX}:stats:job_duration"
 # Upper bounds (seconds) of the job-duration histogram kept in Redis for /metrics.
@@ -44,29 +52,24 @@ class JobStatus(StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
-class JobNotFound(NotFound):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job with id {job_id!r} (unknown, expired, or not yours)")
+class JobNotFound(RecordNotFound):
+    kind = "job"
 
 
-def new_job_id() -> str:
-    return secrets.token_hex(12)
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+# Jobs and batches draw their ids from one space; this name stays for the job code's callers.
+new_job_id = new_record_id
 
 
 def job_key(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}"
-
-
-# JSON-encoded hash fields; everything else is stored as plain strings.
-_JSON_FIELDS = ("options", "timings", "result", "error")
+    return record_key("job", job_id)
 
 
 @dataclass
-class Job:
+class Job(Record):
+    STATUS: ClassVar = JobStatus
+    JSON_FIELDS: ClassVar = ("options", "timings", "result", "error")
+    INT_FIELDS: ClassVar = ("attempts", "lost")
+
     id: str
     status: JobStatus
     options: dict[str, Any]
@@ -86,12 +89,7 @@ class Job:
     def to_dict(self) -> dict[str, Any]:
         """The public job document (docs/design.md "HTTP API"); keys and owner stay private."""
         return {
-            "id": self.id,
-            "status": self.status.value,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "options": self.options,
+            **self.document_head(),
             "attempts": self.attempts,
             "worker": self.worker,
             "device": self.device,
@@ -99,34 +97,6 @@ class Job:
             "result": self.result,
             "error": self.error,
         }
-
-    def to_redis(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for name, value in self.__dict__.items():
-            if value is None:
-                continue
-            if name in _JSON_FIELDS:
-                out[name] = json.dumps(value)
-            else:
-                out[name] = str(value.value if isinstance(value, JobStatus) else value)
-        return out
-
-    @classmethod
-    def from_redis(cls, raw: dict[bytes, bytes]) -> Job:
-        data = {k.decode(): v.decode() for k, v in raw.items()}
-        kwargs: dict[str, Any] = {}
-        for name in cls.__dataclass_fields__:
-            if name not in data:
-                continue
-            value: Any = data[name]
-            if name in _JSON_FIELDS:
-                value = json.loads(value)
-            elif name in ("attempts", "lost"):
-                value = int(value)
-            elif name == "status":
-                value = JobStatus(value)
-            kwargs[name] = value
-        return cls(**kwargs)
 
 
 # KEYS[1] job, KEYS[2] stats hash. ARGV: allowed statuses (comma list), new status, ttl,
@@ -145,7 +115,7 @@ return 'ok'
 """
 
 # Start (or restart after a lost worker) a job. KEYS[1] job, KEYS[2] stats.
-# ARGV: worker, device, started_at, max_attempts, ttl.
+# ARGV: worker, device, started_at, max_attempts, ttl, the worker_lost error code.
 # Returns {outcome, attempts}: outcome "ok", "exhausted" (marked failed: worker_lost),
 # "missing", or the finished/canceled status that makes the delivery a no-op.
 _START = """
@@ -156,7 +126,7 @@ if cur == 'running' then
   local lost = redis.call('HINCRBY', KEYS[1], 'lost', 1)
   if lost >= tonumber(ARGV[4]) then
     redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[3], 'error',
-      cjson.encode({code = 'worker_lost', message = 'the worker died while running this job ' ..
+      cjson.encode({code = ARGV[6], message = 'the worker died while running this job ' ..
       lost .. ' times (attempts limit ' .. ARGV[4] .. '); not retrying'}))
     redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
     redis.call('HINCRBY', KEYS[2], 'failed', 1)
@@ -181,42 +151,23 @@ class StartOutcome:
     attempts: int
 
 
-class RedisJobStore:
-    """Job records in one Redis; the client and the TTL are given, never global."""
+class RedisJobStore(RecordStore[Job]):
+    """Jobs: every status change one compare-and-set (``_TRANSITION``, ``_START``), and
+    monotonic per-status counters and a duration histogram for /metrics."""
 
-    def __init__(self, redis: Redis, *, ttl_s: int) -> None:
-        self.redis = redis
-        self.ttl_s = ttl_s
-        self._transition = redis.register_script(_TRANSITION)
-        self._start = redis.register_script(_START)
+    RECORD = Job
+    NOT_FOUND = JobNotFound
+    SCRIPTS: ClassVar = {"_transition": _TRANSITION, "_start": _START}
 
-    def create(self, job: Job) -> Job:
-        key = job_key(job.id)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=job.to_redis())
-            pipe.expire(key, self.ttl_s)
-            pipe.hincrby(STATS_KEY, job.status.value, 1)
-            pipe.execute()
-        return job
-
-    def get(self, job_id: str, *, owner: str | None = None) -> Job:
-        raw = self.redis.hgetall(job_key(job_id)) if valid_id(job_id) else {}
-        if not raw:
-            raise JobNotFound(job_id)
-        job = Job.from_redis(raw)
-        if owner is not None and job.owner != owner:
-            raise JobNotFound(job_id)
-        return job
-
-    def delete(self, job_id: str) -> None:
-        self.redis.delete(job_key(job_id))
+    def on_create(self, pipe: Pipeline, record: Job) -> None:
+        pipe.hincrby(STATS_KEY, record.status.value, 1)
 
     def start(self, job_id: str, *, worker: str, device: str, max_attempts: int) -> StartOutcome:
         outcome, attempts = self._start(
             keys=[job_key(job_id), STATS_KEY],
-            args=[worker, device, now_iso(), max_attempts, self.ttl_s],
+            args=[worker, device, now_iso(), max_attempts, self.ttl_s, WORKER_LOST],
         )
-        status = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        status = text(outcome)
         return StartOutcome(started=status == "ok", status=status, attempts=int(attempts))
 
     def succeed(self, job_id: str, *, result: dict, timings: dict[str, float]) -> bool:
@@ -255,7 +206,7 @@ class RedisJobStore:
             job_id,
             (JobStatus.RUNNING,),
             JobStatus.QUEUED,
-            error=json.dumps({"code": "retrying", "message": reason}),
+            error=json.dumps({"code": RETRYING, "message": reason}),
         )
 
     def cancel(self, job_id: str, *, owner: str | None = None) -> Job:
@@ -286,7 +237,7 @@ class RedisJobStore:
         for name, value in fields.items():
             args += [name, value]
         outcome = self._transition(keys=[job_key(job_id), STATS_KEY], args=args)
-        outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+        outcome = text(outcome)
         if outcome == "missing":
             raise JobNotFound(job_id)
         return outcome == "ok"
@@ -295,7 +246,7 @@ class RedisJobStore:
         job = self.get(job_id)
         if not job.finished_at:
             return
-        seconds = (_parse_iso(job.finished_at) - _parse_iso(job.created_at)).total_seconds()
+        seconds = (parse_iso(job.finished_at) - parse_iso(job.created_at)).total_seconds()
         with self.redis.pipeline(transaction=True) as pipe:
             for bound in DURATION_BUCKETS:
                 if seconds <= bound:
@@ -306,14 +257,5 @@ class RedisJobStore:
             pipe.execute()
 
 
-def _parse_iso(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def valid_id(record_id: str) -> bool:
-    """Whether an id from a URL can name a job or batch record (anything else is a 404)."""
-    return 0 < len(record_id) <= 64 and all(c.isalnum() or c in "-_" for c in record_id)
-
-
 def elapsed_ms(start_iso: str, end_iso: str) -> float:
-    return round((_parse_iso(end_iso) - _parse_iso(start_iso)).total_seconds() * 1000, 1)
+    return round((parse_iso(end_iso) - parse_iso(start_iso)).total_seconds() * 1000, 1)

@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import Blueprint, redirect, request, url_for
 
 from api.audit import record_submission
-from api.auth import caller
+from api.enqueue import best_effort, enqueue
 from api.layers import RAW_MEDIA_TYPE, layer_json, layer_raw, read_layer_map
 from api.services import Services, services
 from api.uploads import read_image_upload
 from shared import keys
-from shared.errors import Conflict, FeatureMapsError, ServiceUnavailable
+from shared.errors import Conflict
 from shared.jobs import Job, JobStatus, new_job_id
 from shared.queue import JOBS_QUEUE, RENDER_JOB
 
-log = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__)
-
-
-def _caller(svc: Services) -> str:
-    return caller(request, svc.settings, svc.redis)
 
 
 @bp.post("/jobs")
 def submit_job():
     svc = services()
-    owner = _caller(svc)
+    owner = svc.caller(request)
     upload = read_image_upload(
         request,
         field="image",
@@ -43,14 +36,14 @@ def submit_job():
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str):
     svc = services()
-    job = svc.jobs.get(job_id, owner=_caller(svc))
+    job = svc.jobs.get(job_id, owner=svc.caller(request))
     return job_document(svc, job)
 
 
 @bp.get("/jobs/<job_id>/figure")
 def get_figure(job_id: str):
     svc = services()
-    job = svc.jobs.get(job_id, owner=_caller(svc))
+    job = svc.jobs.get(job_id, owner=svc.caller(request))
     if job.status is not JobStatus.SUCCEEDED or not job.result:
         raise Conflict(f"job {job_id} is {job.status.value}; the figure exists once it succeeded")
     url = svc.store.presigned_get(job.result["figure_key"], svc.settings.presign_expiry_s)
@@ -60,7 +53,7 @@ def get_figure(job_id: str):
 @bp.get("/jobs/<job_id>/layers/<layer>")
 def get_layer(job_id: str, layer: str):
     svc = services()
-    job = svc.jobs.get(job_id, owner=_caller(svc))
+    job = svc.jobs.get(job_id, owner=svc.caller(request))
     array = read_layer_map(svc.store, job, layer)
     if request.accept_mimetypes.best_match(["application/json", RAW_MEDIA_TYPE]) == RAW_MEDIA_TYPE:
         return layer_raw(array)
@@ -70,10 +63,10 @@ def get_layer(job_id: str, layer: str):
 @bp.delete("/jobs/<job_id>")
 def cancel_job(job_id: str):
     svc = services()
-    job = svc.jobs.cancel(job_id, owner=_caller(svc))
+    job = svc.jobs.cancel(job_id, owner=svc.caller(request))
     if not svc.settings.keep_inputs:
         # Ended: no worker will read the input again (one already running has it in memory).
-        _best_effort(
+        best_effort(
             f"input of canceled job {job_id}", lambda: svc.store.delete_keys([job.input_key])
         )
     return job_document(svc, job), 202
@@ -91,38 +84,16 @@ def enqueue_job(svc: Services, data: bytes, ext: str, content_type: str, options
         input_key=input_key,
         owner=owner,
     )
-    try:
-        svc.jobs.create(job)
-        svc.producer.send_task(
-            RENDER_JOB,
-            args=[job_id],
-            queue=JOBS_QUEUE,
-            retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
-        )
-    except Exception as exc:
-        _undo(svc, job_id, input_key)
-        if isinstance(exc, FeatureMapsError):
-            raise
-        log.warning("could not queue job %s: %s", job_id, exc)
-        raise ServiceUnavailable(
-            "the queue (Redis) is unavailable; the job was not created, try again shortly"
-        ) from exc
+    enqueue(
+        svc.producer,
+        kind="job",
+        record_id=job_id,
+        create=lambda: svc.jobs.create(job),
+        task=RENDER_JOB,
+        queue=JOBS_QUEUE,
+        undo=[lambda: svc.jobs.delete(job_id), lambda: svc.store.delete_prefix(input_key)],
+    )
     return job
-
-
-def _undo(svc: Services, job_id: str, input_key: str) -> None:
-    # Best effort: with the dependency down these can fail too; the input object then
-    # has no record pointing at it and is removed by retention.
-    what = f"cleanup of half-created job {job_id}"
-    _best_effort(what, lambda: svc.jobs.delete(job_id))
-    _best_effort(what, lambda: svc.store.delete_prefix(input_key))
-
-
-def _best_effort(what: str, step) -> None:
-    try:
-        step()
-    except Exception as exc:  # cleanup must not fail the request; retention is the backstop
-        log.warning("%s incomplete: %s", what, exc)
 
 
 def job_document(svc: Services, job: Job) -> dict:

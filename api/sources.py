@@ -1,0 +1,53 @@
+"""Batch sources already in a bucket (``{"source": "s3://bucket/prefix/"}``): the URL parsed,
+and the policy on what the service reads on a caller's behalf. The allow-list itself
+(``FEATUREMAPS_SOURCE_ALLOW``) is parsed and matched in ``shared/access.py``;
+docs/security.md says why."""
+
+from __future__ import annotations
+
+from flask import Request
+
+from shared.access import source_allowed, split_s3_url
+from shared.errors import BadRequest, ForbiddenSource, InvalidOption, MissingField
+from shared.options import JobOptions
+from shared.settings import Settings
+
+# Parts of the service's own bucket that a source prefix may never read: other users' data.
+PRIVATE_PREFIXES = ("inputs/", "results/", "batches/")
+
+
+def read_source_request(req: Request, settings: Settings, owner: str) -> tuple[JobOptions, dict]:
+    """The options and the source of a JSON batch request, once ``owner`` may read it."""
+    body = req.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest('the JSON body must be an object like {"source": "s3://bucket/prefix/"}')
+    body = dict(body)
+    url = body.pop("source", None)
+    if not isinstance(url, str) or not url:
+        raise MissingField('JSON field "source" (s3://bucket/prefix/) is required')
+    bucket, prefix = parse_source_url(url, service_bucket=settings.s3_bucket)
+    if not source_allowed(settings.source_rules, bucket, prefix, owner):
+        # The service's credentials may reach buckets the caller has no business reading:
+        # only what the operator listed is read on a caller's behalf (a confused deputy).
+        raise ForbiddenSource(
+            f"source {url!r} is not in FEATUREMAPS_SOURCE_ALLOW for this caller; the operator "
+            "lists the s3://bucket/prefix/ entries batches may read"
+        )
+    options = JobOptions.from_mapping(body)
+    return options, {"kind": "s3", "bucket": bucket, "prefix": prefix, "name": url}
+
+
+def parse_source_url(url: str, *, service_bucket: str) -> tuple[str, str]:
+    """``(bucket, prefix)`` of an ``s3://`` URL; :class:`InvalidOption` for anything else, a
+    ``..`` segment, or the service's own data."""
+    try:
+        bucket, prefix = split_s3_url(url)
+    except ValueError as exc:
+        raise InvalidOption(f"source {url!r} is not an s3://bucket/prefix/ URL") from exc
+    if ".." in prefix.split("/"):
+        raise InvalidOption(f"source prefix {prefix!r} may not contain '..'")
+    if bucket == service_bucket and (not prefix or prefix.startswith(PRIVATE_PREFIXES)):
+        raise InvalidOption(
+            f"source {url!r} points into the service's own data; use a prefix of your own"
+        )
+    return bucket, prefix
