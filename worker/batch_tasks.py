@@ -1,4 +1,5 @@
-"""Celery tasks for batches: thin wrappers that pass ids and call ``worker/batches.py``.
+"""Celery tasks for batches: thin wrappers that pass ids and call the stages of a batch
+(``worker/expand.py``, ``worker/chunks.py``, ``worker/finalize.py``).
 
 Every task ends through :func:`worker.guard.guarded`, as jobs do: storage errors are retried
 with backoff (the same delivery token is kept across retries, so a chunk resumes the items it
@@ -12,15 +13,11 @@ from celery import Task
 
 from shared.queue import BATCH_QUEUE, EXPAND_BATCH, FINALIZE_BATCH, RUN_BATCH_CHUNK
 from worker import runtime
-from worker.batches import (
-    batch_store,
-    expand_batch,
-    fail_chunk,
-    fail_expansion,
-    finalize_batch,
-    run_chunk,
-)
+from worker.batches import batch_store
 from worker.celery_app import app, settings
+from worker.chunks import fail_chunk, run_chunk
+from worker.expand import expand_batch, fail_expansion
+from worker.finalize import finalize_batch
 from worker.guard import guarded
 
 
