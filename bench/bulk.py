@@ -30,6 +30,9 @@ from redis import Redis
 
 from bench import core
 from shared.heartbeat import live_workers
+from shared.settings import Settings
+from shared.storage import ObjectStore
+from stack.local import service_env
 from stack.services import ManagedProcess, RedisServer, SeaweedS3, free_port, wait_until
 from worker.features import conv_chain, preprocess, reduce_channels
 from worker.launcher import worker_commands
@@ -155,16 +158,15 @@ class _Stack:
         self.s3 = SeaweedS3(run_dir / "s3")
         self.redis.start()
         self.s3.start()
-        self.env = {
-            **os.environ,
-            "FEATUREMAPS_REDIS_URL": self.redis.url,
-            "FEATUREMAPS_S3_ENDPOINT": self.s3.endpoint,
-            "FEATUREMAPS_S3_ACCESS_KEY": self.s3.access_key,
-            "FEATUREMAPS_S3_SECRET_KEY": self.s3.secret_key,
-            "FEATUREMAPS_S3_BUCKET": "bench",
-            "FEATUREMAPS_WEIGHTS": "random",
-            "FEATUREMAPS_BATCH_CHUNK": str(CHUNK),
-        }
+        self.settings = Settings(
+            redis_url=self.redis.url,
+            s3_endpoint=self.s3.endpoint,
+            s3_access_key=self.s3.access_key,
+            s3_secret_key=self.s3.secret_key,
+            s3_bucket="bench",
+            weights="random",
+        )
+        self.env = {**os.environ, **service_env(self.settings, batch_chunk=CHUNK)}
         self.client = Redis.from_url(self.redis.url)
         port = free_port()
         self.api_url = f"http://127.0.0.1:{port}"
@@ -185,15 +187,7 @@ class _Stack:
             self.env,
         )
         wait_until(self._api_up, timeout_s=30, process=self.api, what="API /healthz")
-        self._bucket()
-
-    def _bucket(self) -> None:
-        from shared.settings import Settings
-        from shared.storage import ObjectStore
-
-        env = {k.removeprefix("FEATUREMAPS_").lower(): v for k, v in self.env.items()}
-        settings = Settings(**{k: v for k, v in env.items() if k in Settings.model_fields})
-        ObjectStore.from_settings(settings).ensure_bucket()
+        ObjectStore.from_settings(self.settings).ensure_bucket()
 
     def _spawn(self, name: str, argv: list[str], env: dict) -> ManagedProcess:
         process = ManagedProcess(name, argv, env=env, log_path=self.run_dir / f"{name}.log")

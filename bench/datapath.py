@@ -6,7 +6,7 @@ Three runs in one process, on the same seeded random ResNet-18 and the same imag
   preloaded ``[16, 3, 224, 224]`` tensors, in the pipeline's CPU slices.
 - **data path**: :func:`worker.pipeline.process_images` on chunks of 16 encoded images,
   bytes in, encoded figures and manifests out.
-- **chunk path**: :func:`worker.batches.run_chunk` against a private redis-server and
+- **chunk path**: :func:`worker.chunks.run_chunk` against a private redis-server and
   SeaweedFS, so a chunk also downloads its inputs, uploads figures and manifests and moves its
   items through the batch store.
 
@@ -254,7 +254,7 @@ def _interleaved(
 
     def chunk_path(index: int) -> None:
         ids = item_chunks[index]
-        batches.run_chunk(ctx, batch_id, ids, token=uuid.uuid4().hex, finalize=finalized.append)
+        chunks.run_chunk(ctx, batch_id, ids, token=uuid.uuid4().hex, finalize=finalized.append)
 
     paths: dict[str, Callable[[int], None]] = {"model_only": model_only, "data_path": data_path}
     if ctx:

@@ -276,8 +276,12 @@ class LocalStack:
         (self.run_dir / STATE_FILE).unlink(missing_ok=True)
 
 
-def service_env(settings: Settings) -> dict[str, str]:
-    """The FEATUREMAPS_* variables that point an API or worker process at these services."""
+def service_env(settings: Settings, **also: object) -> dict[str, str]:
+    """The FEATUREMAPS_* variables that point an API or worker process at these services,
+    plus ``FEATUREMAPS_<NAME>`` for each further setting in ``also`` (``batch_chunk=16``).
+
+    The one place such an environment is built: the local stack, the benchmarks and the
+    integration and fault tests all start their processes with it."""
     return {
         "FEATUREMAPS_REDIS_URL": settings.redis_url,
         "FEATUREMAPS_S3_ENDPOINT": settings.s3_endpoint,
@@ -287,6 +291,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "FEATUREMAPS_S3_REGION": settings.s3_region,
         "FEATUREMAPS_S3_PUBLIC_ENDPOINT": settings.s3_public_endpoint,
         "FEATUREMAPS_WEIGHTS": settings.weights,
+        **{f"FEATUREMAPS_{name.upper()}": str(value) for name, value in also.items()},
     }
 
 

@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
-# stage -> key of the pipeline's timings dict (worker/pipeline.py, worker/render.py)
+# stage -> key of the pipeline's timings dict (worker/pipeline.py)
 PIPELINE_STAGES = {
     "decode": "decode_ms",
     "model": "model_ms",

@@ -29,7 +29,8 @@ from worker.features import (
 from worker.model import LoadedModel
 from worker.render import (
     LayerMap,
-    render_grid,
+    draw_grid,
+    encode_grid,
     render_input_preview,
     render_layer_png,
     render_thumbnail,
@@ -149,7 +150,40 @@ def _run_batch(
     started = time.perf_counter()
     batch = to_batch([item.resized for item in decoded], options.normalize)
     preprocess_ms = _ms_since(started)
+    forward = _forward(loaded, batch, options)
+    arrays = _batch_arrays(loaded, forward)
+    # Batch-wide stages are split evenly between the images.
+    model_ms = forward.model_ms / count
+    reduce_ms = (forward.reduce_ms + arrays.ms) / count
+    return [
+        _finish(
+            loaded,
+            item,
+            options,
+            arrays.image(row),
+            {
+                "decode_ms": item.decode_ms + item.preprocess_ms + preprocess_ms / count,
+                "model_ms": model_ms,
+                "reduce_ms": reduce_ms,
+            },
+        )
+        for row, item in enumerate(decoded)
+    ]
 
+
+@dataclass
+class _Forward:
+    """The model pass over a batch: each layer's reduced maps (a tensor per layer, one row
+    per image) and the logits (forward mode), with the time spent in the model and, inside
+    the pass, reducing."""
+
+    outputs: list[tuple[str, torch.Tensor]]
+    logits: torch.Tensor | None
+    model_ms: float
+    reduce_ms: float
+
+
+def _forward(loaded: LoadedModel, batch: torch.Tensor, options: JobOptions) -> _Forward:
     # Each layer is reduced as soon as it is computed, so the full activations never all
     # stay alive at once; the time spent reducing is taken out of the model's (on CUDA, which
     # runs kernels asynchronously, that split is approximate; the sum is exact).
@@ -166,6 +200,7 @@ def _run_batch(
     # On the CPU a chunk goes through the model in slices: activations of 8 images keep the
     # conv working set small enough to run ~10% faster per image than 16 at once (measured,
     # docs/benchmarks.md). A GPU takes the whole chunk.
+    count = len(batch)
     step = count if loaded.device.type == "cuda" else CPU_MODEL_BATCH
     parts = []
     for start in range(0, count, step):
@@ -181,60 +216,123 @@ def _run_batch(
         for index, (name, _) in enumerate(parts[0][0])
     ]
     logits = torch.cat([lg for _, lg in parts]) if parts[0][1] is not None else None
+    return _Forward(outputs, logits, model_ms, reduce_s * 1000)
 
+
+@dataclass
+class _ImageArrays:
+    """One image's share of the batch: its maps, the activations' shapes, its predictions."""
+
+    maps: dict[str, np.ndarray]
+    shapes: dict[str, tuple[int, ...]]
+    predictions: list[dict] | None
+
+
+@dataclass
+class _BatchArrays:
+    """The model pass as numpy arrays [N, H, W] per layer, with the shape [C, H, W] of each
+    layer's activation and the top-k predictions, and the time taken to get them."""
+
+    arrays: list[tuple[str, np.ndarray]]
+    shapes: dict[str, tuple[int, ...]]
+    predictions: list[list[dict]] | None
+    ms: float
+
+    def image(self, row: int) -> _ImageArrays:
+        return _ImageArrays(
+            maps={name: batch_maps[row].copy() for name, batch_maps in self.arrays},
+            shapes=self.shapes,
+            predictions=self.predictions[row] if self.predictions else None,
+        )
+
+
+def _batch_arrays(loaded: LoadedModel, forward: _Forward) -> _BatchArrays:
     started = time.perf_counter()
     modules = dict(loaded.model.named_modules())
-    shapes = {name: (modules[name].out_channels, *t.shape[1:]) for name, t in outputs}
-    reduced = [(name, t.cpu().numpy()) for name, t in outputs]
+    shapes = {name: (modules[name].out_channels, *t.shape[1:]) for name, t in forward.outputs}
+    arrays = [(name, t.cpu().numpy()) for name, t in forward.outputs]
+    logits = forward.logits
     predictions = _top_k(logits, loaded.categories) if logits is not None else None
-    reduce_ms = _ms_since(started) + reduce_s * 1000
-
-    results = []
-    for row, item in enumerate(decoded):
-        timings = {
-            "decode_ms": item.decode_ms + item.preprocess_ms + preprocess_ms / count,
-            "model_ms": model_ms / count,
-            "reduce_ms": reduce_ms / count,
-        }
-        maps = {name: batch_maps[row].copy() for name, batch_maps in reduced}
-        results.append(
-            _finish(
-                loaded,
-                item,
-                options,
-                maps=maps,
-                shapes=shapes,
-                predictions=predictions[row] if predictions else None,
-                timings=timings,
-            )
-        )
-    return results
+    return _BatchArrays(arrays, shapes, predictions, _ms_since(started))
 
 
 def _finish(
     loaded: LoadedModel,
     item: _Decoded,
     options: JobOptions,
-    *,
-    maps: dict[str, np.ndarray],
-    shapes: dict[str, tuple[int, ...]],
-    predictions: list[dict] | None,
+    image: _ImageArrays,
     timings: dict[str, float],
 ) -> ImageResult:
-    layer_maps = [LayerMap(name, shapes[name], array) for name, array in maps.items()]
-    caption = (
+    layer_maps = [LayerMap(name, image.shapes[name], array) for name, array in image.maps.items()]
+    figure = _figure(layer_maps, options, _caption(loaded, options))
+    extras = _extras(image.maps, layer_maps, options)
+    timings = {
+        **timings,
+        "render_ms": figure.render_ms,
+        "encode_ms": figure.encode_ms + extras.ms + item.preview_ms,
+    }
+    timings = {key: round(value, 2) for key, value in timings.items()}
+    layers = _layer_stats(image)
+    manifest = _manifest(loaded, item, options, layers, timings)
+    if image.predictions is not None:
+        manifest["predictions"] = image.predictions
+    return ImageResult(
+        figure=figure.data,
+        figure_ext=options.format,
+        manifest=manifest,
+        layers=layers,
+        maps=image.maps,
+        arrays=extras.arrays,
+        layer_pngs=extras.layer_pngs,
+        timings=timings,
+        thumbnail=extras.thumbnail,
+        input_preview=item.preview,
+    )
+
+
+def _caption(loaded: LoadedModel, options: JobOptions) -> str:
+    return (
         f"ResNet-18 feature maps · weights: {describe_weights(loaded.weights)} · "
         f"mode={options.mode} · reduction={options.reduction} · normalize={options.normalize}"
     )
-    figure = render_grid(
+
+
+@dataclass
+class _Figure:
+    data: bytes
+    render_ms: float
+    encode_ms: float
+
+
+def _figure(layer_maps: list[LayerMap], options: JobOptions, caption: str) -> _Figure:
+    """The figure, with the time spent drawing it and encoding it."""
+    started = time.perf_counter()
+    drawn = draw_grid(
         layer_maps,
         fmt=options.format,
         colormap=options.colormap,
         renderer=options.renderer,
         caption=caption,
-        timings=timings,
     )
+    render_ms = _ms_since(started)
+    started = time.perf_counter()
+    data = encode_grid(drawn, options.format)
+    return _Figure(data, render_ms, _ms_since(started))
 
+
+@dataclass
+class _Extras:
+    thumbnail: bytes
+    arrays: bytes | None
+    layer_pngs: list[tuple[int, str, bytes]]
+    ms: float
+
+
+def _extras(
+    maps: dict[str, np.ndarray], layer_maps: list[LayerMap], options: JobOptions
+) -> _Extras:
+    """The outputs beside the figure (thumbnail; maps.npz and per-layer PNGs when asked),
+    with the time spent encoding them."""
     started = time.perf_counter()
     thumbnail = render_thumbnail(layer_maps, options.colormap)
     arrays = _npz(maps) if options.arrays else None
@@ -246,20 +344,30 @@ def _finish(
         if options.per_layer
         else []
     )
-    timings["encode_ms"] += _ms_since(started) + item.preview_ms
-    timings = {key: round(value, 2) for key, value in timings.items()}
+    return _Extras(thumbnail, arrays, layer_pngs, _ms_since(started))
 
-    layers = [
+
+def _layer_stats(image: _ImageArrays) -> list[dict]:
+    return [
         {
             "name": name,
-            "shape": list(shapes[name]),
+            "shape": list(image.shapes[name]),
             "min": float(array.min()),
             "max": float(array.max()),
             "mean": float(array.mean()),
         }
-        for name, array in maps.items()
+        for name, array in image.maps.items()
     ]
-    manifest = {
+
+
+def _manifest(
+    loaded: LoadedModel,
+    item: _Decoded,
+    options: JobOptions,
+    layers: list[dict],
+    timings: dict[str, float],
+) -> dict:
+    return {
         "model": MODEL_NAME,
         "weights": loaded.weights,
         "options": options.to_dict(),
@@ -271,20 +379,6 @@ def _finish(
         "device": str(loaded.device),
         "timings": timings,
     }
-    if predictions is not None:
-        manifest["predictions"] = predictions
-    return ImageResult(
-        figure=figure,
-        figure_ext=options.format,
-        manifest=manifest,
-        layers=layers,
-        maps=maps,
-        arrays=arrays,
-        layer_pngs=layer_pngs,
-        timings=timings,
-        thumbnail=thumbnail,
-        input_preview=item.preview,
-    )
 
 
 def _top_k(logits: torch.Tensor, categories: list[str] | None) -> list[list[dict]] | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -91,31 +90,39 @@ def render_grid(
     colormap: str = "viridis",
     renderer: str = "fast",
     caption: str,
-    timings: dict[str, float] | None = None,
 ) -> bytes:
-    """Draw the grid of ``layers`` and encode it as ``fmt``.
+    """Draw the grid of ``layers`` and encode it as ``fmt``: :func:`encode_grid` of
+    :func:`draw_grid`, which a caller that times drawing and encoding apart calls itself."""
+    drawn = draw_grid(layers, fmt=fmt, colormap=colormap, renderer=renderer, caption=caption)
+    return encode_grid(drawn, fmt)
 
-    When ``timings`` is given, ``render_ms`` (drawing) and ``encode_ms`` (encoding) are added
-    to it.
-    """
-    clock = _Clock(timings)
+
+def draw_grid(
+    layers: Sequence[LayerMap],
+    *,
+    fmt: str = "jpg",
+    colormap: str = "viridis",
+    renderer: str = "fast",
+    caption: str,
+) -> Image.Image | Figure:
+    """Draw the grid of ``layers`` for :func:`encode_grid`: a Pillow image (the ``fast``
+    renderer, raster formats) or a matplotlib figure (``matplotlib``, SVG and PDF)."""
     if renderer == "fast" and fmt in _PIL_SAVE:
-        image = _draw_fast(layers, colormap, caption)
-        clock.lap("render_ms")
-        data = _encode_pil(image, fmt)
-        clock.lap("encode_ms")
-        return data
+        return _draw_fast(layers, colormap, caption)
     if renderer not in ("fast", "matplotlib") or fmt not in _MATPLOTLIB_FORMATS:
         raise ValueError(f"cannot render format {fmt!r} with renderer {renderer!r}")
-    figure = _draw_matplotlib(layers, colormap, caption)
+    return _draw_matplotlib(layers, colormap, caption)
+
+
+def encode_grid(drawn: Image.Image | Figure, fmt: str) -> bytes:
+    """Encode what :func:`draw_grid` drew as ``fmt``."""
+    if isinstance(drawn, Image.Image):
+        return _encode_pil(drawn, fmt)
     try:
-        clock.lap("render_ms")
-        data = _encode_matplotlib(figure, fmt)
-        clock.lap("encode_ms")
+        return _encode_matplotlib(drawn, fmt)
     finally:
         # Break the figure's reference cycles now rather than at the next GC pass.
-        figure.clear()
-    return data
+        drawn.clear()
 
 
 def render_layer_png(array: np.ndarray, colormap: str = "viridis") -> bytes:
@@ -288,15 +295,3 @@ def _encode_matplotlib(figure: Figure, fmt: str) -> bytes:
     with matplotlib.rc_context({"svg.hashsalt": "featuremaps"}):
         figure.savefig(buffer, format=fmt, metadata=metadata)
     return buffer.getvalue()
-
-
-class _Clock:
-    def __init__(self, timings: dict[str, float] | None) -> None:
-        self._timings = timings
-        self._last = time.perf_counter()
-
-    def lap(self, key: str) -> None:
-        now = time.perf_counter()
-        if self._timings is not None:
-            self._timings[key] = self._timings.get(key, 0.0) + (now - self._last) * 1000
-        self._last = now

@@ -1,20 +1,17 @@
-"""Celery tasks: thin wrappers that pass ids and call plain functions in worker/execute.py."""
+"""Celery tasks for single jobs: thin wrappers that pass ids and call plain functions in
+worker/execute.py, ended through :func:`worker.guard.guarded`."""
 
 from __future__ import annotations
 
-import logging
-
-from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery import Task
 from celery.signals import celeryd_after_setup, worker_process_init
-from redis.exceptions import RedisError
 
-from shared.errors import StorageUnavailable
 from shared.queue import RENDER_JOB
 from worker import metrics, runtime
 from worker.celery_app import app, settings
 from worker.execute import release_input, run_job
+from worker.guard import guarded
 
-log = logging.getLogger(__name__)
 _node = {"hostname": "worker"}
 
 
@@ -30,48 +27,23 @@ def _load_model(**_kwargs) -> None:
 
 
 @app.task(name=RENDER_JOB, bind=True)
-def render_job(self, job_id: str) -> str:
+def render_job(self: Task, job_id: str) -> object:
     ctx = runtime.context()
+
+    def give_up(code: str, message: str) -> None:
+        ctx.jobs.fail(job_id, code=code, message=message)
+        metrics.images_failed("job", code)
+
+    status = guarded(
+        self,
+        ctx.settings,
+        lambda: run_job(ctx, job_id),
+        what=f"job {job_id}",
+        subject="the job",
+        give_up=give_up,
+        # The record says why the job is queued again while it waits.
+        retrying=lambda reason: ctx.jobs.requeue(job_id, reason=reason),
+    )
     # Returning means the job has ended (a retry or a requeue raises): its input can go.
-    status = _render(self, ctx, job_id)
     release_input(ctx, job_id)
     return status
-
-
-def _render(self, ctx: runtime.WorkerContext, job_id: str) -> str:
-    try:
-        return run_job(ctx, job_id)
-    except StorageUnavailable as exc:
-        retries = self.request.retries
-        if retries >= ctx.settings.storage_retries:
-            ctx.jobs.fail(
-                job_id, code=exc.code, message=f"{exc.message} (gave up after {retries} retries)"
-            )
-            metrics.images_failed("job", exc.code)
-            return "failed"
-        delay = ctx.settings.storage_retry_backoff_s * 2**retries
-        log.warning("job %s: storage unavailable, retry %d in %.1fs", job_id, retries + 1, delay)
-        ctx.jobs.requeue(job_id, reason=f"storage unavailable, retry {retries + 1} in {delay:g}s")
-        # Celery's own limit (3 unless told) would end the ladder early and leave the job
-        # `queued` for ever; the count above is the limit.
-        raise self.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
-    except RedisError as exc:
-        # The job store itself is unreachable: nothing can be recorded. A plain failure would
-        # make Celery reject the message *without* requeueing it (acks_on_failure_or_timeout
-        # is off), so the job would stay `running` forever once Redis is back; reject with
-        # requeue instead. If Redis is still down the message stays unacknowledged and comes
-        # back after the visibility timeout; either way the job store counts the redelivery.
-        raise Reject(exc, requeue=True) from exc
-    except SoftTimeLimitExceeded:
-        ctx.jobs.fail(
-            job_id,
-            code="timeout",
-            message=f"the job ran past its time limit of {ctx.settings.task_soft_time_limit_s}s",
-        )
-        metrics.images_failed("job", "timeout")
-        return "failed"
-    except Exception as exc:
-        log.exception("job %s failed unexpectedly", job_id)
-        ctx.jobs.fail(job_id, code="internal_error", message=f"{type(exc).__name__}: {exc}")
-        metrics.images_failed("job", "internal_error")
-        return "failed"

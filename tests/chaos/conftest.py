@@ -5,7 +5,6 @@ faults. Every process is stopped when the test ends; every wait is bounded."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ from shared.storage import ObjectStore
 from stack.services import ManagedProcess, RedisServer, SeaweedS3, wait_until
 from tests.conftest import require_executable
 from tests.integration.deployment import Deployment
-from worker.launcher import worker_commands
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FINISHED = ("succeeded", "failed", "canceled")
@@ -46,30 +44,15 @@ class ChaosStack(Deployment):
     # --- processes ---------------------------------------------------------------------
 
     def start_worker(self, name: str, queues: str = WORKER_QUEUES, **overrides) -> ManagedProcess:
-        ((_, argv, extra),) = worker_commands([], replicas=1, loglevel="INFO", queues=queues)
-        hostname = f"{name}@{socket.gethostname()}"
-        argv = [*argv]
-        argv[argv.index("-A") + 1] = "tests.chaos.faulty_worker"
-        argv[argv.index("--hostname") + 1] = hostname
-        env = {
-            **self.env(**overrides),
-            **extra,
-            "PYTHONPATH": str(REPO_ROOT),
-            "CHAOS_GATE_DIR": str(self.gate),
-        }
-        process = ManagedProcess(
-            name, argv, env=env, log_path=self.run_dir / f"{name}.log", cwd=REPO_ROOT
-        )
-        process.start()
-        self.processes.append(process)
-        wait_until(
-            lambda: hostname in self.worker_hostnames(),
+        return super().start_worker(
+            name,
+            queues=queues,
+            app="tests.chaos.faulty_worker",
+            extra_env={"PYTHONPATH": str(REPO_ROOT), "CHAOS_GATE_DIR": str(self.gate)},
+            cwd=REPO_ROOT,
             timeout_s=120,
-            process=process,
-            what=f"worker {hostname} heartbeat",
+            **overrides,
         )
-        process.hostname = hostname
-        return process
 
     # --- the API -----------------------------------------------------------------------
 

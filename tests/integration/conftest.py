@@ -17,7 +17,7 @@ from stack.services import SeaweedS3
 def service_env(settings: Settings) -> dict[str, str]:
     """``FEATUREMAPS_*`` variables that make an API or worker subprocess use this test's
     Redis, S3 and bucket (merge into the subprocess's environment), as the local stack does."""
-    return {**service_env_for(settings), "FEATUREMAPS_DEVICE": settings.device}
+    return service_env_for(settings, device=settings.device)
 
 
 @pytest.fixture

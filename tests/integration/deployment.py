@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,8 +17,10 @@ import requests
 from redis import Redis
 
 from shared.heartbeat import live_workers
+from shared.queue import WORKER_QUEUES
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from stack.local import service_env
 from stack.services import ManagedProcess, free_port, wait_until
 from worker.launcher import worker_commands
 
@@ -78,17 +80,17 @@ class Deployment:
         return store
 
     def env(self, **overrides) -> dict[str, str]:
-        values = {
-            "FEATUREMAPS_REDIS_URL": self.redis_url,
-            "FEATUREMAPS_S3_ENDPOINT": self.s3.endpoint,
-            "FEATUREMAPS_S3_ACCESS_KEY": self.s3.access_key,
-            "FEATUREMAPS_S3_SECRET_KEY": self.s3.secret_key,
-            "FEATUREMAPS_S3_BUCKET": self.bucket,
-            "FEATUREMAPS_WEIGHTS": "random",
-            **{f"FEATUREMAPS_{k.upper()}": str(v) for k, v in self.settings.items()},
-            **{f"FEATUREMAPS_{k.upper()}": str(v) for k, v in overrides.items()},
-        }
-        return {**os.environ, **values}
+        """The environment of this deployment's processes: this one's, with the services,
+        the bucket, random weights, the deployment's settings and ``overrides`` laid over."""
+        services = Settings(
+            redis_url=self.redis_url,
+            s3_endpoint=self.s3.endpoint,
+            s3_access_key=self.s3.access_key,
+            s3_secret_key=self.s3.secret_key,
+            s3_bucket=self.bucket,
+            weights="random",
+        )
+        return {**os.environ, **service_env(services, **{**self.settings, **overrides})}
 
     def start_api(self, name: str = "api", **overrides) -> str:
         port = free_port()
@@ -122,18 +124,34 @@ class Deployment:
         )
         return url
 
-    def start_worker(self, name: str, **overrides) -> ManagedProcess:
-        ((_, argv, extra),) = worker_commands([], replicas=1, loglevel="INFO", queues="jobs,batch")
+    def start_worker(
+        self,
+        name: str,
+        *,
+        queues: str = WORKER_QUEUES,
+        app: str | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        timeout_s: float = 90,
+        **overrides,
+    ) -> ManagedProcess:
+        """A worker started with the launcher's command line (the Celery ``app`` module
+        swapped in when given), running until it beats; ``overrides`` are settings."""
+        ((_, argv, extra),) = worker_commands([], replicas=1, loglevel="INFO", queues=queues)
         hostname = f"{name}@{socket.gethostname()}"
         argv = [*argv]
+        if app is not None:
+            argv[argv.index("-A") + 1] = app
         argv[argv.index("--hostname") + 1] = hostname
-        env = {**self.env(**overrides), **extra}
-        process = ManagedProcess(name, argv, env=env, log_path=self.run_dir / f"{name}.log")
+        env = {**self.env(**overrides), **extra, **(extra_env or {})}
+        process = ManagedProcess(
+            name, argv, env=env, log_path=self.run_dir / f"{name}.log", cwd=cwd
+        )
         process.start()
         self.processes.append(process)
         wait_until(
             lambda: hostname in self.worker_hostnames(),
-            timeout_s=90,
+            timeout_s=timeout_s,
             process=process,
             what=f"worker {hostname} heartbeat",
         )

@@ -26,7 +26,7 @@ from shared.errors import (
     UnsupportedType,
 )
 from tests.unit.conftest import encode
-from worker.batches import _new_item
+from worker.expand import _new_item
 
 LIMITS = ArchiveLimits(
     max_members=100, max_total_bytes=10_000_000, max_member_bytes=3_000_000, max_ratio=50

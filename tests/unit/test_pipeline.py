@@ -109,13 +109,13 @@ def test_extras_only_when_asked(random_model, photos):
 
 def test_the_caption_names_the_weights(random_model, photos, monkeypatch):
     captions = []
-    real_render = pipeline.render_grid
+    real_draw = pipeline.draw_grid
 
     def spy(layers, **kwargs):
         captions.append(kwargs["caption"])
-        return real_render(layers, **kwargs)
+        return real_draw(layers, **kwargs)
 
-    monkeypatch.setattr(pipeline, "render_grid", spy)
+    monkeypatch.setattr(pipeline, "draw_grid", spy)
     process_image(random_model, photos[("shapes", "png")], JobOptions(), max_pixels=LIMIT)
     assert "weights: random, seed 0" in captions[0]
 

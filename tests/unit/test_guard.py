@@ -1,0 +1,85 @@
+"""worker/guard.py without a broker: how a task ends when its work raises."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from shared.errors import StorageUnavailable
+from shared.settings import Settings
+from worker.guard import guarded
+
+SETTINGS = Settings(storage_retries=2, storage_retry_backoff_s=0.5, task_soft_time_limit_s=7)
+
+
+class _Task:
+    """The part of a bound Celery task the guard uses."""
+
+    def __init__(self, retries: int = 0, soft_time_limit: int | None = None) -> None:
+        self.request = SimpleNamespace(retries=retries)
+        self.soft_time_limit = soft_time_limit
+        self.retried: dict = {}
+
+    def retry(self, **kwargs) -> Retry:
+        self.retried = kwargs
+        return Retry()
+
+
+def _raise(exc: BaseException):
+    def work():
+        raise exc
+
+    return work
+
+
+def _run(task: _Task, work, **kwargs):
+    ended: list[tuple[str, str]] = []
+    notes: list[str] = []
+    result = guarded(
+        task,
+        SETTINGS,
+        work,
+        what="job j1",
+        give_up=lambda code, message: ended.append((code, message)),
+        retrying=notes.append,
+        **kwargs,
+    )
+    return result, ended, notes
+
+
+def test_work_that_returns_is_passed_through():
+    assert _run(_Task(), lambda: "succeeded") == ("succeeded", [], [])
+
+
+def test_storage_errors_retry_with_exponential_backoff_and_note_it():
+    task = _Task(retries=1)
+    with pytest.raises(Retry):
+        _run(task, _raise(StorageUnavailable("S3 is down")))
+    assert task.retried["countdown"] == 1.0 and task.retried["max_retries"] == 2
+
+
+def test_storage_errors_past_the_budget_give_up():
+    result, ended, notes = _run(_Task(retries=2), _raise(StorageUnavailable("S3 is down")))
+    assert result == "failed" and notes == []
+    assert ended == [("storage_unavailable", "S3 is down (gave up after 2 retries)")]
+
+
+def test_redis_errors_reject_with_requeue():
+    with pytest.raises(Reject) as raised:
+        _run(_Task(), _raise(RedisConnectionError("gone")))
+    assert raised.value.requeue is True
+
+
+def test_time_limit_gives_up_as_timeout_naming_the_subject_and_the_limit():
+    _, ended, _ = _run(_Task(), _raise(SoftTimeLimitExceeded()), subject="the job")
+    assert ended == [("timeout", "the job ran past its time limit of 7s")]
+    _, ended, _ = _run(_Task(soft_time_limit=3), _raise(SoftTimeLimitExceeded()))
+    assert ended == [("timeout", "job j1 ran past its time limit of 3s")]
+
+
+def test_a_bug_gives_up_as_internal_error():
+    result, ended, _ = _run(_Task(), _raise(KeyError("x")))
+    assert result == "failed" and ended == [("internal_error", "KeyError: 'x'")]

@@ -1,0 +1,149 @@
+"""Where a chunk of a batch's items runs: inputs in, model pass, outputs stored, outcomes
+recorded.
+
+A chunk requests all its inputs in parallel, runs them through the model in tensor batches
+(:func:`worker.pipeline.process_images`; on the CPU in slices of ``CPU_MODEL_BATCH``, each
+starting as soon as its inputs are in, while the previous slice's outputs upload), and records
+all outcomes in one atomic step; whoever records the batch's last outcome has it finalized.
+Storage errors propagate for the task to retry; the delivery token lets a retry resume the
+items it started.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from shared.batches import ItemStatus
+from shared.errors import FeatureMapsError, NotFound, StorageUnavailable
+from shared.options import JobOptions
+from worker import metrics
+from worker.batches import IO_THREADS, Finalize, batch_store
+from worker.execute import upload_outputs
+from worker.runtime import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+def run_chunk(
+    ctx: WorkerContext, batch_id: str, ids: list[str], *, token: str, finalize: Finalize
+) -> int:
+    """Process the chunk's items that are still queued (or were started by this same
+    delivery); returns how many were processed. Storage errors propagate for a retry."""
+    store = batch_store(ctx)
+    started = store.start_items(batch_id, ids, token=token)
+    if not started:
+        return 0
+    batch = store.get(batch_id)
+    options = JobOptions.from_mapping(batch.options)
+    items = store.get_items(batch_id, started)
+    step = _model_slice(ctx, len(started))
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        # Every input is requested at once; a slice goes through the model as soon as its
+        # own inputs are in, and its outputs upload while the next slice computes.
+        downloads = [pool.submit(_download, ctx, items[i].info["input_key"]) for i in started]
+        uploads, results = [], []
+        for start in range(0, len(started), step):
+            part = started[start : start + step]
+            inputs = [download.result() for download in downloads[start : start + step]]
+            part_results = _process(ctx, inputs, options)
+            results += part_results
+            uploads += [
+                pool.submit(_store_outcome, ctx, i, items[i].info, result)
+                for i, result in zip(part, part_results, strict=True)
+            ]
+        outcomes = [upload.result() for upload in uploads]
+    metrics.chunk_done(results)
+    if store.finish_items(batch_id, outcomes):
+        finalize(batch_id)
+    ctx.jobs_done += len(started)
+    return len(started)
+
+
+def fail_chunk(
+    ctx: WorkerContext,
+    batch_id: str,
+    ids: list[str],
+    *,
+    token: str,
+    code: str,
+    message: str,
+    finalize: Finalize,
+) -> None:
+    """End the chunk's items that this delivery holds as failed (retries exhausted, time
+    limit, a bug): one broken chunk must not leave its batch running for ever."""
+    store = batch_store(ctx)
+    started = store.start_items(batch_id, ids, token=token)
+    items = store.get_items(batch_id, started)
+    error = {"code": code, "message": message}
+    outcomes = [(i, ItemStatus.FAILED, {**items[i].info, "error": error}) for i in started]
+    metrics.images_failed("batch", code, len(outcomes))
+    if outcomes and store.finish_items(batch_id, outcomes):
+        finalize(batch_id)
+
+
+def _model_slice(ctx: WorkerContext, count: int) -> int:
+    """Images per model pass: the pipeline's CPU slice, or the whole chunk on a GPU."""
+    from worker.pipeline import CPU_MODEL_BATCH
+
+    return count if ctx.loaded.device.type == "cuda" else CPU_MODEL_BATCH
+
+
+def _download(ctx: WorkerContext, key: str) -> bytes | FeatureMapsError:
+    try:
+        with metrics.timed("fetch"):
+            return ctx.store.get_bytes(key)
+    except NotFound as exc:
+        return FeatureMapsError(f"the input is gone from storage: {exc.message}", code="lost")
+
+
+def _process(
+    ctx: WorkerContext, inputs: list[bytes | FeatureMapsError], options: JobOptions
+) -> list[Any]:
+    from worker.pipeline import process_images
+
+    max_pixels = ctx.settings.max_image_pixels
+    present = [i for i, data in enumerate(inputs) if isinstance(data, bytes)]
+    results: list[Any] = list(inputs)
+    try:
+        batch_results = process_images(
+            ctx.loaded, [inputs[i] for i in present], options, max_pixels=max_pixels
+        )
+    except (StorageUnavailable, MemoryError):
+        raise
+    except Exception:
+        # One image that breaks the batched pass must not fail the others: run them one by
+        # one so only the culprit fails.
+        log.exception("batched pass failed; running the chunk's images one at a time")
+        batch_results = [_process_one(ctx, inputs[i], options) for i in present]
+    for position, result in zip(present, batch_results, strict=True):
+        results[position] = result
+    return results
+
+
+def _process_one(ctx: WorkerContext, data: Any, options: JobOptions) -> Any:
+    from worker.pipeline import process_images
+
+    try:
+        (result,) = process_images(
+            ctx.loaded, [data], options, max_pixels=ctx.settings.max_image_pixels
+        )
+    except Exception as exc:
+        log.exception("image failed on its own")
+        return FeatureMapsError(f"{type(exc).__name__}: {exc}", code="internal_error")
+    return result
+
+
+# What an item's record keeps of its stored outputs (the items page presigns these).
+_ITEM_KEYS = ("figure_key", "thumbnail_key", "manifest_key")
+
+
+def _store_outcome(
+    ctx: WorkerContext, item: str, info: dict, result: Any
+) -> tuple[str, ItemStatus, dict]:
+    if isinstance(result, FeatureMapsError):
+        return item, ItemStatus.FAILED, {**info, "error": result.to_dict()}
+    stored = upload_outputs(ctx, item, result, with_input_preview=False)
+    kept = {k: stored[k] for k in _ITEM_KEYS if k in stored}
+    return item, ItemStatus.SUCCEEDED, {**info, **kept}

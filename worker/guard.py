@@ -1,0 +1,76 @@
+"""The one way every task ends: what a task does when its work raises instead of returning.
+
+- Storage unavailable: retried with exponential backoff (``STORAGE_RETRY_BACKOFF_S · 2^n``,
+  ``STORAGE_RETRIES`` times); once retries run out the work is given up on as
+  ``storage_unavailable``.
+- Redis unavailable: the message is rejected *with requeue*. A plain failure would make Celery
+  reject it without requeueing (``acks_on_failure_or_timeout`` is off) and the record would stay
+  ``running`` for ever once Redis is back; with Redis still down the message stays
+  unacknowledged and comes back after the visibility timeout. The stores count the redelivery.
+- The soft time limit: given up on as ``timeout``.
+- Anything else (a bug): logged and given up on as ``internal_error``.
+
+"Given up on" means the caller's ``give_up(code, message)`` ends the work's record ``failed``
+(a job, a chunk's items, a batch's expansion or manifest), so nothing waits for it for ever.
+Tests exercise it without a broker through a stand-in task (``request.retries``, ``retry``,
+``soft_time_limit``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery.exceptions import Reject, SoftTimeLimitExceeded
+from redis.exceptions import RedisError
+
+from shared.errors import StorageUnavailable
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GiveUp = Callable[[str, str], object]
+
+
+def guarded(
+    task: Any,
+    settings: Settings,
+    work: Callable[[], object],
+    *,
+    what: str,
+    give_up: GiveUp,
+    retrying: Callable[[str], object] | None = None,
+    subject: str | None = None,
+) -> object:
+    """Run ``work()`` for the bound Celery ``task`` and return what it returns, or "failed"
+    once ``give_up(code, message)`` has ended the work.
+
+    ``what`` names the work in logs (and, unless ``subject`` is given, in the time-limit
+    message); ``retrying(reason)``, when given, records on the work's record that it waits for
+    a storage retry.
+    """
+    try:
+        return work()
+    except StorageUnavailable as exc:
+        retries = task.request.retries
+        if retries >= settings.storage_retries:
+            give_up(exc.code, f"{exc.message} (gave up after {retries} retries)")
+            return "failed"
+        delay = settings.storage_retry_backoff_s * 2**retries
+        log.warning("%s: storage unavailable, retry %d in %.1fs", what, retries + 1, delay)
+        if retrying is not None:
+            retrying(f"storage unavailable, retry {retries + 1} in {delay:g}s")
+        # Celery's own limit (3 unless told) would end the ladder early and leave the work
+        # waiting for ever; the count above is the limit.
+        raise task.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
+    except RedisError as exc:
+        raise Reject(exc, requeue=True) from exc
+    except SoftTimeLimitExceeded:
+        limit = task.soft_time_limit or settings.task_soft_time_limit_s
+        give_up("timeout", f"{subject or what} ran past its time limit of {limit}s")
+        return "failed"
+    except Exception as exc:
+        log.exception("%s failed unexpectedly", what)
+        give_up("internal_error", f"{type(exc).__name__}: {exc}")
+        return "failed"
