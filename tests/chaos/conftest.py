@@ -21,6 +21,10 @@ from tests.integration.deployment import Deployment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FINISHED = ("succeeded", "failed", "canceled")
+# What one successful run leaves under results/<id>/ (docs/design.md "Storage layout"), sorted:
+# exactly these, once each, whatever was killed or retried. Batch items get no input preview.
+JOB_OUTPUTS = ["feature_maps.jpg", "input.jpg", "manifest.json", "thumbnail.jpg"]
+ITEM_OUTPUTS = ["feature_maps.jpg", "manifest.json", "thumbnail.jpg"]
 # Time limits for fault tests, kept in the order the worker insists on (soft < hard <
 # visibility) and short, so that a message abandoned by a killed worker comes back quickly.
 LIMITS = {"task_soft_time_limit_s": 20, "task_time_limit_s": 25, "visibility_timeout_s": 30}
@@ -137,6 +141,10 @@ class ChaosStack(Deployment):
         if self._store is not None:
             self._store.close()
         self.redis.close()
+
+    def outputs(self, job_id: str) -> list[str]:
+        """The names of a job's (or item's) result objects, sorted."""
+        return [key.removeprefix(f"results/{job_id}/") for key in self.result_keys(job_id)]
 
     def result_keys(self, job_id: str) -> list[str]:
         return sorted(self.store().list_keys(f"results/{job_id}/"))

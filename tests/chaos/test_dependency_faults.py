@@ -8,13 +8,8 @@ import pytest
 import requests
 
 from stack.services import wait_until
+from tests.chaos.conftest import JOB_OUTPUTS
 from tests.chaos.faults import HOLD, marked_png
-
-ONE_SET = ["feature_maps.jpg", "manifest.json"]
-
-
-def _outputs(stack, job_id: str) -> list[str]:
-    return [key.removeprefix(f"results/{job_id}/") for key in stack.result_keys(job_id)]
 
 
 def _retrying(stack, job_id: str) -> bool:
@@ -58,7 +53,7 @@ def test_redis_restart_with_jobs_queued_and_running_loses_nothing(make_stack, ru
     for job_id in [running, *queued]:
         doc = stack.wait_finished(job_id)
         assert doc["status"] == "succeeded", doc
-        assert _outputs(stack, job_id) == ONE_SET
+        assert stack.outputs(job_id) == JOB_OUTPUTS
     # A task that could not record its end was delivered again and ran once more.
     expected_attempts = 2 if running_job_ends == "while_redis_is_down" else 1
     assert stack.job(running)["attempts"] == expected_attempts
@@ -82,7 +77,7 @@ def test_s3_down_while_uploading_retries_with_backoff_and_succeeds(make_stack):
     doc = stack.wait_finished(job_id)
     assert doc["status"] == "succeeded", doc
     assert doc["attempts"] >= 2 and doc["error"] is None
-    assert _outputs(stack, job_id) == ONE_SET
+    assert stack.outputs(job_id) == JOB_OUTPUTS
     # KEEP_INPUTS=false: the input outlived the retry (it ran again) and goes once it ended.
     wait_until(
         lambda: not list(stack.store().list_keys(f"inputs/{job_id}/")),

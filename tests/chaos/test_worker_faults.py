@@ -7,14 +7,10 @@ import os
 import signal
 
 from stack.services import wait_until
+from tests.chaos.conftest import JOB_OUTPUTS
 from tests.chaos.faults import HOLD, HOLD_UPLOAD, KILL, SLOW, marked_png
 
 # One set of outputs for a job with default options: the figure and the manifest.
-ONE_SET = ["feature_maps.jpg", "manifest.json"]
-
-
-def _outputs(stack, job_id: str) -> list[str]:
-    return [key.removeprefix(f"results/{job_id}/") for key in stack.result_keys(job_id)]
 
 
 def test_sigkill_pool_process_mid_job_the_job_is_redelivered_and_succeeds_once(make_stack):
@@ -31,10 +27,10 @@ def test_sigkill_pool_process_mid_job_the_job_is_redelivered_and_succeeds_once(m
     doc = stack.wait_finished(held)
     assert doc["status"] == "succeeded", doc
     assert doc["attempts"] == 2, "delivered again after the pool process died"
-    assert _outputs(stack, held) == ONE_SET
+    assert stack.outputs(held) == JOB_OUTPUTS
     for job_id in others:
         assert stack.wait_finished(job_id)["status"] == "succeeded"
-        assert _outputs(stack, job_id) == ONE_SET
+        assert stack.outputs(job_id) == JOB_OUTPUTS
     # The rerun happened in a new pool process, and nothing is left to deliver.
     assert [pid for event, pid in stack.events() if event == "hold-upload"][-1] != child
     wait_until(stack.queue_is_drained, timeout_s=30, what="empty queue")
@@ -55,7 +51,7 @@ def test_sigkill_whole_worker_mid_job_a_restarted_worker_finishes_it(make_stack)
         doc = stack.wait_finished(job_id)
         assert doc["status"] == "succeeded", doc
         assert doc["worker"].startswith("w2@")
-        assert _outputs(stack, job_id) == ONE_SET
+        assert stack.outputs(job_id) == JOB_OUTPUTS
     assert stack.job(held)["attempts"] == 2
     wait_until(stack.queue_is_drained, timeout_s=30, what="empty queue")
 
@@ -117,5 +113,5 @@ def test_sigterm_mid_job_finishes_the_job_and_the_rest_run_on_the_next_worker(ma
         doc = stack.wait_finished(job_id)
         assert doc["status"] == "succeeded", doc
     for job_id in [held, *queued]:
-        assert _outputs(stack, job_id) == ONE_SET
+        assert stack.outputs(job_id) == JOB_OUTPUTS
     wait_until(stack.queue_is_drained, timeout_s=30, what="empty queue")
