@@ -60,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
     from shared.options import JobOptions
     from shared.settings import Settings
     from worker.model import load_model
-    from worker.pipeline import process_images
 
     settings = Settings()
     options = JobOptions(
@@ -94,29 +93,40 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     ) as progress:
         for start in range(0, len(images), args.batch_size):
-            readable, payloads = [], []
-            for position in range(start, min(start + args.batch_size, len(images))):
-                try:
-                    payloads.append(images[position].read_bytes())
-                    readable.append(position)
-                except OSError as exc:
-                    failed += 1
-                    progress.write(f"{images[position]}: unreadable: {exc}", file=sys.stderr)
-                    progress.update()
-            results = process_images(loaded, payloads, options, max_pixels=max_pixels)
-            for position, result in zip(readable, results, strict=True):
-                if isinstance(result, FeatureMapsError):
-                    failed += 1
-                    progress.write(
-                        f"{images[position]}: {result.code}: {result.message}", file=sys.stderr
-                    )
-                else:
-                    _write_result(output_dirs[position], result)
-                progress.update()
+            positions = range(start, min(start + args.batch_size, len(images)))
+            failed += _run_batch(
+                loaded, images, positions, output_dirs, options, max_pixels, progress
+            )
 
     done = len(images) - failed
     print(f"{done} of {len(images)} image(s) written to {args.output}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _run_batch(loaded, images, positions, output_dirs, options, max_pixels, progress) -> int:
+    """Read, process and write one batch of the given images; returns how many failed."""
+    from shared.errors import FeatureMapsError
+    from worker.pipeline import process_images
+
+    failed = 0
+    readable, payloads = [], []
+    for position in positions:
+        try:
+            payloads.append(images[position].read_bytes())
+            readable.append(position)
+        except OSError as exc:
+            failed += 1
+            progress.write(f"{images[position]}: unreadable: {exc}", file=sys.stderr)
+            progress.update()
+    results = process_images(loaded, payloads, options, max_pixels=max_pixels)
+    for position, result in zip(readable, results, strict=True):
+        if isinstance(result, FeatureMapsError):
+            failed += 1
+            progress.write(f"{images[position]}: {result.code}: {result.message}", file=sys.stderr)
+        else:
+            _write_result(output_dirs[position], result)
+        progress.update()
+    return failed
 
 
 def _write_result(directory: Path, result: ImageResult) -> None:

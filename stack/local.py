@@ -153,24 +153,7 @@ class LocalStack:
         self.say(f"starting redis-server on 127.0.0.1:{self.redis.port} ...")
         self.redis.start()
         self._record(self.redis.process)
-
-        if config.external_s3_endpoint:
-            s3_endpoint = config.external_s3_endpoint
-        else:
-            self.s3 = SeaweedS3(
-                self.run_dir / "s3",
-                config.s3_port,
-                access_key=config.s3_access_key,
-                secret_key=config.s3_secret_key,
-                region=config.s3_region,
-                detach=self.detach,
-            )
-            self.say(f"starting SeaweedFS S3 on {self.s3.endpoint} ...")
-            took = self.s3.start()
-            self.say(f"  S3 ready in {took:.1f}s")
-            self._record(self.s3.process)
-            s3_endpoint = self.s3.endpoint
-
+        s3_endpoint = config.external_s3_endpoint or self._start_s3()
         settings = Settings(
             redis_url=self.redis.url,
             s3_endpoint=s3_endpoint,
@@ -184,30 +167,7 @@ class LocalStack:
         store = ObjectStore.from_settings(settings)
         store.ensure_bucket()
         store.close()
-
-        env = {**config.base_env, **service_env(settings), "PYTHONUNBUFFERED": "1"}
-        self.say(
-            f"starting the API (gunicorn) on {self.api_url} and {config.workers} worker(s) ..."
-        )
-        api = self._spawn("api", self._api_argv(), env)
-        self.workers = self._spawn(
-            "worker",
-            [
-                sys.executable,
-                "-m",
-                "worker.launcher",
-                "--cpu",
-                "--replicas",
-                str(config.workers),
-            ],
-            env,
-        )
-        wait_until(
-            lambda: _http_ok(f"{self.api_url}/healthz"),
-            timeout_s=config.ready_timeout_s,
-            process=api,
-            what=f"the API at {self.api_url}/healthz",
-        )
+        self._start_services(settings)
         self.state = {
             "api_url": self.api_url,
             "redis_url": self.redis.url,
@@ -224,6 +184,40 @@ class LocalStack:
         }
         (self.run_dir / STATE_FILE).write_text(json.dumps(self.state, indent=2) + "\n")
         return self.state
+
+    def _start_s3(self) -> str:
+        """Start the stack's own SeaweedFS; returns its endpoint."""
+        config = self.config
+        self.s3 = SeaweedS3(
+            self.run_dir / "s3",
+            config.s3_port,
+            access_key=config.s3_access_key,
+            secret_key=config.s3_secret_key,
+            region=config.s3_region,
+            detach=self.detach,
+        )
+        self.say(f"starting SeaweedFS S3 on {self.s3.endpoint} ...")
+        took = self.s3.start()
+        self.say(f"  S3 ready in {took:.1f}s")
+        self._record(self.s3.process)
+        return self.s3.endpoint
+
+    def _start_services(self, settings: Settings) -> None:
+        """The API (gunicorn) and the supervised CPU workers; returns once the API answers."""
+        config = self.config
+        env = {**config.base_env, **service_env(settings), "PYTHONUNBUFFERED": "1"}
+        self.say(
+            f"starting the API (gunicorn) on {self.api_url} and {config.workers} worker(s) ..."
+        )
+        api = self._spawn("api", self._api_argv(), env)
+        launcher = [sys.executable, "-m", "worker.launcher", "--cpu"]
+        self.workers = self._spawn("worker", [*launcher, "--replicas", str(config.workers)], env)
+        wait_until(
+            lambda: _http_ok(f"{self.api_url}/healthz"),
+            timeout_s=config.ready_timeout_s,
+            process=api,
+            what=f"the API at {self.api_url}/healthz",
+        )
 
     def wait_for_workers(self, timeout_s: float) -> None:
         """Wait until /readyz says a worker answers (the model takes a while to load)."""
