@@ -51,6 +51,7 @@ from shared.options import JobOptions
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from worker import batches, pipeline, render
+from worker.chunks import run_chunk
 from worker.features import conv_chain, preprocess, reduce_channels
 from worker.model import LoadedModel, load_model
 from worker.runtime import WorkerContext
@@ -159,6 +160,8 @@ class StageMeter:
 
 def _pipeline_stages(meter: StageMeter) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
+    # The pipeline decodes with imaging.decode (decode_image before it kept the EXIF facts).
+    stack.enter_context(meter.wrapping(pipeline, "decode", "decode"))
     stack.enter_context(meter.wrapping(pipeline, "decode_image", "decode"))
     # Older pipelines preprocess in one call, newer ones resize as they decode; wrapping
     # skips a name the pipeline does not have, so the same bench measures both.
@@ -254,7 +257,7 @@ def _interleaved(
 
     def chunk_path(index: int) -> None:
         ids = item_chunks[index]
-        chunks.run_chunk(ctx, batch_id, ids, token=uuid.uuid4().hex, finalize=finalized.append)
+        run_chunk(ctx, batch_id, ids, token=uuid.uuid4().hex, finalize=finalized.append)
 
     paths: dict[str, Callable[[int], None]] = {"model_only": model_only, "data_path": data_path}
     if ctx:
