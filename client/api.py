@@ -423,13 +423,18 @@ def zip_images(paths: list[Path], target: Path) -> Path:
     used: set[str] = set()
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
         for path in paths:
-            name, n = path.name, 1
-            while name in used:
-                n += 1
-                name = f"{path.stem}-{n}{path.suffix}"
-            used.add(name)
-            archive.write(path, name)
+            archive.write(path, unique_name(path.stem, path.suffix, used))
     return target
+
+
+def unique_name(stem: str, suffix: str, used: set[str]) -> str:
+    """``stem + suffix``, or with -2, -3, … before the suffix when taken; adds it to ``used``."""
+    name, n = stem + suffix, 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}{suffix}"
+    used.add(name)
+    return name
 
 
 class MultipartFile:

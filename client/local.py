@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from client.api import unique_name
 from shared.options import COLORMAPS, FORMATS, MODES, NORMALIZATIONS, REDUCTIONS, RENDERERS
 
 if TYPE_CHECKING:
@@ -144,16 +145,8 @@ def _write_result(directory: Path, result: ImageResult) -> None:
 
 def _output_dirs(images: list[Path], output: Path) -> list[Path]:
     """One directory per image, named by its stem; repeated stems get -2, -3, ..."""
-    dirs: list[Path] = []
     used: set[str] = set()
-    for path in images:
-        name, n = path.stem, 1
-        while name in used:
-            n += 1
-            name = f"{path.stem}-{n}"
-        used.add(name)
-        dirs.append(output / name)
-    return dirs
+    return [output / unique_name(path.stem, "", used) for path in images]
 
 
 def _positive_int(text: str) -> int:

@@ -68,3 +68,25 @@ def test_unavailable_without_retries():
     with pytest.raises(Unavailable) as raised:
         client.request("GET", "/jobs/j")
     assert (raised.value.status, raised.value.code) == (503, "unavailable")
+
+
+def test_repeated_file_names_get_numbered_never_hidden(tmp_path):
+    import zipfile
+
+    from client.api import zip_images
+    from client.local import _output_dirs
+
+    paths = []
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / "IMG_0001.JPG"
+        path.write_bytes(folder.encode())
+        paths.append(path)
+    with zipfile.ZipFile(zip_images(paths, tmp_path / "out.zip")) as archive:
+        assert archive.namelist() == ["IMG_0001.JPG", "IMG_0001-2.JPG", "IMG_0001-3.JPG"]
+        assert archive.read("IMG_0001-3.JPG") == b"c"
+    assert [d.name for d in _output_dirs(paths, tmp_path)] == [
+        "IMG_0001",
+        "IMG_0001-2",
+        "IMG_0001-3",
+    ]
