@@ -226,6 +226,30 @@ def _decode_by_size(photos: list[bytes]) -> dict:
     return out
 
 
+def _take_turns(
+    paths: dict[str, Callable[[int], None]], rounds: int, ctx: WorkerContext | None
+) -> dict[str, dict]:
+    """Run every path on chunk 0, then every path on chunk 1, …, metering each path's wall
+    time, process CPU time and CPU time by stage."""
+    meter = StageMeter()
+    totals: dict[str, dict] = {p: {"wall": 0.0, "cpu": 0.0, "stages": {}} for p in paths}
+    with contextlib.ExitStack() as wrapped:
+        wrapped.enter_context(_pipeline_stages(meter))
+        if ctx:
+            wrapped.enter_context(meter.wrapping(ctx.store, "get_bytes", "download"))
+            wrapped.enter_context(meter.wrapping(ctx.store, "put_bytes", "upload"))
+            for name in ("start_items", "get", "get_items", "finish_items"):
+                wrapped.enter_context(meter.wrapping(BatchStore, name, "redis"))
+        for index in range(rounds):
+            for path, fn in paths.items():
+                meter.cpu_ms = totals[path]["stages"]
+                wall, cpu = time.perf_counter(), time.process_time()
+                fn(index)
+                totals[path]["wall"] += time.perf_counter() - wall
+                totals[path]["cpu"] += time.process_time() - cpu
+    return totals
+
+
 def _interleaved(
     loaded: LoadedModel, photos: list[bytes], sequence: list[bytes], ctx: WorkerContext | None
 ) -> dict:
@@ -264,22 +288,7 @@ def _interleaved(
         paths["chunk_path"] = chunk_path
     model_only(0)
     data_path(0)  # warm-ups, not counted
-    meter = StageMeter()
-    totals = {path: {"wall": 0.0, "cpu": 0.0, "stages": {}} for path in paths}
-    with contextlib.ExitStack() as wrapped:
-        wrapped.enter_context(_pipeline_stages(meter))
-        if ctx:
-            wrapped.enter_context(meter.wrapping(ctx.store, "get_bytes", "download"))
-            wrapped.enter_context(meter.wrapping(ctx.store, "put_bytes", "upload"))
-            for name in ("start_items", "get", "get_items", "finish_items"):
-                wrapped.enter_context(meter.wrapping(BatchStore, name, "redis"))
-        for index in range(len(chunks)):
-            for path, fn in paths.items():
-                meter.cpu_ms = totals[path]["stages"]
-                wall, cpu = time.perf_counter(), time.process_time()
-                fn(index)
-                totals[path]["wall"] += time.perf_counter() - wall
-                totals[path]["cpu"] += time.process_time() - cpu
+    totals = _take_turns(paths, len(chunks), ctx)
     if ctx:
         done = batches.batch_store(ctx).get(batch_id)
         if done.succeeded != count or finalized != [batch_id]:
