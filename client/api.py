@@ -25,7 +25,7 @@ import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import numpy as np
 import requests
@@ -155,29 +155,45 @@ class Client:
         return Batch(self, response.json())
 
 
-class Job:
-    """A submitted job. ``doc`` is its latest document (``refresh()`` fetches it again)."""
+class _Record:
+    """What a job and a batch share on the client side: the id, the latest document, and
+    fetching or cancelling it at ``/<collection>/<id>``."""
+
+    collection = ""
 
     def __init__(self, client: Client, doc: dict) -> None:
         self.client = client
         self.id: str = doc["id"]
         self.doc = doc
-        self._manifest: dict | None = None
 
     def __repr__(self) -> str:
-        return f"<Job {self.id} {self.status}>"
+        return f"<{type(self).__name__} {self.id} {self.status}>"
 
     @property
     def status(self) -> str:
         return self.doc.get("status", "unknown")
 
+    def refresh(self) -> Self:
+        self.doc = self.client.request("GET", f"/{self.collection}/{self.id}").json()
+        return self
+
+    def cancel(self) -> Self:
+        self.doc = self.client.request("DELETE", f"/{self.collection}/{self.id}").json()
+        return self
+
+
+class Job(_Record):
+    """A submitted job. ``doc`` is its latest document (``refresh()`` fetches it again)."""
+
+    collection = "jobs"
+
+    def __init__(self, client: Client, doc: dict) -> None:
+        super().__init__(client, doc)
+        self._manifest: dict | None = None
+
     @property
     def result(self) -> dict:
         return self.doc.get("result") or {}
-
-    def refresh(self) -> Job:
-        self.doc = self.client.request("GET", f"/jobs/{self.id}").json()
-        return self
 
     def wait(self, progress: Progress = False, *, interval: float = 0.25, timeout: float = 600):
         """Poll until the job has ended (whatever the outcome: see ``status``); ``progress``
@@ -195,10 +211,6 @@ class Job:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.id} still {self.status} after {timeout:g}s")
             time.sleep(interval)
-
-    def cancel(self) -> Job:
-        self.doc = self.client.request("DELETE", f"/jobs/{self.id}").json()
-        return self
 
     def _succeeded(self) -> dict:
         if self.status not in FINISHED:
@@ -292,22 +304,11 @@ class BatchItem:
         return image
 
 
-class Batch:
+class Batch(_Record):
     """A submitted batch; iterate over it for its items (paged from the API)."""
 
     PAGE = 500
-
-    def __init__(self, client: Client, doc: dict) -> None:
-        self.client = client
-        self.id: str = doc["id"]
-        self.doc = doc
-
-    def __repr__(self) -> str:
-        return f"<Batch {self.id} {self.status}>"
-
-    @property
-    def status(self) -> str:
-        return self.doc.get("status", "unknown")
+    collection = "batches"
 
     @property
     def counts(self) -> dict:
@@ -322,10 +323,6 @@ class Batch:
     def finished(self) -> bool:
         """Ended, and its manifest and results.zip written."""
         return self.status in FINISHED and bool(self.doc.get("result"))
-
-    def refresh(self) -> Batch:
-        self.doc = self.client.request("GET", f"/batches/{self.id}").json()
-        return self
 
     def wait(self, progress: bool = False, *, interval: float = 0.5, timeout: float | None = None):
         """Poll until the batch is finished; ``progress`` shows a bar (done/total, failed,
@@ -344,10 +341,6 @@ class Batch:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"batch {self.id} still {self.status} after {timeout:g}s")
                 time.sleep(interval)
-
-    def cancel(self) -> Batch:
-        self.doc = self.client.request("DELETE", f"/batches/{self.id}").json()
-        return self
 
     def items(self, *, page_size: int = PAGE) -> Iterator[BatchItem]:
         cursor: str | None = "0"
