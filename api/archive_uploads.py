@@ -7,6 +7,7 @@ sniffed before anything is stored, so a non-archive is a 415 with nothing left b
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator
 from typing import Any
@@ -89,7 +90,14 @@ def _store_archive(store: ObjectStore, batch_id: str, filename: str, events: Ite
         content_type="application/octet-stream",
         part_size=MIN_PART_SIZE,
     )
-    return {"kind": "archive", "archive": kind, "key": key, "name": filename, "size": part.size}
+    return {
+        "kind": "archive",
+        "archive": kind,
+        "key": key,
+        "name": filename,
+        "size": part.size,
+        "sha256": part.digest.hexdigest(),
+    }
 
 
 def _events(stream, boundary: bytes, max_parts: int) -> Iterator:
@@ -135,6 +143,7 @@ class _PartReader(io.RawIOBase):
         self._buffer = bytearray()
         self._done = False
         self.size = 0  # bytes handed out so far
+        self.digest = hashlib.sha256()  # of those bytes (Idempotency-Key compares it)
 
     def readable(self) -> bool:
         return True
@@ -149,6 +158,7 @@ class _PartReader(io.RawIOBase):
             pass
         count = min(len(target), len(self._buffer))
         target[:count] = self._buffer[:count]
+        self.digest.update(self._buffer[:count])
         del self._buffer[:count]
         self.size += count
         return count

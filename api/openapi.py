@@ -23,9 +23,31 @@ _ERRORS = {
 
 # 202 of POST /jobs and POST /batches.
 _ACCEPTED = {
-    "description": "queued",
-    "headers": {"Location": {"schema": {"type": "string"}}},
+    "description": "queued; or, for a repeated Idempotency-Key, the first request's answer "
+    "again (with Idempotent-Replayed: true)",
+    "headers": {
+        "Location": {"schema": {"type": "string"}},
+        "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
+    },
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
+}
+
+# api/idempotency.py: printable ASCII, no leading or trailing blank (HTTP trims those).
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Send the same key again with the same request (after a lost answer) to "
+    "get the first answer instead of a second record; remembered for JOB_TTL_HOURS, per token. "
+    "The same key with another request is 422 idempotency_mismatch; while the first request "
+    "is still being created, 409 idempotency_in_progress with Retry-After.",
+    "schema": {"type": "string", "pattern": "^[!-~]([ -~]{0,253}[!-~])?$"},
+}
+_IDEMPOTENCY_ERRORS = {
+    "409": _error(
+        "idempotency_in_progress: a request with this Idempotency-Key is still "
+        "being created; see Retry-After"
+    ),
 }
 
 
@@ -205,6 +227,7 @@ def openapi_document() -> dict:
             "/jobs": {
                 "post": {
                     "summary": "Submit one image",
+                    "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -232,7 +255,11 @@ def openapi_document() -> dict:
                         "415": _error(
                             f"not an accepted image type ({ACCEPTED_NAMES}, judged by content)"
                         ),
-                        "422": _error("undecodable image or too many pixels"),
+                        **_IDEMPOTENCY_ERRORS,
+                        "422": _error(
+                            "undecodable image or too many pixels; idempotency_mismatch: the "
+                            "Idempotency-Key was used for another request"
+                        ),
                     },
                 }
             },
@@ -300,6 +327,7 @@ def openapi_document() -> dict:
             "/batches": {
                 "post": {
                     "summary": "Submit an archive (streamed to storage) or an S3 prefix",
+                    "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -337,6 +365,10 @@ def openapi_document() -> dict:
                         "403": _error("an s3:// source not in FEATUREMAPS_SOURCE_ALLOW"),
                         "413": _error("archive over MAX_ARCHIVE_BYTES or too many form parts"),
                         "415": _error("not a .zip, .tar or .tar.gz archive"),
+                        **_IDEMPOTENCY_ERRORS,
+                        "422": _error(
+                            "idempotency_mismatch: the Idempotency-Key was used for another request"
+                        ),
                     },
                 }
             },

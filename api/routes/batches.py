@@ -7,7 +7,8 @@ from flask import Blueprint, request, url_for
 
 from api.archive_uploads import stream_archive_upload
 from api.audit import record_submission
-from api.enqueue import enqueue
+from api.enqueue import best_effort, enqueue
+from api.idempotency import Answer, Idempotency, fingerprint, idempotency_key
 from api.services import Services, services
 from api.sources import read_source_request
 from shared.batches import Batch, BatchStatus, BatchStore, Item
@@ -32,21 +33,51 @@ def _batches(svc: Services) -> BatchStore:
 def submit_batch():
     svc = services()
     owner = svc.caller(request)
+    key = idempotency_key(request)
     batch_id = new_record_id()
+    options, source = _read_batch_request(svc, owner, batch_id)
+    meaning = fingerprint(
+        "POST /batches",
+        source={k: source.get(k) for k in ("kind", "name", "sha256")},
+        options=options.to_dict(),
+    )
+    return Idempotency(svc.redis, ttl_s=svc.settings.job_ttl_s).once(
+        owner,
+        key,
+        meaning,
+        create=lambda: _submitted(svc, batch_id, options, source, owner),
+        discard=lambda: _discard_upload(svc, batch_id, source),
+    )
+
+
+def _read_batch_request(svc: Services, owner: str, batch_id: str) -> tuple[JobOptions, dict]:
+    """The options and the source of a batch request: an S3 prefix, or an archive (stored
+    under ``batch_id`` as it arrives)."""
     if request.mimetype == "application/json":
-        options, source = read_source_request(request, svc.settings, owner)
-    elif request.mimetype == "multipart/form-data":
-        options, source = stream_archive_upload(request, svc.settings, svc.store, batch_id)
-    else:
-        raise UnsupportedType(
-            "send the archive as multipart/form-data field 'archive', or JSON "
-            '{"source": "s3://bucket/prefix/"}'
-        )
+        return read_source_request(request, svc.settings, owner)
+    if request.mimetype == "multipart/form-data":
+        return stream_archive_upload(request, svc.settings, svc.store, batch_id)
+    raise UnsupportedType(
+        "send the archive as multipart/form-data field 'archive', or JSON "
+        '{"source": "s3://bucket/prefix/"}'
+    )
+
+
+def _submitted(svc: Services, batch_id: str, options: JobOptions, source: dict, owner: str):
     batch = enqueue_batch(svc, batch_id, options, source, owner)
     origin = source["name"] if source["kind"] == "s3" else f"archive:{source['name']}"
     record_submission("batch", batch.id, owner, source.get("size"), origin)
     body = {"id": batch.id, "status": batch.status.value, "links": _links(batch.id)}
-    return body, 202, {"Location": url_for("batches.get_batch", batch_id=batch.id)}
+    return Answer(body, 202, url_for("batches.get_batch", batch_id=batch.id))
+
+
+def _discard_upload(svc: Services, batch_id: str, source: dict) -> None:
+    """The archive a replayed request stored for nothing (the first request's batch has its
+    own)."""
+    if source.get("key"):
+        best_effort(
+            f"archive of replayed batch {batch_id}", lambda: svc.store.delete_prefix(source["key"])
+        )
 
 
 @bp.get("/batches/<batch_id>")

@@ -6,9 +6,10 @@ from flask import Blueprint, redirect, request, url_for
 
 from api.audit import record_submission
 from api.enqueue import best_effort, enqueue
+from api.idempotency import Answer, Idempotency, file_digest, fingerprint, idempotency_key
 from api.layers import RAW_MEDIA_TYPE, layer_json, layer_raw, read_layer_map
 from api.services import Services, services
-from api.uploads import read_image_upload
+from api.uploads import Upload, read_image_upload
 from shared import keys
 from shared.errors import Conflict
 from shared.jobs import Job, JobStatus, new_job_id
@@ -21,16 +22,26 @@ bp = Blueprint("jobs", __name__)
 def submit_job():
     svc = services()
     owner = svc.caller(request)
+    key = idempotency_key(request)
     upload = read_image_upload(
         request,
         field="image",
         max_pixels=svc.settings.max_image_pixels,
         max_bytes=svc.settings.max_upload_bytes,
     )
+    meaning = fingerprint(
+        "POST /jobs", image=file_digest(upload.data), options=upload.options.to_dict()
+    )
+    return Idempotency(svc.redis, ttl_s=svc.settings.job_ttl_s).once(
+        owner, key, meaning, create=lambda: _submitted(svc, upload, owner)
+    )
+
+
+def _submitted(svc: Services, upload: Upload, owner: str) -> Answer:
     job = enqueue_job(svc, upload.data, upload.info.ext, upload.content_type, upload.options, owner)
     record_submission("job", job.id, owner, len(upload.data), "upload")
     body = {"id": job.id, "status": job.status.value, "links": _links(job.id)}
-    return body, 202, {"Location": url_for("jobs.get_job", job_id=job.id)}
+    return Answer(body, 202, url_for("jobs.get_job", job_id=job.id))
 
 
 @bp.get("/jobs/<job_id>")
