@@ -13,7 +13,10 @@ def _error(description: str) -> dict:
 
 
 _ERRORS = {
-    "400": _error("a field or option is missing or invalid"),
+    "400": _error(
+        "a field or option is missing or invalid, a bad Idempotency-Key, or a callback_url "
+        "refused (callback_url_refused)"
+    ),
     "401": _error("missing or invalid bearer token"),
     "404": _error("unknown id, expired, or not yours"),
     "429": _error("rate limited; see Retry-After"),
@@ -103,6 +106,35 @@ _OPTION_PROPERTIES = {
     "per_layer": _BOOLEAN_TEXT,
     "arrays": _BOOLEAN_TEXT,
 }
+# Not an option (it does not change the output): shared/webhooks.py.
+_CALLBACK_PROPERTY = {
+    "callback_url": {
+        "type": "string",
+        "maxLength": 2048,
+        "description": "http(s) URL POSTed the status document, signed "
+        "(X-Featuremaps-Signature: t=<unix>,v1=<HMAC-SHA256 of '<t>.' + body>), when the "
+        "record reaches a final state; public addresses only unless the operator allows "
+        "private ones (400 callback_url_refused)",
+    }
+}
+_CALLBACK_FIELDS = {
+    "callback_url": {"type": ["string", "null"]},
+    "callback_state": {"enum": [None, "pending", "delivered", "failed"]},
+    "callbacks": {
+        "type": "array",
+        "description": "every delivery attempt",
+        "items": {
+            "type": "object",
+            "required": ["at", "status", "error"],
+            "properties": {
+                "at": {"type": "string"},
+                "status": {"type": ["integer", "null"], "description": "the receiver's"},
+                "error": {"type": ["string", "null"]},
+            },
+        },
+    },
+}
+
 _JSON_OPTION_PROPERTIES = {
     **_OPTION_PROPERTIES,
     "per_layer": _BOOLEAN_JSON,
@@ -137,6 +169,7 @@ _JOB_DOC = {
             ]
         },
         "links": {"type": "object"},
+        **_CALLBACK_FIELDS,
     },
 }
 
@@ -165,6 +198,7 @@ _BATCH_DOC = {
         },
         "error": {"type": ["object", "null"]},
         "links": {"type": "object"},
+        **_CALLBACK_FIELDS,
     },
 }
 _ITEM_DOC = {
@@ -242,6 +276,7 @@ def openapi_document() -> dict:
                                             "minLength": 1,
                                         },
                                         **_OPTION_PROPERTIES,
+                                        **_CALLBACK_PROPERTY,
                                     },
                                     "additionalProperties": False,
                                 }
@@ -342,6 +377,7 @@ def openapi_document() -> dict:
                                             "minLength": 1,
                                         },
                                         **_OPTION_PROPERTIES,
+                                        **_CALLBACK_PROPERTY,
                                     },
                                     "additionalProperties": False,
                                 }
@@ -353,6 +389,7 @@ def openapi_document() -> dict:
                                     "properties": {
                                         "source": {"type": "string", "pattern": _S3_SOURCE},
                                         **_JSON_OPTION_PROPERTIES,
+                                        **_CALLBACK_PROPERTY,
                                     },
                                     "additionalProperties": False,
                                 }

@@ -7,7 +7,7 @@ the same code in the failed job's document.
 
     FeatureMapsError
     ├── BadRequest            400  invalid_option, missing_field, empty_image, bad_request,
-    │                              invalid_idempotency_key
+    │                              invalid_idempotency_key, callback_url_refused
     ├── Unauthorized          401  unauthorized
     ├── Forbidden             403  forbidden_source
     ├── NotFound              404  not_found
@@ -92,6 +92,13 @@ class EmptyImage(BadRequest):
 
 class InvalidIdempotencyKey(BadRequest):
     code = "invalid_idempotency_key"
+
+
+class CallbackRefused(BadRequest):
+    """A callback_url that is malformed, does not resolve, or resolves to an address that
+    callbacks may not reach (shared/webhooks.py)."""
+
+    code = "callback_url_refused"
 
 
 class Unauthorized(FeatureMapsError):

@@ -87,6 +87,15 @@ class Record:
             "options": self.options,
         }
 
+    def callback_document(self) -> dict[str, Any]:
+        """The webhook part of the public document (shared/webhooks.py); every kind has
+        ``callback_url``, ``callback_state`` and ``callbacks`` fields."""
+        return {
+            "callback_url": getattr(self, "callback_url", None),
+            "callback_state": getattr(self, "callback_state", None),
+            "callbacks": getattr(self, "callbacks", None) or [],
+        }
+
     def to_redis(self) -> dict[str, str]:
         out: dict[str, str] = {}
         for name, value in self.__dict__.items():

@@ -188,7 +188,10 @@ def test_a_refused_request_does_not_use_up_its_key(deployment):
 def test_a_request_whose_twin_is_still_being_created_gets_409_with_retry_after(deployment):
     key, image = str(uuid.uuid4()), _png((5, 6, 7))
     meaning = fingerprint(
-        "POST /jobs", image=hashlib.sha256(image).hexdigest(), options=JobOptions().to_dict()
+        "POST /jobs",
+        image=hashlib.sha256(image).hexdigest(),
+        options=JobOptions().to_dict(),
+        callback_url=None,
     )
     pending = json.dumps({"claim": "held-by-a-test", "meaning": meaning})
     deployment.redis.set(f"featuremaps:idempotency:alice:{key}", pending, ex=120)
