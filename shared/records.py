@@ -75,6 +75,10 @@ class Record:
     started_at: str | None
     finished_at: str | None
     options: dict[str, Any]
+    # Webhooks (shared/webhooks.py): where to call back, how it went, every attempt.
+    callback_url: str | None
+    callback_state: str | None
+    callbacks: list[dict[str, Any]] | None
 
     def document_head(self) -> dict[str, Any]:
         """The first keys of the public document, the same for every kind."""
@@ -88,12 +92,11 @@ class Record:
         }
 
     def callback_document(self) -> dict[str, Any]:
-        """The webhook part of the public document (shared/webhooks.py); every kind has
-        ``callback_url``, ``callback_state`` and ``callbacks`` fields."""
+        """The webhook part of the public document, the same for every kind."""
         return {
-            "callback_url": getattr(self, "callback_url", None),
-            "callback_state": getattr(self, "callback_state", None),
-            "callbacks": getattr(self, "callbacks", None) or [],
+            "callback_url": self.callback_url,
+            "callback_state": self.callback_state,
+            "callbacks": self.callbacks or [],
         }
 
     def to_redis(self) -> dict[str, str]:

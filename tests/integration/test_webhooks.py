@@ -130,6 +130,19 @@ def test_a_canceled_job_and_a_batch_are_called_back_with_their_final_state(deplo
     assert sent["result"]["manifest_url"] and sent["links"]["self"] == f"/batches/{batch_id}"
 
 
+def test_the_command_line_passes_its_callback_url(deployment, receiver, tmp_path, capsys):
+    from client.cli import main
+
+    image = tmp_path / "photo.png"
+    image.write_bytes(_png((40, 40, 40)))
+    path = f"/ok/{uuid.uuid4().hex}"
+    argv = ["submit", str(image), "--callback-url", receiver.url(path), "--api", deployment.api]
+    assert main(argv) == 0
+    job_id = json.loads(capsys.readouterr().out)["id"]
+    (call,) = receiver.wait_for(path, 1)
+    assert json.loads(call.body)["id"] == job_id
+
+
 def test_a_receiver_that_fails_twice_gets_three_attempts(deployment, receiver):
     path = f"/fail-twice/{uuid.uuid4().hex}"
     job_id = submit(deployment.api, receiver.url(path)).json()["id"]
