@@ -27,6 +27,7 @@ from worker.features import (
     to_batch,
 )
 from worker.model import LoadedModel
+from worker.precision import Precision, resolve, tf32
 from worker.render import (
     LayerMap,
     draw_grid,
@@ -101,10 +102,11 @@ def process_images(
     batch items do not, and a chunk of camera photos would pay ~tens of ms each for it)."""
     results: list[ImageResult | FeatureMapsError | None] = [None] * len(images)
     decoded: list[_Decoded] = []
+    precision = resolve(options.precision, loaded.device)
     for position, data in enumerate(images):
         started = time.perf_counter()
         try:
-            source = decode(data, max_pixels=max_pixels)
+            source = decode(data, max_pixels=max_pixels, draft_side=precision.draft_side)
         except FeatureMapsError as exc:
             results[position] = exc
             continue
@@ -126,7 +128,8 @@ def process_images(
             )
         )
     if decoded:
-        for item, result in zip(decoded, _run_batch(loaded, decoded, options), strict=True):
+        batch_results = _run_batch(loaded, decoded, options, precision)
+        for item, result in zip(decoded, batch_results, strict=True):
             results[item.position] = result
     return results  # type: ignore[return-value]  # every slot is filled by now
 
@@ -144,13 +147,14 @@ def describe_weights(weights: dict) -> str:
 
 
 def _run_batch(
-    loaded: LoadedModel, decoded: list[_Decoded], options: JobOptions
+    loaded: LoadedModel, decoded: list[_Decoded], options: JobOptions, precision: Precision
 ) -> list[ImageResult]:
     count = len(decoded)
     started = time.perf_counter()
     batch = to_batch([item.resized for item in decoded], options.normalize)
     preprocess_ms = _ms_since(started)
-    forward = _forward(loaded, batch, options)
+    with tf32(precision.tf32):
+        forward = _forward(loaded, batch, options)
     arrays = _batch_arrays(loaded, forward)
     # Batch-wide stages are split evenly between the images.
     model_ms = forward.model_ms / count
@@ -161,6 +165,7 @@ def _run_batch(
             item,
             options,
             arrays.image(row),
+            precision,
             {
                 "decode_ms": item.decode_ms + item.preprocess_ms + preprocess_ms / count,
                 "model_ms": model_ms,
@@ -261,10 +266,11 @@ def _finish(
     item: _Decoded,
     options: JobOptions,
     image: _ImageArrays,
+    precision: Precision,
     timings: dict[str, float],
 ) -> ImageResult:
     layer_maps = [LayerMap(name, image.shapes[name], array) for name, array in image.maps.items()]
-    figure = _figure(layer_maps, options, _caption(loaded, options))
+    figure = _figure(layer_maps, options, _caption(loaded, options, precision))
     extras = _extras(image.maps, layer_maps, options)
     timings = {
         **timings,
@@ -274,6 +280,7 @@ def _finish(
     timings = {key: round(value, 2) for key, value in timings.items()}
     layers = _layer_stats(image)
     manifest = _manifest(loaded, item, options, layers, timings)
+    manifest["precision"] = precision.describe()
     if image.predictions is not None:
         manifest["predictions"] = image.predictions
     return ImageResult(
@@ -290,10 +297,11 @@ def _finish(
     )
 
 
-def _caption(loaded: LoadedModel, options: JobOptions) -> str:
+def _caption(loaded: LoadedModel, options: JobOptions, precision: Precision) -> str:
     return (
         f"ResNet-18 feature maps · weights: {describe_weights(loaded.weights)} · "
         f"mode={options.mode} · reduction={options.reduction} · normalize={options.normalize}"
+        f" · precision={precision.mode}"
     )
 
 
