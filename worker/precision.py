@@ -91,8 +91,12 @@ def compare_maps(reference: dict[str, np.ndarray], approximate: dict[str, np.nda
     correlation, over all layers. The bench reports these; the tests bound them."""
     worst, lowest = 0.0, 1.0
     for name, expected in reference.items():
-        spread = float(expected.max() - expected.min()) or 1.0
-        worst = max(worst, float(np.abs(approximate[name] - expected).max()) / spread)
-        correlation = np.corrcoef(approximate[name].ravel(), expected.ravel())[0, 1]
-        lowest = min(lowest, float(correlation))
+        got = approximate[name]
+        spread = float(expected.max() - expected.min())
+        worst = max(worst, float(np.abs(got - expected).max()) / (spread or 1.0))
+        if spread and float(got.max() - got.min()):
+            correlation = float(np.corrcoef(got.ravel(), expected.ravel())[0, 1])
+        else:  # a constant map has no correlation: equal or not is all there is to say
+            correlation = 1.0 if np.array_equal(got, expected) else 0.0
+        lowest = min(lowest, correlation)
     return {"max_abs_difference_over_range": worst, "min_correlation": lowest}

@@ -125,3 +125,14 @@ def test_the_caption_states_the_precision(random_model, camera_photos, monkeypat
         )
     assert captions[0].endswith("precision=exact")
     assert captions[1].endswith("precision=fast")
+
+
+def test_compare_maps_on_constant_and_equal_maps():
+    flat, ramp = np.zeros((4, 4), np.float32), np.arange(16, dtype=np.float32).reshape(4, 4)
+    assert compare_maps({"a": ramp}, {"a": ramp}) == {
+        "max_abs_difference_over_range": 0.0,
+        "min_correlation": 1.0,
+    }
+    assert compare_maps({"a": flat}, {"a": flat})["min_correlation"] == 1.0
+    assert compare_maps({"a": flat}, {"a": ramp})["min_correlation"] == 0.0
+    assert compare_maps({"a": ramp}, {"a": ramp + 1.5})["max_abs_difference_over_range"] == 0.1
