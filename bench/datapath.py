@@ -470,9 +470,15 @@ def _print(numbers: dict) -> None:
         print(f"  decode + resize to 224, CPU ms, {label}: {sizes}")
     compare = numbers["precision_compare"]
     print(
-        f"  fast against exact, {compare['images']} images: max |difference| / map range "
-        f"{compare['max_abs_difference_over_range']}, min correlation {compare['min_correlation']}"
+        f"  fast against exact, {compare['images']} images, "
+        f"CPU ms per image {compare['cpu_ms_per_image']}:"
     )
+    for name in ("fast_host", "fast_device"):
+        print(
+            f"    {name}: max |difference| / map range "
+            f"{compare[name]['max_abs_difference_over_range']}, "
+            f"min correlation {compare[name]['min_correlation']}"
+        )
     machine = numbers["machine"]
     print(
         f"  load average (1 min) before/after: {machine['load_average_1m_before']}"

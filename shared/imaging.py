@@ -167,6 +167,33 @@ def decode(data: bytes, *, max_pixels: int, draft_side: int | None = None) -> De
         raise UndecodableImage(f"the {ext} data cannot be decoded: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class JpegHeader:
+    """What a JPEG's header says, read without decoding a pixel."""
+
+    size: tuple[int, int]  # as stored
+    mode: str
+    exif_orientation: int
+
+    def upright_size(self) -> tuple[int, int]:
+        return self.size[::-1] if self.exif_orientation in (5, 6, 7, 8) else self.size
+
+
+def jpeg_header(data: bytes, *, max_pixels: int) -> JpegHeader | None:
+    """The header of a complete JPEG within ``max_pixels``, for decoders other than Pillow
+    (``worker/device_stages.py``); None for anything that must go through :func:`decode`
+    to be decoded or refused properly: another format, an unreadable or too large header, or
+    data that does not end with the end-of-image marker (truncated, or a trailer after it)."""
+    if not data.startswith(b"\xff\xd8\xff") or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None
+    try:
+        with _decoder_warnings_silenced(), Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+            _check_pixels(image.size, max_pixels)
+            return JpegHeader(image.size, image.mode, _orientation(image))
+    except Exception:  # whatever it is, decode() reports it with its proper code
+        return None
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode ``data`` into a fully loaded RGB image with its EXIF orientation applied."""
     return decode(data, max_pixels=max_pixels).image
