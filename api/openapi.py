@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from shared.imaging import ACCEPTED_NAMES
-from shared.options import COLORMAPS, FORMATS, MODES, NORMALIZATIONS, REDUCTIONS, RENDERERS
+from shared.options import (
+    COLORMAPS,
+    FORMATS,
+    MODES,
+    NORMALIZATIONS,
+    PRECISIONS,
+    REDUCTIONS,
+    RENDERERS,
+)
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -103,6 +111,13 @@ _OPTION_PROPERTIES = {
     "format": {"type": "string", "enum": list(FORMATS), "default": "jpg"},
     "colormap": {"type": "string", "enum": list(COLORMAPS), "default": "viridis"},
     "renderer": {"type": "string", "enum": list(RENDERERS), "default": "fast"},
+    "precision": {
+        "type": "string",
+        "enum": list(PRECISIONS),
+        "default": "auto",
+        "description": "exact: the article's computation (full decode, float32, no TF32); "
+        "fast: JPEG draft decode (and TF32 on CUDA); auto: exact on CPU, fast on CUDA",
+    },
     "per_layer": _BOOLEAN_TEXT,
     "arrays": _BOOLEAN_TEXT,
 }

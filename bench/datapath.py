@@ -1,11 +1,12 @@
 """Data path: where a worker's host CPU goes per image, next to the model's own cost.
 
-Three runs in one process, on the same seeded random ResNet-18 and the same images:
+Four runs in one process, on the same seeded random ResNet-18 and the same images:
 
 - **model only**: the conv chain (each layer reduced as it comes, as the pipeline does) on
   preloaded ``[16, 3, 224, 224]`` tensors, in the pipeline's CPU slices.
 - **data path**: :func:`worker.pipeline.process_images` on chunks of 16 encoded images,
   bytes in, encoded figures and manifests out.
+- **fast path**: the same with ``precision=fast`` (JPEG draft decode, worker/precision.py).
 - **chunk path**: :func:`worker.chunks.run_chunk` against a private redis-server and
   SeaweedFS, so a chunk also downloads its inputs, uploads figures and manifests and moves its
   items through the batch store.
@@ -42,10 +43,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import precision
 from bench.bulk import photo
 from shared import keys
 from shared.batches import Batch, BatchStatus, BatchStore, NewItem, item_id
-from shared.imaging import decode_image
+from shared.imaging import decode
 from shared.jobs import RedisJobStore
 from shared.options import JobOptions
 from shared.settings import Settings
@@ -54,6 +56,7 @@ from worker import batches, pipeline, render
 from worker.chunks import run_chunk
 from worker.features import conv_chain, preprocess, reduce_channels
 from worker.model import LoadedModel, load_model
+from worker.precision import DRAFT_SIDE
 from worker.runtime import WorkerContext
 
 COUNT = 2000
@@ -85,6 +88,8 @@ def measure(count: int, *, repeat: int = 1, stack: bool = True) -> dict:
         "chunk": CHUNK,
         "machine": _machine(),
         "decode_by_size": _decode_by_size(photos),
+        "decode_by_size_draft": _decode_by_size(photos, draft_side=DRAFT_SIDE),
+        "precision_compare": precision.compare(loaded, photos, max_pixels=MAX_PIXELS),
         "render_compare": render_compare(loaded),
     }
     with contextlib.ExitStack() as services:
@@ -92,7 +97,7 @@ def measure(count: int, *, repeat: int = 1, stack: bool = True) -> dict:
         numbers.update(_interleaved(loaded, photos, sequence, ctx))
     numbers["ratios"] = {
         f"{path}_vs_model_only": _ratio(numbers[path], numbers["model_only"])
-        for path in ("data_path", "chunk_path")
+        for path in ("data_path", "fast_path", "chunk_path")
         if path in numbers
     }
     numbers["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
@@ -209,8 +214,9 @@ def render_compare(loaded: LoadedModel, rounds: int = 5) -> dict:
     }
 
 
-def _decode_by_size(photos: list[bytes]) -> dict:
-    """CPU ms to decode one image and resize it to 224×224, per input size (best of 3)."""
+def _decode_by_size(photos: list[bytes], *, draft_side: int | None = None) -> dict:
+    """CPU ms to decode one image and resize it to 224×224, per input size (best of 3);
+    with ``draft_side``, as ``precision=fast`` decodes JPEGs."""
     out = {}
     for data in photos:
         with Image.open(io.BytesIO(data)) as probe:
@@ -220,7 +226,8 @@ def _decode_by_size(photos: list[bytes]) -> dict:
         best = float("inf")
         for _ in range(3):
             started = time.thread_time()
-            decode_image(data, max_pixels=MAX_PIXELS).resize((224, 224), Image.Resampling.BILINEAR)
+            image = decode(data, max_pixels=MAX_PIXELS, draft_side=draft_side).image
+            image.resize((224, 224), Image.Resampling.BILINEAR)
             best = min(best, time.thread_time() - started)
         out[label] = round(best * 1000, 2)
     return out
@@ -255,7 +262,7 @@ def _interleaved(
 ) -> dict:
     """Chunk by chunk: the model alone on a preloaded chunk, then the data path on the chunk's
     bytes, then (with ``ctx``) the chunk path on the same items."""
-    options = JobOptions()
+    options, fast = JobOptions(), JobOptions(precision="fast")
     tensors = preprocess([Image.open(io.BytesIO(p)).convert("RGB") for p in photos], "none")
     preloaded = [
         tensors[[(start + i) % len(photos) for i in range(CHUNK)]]
@@ -279,11 +286,18 @@ def _interleaved(
         if not all(isinstance(r, pipeline.ImageResult) for r in results):
             raise RuntimeError(f"bench image failed: {results}")
 
+    def fast_path(index: int) -> None:
+        pipeline.process_images(loaded, chunks[index], fast, max_pixels=MAX_PIXELS)
+
     def chunk_path(index: int) -> None:
         ids = item_chunks[index]
         run_chunk(ctx, batch_id, ids, token=uuid.uuid4().hex, finalize=finalized.append)
 
-    paths: dict[str, Callable[[int], None]] = {"model_only": model_only, "data_path": data_path}
+    paths: dict[str, Callable[[int], None]] = {
+        "model_only": model_only,
+        "data_path": data_path,
+        "fast_path": fast_path,
+    }
     if ctx:
         paths["chunk_path"] = chunk_path
     model_only(0)
@@ -293,7 +307,12 @@ def _interleaved(
         done = batches.batch_store(ctx).get(batch_id)
         if done.succeeded != count or finalized != [batch_id]:
             raise RuntimeError(f"bench batch did not process every image: {done.counts()}")
-    stages = {"model_only": (), "data_path": STAGES, "chunk_path": (*STAGES, *STACK_STAGES)}
+    stages = {
+        "model_only": (),
+        "data_path": STAGES,
+        "fast_path": STAGES,
+        "chunk_path": (*STAGES, *STACK_STAGES),
+    }
     return {
         path: _summary(total["stages"], count, total["wall"], total["cpu"], stages[path])
         for path, total in totals.items()
@@ -405,7 +424,7 @@ def _machine() -> dict:
 
 def _print(numbers: dict) -> None:
     model = numbers["model_only"]
-    paths = [("data_path", "data path")]
+    paths = [("data_path", "data path"), ("fast_path", "fast path")]
     if "chunk_path" in numbers:
         paths.append(("chunk_path", "chunk path"))
     print(
@@ -446,8 +465,20 @@ def _print(numbers: dict) -> None:
         f"batched {compare['torch_batched_cpu_ms_per_image']} (max pixel difference "
         f"{compare['max_pixel_difference']})"
     )
-    sizes = ", ".join(f"{k} {v:.1f}" for k, v in numbers["decode_by_size"].items())
-    print(f"  decode + resize to 224, CPU ms: {sizes}")
+    for key, label in (("decode_by_size", "exact"), ("decode_by_size_draft", "fast")):
+        sizes = ", ".join(f"{k} {v:.1f}" for k, v in numbers[key].items())
+        print(f"  decode + resize to 224, CPU ms, {label}: {sizes}")
+    compare = numbers["precision_compare"]
+    print(
+        f"  fast against exact, {compare['images']} images, "
+        f"CPU ms per image {compare['cpu_ms_per_image']}:"
+    )
+    for name in ("fast_host", "fast_device"):
+        print(
+            f"    {name}: max |difference| / map range "
+            f"{compare[name]['max_abs_difference_over_range']}, "
+            f"min correlation {compare[name]['min_correlation']}"
+        )
     machine = numbers["machine"]
     print(
         f"  load average (1 min) before/after: {machine['load_average_1m_before']}"

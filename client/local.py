@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from client.api import unique_name
-from shared.options import COLORMAPS, FORMATS, MODES, NORMALIZATIONS, REDUCTIONS, RENDERERS
+from shared.options import (
+    COLORMAPS,
+    FORMATS,
+    MODES,
+    NORMALIZATIONS,
+    PRECISIONS,
+    REDUCTIONS,
+    RENDERERS,
+)
 
 if TYPE_CHECKING:
     from worker.pipeline import ImageResult
@@ -39,6 +47,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--format", choices=FORMATS, default="jpg")
     parser.add_argument("--colormap", choices=COLORMAPS, default="viridis")
     parser.add_argument("--renderer", choices=RENDERERS, default="fast")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="exact: the article's computation; fast: JPEG draft decode (+TF32 on CUDA); "
+        "auto: exact on CPU, fast on CUDA",
+    )
     parser.add_argument(
         "--weights",
         help="imagenet, random or a state_dict path (default: FEATUREMAPS_WEIGHTS or imagenet)",
@@ -70,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         format=args.format,
         colormap=args.colormap,
         renderer=args.renderer,
+        precision=args.precision,
         per_layer=args.per_layer,
         arrays=args.arrays,
     )

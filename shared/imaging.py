@@ -97,17 +97,25 @@ class DecodedImage:
     # frames (or top-level images) in the file, of which one is used; None when a later frame
     # is too broken to count
     frames: int | None
+    # the upright picture's full size; ``image`` is smaller when a JPEG was decoded in draft
+    # mode (DCT scaling), else this size
+    size: tuple[int, int]
 
     def describe(self) -> dict:
-        """The manifest's ``input`` entry: the size is that of the picture used."""
-        return {
+        """The manifest's ``input`` entry: the size is that of the picture used, and
+        ``decoded_size`` says how large it was decoded when that was smaller."""
+        width, height = self.size
+        described = {
             "format": self.ext,
-            "width": self.image.width,
-            "height": self.image.height,
+            "width": width,
+            "height": height,
             "mode": self.mode,
             "exif_orientation": self.exif_orientation,
             "frames": self.frames,
         }
+        if self.image.size != (width, height):
+            described["decoded_size"] = list(self.image.size)
+        return described
 
 
 def sniff_format(data: bytes) -> str:
@@ -132,13 +140,18 @@ def sniff_format(data: bytes) -> str:
     raise UnsupportedType(f"not an accepted image type (accepted: {ACCEPTED_NAMES})")
 
 
-def decode(data: bytes, *, max_pixels: int) -> DecodedImage:
+def decode(data: bytes, *, max_pixels: int, draft_side: int | None = None) -> DecodedImage:
     """Decode ``data`` into a fully loaded RGB image with its EXIF orientation applied, with
-    what the file held (format, mode, orientation, frames)."""
+    what the file held (format, mode, orientation, frames).
+
+    ``draft_side``: a JPEG is decoded with libjpeg's DCT scaling to the smallest 1/2, 1/4 or
+    1/8 scale whose sides are both at least this many pixels (Pillow's draft mode; several
+    times faster on camera photos, a few levels off a full decode once resized). Other
+    formats ignore it."""
     ext = sniff_format(data)
     try:
         with _decoder_warnings_silenced():
-            return _decode(data, ext, max_pixels)
+            return _decode(data, ext, max_pixels, draft_side)
     except (TooManyPixels, UndecodableImage):
         raise
     except Image.DecompressionBombError as exc:
@@ -152,6 +165,33 @@ def decode(data: bytes, *, max_pixels: int) -> DecodedImage:
         if isinstance(exc, Image.UnidentifiedImageError):
             raise UndecodableImage(f"the data starts like {ext} but is not a valid {ext}") from exc
         raise UndecodableImage(f"the {ext} data cannot be decoded: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What a JPEG's header says, read without decoding a pixel."""
+
+    size: tuple[int, int]  # as stored
+    mode: str
+    exif_orientation: int
+
+    def upright_size(self) -> tuple[int, int]:
+        return self.size[::-1] if self.exif_orientation in (5, 6, 7, 8) else self.size
+
+
+def jpeg_header(data: bytes, *, max_pixels: int) -> JpegHeader | None:
+    """The header of a complete JPEG within ``max_pixels``, for decoders other than Pillow
+    (``worker/device_stages.py``); None for anything that must go through :func:`decode`
+    to be decoded or refused properly: another format, an unreadable or too large header, or
+    data that does not end with the end-of-image marker (truncated, or a trailer after it)."""
+    if not data.startswith(b"\xff\xd8\xff") or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None
+    try:
+        with _decoder_warnings_silenced(), Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+            _check_pixels(image.size, max_pixels)
+            return JpegHeader(image.size, image.mode, _orientation(image))
+    except Exception:  # whatever it is, decode() reports it with its proper code
+        return None
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -183,17 +223,22 @@ def _sniff_bmff(data: bytes) -> str | None:
     return None
 
 
-def _decode(data: bytes, ext: str, max_pixels: int) -> DecodedImage:
+def _decode(data: bytes, ext: str, max_pixels: int, draft_side: int | None) -> DecodedImage:
     image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[ext]])
     if ext != "heic":
         # HEIF opens on its primary image, the others on their first frame; say so anyway.
         image.seek(0)
     _check_pixels(image.size, max_pixels)
-    mode = image.mode
+    mode, size = image.mode, image.size
+    if draft_side and ext == "jpg":
+        image.draft(None, (draft_side, draft_side))
     image.load()
     orientation = _orientation(image)
     ImageOps.exif_transpose(image, in_place=True)
-    return DecodedImage(_to_rgb(image), ext, mode, orientation, _frame_count(data, ext))
+    # Orientations 5-8 turn the picture a quarter: its upright size is the stored one swapped.
+    upright = size[::-1] if orientation in (5, 6, 7, 8) else size
+    rgb = _to_rgb(image)
+    return DecodedImage(rgb, ext, mode, orientation, _frame_count(data, ext), upright)
 
 
 def _frame_count(data: bytes, ext: str) -> int | None:

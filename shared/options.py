@@ -14,6 +14,8 @@ NORMALIZATIONS = ("none", "imagenet")
 FORMATS = ("jpg", "png", "webp", "svg", "pdf")
 RASTER_FORMATS = ("jpg", "png", "webp")
 RENDERERS = ("fast", "matplotlib")
+# auto: exact on the CPU, fast on CUDA (worker/precision.py says what each one does).
+PRECISIONS = ("auto", "exact", "fast")
 # A fixed list so the API can validate without importing matplotlib.
 COLORMAPS = (
     "viridis",
@@ -44,6 +46,7 @@ class JobOptions:
     format: str = "jpg"
     colormap: str = "viridis"
     renderer: str = "fast"
+    precision: str = "auto"
     per_layer: bool = False
     arrays: bool = False
 
@@ -55,6 +58,7 @@ class JobOptions:
             ("format", FORMATS),
             ("colormap", COLORMAPS),
             ("renderer", RENDERERS),
+            ("precision", PRECISIONS),
         ):
             value = getattr(self, name)
             if value not in allowed:

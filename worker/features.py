@@ -57,16 +57,22 @@ def to_batch(images: Sequence[Image.Image], normalize: str) -> Tensor:
     copies. The article's ``Normalize(mean=0., std=1.)`` is ``(x - 0) / 1``, which is ``x``
     exactly in floating point, so it costs nothing here.
     """
-    if normalize not in ("none", "imagenet"):
-        raise ValueError(f"unknown normalize {normalize!r}")
     pixels = np.stack([np.asarray(image) for image in images])
     if pixels.shape[1:] != (INPUT_SIDE, INPUT_SIDE, 3):
         raise ValueError(f"expected 224×224 RGB images, got an array of {pixels.shape}")
-    # NCHW and contiguous, as ToTensor gives: the convolutions' results depend on the layout.
-    batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float().div_(255)
+    return to_model_input(torch.from_numpy(pixels).permute(0, 3, 1, 2), normalize)
+
+
+def to_model_input(pixels: Tensor, normalize: str) -> Tensor:
+    """uint8 [N, 3, 224, 224] on any device -> the model's float32 input on that device:
+    ``/ 255`` (ToTensor), then ImageNet's mean/std with ``normalize="imagenet"``."""
+    if normalize not in ("none", "imagenet"):
+        raise ValueError(f"unknown normalize {normalize!r}")
+    # Contiguous NCHW, as ToTensor gives: the convolutions' results depend on the layout.
+    batch = pixels.contiguous().float().div_(255)
     if normalize == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
         batch.sub_(mean).div_(std)
     return batch
 

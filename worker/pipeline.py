@@ -19,14 +19,17 @@ from PIL import Image
 from shared.errors import FeatureMapsError
 from shared.imaging import decode
 from shared.options import JobOptions
+from worker import device_stages
 from worker.features import (
     conv_chain,
     forward_activations,
     reduce_channels,
     resize_input,
     to_batch,
+    to_model_input,
 )
 from worker.model import LoadedModel
+from worker.precision import Precision, resolve, tf32
 from worker.render import (
     LayerMap,
     draw_grid,
@@ -68,8 +71,9 @@ class _Decoded:
     position: int
     # the manifest's ``input`` entry (DecodedImage.describe): format, size, mode, orientation
     input: dict
-    # resized to the model's 224×224 input at once, so no full-size decode is kept
-    resized: Image.Image
+    # resized to the model's 224×224 input at once, so no full-size decode is kept: a Pillow
+    # image, or uint8 [3, 224, 224] on the device (worker/device_stages.py)
+    resized: Image.Image | torch.Tensor
     # the upright input as a small JPEG for pages (single jobs only), else b""
     preview: bytes
     decode_ms: float
@@ -94,17 +98,38 @@ def process_images(
     *,
     max_pixels: int,
     input_previews: bool = False,
+    on_device: bool | None = None,
 ) -> list[ImageResult | FeatureMapsError]:
     """Process several images with one model pass; the answer has one entry per input, in
     order: its result, or the error that its bytes caused (the others still go through).
     ``input_previews`` adds each upright input as a small JPEG (single jobs' pages show it;
-    batch items do not, and a chunk of camera photos would pay ~tens of ms each for it)."""
+    batch items do not, and a chunk of camera photos would pay ~tens of ms each for it).
+    ``on_device`` forces where ``precision=fast`` runs its stages (worker/precision.py)."""
     results: list[ImageResult | FeatureMapsError | None] = [None] * len(images)
-    decoded: list[_Decoded] = []
+    precision = resolve(options.precision, loaded.device, on_device=on_device)
+    stage = _decode_on_device if precision.on_device else _decode_on_host
+    decoded = stage(loaded, images, results, precision, max_pixels, input_previews)
+    if decoded:
+        batch_results = _run_batch(loaded, decoded, options, precision)
+        for item, result in zip(decoded, batch_results, strict=True):
+            results[item.position] = result
+    return results  # type: ignore[return-value]  # every slot is filled by now
+
+
+def _decode_on_host(
+    loaded: LoadedModel,
+    images: Sequence[bytes],
+    results: list,
+    precision: Precision,
+    max_pixels: int,
+    input_previews: bool,
+) -> list[_Decoded]:
+    """Pillow, image by image; each input's error goes into ``results``."""
+    decoded = []
     for position, data in enumerate(images):
         started = time.perf_counter()
         try:
-            source = decode(data, max_pixels=max_pixels)
+            source = decode(data, max_pixels=max_pixels, draft_side=precision.draft_side)
         except FeatureMapsError as exc:
             results[position] = exc
             continue
@@ -125,10 +150,34 @@ def process_images(
                 preview_ms=_ms_since(started),
             )
         )
-    if decoded:
-        for item, result in zip(decoded, _run_batch(loaded, decoded, options), strict=True):
-            results[item.position] = result
-    return results  # type: ignore[return-value]  # every slot is filled by now
+    return decoded
+
+
+def _decode_on_device(
+    loaded: LoadedModel,
+    images: Sequence[bytes],
+    results: list,
+    precision: Precision,
+    max_pixels: int,
+    input_previews: bool,
+) -> list[_Decoded]:
+    """One batched decode and resize on the model's device (worker/device_stages.py); the
+    time is split evenly between the images."""
+    started = time.perf_counter()
+    outcomes = device_stages.decode_resize(
+        list(images), loaded.device, max_pixels=max_pixels, previews=input_previews
+    )
+    _synchronize(loaded.device)
+    each_ms = _ms_since(started) / len(images)
+    decoded = []
+    for position, outcome in enumerate(outcomes):
+        if isinstance(outcome, FeatureMapsError):
+            results[position] = outcome
+            continue
+        decoded.append(
+            _Decoded(position, outcome.input, outcome.resized, outcome.preview, each_ms, 0.0)
+        )
+    return decoded
 
 
 def describe_weights(weights: dict) -> str:
@@ -144,14 +193,17 @@ def describe_weights(weights: dict) -> str:
 
 
 def _run_batch(
-    loaded: LoadedModel, decoded: list[_Decoded], options: JobOptions
+    loaded: LoadedModel, decoded: list[_Decoded], options: JobOptions, precision: Precision
 ) -> list[ImageResult]:
     count = len(decoded)
     started = time.perf_counter()
-    batch = to_batch([item.resized for item in decoded], options.normalize)
+    batch = _model_input(decoded, options)
     preprocess_ms = _ms_since(started)
-    forward = _forward(loaded, batch, options)
+    with tf32(precision.tf32):
+        forward = _forward(loaded, batch, options)
     arrays = _batch_arrays(loaded, forward)
+    caption = _caption(loaded, options, precision)
+    figures = _device_figures(forward, arrays, options, caption) if precision.on_device else None
     # Batch-wide stages are split evenly between the images.
     model_ms = forward.model_ms / count
     reduce_ms = (forward.reduce_ms + arrays.ms) / count
@@ -161,6 +213,8 @@ def _run_batch(
             item,
             options,
             arrays.image(row),
+            precision,
+            figures[row] if figures else None,
             {
                 "decode_ms": item.decode_ms + item.preprocess_ms + preprocess_ms / count,
                 "model_ms": model_ms,
@@ -169,6 +223,28 @@ def _run_batch(
         )
         for row, item in enumerate(decoded)
     ]
+
+
+def _model_input(decoded: list[_Decoded], options: JobOptions) -> torch.Tensor:
+    pictures = [item.resized for item in decoded]
+    if isinstance(pictures[0], torch.Tensor):
+        return to_model_input(torch.stack(pictures), options.normalize)
+    return to_batch(pictures, options.normalize)
+
+
+def _device_figures(
+    forward: _Forward, arrays: _BatchArrays, options: JobOptions, caption: str
+) -> list[_Figure] | None:
+    """JPEG figures drawn and encoded on the device, one per image, when the figure is a
+    JPEG of the fast renderer; None for the host renderer to draw the others."""
+    if options.format != "jpg" or options.renderer != "fast":
+        return None
+    started = time.perf_counter()
+    layers = [(name, arrays.shapes[name], maps) for name, maps in forward.outputs]
+    encoded = device_stages.draw_and_encode(layers, options.colormap, caption)
+    each_ms = _ms_since(started) / len(encoded)
+    # Drawing and encoding are one pass on the device: the time is reported as render.
+    return [_Figure(data, each_ms, 0.0) for data in encoded]
 
 
 @dataclass
@@ -261,10 +337,13 @@ def _finish(
     item: _Decoded,
     options: JobOptions,
     image: _ImageArrays,
+    precision: Precision,
+    figure: _Figure | None,
     timings: dict[str, float],
 ) -> ImageResult:
     layer_maps = [LayerMap(name, image.shapes[name], array) for name, array in image.maps.items()]
-    figure = _figure(layer_maps, options, _caption(loaded, options))
+    if figure is None:
+        figure = _figure(layer_maps, options, _caption(loaded, options, precision))
     extras = _extras(image.maps, layer_maps, options)
     timings = {
         **timings,
@@ -274,6 +353,7 @@ def _finish(
     timings = {key: round(value, 2) for key, value in timings.items()}
     layers = _layer_stats(image)
     manifest = _manifest(loaded, item, options, layers, timings)
+    manifest["precision"] = precision.describe()
     if image.predictions is not None:
         manifest["predictions"] = image.predictions
     return ImageResult(
@@ -290,10 +370,11 @@ def _finish(
     )
 
 
-def _caption(loaded: LoadedModel, options: JobOptions) -> str:
+def _caption(loaded: LoadedModel, options: JobOptions, precision: Precision) -> str:
     return (
         f"ResNet-18 feature maps · weights: {describe_weights(loaded.weights)} · "
         f"mode={options.mode} · reduction={options.reduction} · normalize={options.normalize}"
+        f" · precision={precision.mode}"
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from flask import Blueprint, render_template
 
 from api.services import services
-from shared.options import COLORMAPS, FORMATS, MODES, NORMALIZATIONS, REDUCTIONS
+from shared.options import COLORMAPS, FORMATS, MODES, NORMALIZATIONS, PRECISIONS, REDUCTIONS
 
 bp = Blueprint("ui", __name__)
 
@@ -40,6 +40,7 @@ def submit_page():
             "normalize": NORMALIZATIONS,
             "colormap": COLORMAPS,
             "format": FORMATS,
+            "precision": PRECISIONS,
         },
     )
 

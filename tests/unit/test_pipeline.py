@@ -34,6 +34,12 @@ def test_manifest_describes_everything(chain_result):
     assert manifest["torch"] == torch.__version__
     assert manifest["torchvision"] == torchvision.__version__
     assert manifest["device"] == "cpu"
+    assert manifest["precision"] == {
+        "mode": "exact",
+        "decoder": "pillow",
+        "tf32": False,
+        "on_device": False,
+    }
     assert manifest["input"] == {
         "format": "jpg",
         "width": 512,

@@ -1,0 +1,48 @@
+"""Precision: how far ``precision=fast`` is from ``exact``, per map, and what each costs.
+
+The same inputs go through :func:`worker.pipeline.process_images` three ways on the same
+model: ``exact``; ``fast`` on the host (Pillow draft decode, the CPU's choice); and ``fast``
+with its stages on the device (worker/device_stages.py: torchvision decode, torch resize,
+torch renderer, torchvision JPEG encoder — what a CUDA worker runs, here on the CPU). For
+each fast variant, every one of the 17 maps is compared with exact's
+(:func:`worker.precision.compare_maps`); the worst over all maps and images is reported with
+the process CPU ms per image of each variant, so docs/benchmarks.md can state the tolerance
+that tests/unit/test_precision.py and test_device_stages.py hold the fast paths to.
+"""
+
+from __future__ import annotations
+
+import time
+
+from shared.options import JobOptions
+from worker import pipeline
+from worker.model import LoadedModel
+from worker.precision import compare_maps
+
+VARIANTS = {"exact": ("exact", False), "fast_host": ("fast", False), "fast_device": ("fast", True)}
+
+
+def compare(loaded: LoadedModel, photos: list[bytes], *, max_pixels: int) -> dict:
+    results, cpu_ms = {}, {}
+    for name, (precision, on_device) in VARIANTS.items():
+        started = time.process_time()
+        results[name] = pipeline.process_images(
+            loaded,
+            photos,
+            JobOptions(precision=precision),
+            max_pixels=max_pixels,
+            on_device=on_device,
+        )
+        cpu_ms[name] = round((time.process_time() - started) * 1000 / len(photos), 2)
+    out: dict = {"images": len(photos), "cpu_ms_per_image": cpu_ms}
+    for name in ("fast_host", "fast_device"):
+        worst, lowest = 0.0, 1.0
+        for exact, fast in zip(results["exact"], results[name], strict=True):
+            difference = compare_maps(exact.maps, fast.maps)
+            worst = max(worst, difference["max_abs_difference_over_range"])
+            lowest = min(lowest, difference["min_correlation"])
+        out[name] = {
+            "max_abs_difference_over_range": round(worst, 5),
+            "min_correlation": round(lowest, 6),
+        }
+    return out
