@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from http.client import HTTPException
 from typing import Any
 
 import urllib3
@@ -135,7 +136,7 @@ class Deliverer:
             status, answer = post(target, body, self._headers(body, record), self.settings)
         except CallbackRefused as exc:
             return None, exc.message
-        except (HTTPError, OSError) as exc:
+        except (HTTPError, HTTPException, OSError) as exc:  # the receiver's side failed
             return None, f"{type(exc).__name__}: {exc}"
         if 200 <= status < 300:
             return status, None
@@ -218,6 +219,9 @@ def webhook_loop(deliverer: Deliverer, *, sleep: Callable[[float], None] = time.
             busy = deliverer.deliver_due()
         except RedisError as exc:  # Redis is restarting; the outbox is still there after
             log.warning("webhook delivery paused: %s", exc)
+            busy = False
+        except Exception:  # a bug must not end delivery for good; the entry's lease runs out
+            log.exception("webhook delivery failed; the entry is tried again after its lease")
             busy = False
         if not busy:
             sleep(IDLE_S)

@@ -56,3 +56,31 @@ def test_an_empty_callback_is_none_and_one_without_a_secret_is_refused():
         accepted_callback_url("http://8.8.8.8/", Settings())
     with pytest.raises(CallbackRefused, match="string"):
         accepted_callback_url(["http://8.8.8.8/"], Settings(webhook_secret="k"))
+
+
+def test_the_delivery_loop_outlives_a_failing_attempt_and_redis_going_away():
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from worker.webhooks import IDLE_S, webhook_loop
+
+    outcomes = [RuntimeError("a bug"), RedisConnectionError("restarting"), True, False]
+    slept: list[float] = []
+
+    class Deliverer:
+        def deliver_due(self):
+            outcome = outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+    class Stop(Exception):
+        pass
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if not outcomes:
+            raise Stop
+
+    with pytest.raises(Stop):
+        webhook_loop(Deliverer(), sleep=sleep)
+    assert slept == [IDLE_S, IDLE_S, IDLE_S]  # no pause after a delivery that was made
