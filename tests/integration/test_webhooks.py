@@ -143,6 +143,25 @@ def test_the_command_line_passes_its_callback_url(deployment, receiver, tmp_path
     assert json.loads(call.body)["id"] == job_id
 
 
+def test_an_idempotency_key_covers_the_callback_url(deployment, receiver):
+    key, image = str(uuid.uuid4()), _png((7, 7, 7))
+
+    def post(callback_url: str):
+        return requests.post(
+            f"{deployment.api}/jobs",
+            files={"image": ("x.png", image)},
+            data={"callback_url": callback_url},
+            headers={"Idempotency-Key": key},
+            timeout=30,
+        )
+
+    first, again = post(receiver.url("/ok/a")), post(receiver.url("/ok/a"))
+    assert again.json()["id"] == first.json()["id"]
+    other = post(receiver.url("/ok/b"))
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_mismatch"
+
+
 def test_a_receiver_that_fails_twice_gets_three_attempts(deployment, receiver):
     path = f"/fail-twice/{uuid.uuid4().hex}"
     job_id = submit(deployment.api, receiver.url(path)).json()["id"]
