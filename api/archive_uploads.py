@@ -7,6 +7,7 @@ sniffed before anything is stored, so a non-archive is a 415 with nothing left b
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator
 from typing import Any
@@ -17,10 +18,11 @@ from werkzeug.sansio.multipart import NEED_DATA, Data, Epilogue, Field, File, Mu
 
 from shared import keys
 from shared.archives import SNIFF_BYTES, SOURCE_EXTENSIONS, sniff_archive
-from shared.errors import BadRequest, InvalidOption, MissingField, PayloadTooLarge
+from shared.errors import BadRequest, MissingField, PayloadTooLarge
 from shared.options import JobOptions
 from shared.settings import Settings
 from shared.storage import MIN_PART_SIZE, ObjectStore
+from shared.webhooks import CALLBACK_FIELD, accepted_callback_url
 
 ARCHIVE_FIELD = "archive"
 READ_SIZE = 64 * 1024
@@ -30,9 +32,9 @@ MAX_FIELD_BYTES = 4096
 
 def stream_archive_upload(
     req: Request, settings: Settings, store: ObjectStore, batch_id: str
-) -> tuple[JobOptions, dict]:
-    """The options and the stored source of a multipart batch request; the archive goes to
-    storage as it arrives. 413 over the archive or form-part limit."""
+) -> tuple[JobOptions, dict, str | None]:
+    """The options, the stored source and the callback URL of a multipart batch request;
+    the archive goes to storage as it arrives. 413 over the archive or form-part limit."""
     try:
         return _stream_archive_upload(req, settings, store, batch_id)
     except RequestEntityTooLarge as exc:
@@ -44,7 +46,7 @@ def stream_archive_upload(
 
 def _stream_archive_upload(
     req: Request, settings: Settings, store: ObjectStore, batch_id: str
-) -> tuple[JobOptions, dict]:
+) -> tuple[JobOptions, dict, str | None]:
     """Decode the multipart body as it arrives and pipe the archive part into storage."""
     boundary = req.mimetype_params.get("boundary", "")
     if not boundary:
@@ -59,7 +61,7 @@ def _stream_archive_upload(
             break
         if isinstance(event, File) and event.name == ARCHIVE_FIELD and source is None:
             # Refuse bad options before storing anything.
-            JobOptions.from_mapping(fields)
+            JobOptions.from_mapping(_without_callback(fields))
             source = _store_archive(store, batch_id, event.filename, events)
         elif isinstance(event, Field | File):
             fields[event.name] = _read_field(event.name, events)
@@ -69,11 +71,16 @@ def _stream_archive_upload(
             f"(e.g. curl -F {ARCHIVE_FIELD}=@photos.zip)"
         )
     try:
-        options = JobOptions.from_mapping(fields)
-    except InvalidOption:
+        callback_url = accepted_callback_url(fields.get(CALLBACK_FIELD), settings)
+        options = JobOptions.from_mapping(_without_callback(fields))
+    except BadRequest:
         store.delete_prefix(source["key"])
         raise
-    return options, source
+    return options, source, callback_url
+
+
+def _without_callback(fields: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in fields.items() if k != CALLBACK_FIELD}
 
 
 def _store_archive(store: ObjectStore, batch_id: str, filename: str, events: Iterator) -> dict:
@@ -89,7 +96,14 @@ def _store_archive(store: ObjectStore, batch_id: str, filename: str, events: Ite
         content_type="application/octet-stream",
         part_size=MIN_PART_SIZE,
     )
-    return {"kind": "archive", "archive": kind, "key": key, "name": filename, "size": part.size}
+    return {
+        "kind": "archive",
+        "archive": kind,
+        "key": key,
+        "name": filename,
+        "size": part.size,
+        "sha256": part.digest.hexdigest(),
+    }
 
 
 def _events(stream, boundary: bytes, max_parts: int) -> Iterator:
@@ -135,6 +149,7 @@ class _PartReader(io.RawIOBase):
         self._buffer = bytearray()
         self._done = False
         self.size = 0  # bytes handed out so far
+        self.digest = hashlib.sha256()  # of those bytes (Idempotency-Key compares it)
 
     def readable(self) -> bool:
         return True
@@ -149,6 +164,7 @@ class _PartReader(io.RawIOBase):
             pass
         count = min(len(target), len(self._buffer))
         target[:count] = self._buffer[:count]
+        self.digest.update(self._buffer[:count])
         del self._buffer[:count]
         self.size += count
         return count

@@ -9,7 +9,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from shared.errors import FeatureMapsError, RateLimited, ServiceUnavailable, Unauthorized
+from shared.errors import FeatureMapsError, ServiceUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def register_error_handlers(app: Flask) -> None:
         response = error_response(exc.http_status, exc.code, exc.message)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = 'Bearer realm="featuremaps"'
-        if isinstance(exc, RateLimited):
+        if exc.retry_after is not None:
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
 

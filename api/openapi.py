@@ -21,7 +21,10 @@ def _error(description: str) -> dict:
 
 
 _ERRORS = {
-    "400": _error("a field or option is missing or invalid"),
+    "400": _error(
+        "a field or option is missing or invalid, a bad Idempotency-Key, or a callback_url "
+        "refused (callback_url_refused)"
+    ),
     "401": _error("missing or invalid bearer token"),
     "404": _error("unknown id, expired, or not yours"),
     "429": _error("rate limited; see Retry-After"),
@@ -31,9 +34,31 @@ _ERRORS = {
 
 # 202 of POST /jobs and POST /batches.
 _ACCEPTED = {
-    "description": "queued",
-    "headers": {"Location": {"schema": {"type": "string"}}},
+    "description": "queued; or, for a repeated Idempotency-Key, the first request's answer "
+    "again (with Idempotent-Replayed: true)",
+    "headers": {
+        "Location": {"schema": {"type": "string"}},
+        "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
+    },
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
+}
+
+# api/idempotency.py: printable ASCII, no leading or trailing blank (HTTP trims those).
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Send the same key again with the same request (after a lost answer) to "
+    "get the first answer instead of a second record; remembered for JOB_TTL_HOURS, per token. "
+    "The same key with another request is 422 idempotency_mismatch; while the first request "
+    "is still being created, 409 idempotency_in_progress with Retry-After.",
+    "schema": {"type": "string", "pattern": "^[!-~]([ -~]{0,253}[!-~])?$"},
+}
+_IDEMPOTENCY_ERRORS = {
+    "409": _error(
+        "idempotency_in_progress: a request with this Idempotency-Key is still "
+        "being created; see Retry-After"
+    ),
 }
 
 
@@ -96,6 +121,35 @@ _OPTION_PROPERTIES = {
     "per_layer": _BOOLEAN_TEXT,
     "arrays": _BOOLEAN_TEXT,
 }
+# Not an option (it does not change the output): shared/webhooks.py.
+_CALLBACK_PROPERTY = {
+    "callback_url": {
+        "type": "string",
+        "maxLength": 2048,
+        "description": "http(s) URL POSTed the status document, signed "
+        "(X-Featuremaps-Signature: t=<unix>,v1=<HMAC-SHA256 of '<t>.' + body>), when the "
+        "record reaches a final state; public addresses only unless the operator allows "
+        "private ones (400 callback_url_refused)",
+    }
+}
+_CALLBACK_FIELDS = {
+    "callback_url": {"type": ["string", "null"]},
+    "callback_state": {"enum": [None, "pending", "delivered", "failed"]},
+    "callbacks": {
+        "type": "array",
+        "description": "every delivery attempt",
+        "items": {
+            "type": "object",
+            "required": ["at", "status", "error"],
+            "properties": {
+                "at": {"type": "string"},
+                "status": {"type": ["integer", "null"], "description": "the receiver's"},
+                "error": {"type": ["string", "null"]},
+            },
+        },
+    },
+}
+
 _JSON_OPTION_PROPERTIES = {
     **_OPTION_PROPERTIES,
     "per_layer": _BOOLEAN_JSON,
@@ -130,6 +184,7 @@ _JOB_DOC = {
             ]
         },
         "links": {"type": "object"},
+        **_CALLBACK_FIELDS,
     },
 }
 
@@ -158,6 +213,7 @@ _BATCH_DOC = {
         },
         "error": {"type": ["object", "null"]},
         "links": {"type": "object"},
+        **_CALLBACK_FIELDS,
     },
 }
 _ITEM_DOC = {
@@ -220,6 +276,7 @@ def openapi_document() -> dict:
             "/jobs": {
                 "post": {
                     "summary": "Submit one image",
+                    "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -234,6 +291,7 @@ def openapi_document() -> dict:
                                             "minLength": 1,
                                         },
                                         **_OPTION_PROPERTIES,
+                                        **_CALLBACK_PROPERTY,
                                     },
                                     "additionalProperties": False,
                                 }
@@ -247,7 +305,11 @@ def openapi_document() -> dict:
                         "415": _error(
                             f"not an accepted image type ({ACCEPTED_NAMES}, judged by content)"
                         ),
-                        "422": _error("undecodable image or too many pixels"),
+                        **_IDEMPOTENCY_ERRORS,
+                        "422": _error(
+                            "undecodable image or too many pixels; idempotency_mismatch: the "
+                            "Idempotency-Key was used for another request"
+                        ),
                     },
                 }
             },
@@ -315,6 +377,7 @@ def openapi_document() -> dict:
             "/batches": {
                 "post": {
                     "summary": "Submit an archive (streamed to storage) or an S3 prefix",
+                    "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -329,6 +392,7 @@ def openapi_document() -> dict:
                                             "minLength": 1,
                                         },
                                         **_OPTION_PROPERTIES,
+                                        **_CALLBACK_PROPERTY,
                                     },
                                     "additionalProperties": False,
                                 }
@@ -340,6 +404,7 @@ def openapi_document() -> dict:
                                     "properties": {
                                         "source": {"type": "string", "pattern": _S3_SOURCE},
                                         **_JSON_OPTION_PROPERTIES,
+                                        **_CALLBACK_PROPERTY,
                                     },
                                     "additionalProperties": False,
                                 }
@@ -352,6 +417,10 @@ def openapi_document() -> dict:
                         "403": _error("an s3:// source not in FEATUREMAPS_SOURCE_ALLOW"),
                         "413": _error("archive over MAX_ARCHIVE_BYTES or too many form parts"),
                         "415": _error("not a .zip, .tar or .tar.gz archive"),
+                        **_IDEMPOTENCY_ERRORS,
+                        "422": _error(
+                            "idempotency_mismatch: the Idempotency-Key was used for another request"
+                        ),
                     },
                 }
             },

@@ -11,13 +11,19 @@ from shared.access import source_allowed, split_s3_url
 from shared.errors import BadRequest, ForbiddenSource, InvalidOption, MissingField
 from shared.options import JobOptions
 from shared.settings import Settings
+from shared.webhooks import CALLBACK_FIELD, accepted_callback_url
 
 # Parts of the service's own bucket that a source prefix may never read: other users' data.
 PRIVATE_PREFIXES = ("inputs/", "results/", "batches/")
 
 
-def read_source_request(req: Request, settings: Settings, owner: str) -> tuple[JobOptions, dict]:
-    """The options and the source of a JSON batch request, once ``owner`` may read it."""
+# A batch request as read: its options, its source, its checked callback URL.
+BatchRequest = tuple[JobOptions, dict, str | None]
+
+
+def read_source_request(req: Request, settings: Settings, owner: str) -> BatchRequest:
+    """The options, the source and the callback URL of a JSON batch request, once ``owner``
+    may read the source."""
     body = req.get_json(silent=True)
     if not isinstance(body, dict):
         raise BadRequest('the JSON body must be an object like {"source": "s3://bucket/prefix/"}')
@@ -33,8 +39,9 @@ def read_source_request(req: Request, settings: Settings, owner: str) -> tuple[J
             f"source {url!r} is not in FEATUREMAPS_SOURCE_ALLOW for this caller; the operator "
             "lists the s3://bucket/prefix/ entries batches may read"
         )
+    callback_url = accepted_callback_url(body.pop(CALLBACK_FIELD, None), settings)
     options = JobOptions.from_mapping(body)
-    return options, {"kind": "s3", "bucket": bucket, "prefix": prefix, "name": url}
+    return options, {"kind": "s3", "bucket": bucket, "prefix": prefix, "name": url}, callback_url
 
 
 def parse_source_url(url: str, *, service_bucket: str) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from flask import Request
 from shared.errors import EmptyImage, MissingField, PayloadTooLarge
 from shared.imaging import ImageInfo, validate_image
 from shared.options import JobOptions
+from shared.webhooks import CALLBACK_FIELD
 
 CONTENT_TYPES = {
     "jpg": "image/jpeg",
@@ -29,6 +30,7 @@ class Upload:
     data: bytes
     info: ImageInfo
     options: JobOptions
+    callback_url: str | None = None  # as sent; checked by shared.webhooks
 
     @property
     def content_type(self) -> str:
@@ -43,7 +45,9 @@ def read_image_upload(request: Request, *, field: str, max_pixels: int, max_byte
             f"send the image as multipart/form-data field {field!r} "
             f"(e.g. curl -F {field}=@photo.jpg)"
         )
-    options = JobOptions.from_mapping(request.form.to_dict())
+    form = request.form.to_dict()
+    callback_url = form.pop(CALLBACK_FIELD, None)
+    options = JobOptions.from_mapping(form)
     data = files[field].read()
     if not data:
         raise EmptyImage(f"the uploaded file in field {field!r} is empty")
@@ -54,4 +58,4 @@ def read_image_upload(request: Request, *, field: str, max_pixels: int, max_byte
             f"({max_bytes / 2**20:g} MB)"
         )
     info = validate_image(data, max_pixels=max_pixels)
-    return Upload(data=data, info=info, options=options)
+    return Upload(data=data, info=info, options=options, callback_url=callback_url)

@@ -11,7 +11,9 @@ command (which uses it, so there is one HTTP layer).
 
 Errors are the typed exceptions of :mod:`client.errors`, each with the API's error code.
 Answers 429 and 503 are retried (the API creates nothing when it answers them), after the
-server's Retry-After when it sends one, else with exponential backoff.
+server's Retry-After when it sends one, else with exponential backoff. Submissions carry an
+Idempotency-Key, so they are also retried when the connection drops before the answer
+arrives: the API answers the retry with the record the first try created.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from client.errors import ApiError, JobFailed, RateLimited, Unavailable, error_f
 FINISHED = ("succeeded", "failed", "canceled")
 READ_BLOCK = 1024 * 1024
 DEFAULT_URL = "http://127.0.0.1:8000"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 ImageSource = str | Path | bytes | Image.Image
 Progress = bool | Callable[[dict], None]
@@ -70,21 +73,30 @@ class Client:
     # -- the HTTP layer ------------------------------------------------------------------
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """One API call; 429/503 are retried up to ``retries`` times, honouring Retry-After.
-        A body with a ``rewind()`` method (a streamed archive) is rewound for each try."""
+        """One API call; 429/503 are retried up to ``retries`` times, honouring Retry-After,
+        and so is a dropped connection when the call is safe to repeat (not a POST, or a
+        POST with an Idempotency-Key). A body with a ``rewind()`` method (a streamed
+        archive) is rewound for each try."""
         headers = dict(kwargs.pop("headers", None) or {})
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         kwargs.setdefault("timeout", self.timeout)
+        repeatable = method != "POST" or IDEMPOTENCY_HEADER in headers
         for attempt in range(self.retries + 1):
             body = kwargs.get("data")
             if attempt and hasattr(body, "rewind"):
                 body.rewind()
-            response = self.http.request(method, f"{self.url}{path}", headers=headers, **kwargs)
+            try:
+                response = self.http.request(method, f"{self.url}{path}", headers=headers, **kwargs)
+            except requests.ConnectionError:
+                if not repeatable or attempt == self.retries:
+                    raise
+                self._sleep(min(0.5 * 2**attempt, self.max_retry_wait))
+                continue
             if response.status_code < 400:
                 return response
             error = error_from_response(response)
-            if not isinstance(error, RateLimited | Unavailable) or attempt == self.retries:
+            if not _retryable(error) or attempt == self.retries:
                 raise error
             self._sleep(self._retry_wait(error, attempt))
         raise AssertionError("unreachable")
@@ -113,12 +125,20 @@ class Client:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def submit(self, image: ImageSource, **options: Any) -> Job:
+    def submit(
+        self, image: ImageSource, *, idempotency_key: str | None = None, **options: Any
+    ) -> Job:
         """Submit one image (a path, its bytes, or a PIL image) with job options such as
-        ``mode="forward"``, ``reduction="max"``, ``per_layer=True``, ``arrays=True``."""
+        ``mode="forward"``, ``reduction="max"``, ``per_layer=True``, ``arrays=True``.
+        Every try sends one Idempotency-Key (a new UUID unless given), so a retry after a
+        lost answer gets the same job instead of a second one."""
         name, data = _image_payload(image)
         response = self.request(
-            "POST", "/jobs", files={"image": (name, data)}, data=form_fields(options)
+            "POST",
+            "/jobs",
+            files={"image": (name, data)},
+            data=form_fields(options),
+            headers=_idempotency(idempotency_key),
         )
         return Job(self, response.json())
 
@@ -128,31 +148,47 @@ class Client:
 
     # -- batches ---------------------------------------------------------------------------
 
-    def batch(self, source: str | Path | Iterable[str | Path], **options: Any) -> Batch:
+    def batch(
+        self,
+        source: str | Path | Iterable[str | Path],
+        *,
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> Batch:
         """Submit an archive (streamed from disk), a list of image paths (zipped on the way)
-        or an ``s3://bucket/prefix/`` as one batch."""
+        or an ``s3://bucket/prefix/`` as one batch, with one Idempotency-Key as ``submit``."""
+        headers = _idempotency(idempotency_key)
         if isinstance(source, str) and source.startswith("s3://"):
             body = {"source": source, **{k: v for k, v in options.items() if v is not None}}
-            return Batch(self, self.request("POST", "/batches", json=body).json())
+            return Batch(self, self.request("POST", "/batches", json=body, headers=headers).json())
         if isinstance(source, str | Path):
-            return self._submit_archive(Path(source), options)
+            return self._submit_archive(Path(source), options, headers)
         with tempfile.TemporaryDirectory(prefix="featuremaps-") as scratch:
             archive = zip_images([Path(p) for p in source], Path(scratch) / "images.zip")
-            return self._submit_archive(archive, options)
+            return self._submit_archive(archive, options, headers)
 
     def get_batch(self, batch_id: str) -> Batch:
         return Batch(self, {"id": batch_id}).refresh()
 
-    def _submit_archive(self, path: Path, options: dict[str, Any]) -> Batch:
+    def _submit_archive(self, path: Path, options: dict[str, Any], headers: dict) -> Batch:
         with MultipartFile("archive", path, form_fields(options)) as body:
             response = self.request(
                 "POST",
                 "/batches",
                 data=body,
-                headers={"Content-Type": body.content_type},
+                headers={**headers, "Content-Type": body.content_type},
                 timeout=max(self.timeout, 600),
             )
         return Batch(self, response.json())
+
+
+def _idempotency(key: str | None) -> dict[str, str]:
+    return {IDEMPOTENCY_HEADER: key or str(uuid.uuid4())}
+
+
+def _retryable(error: ApiError) -> bool:
+    """Answers after which the API created nothing yet, so trying again is safe."""
+    return isinstance(error, RateLimited | Unavailable) or error.code == "idempotency_in_progress"
 
 
 class _Record:

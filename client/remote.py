@@ -86,14 +86,18 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}", help=f"job option {name} (server validates)")
     parser.add_argument("--per-layer", action="store_true", help="also store per-layer PNGs")
     parser.add_argument("--arrays", action="store_true", help="also store maps.npz")
+    parser.add_argument(
+        "--callback-url", metavar="URL", help="POSTed the signed status document when it ends"
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, str]:
-    """The job options given by add_option_flags' flags, as form fields (unset ones left out
-    so the server's defaults apply)."""
+    """The job options given by add_option_flags' flags, and the callback URL, as form
+    fields (unset ones left out so the server's defaults apply)."""
     values = {name: getattr(args, name) for name in OPTION_FLAGS}
     values["per_layer"] = "true" if args.per_layer else None
     values["arrays"] = "true" if args.arrays else None
+    values["callback_url"] = args.callback_url
     return {k: v for k, v in values.items() if v is not None}
 
 

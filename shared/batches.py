@@ -36,6 +36,7 @@ from shared.records import (
     record_key,
     text,
 )
+from shared.webhooks import ENQUEUE_SCRIPT, OUTBOX_KEY
 
 COUNTERS = ("queued", "running", "succeeded", "failed", "canceled")
 
@@ -79,7 +80,7 @@ def _keys(batch_id: str) -> list[str]:
 @dataclass
 class Batch(Record):
     STATUS: ClassVar = BatchStatus
-    JSON_FIELDS: ClassVar = ("options", "source", "result", "error")
+    JSON_FIELDS: ClassVar = ("options", "source", "result", "error", "callbacks")
     INT_FIELDS: ClassVar = ("total", *COUNTERS, "expanded", "finalizing", "failed_at_expansion")
 
     id: str
@@ -103,6 +104,9 @@ class Batch(Record):
     finalizing: int = 0
     # Members refused during expansion count as failed but were never processed.
     failed_at_expansion: int = 0
+    callback_url: str | None = None
+    callback_state: str | None = None
+    callbacks: list[dict[str, Any]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -125,6 +129,7 @@ class Batch(Record):
             "eta_s": None,
             "error": self.error,
             "result": None,
+            **self.callback_document(),
         }
         if self.first_item_at and (self.queued or self.running):
             elapsed = (now or time.time()) - datetime.fromisoformat(self.first_item_at).timestamp()
@@ -357,6 +362,7 @@ class BatchStore(RecordStore[Batch]):
         "_cancel": _CANCEL,
         "_complete": _COMPLETE,
         "_fail": _FAIL,
+        "_enqueue_callback": ENQUEUE_SCRIPT,
     }
 
     def record_keys(self, record_id: str) -> list[str]:
@@ -403,12 +409,22 @@ class BatchStore(RecordStore[Batch]):
         return self.get(batch_id), text(finalize) == "finalize"
 
     def complete(self, batch_id: str, result: dict[str, Any]) -> str:
-        return text(self._run(self._complete, batch_id, now_iso(), json.dumps(result)))
+        status = text(self._run(self._complete, batch_id, now_iso(), json.dumps(result)))
+        self._ended(batch_id)
+        return status
 
     def fail(self, batch_id: str, *, code: str, message: str) -> str:
         """End a batch that is still open as failed; returns its final status."""
         error = json.dumps({"code": code, "message": message})
-        return text(self._run(self._fail, batch_id, now_iso(), error))
+        status = text(self._run(self._fail, batch_id, now_iso(), error))
+        self._ended(batch_id)
+        return status
+
+    def _ended(self, batch_id: str) -> None:
+        """Queue the batch's callback, if it has one, once. Not inside the closing script:
+        those touch every key they name. The finalize task that closes a batch is
+        acknowledged only after this, so a worker dying in between closes it again."""
+        self._enqueue_callback(keys=[batch_key(batch_id), OUTBOX_KEY])
 
     def items(self, batch_id: str, *, start: int = 0, count: int = 100) -> list[Item]:
         """Items in member order, ``count`` from position ``start``."""

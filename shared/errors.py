@@ -6,15 +6,16 @@ handler turns any of them into ``{"error": {"code": ..., "message": ...}}``; wor
 the same code in the failed job's document.
 
     FeatureMapsError
-    ├── BadRequest            400  invalid_option, missing_field, empty_image, bad_request
+    ├── BadRequest            400  invalid_option, missing_field, empty_image, bad_request,
+    │                              invalid_idempotency_key, callback_url_refused
     ├── Unauthorized          401  unauthorized
     ├── Forbidden             403  forbidden_source
     ├── NotFound              404  not_found
-    ├── Conflict              409  conflict
+    ├── Conflict              409  conflict, idempotency_in_progress (+ Retry-After)
     ├── PayloadTooLarge       413  too_large
     ├── UnsupportedType       415  unsupported_type
     ├── Unprocessable         422  truncated_image, undecodable_image, too_many_pixels,
-    │   │                          corrupt_archive
+    │   │                          corrupt_archive, idempotency_mismatch
     │   ├── RefusedMember          refused_member, or the member's own code (below)
     │   └── ArchiveLimitExceeded   archive_too_many_members, archive_too_large,
     │                              archive_member_too_large, archive_bomb
@@ -59,6 +60,8 @@ RETRYING = "retrying"
 class FeatureMapsError(Exception):
     code = "internal_error"
     http_status = 500
+    # Seconds a client should wait before trying again (sent as Retry-After), when it should.
+    retry_after: int | None = None
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -87,6 +90,17 @@ class EmptyImage(BadRequest):
     code = "empty_image"
 
 
+class InvalidIdempotencyKey(BadRequest):
+    code = "invalid_idempotency_key"
+
+
+class CallbackRefused(BadRequest):
+    """A callback_url that is malformed, does not resolve, or resolves to an address that
+    callbacks may not reach (shared/webhooks.py)."""
+
+    code = "callback_url_refused"
+
+
 class Unauthorized(FeatureMapsError):
     code = "unauthorized"
     http_status = 401
@@ -111,6 +125,16 @@ class NotFound(FeatureMapsError):
 class Conflict(FeatureMapsError):
     code = "conflict"
     http_status = 409
+
+
+class IdempotencyInProgress(Conflict):
+    """Another request with the same Idempotency-Key is still creating its record."""
+
+    code = "idempotency_in_progress"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class PayloadTooLarge(FeatureMapsError):
@@ -138,6 +162,12 @@ class UndecodableImage(Unprocessable):
 
 class TooManyPixels(Unprocessable):
     code = "too_many_pixels"
+
+
+class IdempotencyMismatch(Unprocessable):
+    """An Idempotency-Key already used by this caller for a different request."""
+
+    code = "idempotency_mismatch"
 
 
 class RateLimited(FeatureMapsError):

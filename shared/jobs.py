@@ -33,6 +33,7 @@ from shared.records import (
     record_key,
     text,
 )
+from shared.webhooks import ENQUEUE_LUA, OUTBOX_KEY
 
 STATS_KEY = f"{PREFIX}:stats:jobs"
 DURATION_KEY = f"{PREFIX}:stats:job_duration"
@@ -67,7 +68,7 @@ def job_key(job_id: str) -> str:
 @dataclass
 class Job(Record):
     STATUS: ClassVar = JobStatus
-    JSON_FIELDS: ClassVar = ("options", "timings", "result", "error")
+    JSON_FIELDS: ClassVar = ("options", "timings", "result", "error", "callbacks")
     INT_FIELDS: ClassVar = ("attempts", "lost")
 
     id: str
@@ -85,6 +86,9 @@ class Job(Record):
     timings: dict[str, float] = field(default_factory=dict)
     result: dict[str, Any] | None = None
     error: dict[str, str] | None = None
+    callback_url: str | None = None
+    callback_state: str | None = None
+    callbacks: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The public job document (docs/design.md "HTTP API"); keys and owner stay private."""
@@ -96,12 +100,16 @@ class Job(Record):
             "timings": self.timings,
             "result": self.result,
             "error": self.error,
+            **self.callback_document(),
         }
 
 
-# KEYS[1] job, KEYS[2] stats hash. ARGV: allowed statuses (comma list), new status, ttl,
-# then field/value pairs. Returns "ok" or the current status when the move is not allowed.
-_TRANSITION = """
+# KEYS[1] job, KEYS[2] stats hash, KEYS[3] webhook outbox. ARGV: allowed statuses (comma
+# list), new status, ttl, then field/value pairs. Returns "ok" or the current status when the
+# move is not allowed. A job that ends and has a callback enters the outbox in the same step.
+_TRANSITION = (
+    ENQUEUE_LUA
+    + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return 'missing' end
 local allowed = false
@@ -111,14 +119,20 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2])
 for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 if cur ~= ARGV[2] then redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
+if ARGV[2] == 'succeeded' or ARGV[2] == 'failed' or ARGV[2] == 'canceled' then
+  enqueue_callback(KEYS[1], KEYS[3])
+end
 return 'ok'
 """
+)
 
-# Start (or restart after a lost worker) a job. KEYS[1] job, KEYS[2] stats.
+# Start (or restart after a lost worker) a job. KEYS[1] job, KEYS[2] stats, KEYS[3] outbox.
 # ARGV: worker, device, started_at, max_attempts, ttl, the worker_lost error code.
 # Returns {outcome, attempts}: outcome "ok", "exhausted" (marked failed: worker_lost),
 # "missing", or the finished/canceled status that makes the delivery a no-op.
-_START = """
+_START = (
+    ENQUEUE_LUA
+    + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {'missing', 0} end
 if cur ~= 'queued' and cur ~= 'running' then return {cur, 0} end
@@ -130,6 +144,7 @@ if cur == 'running' then
       lost .. ' times (attempts limit ' .. ARGV[4] .. '); not retrying'}))
     redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
     redis.call('HINCRBY', KEYS[2], 'failed', 1)
+    enqueue_callback(KEYS[1], KEYS[3])
     return {'exhausted', tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')}
   end
 end
@@ -142,6 +157,7 @@ if cur == 'queued' then redis.call('HINCRBY', KEYS[2], 'running', 1) end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 return {'ok', attempts}
 """
+)
 
 
 @dataclass(frozen=True)
@@ -164,7 +180,7 @@ class RedisJobStore(RecordStore[Job]):
 
     def start(self, job_id: str, *, worker: str, device: str, max_attempts: int) -> StartOutcome:
         outcome, attempts = self._start(
-            keys=[job_key(job_id), STATS_KEY],
+            keys=[job_key(job_id), STATS_KEY, OUTBOX_KEY],
             args=[worker, device, now_iso(), max_attempts, self.ttl_s, WORKER_LOST],
         )
         status = text(outcome)
@@ -236,7 +252,7 @@ class RedisJobStore(RecordStore[Job]):
         args: list[Any] = [",".join(s.value for s in allowed), new.value, self.ttl_s]
         for name, value in fields.items():
             args += [name, value]
-        outcome = self._transition(keys=[job_key(job_id), STATS_KEY], args=args)
+        outcome = self._transition(keys=[job_key(job_id), STATS_KEY, OUTBOX_KEY], args=args)
         outcome = text(outcome)
         if outcome == "missing":
             raise JobNotFound(job_id)

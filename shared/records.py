@@ -75,6 +75,10 @@ class Record:
     started_at: str | None
     finished_at: str | None
     options: dict[str, Any]
+    # Webhooks (shared/webhooks.py): where to call back, how it went, every attempt.
+    callback_url: str | None
+    callback_state: str | None
+    callbacks: list[dict[str, Any]] | None
 
     def document_head(self) -> dict[str, Any]:
         """The first keys of the public document, the same for every kind."""
@@ -85,6 +89,14 @@ class Record:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "options": self.options,
+        }
+
+    def callback_document(self) -> dict[str, Any]:
+        """The webhook part of the public document, the same for every kind."""
+        return {
+            "callback_url": self.callback_url,
+            "callback_state": self.callback_state,
+            "callbacks": self.callbacks or [],
         }
 
     def to_redis(self) -> dict[str, str]:

@@ -69,6 +69,16 @@ class Settings(BaseSettings):
 
     rate_limit_per_minute: int = Field(0, ge=0)  # 0 = off
 
+    # Webhooks (shared/webhooks.py): callbacks are signed with this key; without one a
+    # callback_url is refused. Private, loopback and link-local targets only when allowed.
+    webhook_secret: str = ""
+    webhook_allow_private: bool = False
+    # One attempt's connect and read timeout; retries back off from WEBHOOK_BACKOFF_S,
+    # doubling, until WEBHOOK_RETRY_FOR_S after the first attempt.
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60)
+    webhook_backoff_s: float = Field(2.0, gt=0)
+    webhook_retry_for_s: int = Field(3600, ge=0)
+
     # /readyz fails while no worker heartbeats. Off where workers scale to zero on an empty
     # queue (KEDA, deploy/k8s/): the API must stay in its Service to take the job that
     # brings the first worker up.

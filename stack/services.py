@@ -391,6 +391,8 @@ class RedisServer:
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.dir),
+            # More than the default 16: each integration test module has its own.
+            "--databases", "32",
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "everysec",
             "--maxmemory-policy", "noeviction",

@@ -1,5 +1,5 @@
-"""Per-process worker state: the resident model, clients, a heartbeat, retention sweeps and
-the metrics endpoint.
+"""Per-process worker state: the resident model, clients, a heartbeat, retention sweeps,
+webhook delivery and the metrics endpoint.
 
 The model is loaded once in each worker process, after the fork (Celery's
 ``worker_process_init``), never in the parent: CUDA cannot be re-initialised in a forked
@@ -22,6 +22,7 @@ from shared.settings import Settings
 from shared.storage import ObjectStore, ensure_bucket
 from worker import metrics
 from worker.retention import retention_loop
+from worker.webhooks import Deliverer, webhook_loop
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ def init_process(settings: Settings, hostname: str) -> WorkerContext:
         kwargs={"ttl_s": settings.job_ttl_s, "holder": f"{hostname}:{os.getpid()}"},
         daemon=True,
     ).start()
+    if settings.webhook_secret:
+        deliverer = Deliverer(redis, _context.store, settings)
+        threading.Thread(target=webhook_loop, args=(deliverer,), daemon=True).start()
     return _context
 
 

@@ -7,9 +7,11 @@ from flask import Blueprint, request, url_for
 
 from api.archive_uploads import stream_archive_upload
 from api.audit import record_submission
-from api.enqueue import enqueue
+from api.enqueue import best_effort, enqueue
+from api.idempotency import Answer, Idempotency, fingerprint, idempotency_key
 from api.services import Services, services
-from api.sources import read_source_request
+from api.sources import BatchRequest, read_source_request
+from shared import documents
 from shared.batches import Batch, BatchStatus, BatchStore, Item
 from shared.errors import InvalidOption, UnsupportedType
 from shared.options import JobOptions
@@ -32,21 +34,59 @@ def _batches(svc: Services) -> BatchStore:
 def submit_batch():
     svc = services()
     owner = svc.caller(request)
+    key = idempotency_key(request)
     batch_id = new_record_id()
+    options, source, callback_url = _read_batch_request(svc, owner, batch_id)
+    meaning = fingerprint(
+        "POST /batches",
+        source={k: source.get(k) for k in ("kind", "name", "sha256")},
+        options=options.to_dict(),
+        callback_url=callback_url,
+    )
+    return Idempotency(svc.redis, ttl_s=svc.settings.job_ttl_s).once(
+        owner,
+        key,
+        meaning,
+        create=lambda: _submitted(svc, batch_id, options, source, owner, callback_url),
+        discard=lambda: _discard_upload(svc, batch_id, source),
+    )
+
+
+def _read_batch_request(svc: Services, owner: str, batch_id: str) -> BatchRequest:
+    """The options, source and callback URL of a batch request: an S3 prefix, or an archive
+    (stored under ``batch_id`` as it arrives)."""
     if request.mimetype == "application/json":
-        options, source = read_source_request(request, svc.settings, owner)
-    elif request.mimetype == "multipart/form-data":
-        options, source = stream_archive_upload(request, svc.settings, svc.store, batch_id)
-    else:
-        raise UnsupportedType(
-            "send the archive as multipart/form-data field 'archive', or JSON "
-            '{"source": "s3://bucket/prefix/"}'
-        )
-    batch = enqueue_batch(svc, batch_id, options, source, owner)
+        return read_source_request(request, svc.settings, owner)
+    if request.mimetype == "multipart/form-data":
+        return stream_archive_upload(request, svc.settings, svc.store, batch_id)
+    raise UnsupportedType(
+        "send the archive as multipart/form-data field 'archive', or JSON "
+        '{"source": "s3://bucket/prefix/"}'
+    )
+
+
+def _submitted(
+    svc: Services,
+    batch_id: str,
+    options: JobOptions,
+    source: dict,
+    owner: str,
+    callback_url: str | None,
+) -> Answer:
+    batch = enqueue_batch(svc, batch_id, options, source, owner, callback_url=callback_url)
     origin = source["name"] if source["kind"] == "s3" else f"archive:{source['name']}"
     record_submission("batch", batch.id, owner, source.get("size"), origin)
     body = {"id": batch.id, "status": batch.status.value, "links": _links(batch.id)}
-    return body, 202, {"Location": url_for("batches.get_batch", batch_id=batch.id)}
+    return Answer(body, 202, url_for("batches.get_batch", batch_id=batch.id))
+
+
+def _discard_upload(svc: Services, batch_id: str, source: dict) -> None:
+    """The archive a replayed request stored for nothing (the first request's batch has its
+    own)."""
+    if source.get("key"):
+        best_effort(
+            f"archive of replayed batch {batch_id}", lambda: svc.store.delete_prefix(source["key"])
+        )
 
 
 @bp.get("/batches/<batch_id>")
@@ -83,7 +123,13 @@ def cancel_batch(batch_id: str):
 
 
 def enqueue_batch(
-    svc: Services, batch_id: str, options: JobOptions, source: dict, owner: str
+    svc: Services,
+    batch_id: str,
+    options: JobOptions,
+    source: dict,
+    owner: str,
+    *,
+    callback_url: str | None = None,
 ) -> Batch:
     """Write the record and send the expansion task, or undo what was done and 503."""
     store = _batches(svc)
@@ -93,6 +139,7 @@ def enqueue_batch(
         options=options.to_dict(),
         source=source,
         owner=owner,
+        callback_url=callback_url,
     )
     undo = [lambda: store.delete(batch_id)]
     if source.get("key"):
@@ -120,14 +167,8 @@ def _int_arg(name: str, default: int, *, minimum: int, maximum: int | None = Non
 
 
 def batch_document(svc: Services, batch: Batch) -> dict:
-    doc = batch.to_dict()
+    doc = documents.batch_document(svc.store, batch, svc.settings.presign_expiry_s)
     doc["links"] = _links(batch.id)
-    if batch.result:
-        expiry = svc.settings.presign_expiry_s
-        doc["result"] = {
-            "manifest_url": svc.store.presigned_get(batch.result["manifest_key"], expiry),
-            "archive_url": svc.store.presigned_get(batch.result["archive_key"], expiry),
-        }
     return doc
 
 

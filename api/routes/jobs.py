@@ -6,13 +6,15 @@ from flask import Blueprint, redirect, request, url_for
 
 from api.audit import record_submission
 from api.enqueue import best_effort, enqueue
+from api.idempotency import Answer, Idempotency, file_digest, fingerprint, idempotency_key
 from api.layers import RAW_MEDIA_TYPE, layer_json, layer_raw, read_layer_map
 from api.services import Services, services
-from api.uploads import read_image_upload
-from shared import keys
+from api.uploads import Upload, read_image_upload
+from shared import documents, keys
 from shared.errors import Conflict
 from shared.jobs import Job, JobStatus, new_job_id
 from shared.queue import JOBS_QUEUE, RENDER_JOB
+from shared.webhooks import accepted_callback_url
 
 bp = Blueprint("jobs", __name__)
 
@@ -21,16 +23,38 @@ bp = Blueprint("jobs", __name__)
 def submit_job():
     svc = services()
     owner = svc.caller(request)
+    key = idempotency_key(request)
     upload = read_image_upload(
         request,
         field="image",
         max_pixels=svc.settings.max_image_pixels,
         max_bytes=svc.settings.max_upload_bytes,
     )
-    job = enqueue_job(svc, upload.data, upload.info.ext, upload.content_type, upload.options, owner)
+    callback_url = accepted_callback_url(upload.callback_url, svc.settings)
+    meaning = fingerprint(
+        "POST /jobs",
+        image=file_digest(upload.data),
+        options=upload.options.to_dict(),
+        callback_url=callback_url,
+    )
+    return Idempotency(svc.redis, ttl_s=svc.settings.job_ttl_s).once(
+        owner, key, meaning, create=lambda: _submitted(svc, upload, owner, callback_url)
+    )
+
+
+def _submitted(svc: Services, upload: Upload, owner: str, callback_url: str | None) -> Answer:
+    job = enqueue_job(
+        svc,
+        upload.data,
+        upload.info.ext,
+        upload.content_type,
+        upload.options,
+        owner,
+        callback_url=callback_url,
+    )
     record_submission("job", job.id, owner, len(upload.data), "upload")
     body = {"id": job.id, "status": job.status.value, "links": _links(job.id)}
-    return body, 202, {"Location": url_for("jobs.get_job", job_id=job.id)}
+    return Answer(body, 202, url_for("jobs.get_job", job_id=job.id))
 
 
 @bp.get("/jobs/<job_id>")
@@ -72,7 +96,16 @@ def cancel_job(job_id: str):
     return job_document(svc, job), 202
 
 
-def enqueue_job(svc: Services, data: bytes, ext: str, content_type: str, options, owner: str):
+def enqueue_job(
+    svc: Services,
+    data: bytes,
+    ext: str,
+    content_type: str,
+    options,
+    owner: str,
+    *,
+    callback_url: str | None = None,
+):
     """Store the input, write the record, send the task — or undo what was done and 503."""
     job_id = new_job_id()
     input_key = keys.input_key(job_id, ext)
@@ -83,6 +116,7 @@ def enqueue_job(svc: Services, data: bytes, ext: str, content_type: str, options
         options=options.to_dict(),
         input_key=input_key,
         owner=owner,
+        callback_url=callback_url,
     )
     enqueue(
         svc.producer,
@@ -97,25 +131,8 @@ def enqueue_job(svc: Services, data: bytes, ext: str, content_type: str, options
 
 
 def job_document(svc: Services, job: Job) -> dict:
-    doc = job.to_dict()
+    doc = documents.job_document(svc.store, job, svc.settings.presign_expiry_s)
     doc["links"] = _links(job.id)
-    result = job.result
-    if result:
-        expiry = svc.settings.presign_expiry_s
-        public = {k: v for k, v in result.items() if not k.endswith("_key")}
-        public["figure_url"] = svc.store.presigned_get(result["figure_key"], expiry)
-        public["manifest_url"] = svc.store.presigned_get(result["manifest_key"], expiry)
-        if result.get("input_preview_key"):
-            public["input_url"] = svc.store.presigned_get(result["input_preview_key"], expiry)
-        if result.get("thumbnail_key"):
-            public["thumbnail_url"] = svc.store.presigned_get(result["thumbnail_key"], expiry)
-        if result.get("arrays_key"):
-            public["arrays_url"] = svc.store.presigned_get(result["arrays_key"], expiry)
-        if result.get("layer_keys"):
-            public["layer_urls"] = [
-                svc.store.presigned_get(key, expiry) for key in result["layer_keys"]
-            ]
-        doc["result"] = public
     return doc
 
 

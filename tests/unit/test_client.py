@@ -17,10 +17,14 @@ class ScriptedSession(requests.Session):
         super().__init__()
         self.answers = answers
         self.calls = 0
+        self.sent_headers: list[dict] = []
 
     def request(self, method, url, **kwargs):
         status, headers = self.answers[min(self.calls, len(self.answers) - 1)]
         self.calls += 1
+        self.sent_headers.append(kwargs.get("headers") or {})
+        if status is None:
+            raise requests.ConnectionError("Remote end closed connection without response")
         response = requests.Response()
         response.status_code = status
         response.headers.update(headers)
@@ -59,6 +63,30 @@ def test_a_long_retry_after_is_capped_and_the_last_error_raised():
 def test_other_errors_are_not_retried():
     client, slept, session = client_for([(415, {}), (200, {})])
     with pytest.raises(UnsupportedType):
+        client.request("POST", "/jobs")
+    assert slept == [] and session.calls == 1
+
+
+def test_a_dropped_submission_is_retried_with_the_same_idempotency_key():
+    client, slept, session = client_for([(None, {}), (None, {}), (202, {})])
+    job = client.submit(b"not read by the scripted session")
+    assert job.id == "j" and slept == [0.5, 1.0] and session.calls == 3
+    keys = {headers["Idempotency-Key"] for headers in session.sent_headers}
+    assert len(keys) == 1 and len(keys.pop()) == 36  # one UUID for every try
+
+
+def test_each_submission_has_its_own_key_unless_given():
+    client, _, session = client_for([(202, {})])
+    client.submit(b"a")
+    client.submit(b"b")
+    client.submit(b"c", idempotency_key="order-17")
+    first, second, third = (h["Idempotency-Key"] for h in session.sent_headers)
+    assert first != second and third == "order-17"
+
+
+def test_a_dropped_post_without_a_key_is_not_retried():
+    client, slept, session = client_for([(None, {}), (202, {})])
+    with pytest.raises(requests.ConnectionError):
         client.request("POST", "/jobs")
     assert slept == [] and session.calls == 1
 

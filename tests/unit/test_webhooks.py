@@ -1,0 +1,86 @@
+"""The webhook rules that need no network: the signature's bytes, and which literal
+addresses a callback may reach (shared/webhooks.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+
+from shared.errors import CallbackRefused
+from shared.settings import Settings
+from shared.webhooks import accepted_callback_url, check_callback_url, signature
+
+
+def test_the_signature_is_hmac_sha256_of_timestamp_dot_body():
+    body = b'{"id": "abc", "status": "succeeded"}'
+    expected = hmac.new(b"k", b"1700000000." + body, hashlib.sha256).hexdigest()
+    assert signature("k", 1700000000, body) == f"t=1700000000,v1={expected}"
+
+
+def test_a_public_address_keeps_its_path_query_and_port():
+    target = check_callback_url("https://8.8.8.8:8443/hooks/fm?x=1", allow_private=False)
+    assert (target.scheme, target.host, target.port) == ("https", "8.8.8.8", 8443)
+    assert (target.path, target.address) == ("/hooks/fm?x=1", "8.8.8.8")
+    assert check_callback_url("http://1.1.1.1", allow_private=False).path == "/"
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "[::1]",
+        "[fe80::1]",
+        "[fc00::1]",
+        "[::ffff:10.0.0.1]",
+    ],
+)
+def test_addresses_that_are_not_public_are_refused_unless_allowed(host):
+    with pytest.raises(CallbackRefused, match="public addresses only"):
+        check_callback_url(f"http://{host}/x", allow_private=False)
+    assert check_callback_url(f"http://{host}/x", allow_private=True).path == "/x"
+
+
+def test_an_empty_callback_is_none_and_one_without_a_secret_is_refused():
+    assert accepted_callback_url("", Settings(webhook_secret="k")) is None
+    assert accepted_callback_url(None, Settings()) is None
+    with pytest.raises(CallbackRefused, match="WEBHOOK_SECRET"):
+        accepted_callback_url("http://8.8.8.8/", Settings())
+    with pytest.raises(CallbackRefused, match="string"):
+        accepted_callback_url(["http://8.8.8.8/"], Settings(webhook_secret="k"))
+
+
+def test_the_delivery_loop_outlives_a_failing_attempt_and_redis_going_away():
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from worker.webhooks import IDLE_S, webhook_loop
+
+    outcomes = [RuntimeError("a bug"), RedisConnectionError("restarting"), True, False]
+    slept: list[float] = []
+
+    class Deliverer:
+        def deliver_due(self):
+            outcome = outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+    class Stop(Exception):
+        pass
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if not outcomes:
+            raise Stop
+
+    with pytest.raises(Stop):
+        webhook_loop(Deliverer(), sleep=sleep)
+    assert slept == [IDLE_S, IDLE_S, IDLE_S]  # no pause after a delivery that was made
