@@ -40,7 +40,7 @@ def run_chunk(
     options = JobOptions.from_mapping(batch.options)
     items = store.get_items(batch_id, started)
     step = _model_slice(ctx, len(started))
-    reuse = ChunkReuse(ctx, options)
+    reuse = ChunkReuse(ctx, options, batch.owner)
     with ThreadPoolExecutor(IO_THREADS) as pool:
         # Every input is requested at once; a slice goes through the model as soon as its
         # own inputs are in, and its outputs upload while the next slice computes.
@@ -49,9 +49,7 @@ def run_chunk(
         for start in range(0, len(started), step):
             part = started[start : start + step]
             inputs = [download.result() for download in downloads[start : start + step]]
-            part_results = reuse.results(
-                pool, part, inputs, lambda todo: _process(ctx, todo, options)
-            )
+            part_results = reuse.results(part, inputs, lambda todo: _process(ctx, todo, options))
             results += part_results
             uploads += [
                 pool.submit(_store_outcome, ctx, reuse, i, items[i].info, result)

@@ -47,7 +47,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         with metrics.timed("fetch"):
             data = _timed(timings, "download_ms", lambda: ctx.store.get_bytes(job.input_key))
         options = JobOptions.from_mapping(job.options)
-        digest = reuse.digest_of(ctx, data, options)
+        digest = reuse.digest_of(ctx, data, options, job.owner)
         stored = _reused(ctx, job_id, digest, data, timings) or _computed(
             ctx, job_id, data, options, timings
         )

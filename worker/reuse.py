@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from typing import Any
@@ -39,13 +39,18 @@ log = logging.getLogger(__name__)
 # (layers, reduction, rendering, encoding): results of another version are never reused.
 COMPUTATION_VERSION = 1
 INDEX_PREFIX = f"{PREFIX}:result:"
+# Copies are a few small requests each; a GPU's chunk may hold hundreds of items.
+COPY_THREADS = 8
 # Fields of a stored result (worker.execute.upload_outputs) that name one object each.
 _OBJECT_FIELDS = ("figure_key", "thumbnail_key", "input_preview_key", "arrays_key")
 
 
-def result_digest(weights: dict, options: JobOptions, data: bytes) -> str:
-    """sha256 over everything that determines the outputs of ``data``."""
+def result_digest(weights: dict, options: JobOptions, data: bytes, *, owner: str = "") -> str:
+    """sha256 over everything that determines the outputs of ``data``, and the owner (token
+    name) whose records may share them: results are never reused across owners, whose
+    ``reused: true`` would tell one that another sent the same image (docs/security.md)."""
     identity = {
+        "owner": owner,
         "computation": COMPUTATION_VERSION,
         "torch": version("torch"),
         "torchvision": version("torchvision"),
@@ -97,11 +102,11 @@ def result_index(ctx: WorkerContext) -> ResultIndex:
     return ResultIndex(ctx.redis, ttl_s=ctx.settings.job_ttl_s)
 
 
-def digest_of(ctx: WorkerContext, data: Any, options: JobOptions) -> str | None:
+def digest_of(ctx: WorkerContext, data: Any, options: JobOptions, owner: str) -> str | None:
     """The input's digest, or None when reuse is off or there are no bytes (a lost input)."""
     if not ctx.settings.reuse_results or not isinstance(data, bytes):
         return None
-    return result_digest(ctx.loaded.weights, options, data)
+    return result_digest(ctx.loaded.weights, options, data, owner=owner)
 
 
 def copy_result(
@@ -171,18 +176,19 @@ class ChunkReuse:
 
     ctx: WorkerContext
     options: JobOptions
+    owner: str
     digests: dict[str, str] = field(default_factory=dict)
     computed: dict[str, tuple[str, Any]] = field(default_factory=dict)
     stored: dict[str, dict] = field(default_factory=dict)
 
-    def results(self, pool: Executor, ids: list[str], inputs: list, compute) -> list:
+    def results(self, ids: list[str], inputs: list, compute) -> list:
         """One slice's results, in order: copied from the index, shared with the same bytes
         computed earlier in this chunk, or ``compute(inputs)`` for the rest."""
         for item, data in zip(ids, inputs, strict=True):
-            digest = digest_of(self.ctx, data, self.options)
+            digest = digest_of(self.ctx, data, self.options, self.owner)
             if digest:
                 self.digests[item] = digest
-        results: list[Any] = self._copied(pool, ids)
+        results: list[Any] = self._copied(ids)
         pending = [p for p, r in enumerate(results) if r is None]
         first: dict[str, int] = {}
         todo = [p for p in pending if self._first(ids[p], p, first)]
@@ -205,21 +211,30 @@ class ChunkReuse:
         first[digest] = position
         return True
 
-    def _copied(self, pool: Executor, ids: list[str]) -> list:
+    def _copied(self, ids: list[str]) -> list:
+        """Copies of the index's results, made in parallel on threads of their own: the
+        chunk's pool is busy with the previous slice's uploads, and the model waits."""
         wanted = {self.digests[i] for i in ids if i in self.digests}
         sources = result_index(self.ctx).find(sorted(wanted - set(self.computed)))
-        copies = {
-            position: pool.submit(
-                copy_result, self.ctx.store, sources[self.digests[item]], item, input_preview=False
-            )
-            for position, item in enumerate(ids)
-            if self.digests.get(item) in sources
-        }
+        hits = [(p, item) for p, item in enumerate(ids) if self.digests.get(item) in sources]
         results: list[Any] = [None] * len(ids)
-        for position, copy in copies.items():
-            stored = copy.result()
-            if stored is not None:
-                results[position] = Reused(stored["reused_from"], stored)
+        if not hits:
+            return results
+        with ThreadPoolExecutor(min(len(hits), COPY_THREADS)) as pool:
+            copies = {
+                position: pool.submit(
+                    copy_result,
+                    self.ctx.store,
+                    sources[self.digests[item]],
+                    item,
+                    input_preview=False,
+                )
+                for position, item in hits
+            }
+            for position, copy in copies.items():
+                stored = copy.result()
+                if stored is not None:
+                    results[position] = Reused(stored["reused_from"], stored)
         return results
 
     def _shared(self, digest: str) -> Any:

@@ -20,11 +20,13 @@ from shared.batches import BatchStore
 from shared.jobs import RedisJobStore, job_key
 from stack.services import free_port
 from tests.integration.deployment import Deployment, wait_for_batch, wait_for_job
-from tests.integration.test_batches import all_items, photo, submit_archive
+from tests.integration.test_batches import photo
 from tests.integration.test_metrics import scrape
 from worker.retention import sweep
 
 TTL_S = 24 * 3600
+# Two tokens: results are reused within one owner's records only.
+TOKENS = {"alice": "alice-token", "bob": "bob-token"}
 MODEL_IMAGES = ("featuremaps_worker_model_images_total", ())
 REUSED_JOBS = ("featuremaps_worker_images_reused_total", (("kind", "job"),))
 
@@ -38,6 +40,7 @@ def deployment(redis_server, s3_server, tmp_path_factory):
         name="reuse",
         db=15,
         worker_metrics_port=free_port(),
+        api_tokens=",".join(f"{name}:{token}" for name, token in TOKENS.items()),
     ) as dep:
         yield dep
 
@@ -48,14 +51,36 @@ def model_images(dep: Deployment, port: int | None = None) -> float:
     return scrape(f"http://127.0.0.1:{port}/metrics")[MODEL_IMAGES]
 
 
-def run_job(dep: Deployment, data: bytes, **options) -> dict:
+def auth(owner: str = "alice") -> dict:
+    return {"Authorization": f"Bearer {TOKENS[owner]}"}
+
+
+def run_job(dep: Deployment, data: bytes, owner: str = "alice", **options) -> dict:
     response = requests.post(
-        f"{dep.api}/jobs", files={"image": ("p.jpg", data)}, data=options, timeout=30
+        f"{dep.api}/jobs",
+        files={"image": ("p.jpg", data)},
+        data=options,
+        headers=auth(owner),
+        timeout=30,
     )
     assert response.status_code == 202, response.text
-    doc = wait_for_job(dep.api, response.json()["id"])
+    doc = wait_for_job(dep.api, response.json()["id"], headers=auth(owner))
     assert doc["status"] == "succeeded", doc
     return doc
+
+
+def all_items(api: str, batch_id: str) -> list[dict]:
+    items, cursor = [], "0"
+    while cursor is not None:
+        page = requests.get(
+            f"{api}/batches/{batch_id}/items",
+            params={"cursor": cursor, "limit": 100},
+            headers=auth(),
+            timeout=30,
+        ).json()
+        items += page["items"]
+        cursor = page["next_cursor"]
+    return items
 
 
 def fetch(url: str) -> bytes:
@@ -89,7 +114,9 @@ def test_the_same_photo_twice_is_reused_without_a_model_pass(deployment):
     assert manifest["job_id"] == second["id"]
     assert manifest["reused_from"] == first["id"]
     assert result["layers"] == first["result"]["layers"]
-    layer = requests.get(f"{deployment.api}/jobs/{second['id']}/layers/conv1", timeout=30)
+    layer = requests.get(
+        f"{deployment.api}/jobs/{second['id']}/layers/conv1", headers=auth(), timeout=30
+    )
     assert layer.status_code == 200
 
 
@@ -104,6 +131,17 @@ def test_other_options_are_computed_again(deployment):
     # ... while the first options still find their result.
     assert run_job(deployment, data)["result"]["reused_from"] == first["id"]
     assert model_images(deployment) == before + 3
+
+
+def test_another_owners_result_is_never_reused(deployment):
+    data = photo(1003, size=(320, 240))
+    run_job(deployment, data, owner="alice")
+    before = model_images(deployment)
+    # Bob sent the same photo: that Alice did must not show (nor her job's id).
+    doc = run_job(deployment, data, owner="bob")
+    assert doc["result"]["reused"] is False
+    assert model_images(deployment) == before + 1
+    assert run_job(deployment, data, owner="bob")["result"]["reused_from"] == doc["id"]
 
 
 def test_other_weights_are_computed_again(deployment):
@@ -135,13 +173,18 @@ def test_an_archive_of_duplicates_runs_each_distinct_photo_once(deployment):
             archive.writestr(f"photos/{n:03d}.jpg", data)
     before = model_images(deployment)
 
-    response = submit_archive(deployment.api, "dups.zip", buffer.getvalue())
+    response = requests.post(
+        f"{deployment.api}/batches",
+        files={"archive": ("dups.zip", buffer.getvalue())},
+        headers=auth(),
+        timeout=60,
+    )
     assert response.status_code == 202, response.text
-    doc = wait_for_batch(deployment.api, response.json()["id"], timeout_s=600)
+    doc = wait_for_batch(deployment.api, response.json()["id"], timeout_s=600, headers=auth())
 
     assert doc["counts"]["succeeded"] == 200, doc
     assert model_images(deployment) == before + 100
-    items = all_items(deployment.api, doc["id"], limit=100)
+    items = all_items(deployment.api, doc["id"])
     reused = [item for item in items if item["reused"]]
     assert len(reused) == 100
     by_id = {item["id"]: item for item in items}
