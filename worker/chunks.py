@@ -5,6 +5,8 @@ A chunk requests all its inputs in parallel, runs them through the model in tens
 (:func:`worker.pipeline.process_images`; on the CPU in slices of ``CPU_MODEL_BATCH``, each
 starting as soon as its inputs are in, while the previous slice's outputs upload), and records
 all outcomes in one atomic step; whoever records the batch's last outcome has it finalized.
+Before a slice's model pass, :class:`worker.reuse.ChunkReuse` takes out the items whose result
+can be copied from an earlier one or shared with the same bytes earlier in the chunk.
 Storage errors propagate for the task to retry; the delivery token lets a retry resume the
 items it started.
 """

@@ -1,7 +1,8 @@
 """Running one job: the plain function behind the `render_job` task.
 
-It moves the job through the store, fetches the input, calls the pipeline and uploads the
-outputs to deterministic keys (so a redelivered job overwrites rather than duplicates).
+It moves the job through the store, fetches the input, and either copies an equal earlier
+result (:mod:`worker.reuse`) or calls the pipeline and uploads the outputs, to deterministic
+keys either way (so a redelivered job overwrites rather than duplicates).
 Bad input fails the job at once with its code; storage errors propagate as
 :class:`StorageUnavailable` for the task to retry with backoff. Once the job has ended (and
 only then: a retried job still needs it), :func:`release_input` deletes its upload unless
