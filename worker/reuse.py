@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from importlib.metadata import version
@@ -181,7 +182,7 @@ class ChunkReuse:
     computed: dict[str, tuple[str, Any]] = field(default_factory=dict)
     stored: dict[str, dict] = field(default_factory=dict)
 
-    def results(self, ids: list[str], inputs: list, compute) -> list:
+    def results(self, ids: list[str], inputs: list, compute: Callable[[list], list]) -> list:
         """One slice's results, in order: copied from the index, shared with the same bytes
         computed earlier in this chunk, or ``compute(inputs)`` for the rest."""
         for item, data in zip(ids, inputs, strict=True):
@@ -190,8 +191,8 @@ class ChunkReuse:
                 self.digests[item] = digest
         results: list[Any] = self._copied(ids)
         pending = [p for p, r in enumerate(results) if r is None]
-        first: dict[str, int] = {}
-        todo = [p for p in pending if self._first(ids[p], p, first)]
+        first: set[str] = set()
+        todo = [p for p in pending if self._first(ids[p], first)]
         for p, result in zip(todo, compute([inputs[p] for p in todo]), strict=True):
             results[p] = result
             if ids[p] in self.digests:
@@ -201,14 +202,14 @@ class ChunkReuse:
                 results[p] = self._shared(self.digests[ids[p]])
         return results
 
-    def _first(self, item: str, position: int, first: dict[str, int]) -> bool:
+    def _first(self, item: str, first: set[str]) -> bool:
         """Whether this item must be computed (no digest, or the first of its bytes)."""
         digest = self.digests.get(item)
         if digest is None:
             return True
         if digest in self.computed or digest in first:
             return False
-        first[digest] = position
+        first.add(digest)
         return True
 
     def _copied(self, ids: list[str]) -> list:

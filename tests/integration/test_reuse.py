@@ -11,6 +11,8 @@ import io
 import json
 import random
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -144,22 +146,40 @@ def test_another_owners_result_is_never_reused(deployment):
     assert run_job(deployment, data, owner="bob")["result"]["reused_from"] == doc["id"]
 
 
+@contextmanager
+def other_worker(dep: Deployment, name: str, **settings) -> Iterator[int]:
+    """The deployment's worker replaced by one with ``settings`` for the block; yields the
+    other's metrics port. The replacement back gets a new name: the stopped worker's
+    heartbeat lingers for its TTL."""
+    for process in dep.workers:
+        process.stop()
+    port = free_port()
+    other = dep.start_worker(name, worker_metrics_port=port, **settings)
+    try:
+        yield port
+    finally:
+        other.stop()
+        dep.workers = [dep.start_worker(f"{name}-back")]
+
+
 def test_other_weights_are_computed_again(deployment):
     data = photo(1002, size=(320, 240))
     assert run_job(deployment, data)["result"]["reused"] is False
-    for process in deployment.workers:
-        process.stop()
-    port = free_port()
-    other = deployment.start_worker("seed1", weights_seed=1, worker_metrics_port=port)
-    try:
+    with other_worker(deployment, "seed1", weights_seed=1) as port:
         doc = run_job(deployment, data)
         assert doc["result"]["reused"] is False
         assert model_images(deployment, port) == 1
         assert doc["result"]["weights"] == {"name": "random", "seed": 1}
-    finally:
-        other.stop()
-        # A new name: the stopped worker's heartbeat lingers for its TTL.
-        deployment.workers = [deployment.start_worker("w1b")]
+
+
+def test_the_setting_turns_reuse_off(deployment):
+    data = photo(1004, size=(320, 240))
+    with other_worker(deployment, "off", reuse_results=False) as port:
+        docs = [run_job(deployment, data) for _ in range(2)]
+        assert [doc["result"]["reused"] for doc in docs] == [False, False]
+        assert model_images(deployment, port) == 2
+    # Nor did it index its results: a worker with reuse on finds nothing of them.
+    assert run_job(deployment, data)["result"]["reused"] is False
 
 
 def test_an_archive_of_duplicates_runs_each_distinct_photo_once(deployment):
