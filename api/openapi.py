@@ -156,6 +156,15 @@ _JSON_OPTION_PROPERTIES = {
     "arrays": _BOOLEAN_JSON,
 }
 
+_REUSED = {
+    "type": "boolean",
+    "description": "the outputs are copies of an equal earlier result (same input bytes, "
+    "options, weights and computation version): no model pass ran",
+}
+_REUSED_FROM = {
+    "type": ["string", "null"],
+    "description": "the job or batch item whose result was copied",
+}
 _JOB_DOC = {
     "type": "object",
     "required": ["id", "status", "created_at", "options", "attempts"],
@@ -173,7 +182,10 @@ _JOB_DOC = {
         "worker": {"type": ["string", "null"]},
         "device": {"type": ["string", "null"]},
         "timings": {"type": "object", "additionalProperties": {"type": "number"}},
-        "result": {"type": ["object", "null"]},
+        "result": {
+            "type": ["object", "null"],
+            "properties": {"reused": _REUSED, "reused_from": _REUSED_FROM},
+        },
         "error": {
             "oneOf": [
                 {"type": "null"},
@@ -228,6 +240,8 @@ _ITEM_DOC = {
         "figure_url": {"type": ["string", "null"]},
         "thumbnail_url": {"type": ["string", "null"], "description": "a small JPEG of the grid"},
         "error": {"type": ["object", "null"]},
+        "reused": _REUSED,
+        "reused_from": _REUSED_FROM,
     },
 }
 

@@ -13,13 +13,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import bulk, core, datapath, service
+from bench import bulk, core, datapath, reuse, service
 
 SECTIONS: dict[str, Callable[[int], dict]] = {
     "core": core.run,
     "service": service.run,
     "bulk": bulk.run,
     "datapath": datapath.run,
+    "reuse": reuse.run,
 }
 
 

@@ -152,7 +152,7 @@ def _article(photos: list[bytes]) -> float:
 class _Stack:
     """redis-server, SeaweedFS and a gunicorn API for the whole run; workers per measurement."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, *, reuse_results: bool = False) -> None:
         self.run_dir = run_dir
         self.redis = RedisServer(run_dir / "redis")
         self.s3 = SeaweedS3(run_dir / "s3")
@@ -166,7 +166,11 @@ class _Stack:
             s3_bucket="bench",
             weights="random",
         )
-        self.env = {**os.environ, **service_env(self.settings, batch_chunk=CHUNK)}
+        # Both runs process the same archive: each must compute, not reuse the first's results.
+        self.env = {
+            **os.environ,
+            **service_env(self.settings, batch_chunk=CHUNK, reuse_results=reuse_results),
+        }
         self.client = Redis.from_url(self.redis.url)
         port = free_port()
         self.api_url = f"http://127.0.0.1:{port}"
@@ -231,6 +235,7 @@ class _Stack:
         if doc["counts"]["succeeded"] != count:
             raise RuntimeError(f"bench batch did not process every image: {doc}")
         return {
+            "batch_id": batch_id,
             "workers": workers,
             "seconds": round(elapsed, 2),
             "images_per_s": round(count / elapsed, 2),

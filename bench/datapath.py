@@ -338,6 +338,8 @@ def _services(loaded: LoadedModel) -> Iterator[WorkerContext]:
                 s3_bucket="bench",
                 batch_chunk=CHUNK,
                 max_image_pixels=MAX_PIXELS,
+                # The same photos go round again and again: compute them every time.
+                reuse_results=False,
             )
             yield _context(settings, loaded)
         finally:

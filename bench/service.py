@@ -40,7 +40,13 @@ WARMUP = 5
 def run(repeat: int) -> dict:
     data = IMAGE.read_bytes()
     with tempfile.TemporaryDirectory(prefix="featuremaps-bench-") as run_dir:
-        stack = LocalStack(StackConfig(run_dir=Path(run_dir), api_port=free_port()))
+        # Every job sends the same image: each must compute, not reuse the first's result.
+        config = StackConfig(
+            run_dir=Path(run_dir),
+            api_port=free_port(),
+            base_env={"FEATUREMAPS_REUSE_RESULTS": "false"},
+        )
+        stack = LocalStack(config)
         try:
             stack.start()
             stack.wait_for_workers(timeout_s=120)

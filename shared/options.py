@@ -3,6 +3,7 @@ worker. Bad values raise :class:`InvalidOption` naming the allowed ones."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -66,6 +67,12 @@ class JobOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def output_identity(self) -> str:
+        """Canonical JSON of the options that change the outputs, for result reuse's digest
+        (worker/reuse.py). Every option does today; one that does not (a priority, a
+        callback) must stay out of it, or equal results would not be found."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> JobOptions:

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     max_archive_member_bytes: int = Field(50 * 1024**2, gt=0)
     max_compression_ratio: float = Field(200.0, gt=1)
     job_ttl_hours: float = Field(24.0, gt=0)
+    # A job or batch item whose digest (input bytes, output options, weights, computation
+    # version) already has a finished result gets server-side copies of it instead of a
+    # model pass (worker/reuse.py, docs/design.md "Result reuse").
+    reuse_results: bool = True
     batch_chunk: int = Field(16, ge=1, le=512)
 
     # Celery: the soft limit ends the job as `timeout`; both stay below the visibility

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import CopySource
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
@@ -246,6 +247,14 @@ class ObjectStore:
             )
         except _STORAGE_ERRORS as exc:
             raise self._translate(exc, "write", key) from exc
+
+    def copy(self, source: str, target: str) -> None:
+        """Server-side copy of ``source`` to ``target`` in this bucket (the bytes never leave
+        the server); a missing source is :class:`NotFound`."""
+        try:
+            self.client.copy_object(self.bucket, target, CopySource(self.bucket, source))
+        except _STORAGE_ERRORS as exc:
+            raise self._translate(exc, "copy", source) from exc
 
     def get_bytes(self, key: str) -> bytes:
         with self.open(key) as reader:

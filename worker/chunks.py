@@ -5,6 +5,8 @@ A chunk requests all its inputs in parallel, runs them through the model in tens
 (:func:`worker.pipeline.process_images`; on the CPU in slices of ``CPU_MODEL_BATCH``, each
 starting as soon as its inputs are in, while the previous slice's outputs upload), and records
 all outcomes in one atomic step; whoever records the batch's last outcome has it finalized.
+Before a slice's model pass, :class:`worker.reuse.ChunkReuse` takes out the items whose result
+can be copied from an earlier one or shared with the same bytes earlier in the chunk.
 Storage errors propagate for the task to retry; the delivery token lets a retry resume the
 items it started.
 """
@@ -21,6 +23,7 @@ from shared.options import JobOptions
 from worker import metrics
 from worker.batches import IO_THREADS, Finalize, batch_store
 from worker.execute import upload_outputs
+from worker.reuse import ChunkReuse, Reused
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ def run_chunk(
     options = JobOptions.from_mapping(batch.options)
     items = store.get_items(batch_id, started)
     step = _model_slice(ctx, len(started))
+    reuse = ChunkReuse(ctx, options, batch.owner)
     with ThreadPoolExecutor(IO_THREADS) as pool:
         # Every input is requested at once; a slice goes through the model as soon as its
         # own inputs are in, and its outputs upload while the next slice computes.
@@ -47,15 +51,17 @@ def run_chunk(
         for start in range(0, len(started), step):
             part = started[start : start + step]
             inputs = [download.result() for download in downloads[start : start + step]]
-            part_results = _process(ctx, inputs, options)
+            part_results = reuse.results(part, inputs, lambda todo: _process(ctx, todo, options))
             results += part_results
             uploads += [
-                pool.submit(_store_outcome, ctx, i, items[i].info, result)
+                pool.submit(_store_outcome, ctx, reuse, i, items[i].info, result)
                 for i, result in zip(part, part_results, strict=True)
             ]
         outcomes = [upload.result() for upload in uploads]
     metrics.chunk_done(results)
-    if store.finish_items(batch_id, outcomes):
+    finished = store.finish_items(batch_id, outcomes)
+    reuse.remember([i for i, status, _ in outcomes if status == ItemStatus.SUCCEEDED])
+    if finished:
         finalize(batch_id)
     ctx.jobs_done += len(started)
     return len(started)
@@ -117,6 +123,7 @@ def _process(
         # one so only the culprit fails.
         log.exception("batched pass failed; running the chunk's images one at a time")
         batch_results = [_process_one(ctx, inputs[i], options) for i in present]
+    metrics.model_pass(batch_results)
     for position, result in zip(present, batch_results, strict=True):
         results[position] = result
     return results
@@ -140,10 +147,16 @@ _ITEM_KEYS = ("figure_key", "thumbnail_key", "manifest_key")
 
 
 def _store_outcome(
-    ctx: WorkerContext, item: str, info: dict, result: Any
+    ctx: WorkerContext, reuse: ChunkReuse, item: str, info: dict, result: Any
 ) -> tuple[str, ItemStatus, dict]:
     if isinstance(result, FeatureMapsError):
         return item, ItemStatus.FAILED, {**info, "error": result.to_dict()}
-    stored = upload_outputs(ctx, item, result, with_input_preview=False)
+    if isinstance(result, Reused):
+        stored = result.stored
+    else:
+        stored = upload_outputs(ctx, item, result, with_input_preview=False)
+    reuse.stored[item] = stored
     kept = {k: stored[k] for k in _ITEM_KEYS if k in stored}
+    if result.reused_from:
+        kept.update(reused=True, reused_from=result.reused_from)
     return item, ItemStatus.SUCCEEDED, {**info, **kept}

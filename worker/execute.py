@@ -1,7 +1,8 @@
 """Running one job: the plain function behind the `render_job` task.
 
-It moves the job through the store, fetches the input, calls the pipeline and uploads the
-outputs to deterministic keys (so a redelivered job overwrites rather than duplicates).
+It moves the job through the store, fetches the input, and either copies an equal earlier
+result (:mod:`worker.reuse`) or calls the pipeline and uploads the outputs, to deterministic
+keys either way (so a redelivered job overwrites rather than duplicates).
 Bad input fails the job at once with its code; storage errors propagate as
 :class:`StorageUnavailable` for the task to retry with backoff. Once the job has ended (and
 only then: a retried job still needs it), :func:`release_input` deletes its upload unless
@@ -19,7 +20,7 @@ from shared import keys
 from shared.errors import FeatureMapsError, StorageUnavailable
 from shared.jobs import elapsed_ms, now_iso
 from shared.options import JobOptions
-from worker import metrics
+from worker import metrics, reuse
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -44,29 +45,71 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     job = ctx.jobs.get(job_id)
     timings = {"queue_ms": elapsed_ms(job.created_at, job.started_at or now_iso())}
     try:
-        from worker.pipeline import process_image
-
         with metrics.timed("fetch"):
             data = _timed(timings, "download_ms", lambda: ctx.store.get_bytes(job.input_key))
         options = JobOptions.from_mapping(job.options)
-        result = process_image(ctx.loaded, data, options, max_pixels=ctx.settings.max_image_pixels)
+        digest = reuse.digest_of(ctx, data, options, job.owner)
+        stored = _reused(ctx, job_id, digest, data, timings) or _computed(
+            ctx, job_id, data, options, timings
+        )
     except StorageUnavailable:
         raise
     except FeatureMapsError as exc:
         ctx.jobs.fail(job_id, code=exc.code, message=exc.message, timings=timings)
         metrics.images_failed("job", exc.code)
         return "failed"
-    timings.update(result.timings)
-    started = time.perf_counter()
-    stored = upload_outputs(ctx, job_id, result)
-    timings["upload_ms"] = round((time.perf_counter() - started) * 1000, 1)
     if not ctx.jobs.succeed(job_id, result=stored, timings=timings):
         # Canceled while running: leave nothing behind.
         ctx.store.delete_prefix(keys.results_prefix(job_id))
         return ctx.jobs.get(job_id).status.value
+    if digest:
+        reuse.result_index(ctx).remember({digest: (job_id, stored)})
     ctx.jobs_done += 1
-    metrics.image_succeeded("job", result.timings)
+    metrics.image_succeeded("job", timings, reused=stored["reused"])
     return "succeeded"
+
+
+def _computed(
+    ctx: WorkerContext, job_id: str, data: bytes, options: JobOptions, timings: dict
+) -> dict:
+    """The job's outputs from a model pass, stored under its keys."""
+    from worker.pipeline import process_image
+
+    result = process_image(ctx.loaded, data, options, max_pixels=ctx.settings.max_image_pixels)
+    metrics.model_pass([result])
+    timings.update(result.timings)
+    started = time.perf_counter()
+    stored = upload_outputs(ctx, job_id, result)
+    timings["upload_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return {**stored, "reused": False}
+
+
+def _reused(
+    ctx: WorkerContext, job_id: str, digest: str | None, data: bytes, timings: dict
+) -> dict | None:
+    """The job's outputs copied from an earlier result of the same digest, or None."""
+    source = reuse.result_index(ctx).find([digest]).get(digest) if digest else None
+    if source is None:
+        return None
+    started = time.perf_counter()
+    # A batch item's result has no input preview, and a job's page shows one: made here,
+    # before the copies, since the manifest goes last.
+    preview = None if source.stored.get("input_preview_key") else _input_preview(ctx, job_id, data)
+    stored = reuse.copy_result(ctx.store, source, job_id, input_preview=True)
+    if stored is not None and preview:
+        stored["input_preview_key"] = preview
+    timings["reuse_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return stored
+
+
+def _input_preview(ctx: WorkerContext, job_id: str, data: bytes) -> str:
+    from shared.imaging import decode
+    from worker.render import render_input_preview
+
+    preview = render_input_preview(decode(data, max_pixels=ctx.settings.max_image_pixels).image)
+    key = keys.input_preview_key(job_id)
+    ctx.store.put_bytes(key, preview, "image/jpeg")
+    return key
 
 
 def release_input(ctx: WorkerContext, job_id: str) -> None:

@@ -73,6 +73,8 @@ def _manifest_lines(store: BatchStore, batch_id: str, fmt: str) -> Iterator[str]
             line["figure"] = names.for_item(item.id, item.name)
             line["figure_key"] = item.info["figure_key"]
             line["manifest_key"] = item.info["manifest_key"]
+            if item.info.get("reused_from"):
+                line["reused_from"] = item.info["reused_from"]
         if item.info.get("error"):
             line["error"] = item.info["error"]
         yield json.dumps(line) + "\n"

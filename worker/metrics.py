@@ -61,6 +61,18 @@ STAGE_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     registry=REGISTRY,
 )
+MODEL_IMAGES = Counter(
+    "featuremaps_worker_model_images",
+    "Images this process ran through the model (those whose result was reused did not).",
+    registry=REGISTRY,
+)
+IMAGES_REUSED = Counter(
+    "featuremaps_worker_images_reused",
+    "Images whose outputs were stored without a model pass, by kind: copied from an equal "
+    "earlier result, or shared with the same bytes in their chunk (worker/reuse.py).",
+    ["kind"],
+    registry=REGISTRY,
+)
 CHUNK_IMAGES = Histogram(
     "featuremaps_worker_chunk_images",
     "Items per batch chunk (those whose input could not be fetched included).",
@@ -73,11 +85,15 @@ for _stage in STAGES:
     STAGE_SECONDS.labels(_stage)
 for _kind in ("job", "batch"):
     IMAGES_PROCESSED.labels(_kind)
+    IMAGES_REUSED.labels(_kind)
 
 
-def image_succeeded(kind: str, timings: Mapping[str, float]) -> None:
-    """One image's outputs are stored; ``timings`` is its pipeline timings dict (ms)."""
+def image_succeeded(kind: str, timings: Mapping[str, float], *, reused: bool = False) -> None:
+    """One image's outputs are stored; ``timings`` is its pipeline timings dict (ms), empty
+    of pipeline stages when ``reused``."""
     IMAGES_PROCESSED.labels(kind).inc()
+    if reused:
+        IMAGES_REUSED.labels(kind).inc()
     for stage, key in PIPELINE_STAGES.items():
         if key in timings:
             STAGE_SECONDS.labels(stage).observe(timings[key] / 1000)
@@ -94,9 +110,14 @@ def chunk_done(results: Iterable[object]) -> None:
     for result in results:
         code = getattr(result, "code", None)
         if code is None:
-            image_succeeded("batch", result.timings)
+            image_succeeded("batch", result.timings, reused=bool(result.reused_from))
         else:
             images_failed("batch", code)
+
+
+def model_pass(results: Iterable[object]) -> None:
+    """A model pass returned: count the images it computed (not the errors of bad input)."""
+    MODEL_IMAGES.inc(sum(1 for result in results if getattr(result, "code", None) is None))
 
 
 @contextmanager

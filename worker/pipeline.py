@@ -64,6 +64,9 @@ class ImageResult:
     thumbnail: bytes = b""
     # the input as analysed, small, for pages (render_input_preview)
     input_preview: bytes = b""
+    # the batch item whose model pass this result shares (the same bytes earlier in its
+    # chunk, worker/reuse.py); None when this image went through the model itself
+    reused_from: str | None = None
 
 
 @dataclass

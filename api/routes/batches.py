@@ -182,6 +182,10 @@ def item_document(svc: Services, item: Item) -> dict:
         "figure_url": svc.store.presigned_get(figure_key, expiry) if figure_key else None,
         "thumbnail_url": svc.store.presigned_get(thumbnail_key, expiry) if thumbnail_key else None,
         "error": item.info.get("error"),
+        # Outputs copied from an equal earlier result, or shared with the same bytes in its
+        # chunk, without a model pass (docs/design.md "Result reuse").
+        "reused": bool(item.info.get("reused")),
+        "reused_from": item.info.get("reused_from"),
     }
 
 
