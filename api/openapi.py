@@ -157,6 +157,11 @@ _ITEM_DOC = {
         "figure_url": {"type": ["string", "null"]},
         "thumbnail_url": {"type": ["string", "null"], "description": "a small JPEG of the grid"},
         "error": {"type": ["object", "null"]},
+        "attempts": {
+            "type": "integer",
+            "description": "how many times a chunk started this item (more than 1 after its "
+            "worker was lost)",
+        },
     },
 }
 

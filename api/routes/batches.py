@@ -141,6 +141,7 @@ def item_document(svc: Services, item: Item) -> dict:
         "figure_url": svc.store.presigned_get(figure_key, expiry) if figure_key else None,
         "thumbnail_url": svc.store.presigned_get(thumbnail_key, expiry) if thumbnail_key else None,
         "error": item.info.get("error"),
+        "attempts": item.attempts,
     }
 
 
