@@ -3,10 +3,9 @@
 
 Every task holds its lease while it runs (:func:`worker.leasing.lease_held`; a chunk's item
 changes are fenced by it) and ends through :func:`worker.guard.guarded`, as jobs do: storage
-errors are retried
-with backoff (the same delivery token is kept across retries, so a chunk resumes the items it
-started); when retries run out, or the time limit or a bug ends a task, its items (or the
-expansion) end ``failed`` so the batch still completes.
+errors are retried with backoff (the same delivery token is kept across retries, so a chunk
+resumes the items it started); when retries run out, or the time limit or a bug ends a task,
+its items (or the expansion) end ``failed`` so the batch still completes.
 """
 
 from __future__ import annotations
