@@ -242,6 +242,11 @@ _ITEM_DOC = {
         "error": {"type": ["object", "null"]},
         "reused": _REUSED,
         "reused_from": _REUSED_FROM,
+        "attempts": {
+            "type": "integer",
+            "description": "how many times a chunk started this item (more than 1 after its "
+            "worker was lost)",
+        },
     },
 }
 

@@ -49,11 +49,12 @@ from shared import keys
 from shared.batches import Batch, BatchStatus, BatchStore, NewItem, item_id
 from shared.imaging import decode
 from shared.jobs import RedisJobStore
+from shared.leases import LeaseStore
 from shared.options import JobOptions
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from worker import batches, pipeline, render
-from worker.chunks import run_chunk
+from worker.chunks import Delivery, run_chunk
 from worker.features import conv_chain, preprocess, reduce_channels
 from worker.model import LoadedModel, load_model
 from worker.precision import DRAFT_SIDE
@@ -291,7 +292,7 @@ def _interleaved(
 
     def chunk_path(index: int) -> None:
         ids = item_chunks[index]
-        run_chunk(ctx, batch_id, ids, token=uuid.uuid4().hex, finalize=finalized.append)
+        run_chunk(ctx, batch_id, ids, Delivery(token=uuid.uuid4().hex, finalize=finalized.append))
 
     paths: dict[str, Callable[[int], None]] = {
         "model_only": model_only,
@@ -356,6 +357,7 @@ def _context(settings: Settings, loaded: LoadedModel) -> WorkerContext:
         hostname="bench@datapath",
         redis=redis,
         jobs=RedisJobStore(redis, ttl_s=settings.job_ttl_s),
+        leases=LeaseStore(redis, ttl_s=settings.visibility_timeout_s),
         store=store,
         loaded=loaded,
         device="cpu",

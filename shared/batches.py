@@ -1,9 +1,10 @@
 """Batch records in Redis: one batch, its items, and counters that always add up.
 
-A batch is five Redis keys under ``featuremaps:batch:<id>``: the batch hash (fields and the
+A batch is six Redis keys under ``featuremaps:batch:<id>``: the batch hash (fields and the
 counters ``total``, ``queued``, ``running``, ``succeeded``, ``failed``, ``canceled``), the
 item ids in member order (a list, for paging and the manifest), each item's status, the
-token of the chunk delivery running it, and its details (JSON: name, keys, error).
+token of the chunk delivery running it, its details (JSON: name, keys, error) and how many
+times a chunk started it (``attempts``).
 
 Every change is one short Lua script, so counters move with the statuses they count, two
 workers can't both start an item, and exactly one caller learns that the batch is complete
@@ -15,6 +16,9 @@ last item finish, or the expansion end, or a cancel leave nothing running).
            queued | expanding | running → canceled
     item:  queued → running → succeeded | failed;  queued → canceled
            failed from the start     (a refused member, or not an image)
+
+A chunk's starts and ends carry its lease's fence (shared/leases.py): once the chunk was
+handed over to another worker they raise :class:`LeaseLost` and change nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from shared.errors import Conflict
+from shared.leases import FENCE_LUA, UNFENCED, Fence, LeaseLost
 from shared.records import (
     Record,
     RecordNotFound,
@@ -74,7 +79,14 @@ def item_id(batch_id: str, index: int) -> str:
 
 def _keys(batch_id: str) -> list[str]:
     base = batch_key(batch_id)
-    return [base, f"{base}:order", f"{base}:info", f"{base}:status", f"{base}:token"]
+    return [
+        base,
+        f"{base}:order",
+        f"{base}:info",
+        f"{base}:status",
+        f"{base}:token",
+        f"{base}:attempts",
+    ]
 
 
 @dataclass
@@ -146,6 +158,7 @@ class Item:
     id: str
     status: ItemStatus
     info: dict[str, Any]
+    attempts: int = 0
 
     @property
     def name(self) -> str:
@@ -170,10 +183,13 @@ class NewItem:
         return info
 
 
-# Shared by every script: KEYS = batch, order, info, status, token; ARGV[1] = ttl.
-_PRELUDE = """
+# Shared by every script: KEYS = batch, order, info, status, token, attempts (then a lease
+# for the fenced ones); ARGV[1] = ttl.
+_PRELUDE = (
+    FENCE_LUA
+    + """
 local function touch()
-  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1])) end
+  for i = 1, 6 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1])) end
 end
 local function complete_if_done()
   local b = redis.call('HMGET', KEYS[1], 'expanded', 'queued', 'running')
@@ -191,6 +207,7 @@ local function move(id, from, to)
   redis.call('HINCRBY', KEYS[1], to, 1)
 end
 """
+)
 
 # ARGV: ttl, then (id, status, info) triples. Returns {batch status, ids still queued...}:
 # a redelivered expansion re-dispatches only what has not started.
@@ -221,13 +238,16 @@ return out
 """
 )
 
-# ARGV: ttl, now, token, ids... Returns the ids this delivery may run: queued ones, and
-# running ones this same delivery started before (its worker died; Celery redelivered it).
+# KEYS[7] lease. ARGV: ttl, now, token, lease generation, ids... Returns {'ok', ids this
+# delivery may run...}: queued ones, and running ones this same delivery started before (its
+# worker died; Celery redelivered it, or recovery handed it over); each start is an attempt.
+# {'stale'} when the delivery no longer holds its lease.
 _START_ITEMS = (
     _PRELUDE
     + """
-local out = {}
-for i = 4, #ARGV do
+if stale(KEYS[7], ARGV[4]) then return {'stale'} end
+local out = {'ok'}
+for i = 5, #ARGV do
   local id = ARGV[i]
   local cur = redis.call('HGET', KEYS[4], id)
   if cur == 'queued' then
@@ -238,18 +258,21 @@ for i = 4, #ARGV do
     table.insert(out, id)
   end
 end
-if #out > 0 then redis.call('HSETNX', KEYS[1], 'first_item_at', ARGV[2]) end
+for i = 2, #out do redis.call('HINCRBY', KEYS[6], out[i], 1) end
+if #out > 1 then redis.call('HSETNX', KEYS[1], 'first_item_at', ARGV[2]) end
 touch()
 return out
 """
 )
 
-# ARGV: ttl, then (id, status, info) triples for running items. Returns 'finalize' to the
-# one caller that finished the batch's last item, else 'ok'.
+# KEYS[7] lease. ARGV: ttl, lease generation, then (id, status, info) triples for running
+# items. Returns 'finalize' to the one caller that finished the batch's last item, 'stale'
+# when the caller no longer holds its lease, else 'ok'.
 _FINISH_ITEMS = (
     _PRELUDE
     + """
-for i = 2, #ARGV, 3 do
+if stale(KEYS[7], ARGV[2]) then return 'stale' end
+for i = 3, #ARGV, 3 do
   local id = ARGV[i]
   if redis.call('HGET', KEYS[4], id) == 'running' then
     move(id, 'running', ARGV[i + 1])
@@ -388,16 +411,34 @@ class BatchStore(RecordStore[Batch]):
         )
         return text(outcome) == "finalize"
 
-    def start_items(self, batch_id: str, ids: list[str], *, token: str) -> list[str]:
-        started = self._run(self._start_items, batch_id, now_iso(), token, *ids)
+    def start_items(
+        self, batch_id: str, ids: list[str], *, token: str, fence: Fence = UNFENCED
+    ) -> list[str]:
+        """The ids this delivery may run (see ``_START_ITEMS``); raises :class:`LeaseLost`
+        when ``fence`` no longer holds its lease."""
+        outcome, *started = self._run(
+            self._start_items, batch_id, now_iso(), token, fence.gen, *ids, lease=fence.key
+        )
+        if text(outcome) == "stale":
+            raise LeaseLost(f"chunk of batch {batch_id}")
         return [text(i) for i in started]
 
-    def finish_items(self, batch_id: str, outcomes: list[tuple[str, ItemStatus, dict]]) -> bool:
-        """Record finished items; True for the one caller that finished the last item."""
-        args: list[str] = []
+    def finish_items(
+        self,
+        batch_id: str,
+        outcomes: list[tuple[str, ItemStatus, dict]],
+        *,
+        fence: Fence = UNFENCED,
+    ) -> bool:
+        """Record finished items; True for the one caller that finished the last item.
+        Raises :class:`LeaseLost` when ``fence`` no longer holds its lease."""
+        args: list[str] = [fence.gen]
         for item, status, info in outcomes:
             args += [item, status.value, json.dumps(info)]
-        return text(self._run(self._finish_items, batch_id, *args)) == "finalize"
+        outcome = text(self._run(self._finish_items, batch_id, *args, lease=fence.key))
+        if outcome == "stale":
+            raise LeaseLost(f"chunk of batch {batch_id}")
+        return outcome == "finalize"
 
     def cancel(self, batch_id: str, *, owner: str | None = None) -> tuple[Batch, bool]:
         """Cancel; queued items end canceled. Returns the batch and whether the caller must
@@ -428,28 +469,21 @@ class BatchStore(RecordStore[Batch]):
 
     def items(self, batch_id: str, *, start: int = 0, count: int = 100) -> list[Item]:
         """Items in member order, ``count`` from position ``start``."""
-        _, order, info, status, _ = _keys(batch_id)
+        order = _keys(batch_id)[1]
         ids = [text(i) for i in self.redis.lrange(order, start, start + count - 1)]
-        if not ids:
-            return []
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(status, ids)
-            pipe.hmget(info, ids)
-            statuses, infos = pipe.execute()
-        return [
-            Item(id=i, status=ItemStatus(text(s)), info=json.loads(d))
-            for i, s, d in zip(ids, statuses, infos, strict=True)
-        ]
+        return list(self.get_items(batch_id, ids).values()) if ids else []
 
     def get_items(self, batch_id: str, ids: list[str]) -> dict[str, Item]:
-        _, _, info, status, _ = _keys(batch_id)
+        """The items of ``ids`` that exist, in that order."""
+        _, _, info, status, _, attempts = _keys(batch_id)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(status, ids)
             pipe.hmget(info, ids)
-            statuses, infos = pipe.execute()
+            pipe.hmget(attempts, ids)
+            statuses, infos, counts = pipe.execute()
         return {
-            i: Item(id=i, status=ItemStatus(text(s)), info=json.loads(d))
-            for i, s, d in zip(ids, statuses, infos, strict=True)
+            i: Item(id=i, status=ItemStatus(text(s)), info=json.loads(d), attempts=int(n or 0))
+            for i, s, d, n in zip(ids, statuses, infos, counts, strict=True)
             if s is not None
         }
 
@@ -462,8 +496,9 @@ class BatchStore(RecordStore[Batch]):
     def item_count(self, batch_id: str) -> int:
         return int(self.redis.llen(_keys(batch_id)[1]))
 
-    def _run(self, script, batch_id: str, *args: Any) -> Any:
-        outcome = script(keys=_keys(batch_id), args=[self.ttl_s, *args])
+    def _run(self, script, batch_id: str, *args: Any, lease: str | None = None) -> Any:
+        keys = _keys(batch_id) + ([lease] if lease else [])
+        outcome = script(keys=keys, args=[self.ttl_s, *args])
         if outcome in (b"missing", "missing") or (
             isinstance(outcome, list) and outcome and text(outcome[0]) == "missing"
         ):

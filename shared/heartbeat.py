@@ -14,9 +14,17 @@ HEARTBEAT_TTL_S = 15
 HEARTBEAT_EVERY_S = 5
 
 
+def holder_id(hostname: str, pid: int) -> str:
+    """How a worker process is named in its heartbeat key and in the leases it holds."""
+    return f"{hostname}:{pid}"
+
+
+def heartbeat_key(holder: str) -> str:
+    return f"{HEARTBEAT_PREFIX}{holder}"
+
+
 def write_heartbeat(redis: Redis, info: dict[str, Any], *, ttl_s: int = HEARTBEAT_TTL_S) -> None:
-    key = f"{HEARTBEAT_PREFIX}{info['hostname']}:{info['pid']}"
-    redis.set(key, json.dumps(info), ex=ttl_s)
+    redis.set(heartbeat_key(holder_id(info["hostname"], info["pid"])), json.dumps(info), ex=ttl_s)
 
 
 def live_workers(redis: Redis) -> list[dict[str, Any]]:

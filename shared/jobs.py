@@ -10,6 +10,9 @@ cancelling user) can never both move the same job forward. Records expire after
     queued | running → canceled
     running → queued        (a storage error: the task is retried with backoff)
     running → running       (redelivery after the worker died; counted as ``lost``)
+
+A worker's moves carry its lease's fence (shared/leases.py): once its work was handed over to
+another worker they raise :class:`LeaseLost` and change nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, ClassVar
 from redis.client import Pipeline
 
 from shared.errors import RETRYING, WORKER_LOST, Conflict
+from shared.leases import FENCE_LUA, UNFENCED, Fence, LeaseLost
 from shared.records import (
     PREFIX,
     Record,
@@ -104,19 +108,23 @@ class Job(Record):
         }
 
 
-# KEYS[1] job, KEYS[2] stats hash, KEYS[3] webhook outbox. ARGV: allowed statuses (comma
-# list), new status, ttl, then field/value pairs. Returns "ok" or the current status when the
-# move is not allowed. A job that ends and has a callback enters the outbox in the same step.
+# KEYS[1] job, KEYS[2] stats hash, KEYS[3] webhook outbox, KEYS[4] the caller's lease. ARGV:
+# allowed statuses (comma list), new status, ttl, the caller's lease generation ('' unfenced),
+# then field/value pairs. Returns "ok", "stale" (the caller's work was handed over), or the
+# current status when the move is not allowed. A job that ends and has a callback enters the
+# outbox in the same step.
 _TRANSITION = (
     ENQUEUE_LUA
+    + FENCE_LUA
     + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return 'missing' end
+if stale(KEYS[4], ARGV[4]) then return 'stale' end
 local allowed = false
 for s in string.gmatch(ARGV[1], '[^,]+') do if s == cur then allowed = true end end
 if not allowed then return cur end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 if cur ~= ARGV[2] then redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
 if ARGV[2] == 'succeeded' or ARGV[2] == 'failed' or ARGV[2] == 'canceled' then
@@ -126,15 +134,20 @@ return 'ok'
 """
 )
 
-# Start (or restart after a lost worker) a job. KEYS[1] job, KEYS[2] stats, KEYS[3] outbox.
-# ARGV: worker, device, started_at, max_attempts, ttl, the worker_lost error code.
-# Returns {outcome, attempts}: outcome "ok", "exhausted" (marked failed: worker_lost),
-# "missing", or the finished/canceled status that makes the delivery a no-op.
+# Start (or restart after a lost worker) a job. KEYS[1] job, KEYS[2] stats, KEYS[3] outbox,
+# KEYS[4] lease.
+# ARGV: worker, device, started_at, max_attempts, ttl, the worker_lost error code, the lease
+# generation. Returns {outcome, attempts}: outcome "ok", "exhausted" (marked failed:
+# worker_lost), "missing", "stale", or the finished/canceled status that makes the delivery a
+# no-op. The task took its lease first (worker/leasing.py): a running job met here was left by
+# a holder that is gone, so it counts as lost.
 _START = (
     ENQUEUE_LUA
+    + FENCE_LUA
     + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {'missing', 0} end
+if stale(KEYS[4], ARGV[7]) then return {'stale', 0} end
 if cur ~= 'queued' and cur ~= 'running' then return {cur, 0} end
 if cur == 'running' then
   local lost = redis.call('HINCRBY', KEYS[1], 'lost', 1)
@@ -178,20 +191,40 @@ class RedisJobStore(RecordStore[Job]):
     def on_create(self, pipe: Pipeline, record: Job) -> None:
         pipe.hincrby(STATS_KEY, record.status.value, 1)
 
-    def start(self, job_id: str, *, worker: str, device: str, max_attempts: int) -> StartOutcome:
+    def start(
+        self,
+        job_id: str,
+        *,
+        worker: str,
+        device: str,
+        max_attempts: int,
+        fence: Fence = UNFENCED,
+    ) -> StartOutcome:
+        """Raises :class:`LeaseLost` when ``fence`` no longer holds its lease."""
         outcome, attempts = self._start(
-            keys=[job_key(job_id), STATS_KEY, OUTBOX_KEY],
-            args=[worker, device, now_iso(), max_attempts, self.ttl_s, WORKER_LOST],
+            keys=[job_key(job_id), STATS_KEY, OUTBOX_KEY, fence.key],
+            args=[worker, device, now_iso(), max_attempts, self.ttl_s, WORKER_LOST, fence.gen],
         )
         status = text(outcome)
+        if status == "stale":
+            raise LeaseLost(job_id)
         return StartOutcome(started=status == "ok", status=status, attempts=int(attempts))
 
-    def succeed(self, job_id: str, *, result: dict, timings: dict[str, float]) -> bool:
-        """False when the job is no longer running (canceled meanwhile)."""
+    def succeed(
+        self,
+        job_id: str,
+        *,
+        result: dict,
+        timings: dict[str, float],
+        fence: Fence = UNFENCED,
+    ) -> bool:
+        """False when the job is no longer running (canceled meanwhile). Like every move with a
+        ``fence``, raises :class:`LeaseLost` when the caller's work was handed over."""
         ok = self._move(
             job_id,
             (JobStatus.RUNNING,),
             JobStatus.SUCCEEDED,
+            fence,
             finished_at=now_iso(),
             result=json.dumps(result),
             timings=json.dumps(timings),
@@ -207,6 +240,7 @@ class RedisJobStore(RecordStore[Job]):
         code: str,
         message: str,
         timings: dict[str, float] | None = None,
+        fence: Fence = UNFENCED,
     ) -> bool:
         fields: dict[str, str] = {
             "finished_at": now_iso(),
@@ -214,14 +248,16 @@ class RedisJobStore(RecordStore[Job]):
         }
         if timings is not None:
             fields["timings"] = json.dumps(timings)
-        return self._move(job_id, (JobStatus.QUEUED, JobStatus.RUNNING), JobStatus.FAILED, **fields)
+        allowed = (JobStatus.QUEUED, JobStatus.RUNNING)
+        return self._move(job_id, allowed, JobStatus.FAILED, fence, **fields)
 
-    def requeue(self, job_id: str, *, reason: str) -> bool:
+    def requeue(self, job_id: str, *, reason: str, fence: Fence = UNFENCED) -> bool:
         """Running → queued before a retry with backoff; the reason stays visible."""
         return self._move(
             job_id,
             (JobStatus.RUNNING,),
             JobStatus.QUEUED,
+            fence,
             error=json.dumps({"code": RETRYING, "message": reason}),
         )
 
@@ -231,6 +267,7 @@ class RedisJobStore(RecordStore[Job]):
             job_id,
             (JobStatus.QUEUED, JobStatus.RUNNING),
             JobStatus.CANCELED,
+            UNFENCED,
             finished_at=now_iso(),
         )
         if not moved:
@@ -248,14 +285,24 @@ class RedisJobStore(RecordStore[Job]):
         buckets = {b: int(raw.get(b, 0)) for b in [*map(str, DURATION_BUCKETS), "+Inf"]}
         return buckets, float(raw.get("sum", 0)), int(raw.get("count", 0))
 
-    def _move(self, job_id: str, allowed: tuple[JobStatus, ...], new: JobStatus, **fields) -> bool:
-        args: list[Any] = [",".join(s.value for s in allowed), new.value, self.ttl_s]
+    def _move(
+        self,
+        job_id: str,
+        allowed: tuple[JobStatus, ...],
+        new: JobStatus,
+        fence: Fence,
+        **fields,
+    ) -> bool:
+        args: list[Any] = [",".join(s.value for s in allowed), new.value, self.ttl_s, fence.gen]
         for name, value in fields.items():
             args += [name, value]
-        outcome = self._transition(keys=[job_key(job_id), STATS_KEY, OUTBOX_KEY], args=args)
+        keys = [job_key(job_id), STATS_KEY, OUTBOX_KEY, fence.key]
+        outcome = self._transition(keys=keys, args=args)
         outcome = text(outcome)
         if outcome == "missing":
             raise JobNotFound(job_id)
+        if outcome == "stale":
+            raise LeaseLost(job_id)
         return outcome == "ok"
 
     def _observe_duration(self, job_id: str) -> None:

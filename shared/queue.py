@@ -13,7 +13,11 @@ read the same lists: :func:`queue_keys` names them, e.g. ``jobs``, ``jobs\x06\x1
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
+from bisect import bisect
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
@@ -36,6 +40,11 @@ PRIORITY_STEPS = (0, 3, 6, 9)
 # Unix time at which a message was first sent (a Celery message carries none of its own);
 # the API reports the age of the oldest waiting message from it.
 SENT_AT_HEADER = "featuremaps_sent_at"
+# kombu's Redis transport keeps every delivered, unacknowledged message in this hash
+# (delivery tag -> JSON [message, exchange, routing key]) and its delivery time in this
+# sorted set, and puts it back in its queue visibility_timeout after delivery.
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
 
 def broker_options(settings: Settings) -> dict:
@@ -61,6 +70,46 @@ def queue_keys(queue: str, options: dict[str, Any]) -> list[str]:
     options: the bare name (priority 0) and one per further priority step."""
     sep = options["sep"]
     return [queue] + [f"{queue}{sep}{step}" for step in options["priority_steps"] if step]
+
+
+def queue_key(queue: str, priority: int) -> str:
+    """The list that holds ``queue``'s messages of ``priority`` (0-9), as kombu files them."""
+    step = PRIORITY_STEPS[bisect(PRIORITY_STEPS, max(0, min(9, priority))) - 1]
+    return f"{queue}{PRIORITY_SEP}{step}" if step else queue
+
+
+@dataclass(frozen=True)
+class Unacked:
+    """A message delivered to a consumer and not yet acknowledged, as kombu stores it."""
+
+    tag: str
+    raw: str
+    message: dict[str, Any]
+    queue: str
+
+    @property
+    def queue_key(self) -> str:
+        return queue_key(self.queue, int(self.message["properties"].get("priority") or 0))
+
+    def requeued(self) -> str:
+        """The message to queue again: marked redelivered, as kombu's own restore does, and
+        with a new delivery tag, so that a late acknowledgement by its old consumer cannot
+        remove the new delivery from the unacked hash."""
+        message = json.loads(json.dumps(self.message))
+        message["headers"]["redelivered"] = True
+        message["properties"]["delivery_info"]["redelivered"] = True
+        message["properties"]["delivery_tag"] = str(uuid.uuid4())
+        return json.dumps(message)
+
+
+def find_unacked(redis, task_id: str) -> Unacked | None:
+    """The unacknowledged message of Celery task ``task_id``, if one is in the hash and
+    belongs to one of our queues (its routing key is the queue's name)."""
+    for tag, raw in redis.hscan_iter(UNACKED_KEY):
+        message, _exchange, routing_key = json.loads(raw)
+        if message.get("headers", {}).get("id") == task_id and routing_key in QUEUES:
+            return Unacked(tag=tag.decode(), raw=raw.decode(), message=message, queue=routing_key)
+    return None
 
 
 @before_task_publish.connect(dispatch_uid="featuremaps-sent-at")

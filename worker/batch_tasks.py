@@ -1,10 +1,11 @@
 """Celery tasks for batches: thin wrappers that pass ids and call the stages of a batch
 (``worker/expand.py``, ``worker/chunks.py``, ``worker/finalize.py``).
 
-Every task ends through :func:`worker.guard.guarded`, as jobs do: storage errors are retried
-with backoff (the same delivery token is kept across retries, so a chunk resumes the items it
-started); when retries run out, or the time limit or a bug ends a task, its items (or the
-expansion) end ``failed`` so the batch still completes.
+Every task holds its lease while it runs (:func:`worker.leasing.lease_held`; a chunk's item
+changes are fenced by it) and ends through :func:`worker.guard.guarded`, as jobs do: storage
+errors are retried with backoff (the same delivery token is kept across retries, so a chunk
+resumes the items it started); when retries run out, or the time limit or a bug ends a task,
+its items (or the expansion) end ``failed`` so the batch still completes.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from shared.queue import BATCH_QUEUE, EXPAND_BATCH, FINALIZE_BATCH, RUN_BATCH_CH
 from worker import runtime
 from worker.batches import batch_store
 from worker.celery_app import app, settings
-from worker.chunks import fail_chunk, run_chunk
+from worker.chunks import Delivery, fail_chunk, run_chunk
 from worker.expand import expand_batch, fail_expansion
 from worker.finalize import finalize_batch
 from worker.guard import guarded
+from worker.leasing import lease_held
 
 
 def _dispatch(batch_id: str, item_ids: list[str]) -> None:
@@ -38,39 +40,46 @@ def _finalize(batch_id: str) -> None:
 )
 def expand_batch_task(self: Task, batch_id: str) -> object:
     ctx = runtime.context()
-    return guarded(
-        self,
-        ctx.settings,
-        lambda: expand_batch(ctx, batch_id, _dispatch, _finalize),
-        what=f"expansion of batch {batch_id}",
-        give_up=lambda code, message: fail_expansion(ctx, batch_id, code, message, _finalize),
-    )
+    with lease_held(self, ctx):
+        return guarded(
+            self,
+            ctx.settings,
+            lambda: expand_batch(ctx, batch_id, _dispatch, _finalize),
+            what=f"expansion of batch {batch_id}",
+            give_up=lambda code, message: fail_expansion(ctx, batch_id, code, message, _finalize),
+        )
 
 
 @app.task(name=RUN_BATCH_CHUNK, bind=True)
 def run_chunk_task(self: Task, batch_id: str, item_ids: list[str]) -> object:
     ctx = runtime.context()
+    # The task id: a redelivery, or the same message handed over, resumes the items it started.
     token = self.request.id
-    return guarded(
-        self,
-        ctx.settings,
-        lambda: run_chunk(ctx, batch_id, item_ids, token=token, finalize=_finalize),
-        what=f"chunk of batch {batch_id}",
-        give_up=lambda code, message: fail_chunk(
-            ctx, batch_id, item_ids, token=token, code=code, message=message, finalize=_finalize
-        ),
-    )
+    with lease_held(self, ctx) as fence:
+        delivery = Delivery(token=token, finalize=_finalize, fence=fence)
+        return guarded(
+            self,
+            ctx.settings,
+            lambda: run_chunk(ctx, batch_id, item_ids, delivery),
+            what=f"chunk of batch {batch_id}",
+            give_up=lambda code, message: fail_chunk(
+                ctx, batch_id, item_ids, delivery, code, message
+            ),
+        )
 
 
 @app.task(name=FINALIZE_BATCH, bind=True)
 def finalize_batch_task(self: Task, batch_id: str) -> object:
     ctx = runtime.context()
-    return guarded(
-        self,
-        ctx.settings,
-        lambda: finalize_batch(ctx, batch_id),
-        what=f"finalizing batch {batch_id}",
-        give_up=lambda code, message: batch_store(ctx).fail(
-            batch_id, code=code, message=f"the batch's manifest could not be written: {message}"
-        ),
-    )
+    with lease_held(self, ctx):
+        return guarded(
+            self,
+            ctx.settings,
+            lambda: finalize_batch(ctx, batch_id),
+            what=f"finalizing batch {batch_id}",
+            give_up=lambda code, message: batch_store(ctx).fail(
+                batch_id,
+                code=code,
+                message=f"the batch's manifest could not be written: {message}",
+            ),
+        )

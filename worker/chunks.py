@@ -8,17 +8,19 @@ all outcomes in one atomic step; whoever records the batch's last outcome has it
 Before a slice's model pass, :class:`worker.reuse.ChunkReuse` takes out the items whose result
 can be copied from an earlier one or shared with the same bytes earlier in the chunk.
 Storage errors propagate for the task to retry; the delivery token lets a retry resume the
-items it started.
+items it started, and the delivery's fence drops its outcomes once it was handed over.
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from shared.batches import ItemStatus
 from shared.errors import FeatureMapsError, NotFound, StorageUnavailable
+from shared.leases import UNFENCED, Fence
 from shared.options import JobOptions
 from worker import metrics
 from worker.batches import IO_THREADS, Finalize, batch_store
@@ -29,13 +31,22 @@ from worker.runtime import WorkerContext
 log = logging.getLogger(__name__)
 
 
-def run_chunk(
-    ctx: WorkerContext, batch_id: str, ids: list[str], *, token: str, finalize: Finalize
-) -> int:
+@dataclass(frozen=True)
+class Delivery:
+    """A chunk as one delivery runs it: the token its items are started with (the task id,
+    kept by redeliveries and handovers of the same message), how it has the batch finalized,
+    and its lease's fence."""
+
+    token: str
+    finalize: Finalize
+    fence: Fence = UNFENCED
+
+
+def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Delivery) -> int:
     """Process the chunk's items that are still queued (or were started by this same
     delivery); returns how many were processed. Storage errors propagate for a retry."""
     store = batch_store(ctx)
-    started = store.start_items(batch_id, ids, token=token)
+    started = store.start_items(batch_id, ids, token=delivery.token, fence=delivery.fence)
     if not started:
         return 0
     batch = store.get(batch_id)
@@ -52,6 +63,7 @@ def run_chunk(
             part = started[start : start + step]
             inputs = [download.result() for download in downloads[start : start + step]]
             part_results = reuse.results(part, inputs, lambda todo: _process(ctx, todo, options))
+            ctx.leases.check(delivery.fence, f"chunk of batch {batch_id}")
             results += part_results
             uploads += [
                 pool.submit(_store_outcome, ctx, reuse, i, items[i].info, result)
@@ -59,34 +71,27 @@ def run_chunk(
             ]
         outcomes = [upload.result() for upload in uploads]
     metrics.chunk_done(results)
-    finished = store.finish_items(batch_id, outcomes)
+    finished = store.finish_items(batch_id, outcomes, fence=delivery.fence)
     reuse.remember([i for i, status, _ in outcomes if status == ItemStatus.SUCCEEDED])
     if finished:
-        finalize(batch_id)
+        delivery.finalize(batch_id)
     ctx.jobs_done += len(started)
     return len(started)
 
 
 def fail_chunk(
-    ctx: WorkerContext,
-    batch_id: str,
-    ids: list[str],
-    *,
-    token: str,
-    code: str,
-    message: str,
-    finalize: Finalize,
+    ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Delivery, code: str, message: str
 ) -> None:
     """End the chunk's items that this delivery holds as failed (retries exhausted, time
     limit, a bug): one broken chunk must not leave its batch running for ever."""
     store = batch_store(ctx)
-    started = store.start_items(batch_id, ids, token=token)
+    started = store.start_items(batch_id, ids, token=delivery.token, fence=delivery.fence)
     items = store.get_items(batch_id, started)
     error = {"code": code, "message": message}
     outcomes = [(i, ItemStatus.FAILED, {**items[i].info, "error": error}) for i in started]
+    if outcomes and store.finish_items(batch_id, outcomes, fence=delivery.fence):
+        delivery.finalize(batch_id)
     metrics.images_failed("batch", code, len(outcomes))
-    if outcomes and store.finish_items(batch_id, outcomes):
-        finalize(batch_id)
 
 
 def _model_slice(ctx: WorkerContext, count: int) -> int:

@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable
 
 from shared import keys
-from shared.errors import FeatureMapsError, StorageUnavailable
+from shared.errors import WORKER_LOST, FeatureMapsError, StorageUnavailable
 from shared.jobs import elapsed_ms, now_iso
+from shared.leases import UNFENCED, Fence
 from shared.options import JobOptions
 from worker import metrics, reuse
 from worker.runtime import WorkerContext
@@ -34,13 +35,21 @@ _CONTENT_TYPES = {
 }
 
 
-def run_job(ctx: WorkerContext, job_id: str) -> str:
-    """Run the job if it is still wanted; returns the status it ended in (or was found in)."""
+def run_job(ctx: WorkerContext, job_id: str, fence: Fence = UNFENCED) -> str:
+    """Run the job if it is still wanted; returns the status it ended in (or was found in).
+    Every move of the record carries ``fence``: once the job was handed over to another
+    worker they raise :class:`shared.leases.LeaseLost` and record nothing."""
     outcome = ctx.jobs.start(
-        job_id, worker=ctx.hostname, device=ctx.device, max_attempts=ctx.settings.max_attempts
+        job_id,
+        worker=ctx.hostname,
+        device=ctx.device,
+        max_attempts=ctx.settings.max_attempts,
+        fence=fence,
     )
     if not outcome.started:
         log.info("job %s not run: %s", job_id, outcome.status)
+        if outcome.status == "exhausted":
+            metrics.images_failed("job", WORKER_LOST)
         return outcome.status
     job = ctx.jobs.get(job_id)
     timings = {"queue_ms": elapsed_ms(job.created_at, job.started_at or now_iso())}
@@ -50,15 +59,15 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         options = JobOptions.from_mapping(job.options)
         digest = reuse.digest_of(ctx, data, options, job.owner)
         stored = _reused(ctx, job_id, digest, data, timings) or _computed(
-            ctx, job_id, data, options, timings
+            ctx, job_id, data, options, timings, fence
         )
     except StorageUnavailable:
         raise
     except FeatureMapsError as exc:
-        ctx.jobs.fail(job_id, code=exc.code, message=exc.message, timings=timings)
+        ctx.jobs.fail(job_id, code=exc.code, message=exc.message, timings=timings, fence=fence)
         metrics.images_failed("job", exc.code)
         return "failed"
-    if not ctx.jobs.succeed(job_id, result=stored, timings=timings):
+    if not ctx.jobs.succeed(job_id, result=stored, timings=timings, fence=fence):
         # Canceled while running: leave nothing behind.
         ctx.store.delete_prefix(keys.results_prefix(job_id))
         return ctx.jobs.get(job_id).status.value
@@ -70,14 +79,16 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
 
 
 def _computed(
-    ctx: WorkerContext, job_id: str, data: bytes, options: JobOptions, timings: dict
+    ctx: WorkerContext, job_id: str, data: bytes, options: JobOptions, timings: dict, fence: Fence
 ) -> dict:
-    """The job's outputs from a model pass, stored under its keys."""
+    """The job's outputs from a model pass, stored under its keys unless the job was handed
+    over meanwhile (:class:`shared.leases.LeaseLost`)."""
     from worker.pipeline import process_image
 
     result = process_image(ctx.loaded, data, options, max_pixels=ctx.settings.max_image_pixels)
     metrics.model_pass([result])
     timings.update(result.timings)
+    ctx.leases.check(fence, f"job {job_id}")
     started = time.perf_counter()
     stored = upload_outputs(ctx, job_id, result)
     timings["upload_ms"] = round((time.perf_counter() - started) * 1000, 1)

@@ -12,6 +12,10 @@
 
 "Given up on" means the caller's ``give_up(code, message)`` ends the work's record ``failed``
 (a job, a chunk's items, a batch's expansion or manifest), so nothing waits for it for ever.
+
+Whatever happens, a delivery whose work was handed over to another worker (its record's move
+raised :class:`LeaseLost`, worker/leasing.py) records nothing more: it returns
+:data:`HANDED_OVER`, and its message is acknowledged.
 Tests exercise it without a broker through a stand-in task (``request.retries``, ``retry``,
 ``soft_time_limit``).
 """
@@ -26,11 +30,13 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from redis.exceptions import RedisError
 
 from shared.errors import StorageUnavailable
+from shared.leases import LeaseLost
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 GiveUp = Callable[[str, str], object]
+HANDED_OVER = "handed_over"
 
 
 def guarded(
@@ -51,6 +57,24 @@ def guarded(
     a storage retry.
     """
     try:
+        return _ended(task, settings, work, what, give_up, retrying, subject)
+    except LeaseLost as exc:
+        log.warning(
+            "%s: handed over to another worker; its outcome here is dropped (%s)", what, exc
+        )
+        return HANDED_OVER
+
+
+def _ended(
+    task: Any,
+    settings: Settings,
+    work: Callable[[], object],
+    what: str,
+    give_up: GiveUp,
+    retrying: Callable[[str], object] | None,
+    subject: str | None,
+) -> object:
+    try:
         return work()
     except StorageUnavailable as exc:
         retries = task.request.retries
@@ -66,6 +90,8 @@ def guarded(
         raise task.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
     except RedisError as exc:
         raise Reject(exc, requeue=True) from exc
+    except LeaseLost:
+        raise
     except SoftTimeLimitExceeded:
         limit = task.soft_time_limit or settings.task_soft_time_limit_s
         give_up("timeout", f"{subject or what} ran past its time limit of {limit}s")

@@ -1,5 +1,6 @@
 """Prometheus metrics of a worker process: images processed and failed (by error code), the
-time of each stage, batch chunk sizes, model loads and, on CUDA, GPU memory and utilisation.
+time of each stage, batch chunk sizes, work handed over from lost nodes, model loads and, on
+CUDA, GPU memory and utilisation.
 
 Where the counters live. A Celery worker is a main process (it takes messages from Redis) and,
 at concurrency 1 (one process per GPU, worker/launcher.py), exactly one prefork pool process
@@ -79,6 +80,14 @@ CHUNK_IMAGES = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
     registry=REGISTRY,
 )
+HANDOVERS = Counter(
+    "featuremaps_worker_handovers",
+    "Tasks whose holder's heartbeat expired (a lost node) that this process moved back to the "
+    "front of their queue for a live worker (worker/recovery.py), by task.",
+    ["task"],
+    registry=REGISTRY,
+)
+HANDOVER_TASKS = ("render_job", "run_batch_chunk", "expand_batch", "finalize_batch")
 
 # Every series exists from the start, at zero, so that rate() sees the first observation.
 for _stage in STAGES:
@@ -86,6 +95,8 @@ for _stage in STAGES:
 for _kind in ("job", "batch"):
     IMAGES_PROCESSED.labels(_kind)
     IMAGES_REUSED.labels(_kind)
+for _task in HANDOVER_TASKS:
+    HANDOVERS.labels(_task)
 
 
 def image_succeeded(kind: str, timings: Mapping[str, float], *, reused: bool = False) -> None:
@@ -101,6 +112,11 @@ def image_succeeded(kind: str, timings: Mapping[str, float], *, reused: bool = F
 
 def images_failed(kind: str, code: str, count: int = 1) -> None:
     IMAGES_FAILED.labels(kind, code).inc(count)
+
+
+def handed_over(task_name: str) -> None:
+    """``task_name`` as Celery names it (``featuremaps.render_job``)."""
+    HANDOVERS.labels(task_name.removeprefix("featuremaps.")).inc()
 
 
 def chunk_done(results: Iterable[object]) -> None:

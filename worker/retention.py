@@ -8,22 +8,19 @@ record expires all its objects are past the TTL too; the age check spares an upl
 record is being written at this moment. Objects with no record at all (a submission undone
 while a dependency was down) go the same way.
 
-Each worker process runs :func:`retention_loop` on a thread; a short Redis lock lets one of
-them sweep per period, so more workers do not mean more listing.
+Each worker process calls :func:`maybe_sweep` once per :func:`sweep_interval_s` on a thread
+(worker/runtime.py); a short Redis lock lets one of them sweep per period, so more workers do
+not mean more listing.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from redis import Redis
-from redis.exceptions import RedisError
 
 from shared.batches import batch_key
-from shared.errors import FeatureMapsError
 from shared.jobs import PREFIX, job_key
 from shared.storage import ObjectStore
 
@@ -77,23 +74,7 @@ def maybe_sweep(store: ObjectStore, redis: Redis, *, ttl_s: float, holder: str) 
     period_ms = int(sweep_interval_s(ttl_s) * 1000)
     if not redis.set(LOCK_KEY, holder, nx=True, px=period_ms):
         return None
-    return sweep(store, redis, ttl_s=ttl_s)
-
-
-def retention_loop(
-    store: ObjectStore,
-    redis: Redis,
-    *,
-    ttl_s: float,
-    holder: str,
-    sleep: Callable[[float], None] = time.sleep,
-) -> None:
-    """Sweep once per period, forever (a daemon thread of each worker process)."""
-    while True:
-        try:
-            deleted = maybe_sweep(store, redis, ttl_s=ttl_s, holder=holder)
-            if deleted:
-                log.info("retention: deleted %d expired objects", deleted)
-        except (FeatureMapsError, RedisError) as exc:  # a dependency is down; next period
-            log.warning("retention sweep failed: %s", exc)
-        sleep(sweep_interval_s(ttl_s))
+    deleted = sweep(store, redis, ttl_s=ttl_s)
+    if deleted:
+        log.info("retention: deleted %d expired objects", deleted)
+    return deleted

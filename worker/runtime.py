@@ -1,5 +1,6 @@
-"""Per-process worker state: the resident model, clients, a heartbeat, retention sweeps,
-webhook delivery and the metrics endpoint.
+"""Per-process worker state: the resident model, clients, a heartbeat, the leases of the task
+it runs, retention sweeps, the recovery of lost nodes' work, webhook delivery and the metrics
+endpoint.
 
 The model is loaded once in each worker process, after the fork (Celery's
 ``worker_process_init``), never in the parent: CUDA cannot be re-initialised in a forked
@@ -12,16 +13,21 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from redis import Redis
+from redis.exceptions import RedisError
 
-from shared.heartbeat import HEARTBEAT_EVERY_S, write_heartbeat
+from shared.errors import FeatureMapsError
+from shared.heartbeat import HEARTBEAT_EVERY_S, holder_id, write_heartbeat
 from shared.jobs import RedisJobStore
+from shared.leases import Fence, LeaseStore
 from shared.settings import Settings
 from shared.storage import ObjectStore, ensure_bucket
 from worker import metrics
-from worker.retention import retention_loop
+from worker.recovery import RECOVERY_EVERY_S, maybe_recover
+from worker.retention import maybe_sweep, sweep_interval_s
 from worker.webhooks import Deliverer, webhook_loop
 
 log = logging.getLogger(__name__)
@@ -33,11 +39,37 @@ class WorkerContext:
     hostname: str
     redis: Redis
     jobs: RedisJobStore
+    leases: LeaseStore
     store: ObjectStore
     loaded: object  # worker.model.LoadedModel; typed loosely to keep torch out of imports
     device: str
     jobs_done: int = 0
     started: float = field(default_factory=time.time)
+    # Leases whose task ended while Redis was down: given back by the heartbeat thread once
+    # Redis answers, so that a later delivery elsewhere is not deferred for nothing.
+    unreleased: list[Fence] = field(default_factory=list)
+
+    @property
+    def holder(self) -> str:
+        """This process as its heartbeat key and its leases name it."""
+        return holder_id(self.hostname, os.getpid())
+
+    def release_lease(self, fence: Fence) -> None:
+        try:
+            self.leases.release(fence)
+        except RedisError as exc:
+            log.warning("lease of task %s not given back now (retried): %s", fence.task_id, exc)
+            self.unreleased.append(fence)
+
+    def release_pending(self) -> None:
+        while self.unreleased:
+            self.leases.release(self.unreleased[0])
+            self.unreleased.pop(0)
+
+    def beat(self) -> None:
+        """Refresh this process's heartbeat, then give back leases Redis missed."""
+        write_heartbeat(self.redis, self.heartbeat_info())
+        self.release_pending()
 
     def heartbeat_info(self) -> dict:
         from worker.model import load_count
@@ -69,6 +101,7 @@ def init_process(settings: Settings, hostname: str) -> WorkerContext:
         hostname=hostname,
         redis=redis,
         jobs=RedisJobStore(redis, ttl_s=settings.job_ttl_s),
+        leases=LeaseStore(redis, ttl_s=settings.visibility_timeout_s),
         store=ObjectStore.from_settings(settings),
         loaded=loaded,
         device=describe_device(loaded.device),
@@ -77,17 +110,32 @@ def init_process(settings: Settings, hostname: str) -> WorkerContext:
     ensure_bucket(_context.store, log)
     if settings.worker_metrics_port:
         metrics.start_server(settings.worker_metrics_port, loaded.device)
-    threading.Thread(target=_heartbeat_loop, args=(_context,), daemon=True).start()
-    threading.Thread(
-        target=retention_loop,
-        args=(_context.store, redis),
-        kwargs={"ttl_s": settings.job_ttl_s, "holder": f"{hostname}:{os.getpid()}"},
-        daemon=True,
-    ).start()
-    if settings.webhook_secret:
-        deliverer = Deliverer(redis, _context.store, settings)
-        threading.Thread(target=webhook_loop, args=(deliverer,), daemon=True).start()
+    _start_threads(_context)
     return _context
+
+
+def _start_threads(ctx: WorkerContext) -> None:
+    """The heartbeat, retention sweeps (worker/retention.py), the recovery of lost nodes'
+    work (worker/recovery.py) and, with a webhook secret, webhook delivery
+    (worker/webhooks.py), each a daemon thread of this process."""
+    ttl_s = ctx.settings.job_ttl_s
+    for period_s, work, what in (
+        (HEARTBEAT_EVERY_S, ctx.beat, "heartbeat"),
+        (
+            sweep_interval_s(ttl_s),
+            lambda: maybe_sweep(ctx.store, ctx.redis, ttl_s=ttl_s, holder=ctx.holder),
+            "retention sweep",
+        ),
+        (
+            RECOVERY_EVERY_S,
+            lambda: maybe_recover(ctx.redis, ctx.leases, ctx.holder),
+            "recovery of lost work",
+        ),
+    ):
+        threading.Thread(target=_periodically, args=(period_s, work, what), daemon=True).start()
+    if ctx.settings.webhook_secret:
+        deliverer = Deliverer(ctx.redis, ctx.store, ctx.settings)
+        threading.Thread(target=webhook_loop, args=(deliverer,), daemon=True).start()
 
 
 def context() -> WorkerContext:
@@ -106,10 +154,15 @@ def describe_device(device) -> str:
     return f"cuda:{index} ({torch.cuda.get_device_name(index)}; CUDA_VISIBLE_DEVICES={visible})"
 
 
-def _heartbeat_loop(ctx: WorkerContext) -> None:
+def _periodically(period_s: float, work: Callable[[], object], what: str) -> None:
+    """Call ``work`` every ``period_s`` seconds, forever. A dependency that is down (Redis
+    restarting, storage away) is logged and tried again next period; a bug is logged with its
+    traceback and does not end the thread either."""
     while True:
         try:
-            write_heartbeat(ctx.redis, ctx.heartbeat_info())
-        except Exception as exc:  # Redis may be restarting; the next beat tries again
-            log.warning("heartbeat failed: %s", exc)
-        time.sleep(HEARTBEAT_EVERY_S)
+            work()
+        except (FeatureMapsError, RedisError) as exc:
+            log.warning("%s failed: %s", what, exc)
+        except Exception:
+            log.exception("%s failed", what)
+        time.sleep(period_s)

@@ -1,5 +1,6 @@
 """Celery tasks for single jobs: thin wrappers that pass ids and call plain functions in
-worker/execute.py, ended through :func:`worker.guard.guarded`."""
+worker/execute.py, holding their lease (:func:`worker.leasing.lease_held`) and ended through
+:func:`worker.guard.guarded`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from shared.queue import RENDER_JOB
 from worker import metrics, runtime
 from worker.celery_app import app, settings
 from worker.execute import release_input, run_job
-from worker.guard import guarded
+from worker.guard import HANDED_OVER, guarded
+from worker.leasing import lease_held
 
 _node = {"hostname": "worker"}
 
@@ -29,21 +31,24 @@ def _load_model(**_kwargs) -> None:
 @app.task(name=RENDER_JOB, bind=True)
 def render_job(self: Task, job_id: str) -> object:
     ctx = runtime.context()
+    with lease_held(self, ctx) as fence:
 
-    def give_up(code: str, message: str) -> None:
-        ctx.jobs.fail(job_id, code=code, message=message)
-        metrics.images_failed("job", code)
+        def give_up(code: str, message: str) -> None:
+            ctx.jobs.fail(job_id, code=code, message=message, fence=fence)
+            metrics.images_failed("job", code)
 
-    status = guarded(
-        self,
-        ctx.settings,
-        lambda: run_job(ctx, job_id),
-        what=f"job {job_id}",
-        subject="the job",
-        give_up=give_up,
-        # The record says why the job is queued again while it waits.
-        retrying=lambda reason: ctx.jobs.requeue(job_id, reason=reason),
-    )
-    # Returning means the job has ended (a retry or a requeue raises): its input can go.
-    release_input(ctx, job_id)
+        status = guarded(
+            self,
+            ctx.settings,
+            lambda: run_job(ctx, job_id, fence),
+            what=f"job {job_id}",
+            subject="the job",
+            give_up=give_up,
+            # The record says why the job is queued again while it waits.
+            retrying=lambda reason: ctx.jobs.requeue(job_id, reason=reason, fence=fence),
+        )
+    # Returning means the job has ended (a retry or a requeue raises), unless another worker
+    # took it over: then its input can go.
+    if status != HANDED_OVER:
+        release_input(ctx, job_id)
     return status

@@ -186,6 +186,7 @@ def item_document(svc: Services, item: Item) -> dict:
         # chunk, without a model pass (docs/design.md "Result reuse").
         "reused": bool(item.info.get("reused")),
         "reused_from": item.info.get("reused_from"),
+        "attempts": item.attempts,
     }
 
 

@@ -9,8 +9,9 @@ from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.errors import StorageUnavailable
+from shared.leases import LeaseLost
 from shared.settings import Settings
-from worker.guard import guarded
+from worker.guard import HANDED_OVER, guarded
 
 SETTINGS = Settings(storage_retries=2, storage_retry_backoff_s=0.5, task_soft_time_limit_s=7)
 
@@ -83,3 +84,16 @@ def test_time_limit_gives_up_as_timeout_naming_the_subject_and_the_limit():
 def test_a_bug_gives_up_as_internal_error():
     result, ended, _ = _run(_Task(), _raise(KeyError("x")))
     assert result == "failed" and ended == [("internal_error", "KeyError: 'x'")]
+
+
+def test_work_handed_over_records_nothing_more():
+    result, ended, notes = _run(_Task(), _raise(LeaseLost("job j1")))
+    assert result == HANDED_OVER and ended == [] and notes == []
+
+
+def test_a_give_up_refused_by_the_fence_ends_as_handed_over():
+    def give_up(code: str, message: str) -> None:
+        raise LeaseLost("job j1")
+
+    result = guarded(_Task(), SETTINGS, _raise(KeyError("x")), what="job j1", give_up=give_up)
+    assert result == HANDED_OVER
