@@ -169,3 +169,19 @@ def random_model():
     from worker.model import load_model
 
     return load_model("random", device="cpu", seed=0)
+
+
+@pytest.fixture
+def captions(monkeypatch) -> list[str]:
+    """The caption of every figure the pipeline draws while the test runs, in order."""
+    from worker import pipeline
+
+    drawn: list[str] = []
+    real_draw = pipeline.draw_grid
+
+    def spy(layers, **kwargs):
+        drawn.append(kwargs["caption"])
+        return real_draw(layers, **kwargs)
+
+    monkeypatch.setattr(pipeline, "draw_grid", spy)
+    return drawn

@@ -113,15 +113,7 @@ def test_extras_only_when_asked(random_model, photos):
     assert result.arrays is None and result.layer_pngs == []
 
 
-def test_the_caption_names_the_weights(random_model, photos, monkeypatch):
-    captions = []
-    real_draw = pipeline.draw_grid
-
-    def spy(layers, **kwargs):
-        captions.append(kwargs["caption"])
-        return real_draw(layers, **kwargs)
-
-    monkeypatch.setattr(pipeline, "draw_grid", spy)
+def test_the_caption_names_the_weights(random_model, photos, captions):
     process_image(random_model, photos[("shapes", "png")], JobOptions(), max_pixels=LIMIT)
     assert "weights: random, seed 0" in captions[0]
 

@@ -12,7 +12,6 @@ from shared.errors import InvalidOption
 from shared.imaging import decode
 from shared.options import JobOptions
 from tests.photos import camera_jpeg, png_bytes, scene
-from worker import pipeline
 from worker.pipeline import process_image, process_images
 from worker.precision import DRAFT_SIDE, compare_maps, resolve, tf32
 
@@ -110,15 +109,7 @@ def test_fast_stays_within_the_measured_tolerance_of_exact(random_model, camera_
         assert difference["max_abs_difference_over_range"] > 0, "fast gave exact's maps"
 
 
-def test_the_caption_states_the_precision(random_model, camera_photos, monkeypatch):
-    captions = []
-    real_draw = pipeline.draw_grid
-
-    def spy(layers, **kwargs):
-        captions.append(kwargs["caption"])
-        return real_draw(layers, **kwargs)
-
-    monkeypatch.setattr(pipeline, "draw_grid", spy)
+def test_the_caption_states_the_precision(random_model, camera_photos, captions):
     for precision in ("auto", "fast"):
         process_image(
             random_model, camera_photos[1], JobOptions(precision=precision), max_pixels=LIMIT
