@@ -208,6 +208,13 @@ def test_gpu_workers_take_one_gpu_each_and_run_one_worker_process_on_it() -> Non
 
 
 @pytest.mark.usefixtures("defaults")
+def test_gpu_workers_cut_batches_into_chunks_a_gpu_can_fill_and_cpu_workers_keep_the_default():
+    # A GPU takes a whole chunk in one model pass; a CPU slices it (worker/chunks.py).
+    assert 64 <= deployed_settings(documents(K8S)).batch_chunk <= 256
+    assert deployed_settings(documents(K8S / "cpu")).batch_chunk == Settings().batch_chunk
+
+
+@pytest.mark.usefixtures("defaults")
 @pytest.mark.parametrize("variant", [K8S, K8S / "cpu"])
 def test_the_grace_period_outlasts_every_task_so_a_warm_shutdown_finishes_it(variant) -> None:
     docs = documents(variant)
