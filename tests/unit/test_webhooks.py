@@ -67,6 +67,9 @@ def test_the_delivery_loop_outlives_a_failing_attempt_and_redis_going_away():
     slept: list[float] = []
 
     class Deliverer:
+        def idle_for(self):
+            return IDLE_S
+
         def deliver_due(self):
             outcome = outcomes.pop(0)
             if isinstance(outcome, Exception):
