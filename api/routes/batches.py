@@ -43,7 +43,8 @@ def submit_batch():
         source={k: source.get(k) for k in ("kind", "name", "sha256")},
         options=batch_request.options.to_dict(),
         callback_url=batch_request.callback_url,
-        item_callbacks=bool(batch_request.item_callback_spacing_s),
+        # Only when asked for: keys remembered before item calls existed still match.
+        **({"item_callbacks": True} if batch_request.item_callback_spacing_s else {}),
     )
     return Idempotency(svc.redis, ttl_s=svc.settings.job_ttl_s).once(
         owner,

@@ -149,6 +149,15 @@ def test_item_callbacks_need_a_callback_url_and_a_boolean(deployment, receiver):
     assert off.status_code == 202
 
 
+def test_the_command_line_passes_item_callbacks(deployment, tmp_path, capsys):
+    from client.cli import main
+
+    path = tmp_path / "four.zip"
+    path.write_bytes(archive())
+    assert main(["batch", str(path), "--item-callbacks", "--api", deployment.api]) == 1
+    assert "item_callbacks=true needs a callback_url" in capsys.readouterr().err
+
+
 def test_an_idempotency_key_covers_item_callbacks(deployment, receiver):
     key, url = str(uuid.uuid4()), receiver.url(f"/ok/{uuid.uuid4().hex}")
     first = submit(deployment.api, {"callback_url": url}, {"Idempotency-Key": key})
