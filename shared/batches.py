@@ -81,6 +81,11 @@ def item_id(batch_id: str, index: int) -> str:
     return f"{batch_id}-{index:06d}"
 
 
+def item_info_key(batch_id: str) -> str:
+    """The hash of the batch's item details (JSON by item id)."""
+    return _keys(batch_id)[2]
+
+
 def _keys(batch_id: str) -> list[str]:
     base = batch_key(batch_id)
     return [

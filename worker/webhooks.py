@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from urllib3.exceptions import HTTPError
 
 from shared import documents
-from shared.batches import Batch, BatchStore, Item
+from shared.batches import Batch, BatchStore, Item, item_info_key
 from shared.errors import CallbackRefused, NotFound
 from shared.jobs import Job, RedisJobStore
 from shared.records import PREFIX, Record, now_iso, parse_iso, text
@@ -205,20 +205,21 @@ class Deliverer:
             self.redis.zrem(OUTBOX_KEY, key)
             return
         batch, item = loaded
+        document = documents.item_document(self.store, batch, item, self.settings.presign_expiry_s)
+        document.update(batch_id=batch.id, links={"batch": f"/batches/{batch.id}"})
+        # Paced last, so that the POST follows its turn as closely as it can.
         wait = text(self._pace(keys=[batch_key, OUTBOX_KEY], args=[key, self.clock(), due_at]))
         if wait == "gone":
             self.redis.zrem(OUTBOX_KEY, key)
         if wait in ("gone", "later"):
             return
         self.sleep(float(wait))
-        document = documents.item_document(self.store, batch, item, self.settings.presign_expiry_s)
-        document.update(batch_id=batch.id, links={"batch": f"/batches/{batch.id}"})
         attempt = int(item.info.get("callback_attempts", 0)) + 1
         status, error = self._attempt(batch.callback_url, document, "item", attempt)
         first = (item.info.get("callbacks") or [{}])[0].get("at")
         state, next_at = self._next_try(attempt - 1, first, error)
         self._record_item(
-            keys=[batch_key, f"{batch_key}:info", OUTBOX_KEY],
+            keys=[batch_key, item_info_key(batch.id), OUTBOX_KEY],
             args=[key, item_id, _attempt_json(status, error), state, next_at, ITEM_ATTEMPTS_KEPT],
         )
         log.info("webhook %s attempt %d: %s", key, attempt, error or status)

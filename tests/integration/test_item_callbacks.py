@@ -115,8 +115,8 @@ def test_each_item_is_called_back_signed_and_spaced_besides_the_batch(deployment
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     print(f"item calls at rate {RATE}/s: gaps {[round(g, 3) for g in gaps]} s")
     # Each call starts at least 1/RATE after the previous one; what the receiver sees may
-    # differ by the connection's own jitter, not by a burst.
-    assert min(gaps) >= 0.8 / RATE
+    # differ by a connection's own delay on a busy machine, never by a burst (~1 ms apart).
+    assert min(gaps) >= 0.6 / RATE
 
 
 def test_a_failed_item_call_is_retried_and_recorded_on_the_item(deployment, receiver):
