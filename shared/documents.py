@@ -59,7 +59,7 @@ def item_document(store: ObjectStore, batch: Batch, item: Item, expiry_s: int) -
 
 def _item_callback(batch: Batch, item: Item) -> dict:
     """How the item's own call went, for a batch with ``item_callbacks``: ``callbacks`` holds
-    the last attempts only (``callback_attempts`` counts them all)."""
+    the first attempt and the latest ones (``callback_attempts`` counts them all)."""
     if not batch.item_callback_spacing_s:
         return {}
     ended = item.status not in (ItemStatus.QUEUED, ItemStatus.RUNNING)
