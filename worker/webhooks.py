@@ -10,11 +10,12 @@ dead receiver never holds up a job.
 
 A batch's item calls (entries ``featuremaps:batch:<id>:item:<item id>``) are paced: entries
 come due ``spacing = 1 / WEBHOOK_ITEM_RATE`` apart (shared/webhooks.py), and before each POST
-:data:`_PACE` checks, across all deliverers, that the batch's previous item call started at
-least ``spacing`` earlier (waiting out the rest, under ``min(spacing / 2, 1 s)``); an entry
-later than that (deliverers were busy elsewhere) takes the batch's next free slot instead of
-going at once, so a backlog never bursts. An item's attempts are kept in its info (the first
-and the latest :data:`ITEM_ATTEMPTS_KEPT`, with ``callback_attempts`` counting them all).
+:data:`_PACE` takes the call's turn, across all deliverers: no sooner than ``spacing`` after
+the batch's previous item call started (waiting out the rest when it is under
+``min(spacing / 2, 1 s)``). Entries that came due together (deliverers were busy elsewhere)
+take the batch's next free slots instead of going at once, so a backlog never bursts. An
+item's attempts are kept in its info (the first and the latest, :data:`ITEM_ATTEMPTS_KEPT`
+in all, with ``callback_attempts`` counting them all).
 """
 
 from __future__ import annotations
@@ -61,30 +62,31 @@ USER_AGENT = "featuremaps-webhook/1"
 ITEM_ATTEMPTS_KEPT = 5  # on an item: its first attempt and the latest ones
 
 # Take the first due entry and lease it. KEYS[1] outbox; ARGV: now, lease end.
-# Returns {entry, the time it was due} or nil.
 _CLAIM = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, 1)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
 if #due == 0 then return false end
 redis.call('ZADD', KEYS[1], ARGV[2], due[1])
-return due
+return due[1]
 """
 
-# May a claimed item call go now? KEYS[1] batch, KEYS[2] outbox; ARGV: entry, now, due time.
-# Returns the seconds to wait first (as text), 'later' when it took the next free slot,
-# 'gone' when the batch is.
+# Take a claimed item call's turn: the batch's previous item call started at ``sent``; this
+# one may start at ``sent + spacing``. KEYS[1] batch, KEYS[2] outbox; ARGV: entry, now.
+# Returns the seconds to wait for the turn (as text) when that is under min(spacing/2, 1 s);
+# 'later' when the turn is further off (calls due together): the entry then takes the
+# batch's next free slot; 'gone' when the batch is.
 _PACE = (
     ITEM_ENQUEUE_LUA
     + """
 local spacing = tonumber(redis.call('HGET', KEYS[1], 'item_callback_spacing_s') or '')
 if not spacing then return 'gone' end
 local now = tonumber(ARGV[2])
-if now - tonumber(ARGV[3]) >= math.min(spacing / 2, 1) then
-  redis.call('ZADD', KEYS[2], next_item_slot(KEYS[1], now), ARGV[1])
+local sent = tonumber(redis.call('HGET', KEYS[1], 'item_callback_sent') or '')
+local at = now
+if sent and sent + spacing > now then at = sent + spacing end
+if at - now > math.min(spacing / 2, 1) then
+  redis.call('ZADD', KEYS[2], next_item_slot(KEYS[1], at), ARGV[1])
   return 'later'
 end
-local last = tonumber(redis.call('HGET', KEYS[1], 'item_callback_sent') or '')
-local at = now
-if last and last + spacing > now then at = last + spacing end
 redis.call('HSET', KEYS[1], 'item_callback_sent', at)
 return tostring(at - now)
 """
@@ -164,17 +166,17 @@ class Deliverer:
 
     def deliver_due(self) -> bool:
         """Make one due delivery attempt; False when nothing was due."""
-        claimed = self.claim()
-        if claimed is None:
+        key = self.claim()
+        if key is None:
             return False
-        self.deliver(*claimed)
+        self.deliver(key)
         return True
 
-    def claim(self) -> tuple[str, float] | None:
-        """The first due entry and when it was due, leased to this deliverer for ``lease_s``."""
+    def claim(self) -> str | None:
+        """The first due entry (a record key, or an item's), leased for ``lease_s``."""
         now = self.clock()
-        due = self._claim(keys=[OUTBOX_KEY], args=[now, now + self.lease_s])
-        return (text(due[0]), float(due[1])) if due else None
+        key = self._claim(keys=[OUTBOX_KEY], args=[now, now + self.lease_s])
+        return text(key) if key is not None else None
 
     def idle_for(self) -> float:
         """How long to wait for the next entry to come due (at most IDLE_S)."""
@@ -183,11 +185,11 @@ class Deliverer:
             return IDLE_S
         return min(IDLE_S, max(0.0, float(first[0][1]) - self.clock()))
 
-    def deliver(self, key: str, due_at: float | None = None) -> None:
+    def deliver(self, key: str) -> None:
         """One attempt for a claimed entry, recorded; an expired record's entry is dropped."""
         item = split_item_entry(key)
         if item is not None:
-            self._deliver_item(key, *item, due_at=self.clock() if due_at is None else due_at)
+            self._deliver_item(key, *item)
             return
         record = self._load(key)
         if record is None:
@@ -198,7 +200,7 @@ class Deliverer:
         status, error = self._attempt(record.callback_url, self._document(record), event, attempt)
         self._settle(key, record, status, error)
 
-    def _deliver_item(self, key: str, batch_key: str, item_id: str, *, due_at: float) -> None:
+    def _deliver_item(self, key: str, batch_key: str, item_id: str) -> None:
         """One paced attempt of an item's call, recorded in the item's info."""
         loaded = self._load_item(batch_key, item_id)
         if loaded is None:
@@ -208,7 +210,7 @@ class Deliverer:
         document = documents.item_document(self.store, batch, item, self.settings.presign_expiry_s)
         document.update(batch_id=batch.id, links={"batch": f"/batches/{batch.id}"})
         # Paced last, so that the POST follows its turn as closely as it can.
-        wait = text(self._pace(keys=[batch_key, OUTBOX_KEY], args=[key, self.clock(), due_at]))
+        wait = text(self._pace(keys=[batch_key, OUTBOX_KEY], args=[key, self.clock()]))
         if wait == "gone":
             self.redis.zrem(OUTBOX_KEY, key)
         if wait in ("gone", "later"):

@@ -79,7 +79,7 @@ def test_a_dead_deliverers_entry_goes_to_another_after_its_lease(
     first, second = (
         Deliverer(redis_client, object_store, hook_settings, clock=clock) for _ in range(2)
     )
-    assert first.claim()[0] == job_key(job_id)  # ... and its worker dies here
+    assert first.claim() == job_key(job_id)  # ... and its worker dies here
     assert second.deliver_due() is False  # leased
     clock.now += first.lease_s + 1
     assert second.deliver_due() is True
@@ -179,10 +179,10 @@ def test_item_calls_due_together_are_spread_not_burst(
     clock.now += 100  # every entry is long due: the deliverers were busy elsewhere
     deliverer = Deliverer(redis_client, object_store, hook_settings, clock=clock)
     assert [deliverer.deliver_due() for _ in range(3)] == [True, True, True]
-    assert receiver.calls_to("/ok/items") == []  # each took a fresh slot instead of going
+    assert len(receiver.calls_to("/ok/items")) == 1  # the first went; the others took turns
     slots = [score for _, score in outbox(redis_client)]
-    assert slots == [clock.now, clock.now + 1, clock.now + 2]
-    for n, slot in enumerate(slots, start=1):
+    assert slots == [clock.now + 1, clock.now + 2]
+    for n, slot in enumerate(slots, start=2):
         clock.now = slot
         assert deliverer.deliver_due() is True
         assert deliverer.deliver_due() is False  # the next one is not due yet
