@@ -16,13 +16,19 @@ from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.multipart import NEED_DATA, Data, Epilogue, Field, File, MultipartDecoder
 
+from api.sources import BatchRequest
 from shared import keys
 from shared.archives import SNIFF_BYTES, SOURCE_EXTENSIONS, sniff_archive
 from shared.errors import BadRequest, MissingField, PayloadTooLarge
 from shared.options import JobOptions
 from shared.settings import Settings
 from shared.storage import MIN_PART_SIZE, ObjectStore
-from shared.webhooks import CALLBACK_FIELD, accepted_callback_url
+from shared.webhooks import (
+    CALLBACK_FIELD,
+    ITEM_CALLBACKS_FIELD,
+    accepted_callback_url,
+    accepted_item_callbacks,
+)
 
 ARCHIVE_FIELD = "archive"
 READ_SIZE = 64 * 1024
@@ -32,8 +38,8 @@ MAX_FIELD_BYTES = 4096
 
 def stream_archive_upload(
     req: Request, settings: Settings, store: ObjectStore, batch_id: str
-) -> tuple[JobOptions, dict, str | None]:
-    """The options, the stored source and the callback URL of a multipart batch request;
+) -> BatchRequest:
+    """The options, the stored source and the callbacks of a multipart batch request;
     the archive goes to storage as it arrives. 413 over the archive or form-part limit."""
     try:
         return _stream_archive_upload(req, settings, store, batch_id)
@@ -46,7 +52,7 @@ def stream_archive_upload(
 
 def _stream_archive_upload(
     req: Request, settings: Settings, store: ObjectStore, batch_id: str
-) -> tuple[JobOptions, dict, str | None]:
+) -> BatchRequest:
     """Decode the multipart body as it arrives and pipe the archive part into storage."""
     boundary = req.mimetype_params.get("boundary", "")
     if not boundary:
@@ -72,15 +78,16 @@ def _stream_archive_upload(
         )
     try:
         callback_url = accepted_callback_url(fields.get(CALLBACK_FIELD), settings)
+        spacing = accepted_item_callbacks(fields.get(ITEM_CALLBACKS_FIELD), callback_url, settings)
         options = JobOptions.from_mapping(_without_callback(fields))
     except BadRequest:
         store.delete_prefix(source["key"])
         raise
-    return options, source, callback_url
+    return BatchRequest(options, source, callback_url, spacing)
 
 
 def _without_callback(fields: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in fields.items() if k != CALLBACK_FIELD}
+    return {k: v for k, v in fields.items() if k not in (CALLBACK_FIELD, ITEM_CALLBACKS_FIELD)}
 
 
 def _store_archive(store: ObjectStore, batch_id: str, filename: str, events: Iterator) -> dict:

@@ -132,21 +132,43 @@ _CALLBACK_PROPERTY = {
         "private ones (400 callback_url_refused)",
     }
 }
+# Batches only: a call per item too (needs callback_url), spaced by WEBHOOK_ITEM_RATE.
+_ITEM_CALLBACKS_DESCRIPTION = (
+    "with callback_url: POST each item's document there too when the item ends "
+    "(X-Featuremaps-Event: item; the batch's own final call says batch), at most "
+    "WEBHOOK_ITEM_RATE calls per second per batch; without callback_url 400 missing_field"
+)
+_ITEM_CALLBACKS_TEXT = {**_BOOLEAN_TEXT, "description": _ITEM_CALLBACKS_DESCRIPTION}
+_ITEM_CALLBACKS_JSON = {**_BOOLEAN_JSON, "description": _ITEM_CALLBACKS_DESCRIPTION}
+_CALLBACK_ATTEMPT = {
+    "type": "object",
+    "required": ["at", "status", "error"],
+    "properties": {
+        "at": {"type": "string"},
+        "status": {"type": ["integer", "null"], "description": "the receiver's"},
+        "error": {"type": ["string", "null"]},
+    },
+}
 _CALLBACK_FIELDS = {
     "callback_url": {"type": ["string", "null"]},
     "callback_state": {"enum": [None, "pending", "delivered", "failed"]},
     "callbacks": {
         "type": "array",
         "description": "every delivery attempt",
-        "items": {
-            "type": "object",
-            "required": ["at", "status", "error"],
-            "properties": {
-                "at": {"type": "string"},
-                "status": {"type": ["integer", "null"], "description": "the receiver's"},
-                "error": {"type": ["string", "null"]},
-            },
-        },
+        "items": _CALLBACK_ATTEMPT,
+    },
+}
+# On an item of a batch with item_callbacks only.
+_ITEM_CALLBACK_FIELDS = {
+    "callback_state": {
+        "enum": [None, "pending", "delivered", "failed"],
+        "description": "null while the item runs (with item_callbacks only)",
+    },
+    "callback_attempts": {"type": "integer", "description": "attempts so far"},
+    "callbacks": {
+        "type": "array",
+        "description": "the first attempt and the latest ones (at most 5)",
+        "items": _CALLBACK_ATTEMPT,
     },
 }
 
@@ -226,6 +248,7 @@ _BATCH_DOC = {
         "error": {"type": ["object", "null"]},
         "links": {"type": "object"},
         **_CALLBACK_FIELDS,
+        "item_callbacks": {"type": "boolean", "description": "each item is called back too"},
     },
 }
 _ITEM_DOC = {
@@ -247,6 +270,7 @@ _ITEM_DOC = {
             "description": "how many times a chunk started this item (more than 1 after its "
             "worker was lost)",
         },
+        **_ITEM_CALLBACK_FIELDS,
     },
 }
 
@@ -412,6 +436,7 @@ def openapi_document() -> dict:
                                         },
                                         **_OPTION_PROPERTIES,
                                         **_CALLBACK_PROPERTY,
+                                        "item_callbacks": _ITEM_CALLBACKS_TEXT,
                                     },
                                     "additionalProperties": False,
                                 }
@@ -424,6 +449,7 @@ def openapi_document() -> dict:
                                         "source": {"type": "string", "pattern": _S3_SOURCE},
                                         **_JSON_OPTION_PROPERTIES,
                                         **_CALLBACK_PROPERTY,
+                                        "item_callbacks": _ITEM_CALLBACKS_JSON,
                                     },
                                     "additionalProperties": False,
                                 }

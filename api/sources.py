@@ -5,20 +5,33 @@ docs/security.md says why."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from flask import Request
 
 from shared.access import source_allowed, split_s3_url
 from shared.errors import BadRequest, ForbiddenSource, InvalidOption, MissingField
 from shared.options import JobOptions
 from shared.settings import Settings
-from shared.webhooks import CALLBACK_FIELD, accepted_callback_url
+from shared.webhooks import (
+    CALLBACK_FIELD,
+    ITEM_CALLBACKS_FIELD,
+    accepted_callback_url,
+    accepted_item_callbacks,
+)
 
 # Parts of the service's own bucket that a source prefix may never read: other users' data.
 PRIVATE_PREFIXES = ("inputs/", "results/", "batches/")
 
 
-# A batch request as read: its options, its source, its checked callback URL.
-BatchRequest = tuple[JobOptions, dict, str | None]
+class BatchRequest(NamedTuple):
+    """A batch request as read: its options, its source, its checked callback URL, and the
+    spacing of its item calls (0 without ``item_callbacks``)."""
+
+    options: JobOptions
+    source: dict
+    callback_url: str | None
+    item_callback_spacing_s: float = 0.0
 
 
 def read_source_request(req: Request, settings: Settings, owner: str) -> BatchRequest:
@@ -40,8 +53,10 @@ def read_source_request(req: Request, settings: Settings, owner: str) -> BatchRe
             "lists the s3://bucket/prefix/ entries batches may read"
         )
     callback_url = accepted_callback_url(body.pop(CALLBACK_FIELD, None), settings)
+    spacing = accepted_item_callbacks(body.pop(ITEM_CALLBACKS_FIELD, None), callback_url, settings)
     options = JobOptions.from_mapping(body)
-    return options, {"kind": "s3", "bucket": bucket, "prefix": prefix, "name": url}, callback_url
+    source = {"kind": "s3", "bucket": bucket, "prefix": prefix, "name": url}
+    return BatchRequest(options, source, callback_url, spacing)
 
 
 def parse_source_url(url: str, *, service_bucket: str) -> tuple[str, str]:

@@ -17,7 +17,10 @@ from client.remote import add_connection_flags, add_option_flags, client_for, op
 def cmd_batch(args: argparse.Namespace) -> int:
     client = client_for(args, timeout=600)
     try:
-        batch = client.batch(args.source, **options_from_args(args))
+        options = options_from_args(args)
+        if args.item_callbacks:
+            options["item_callbacks"] = "true"
+        batch = client.batch(args.source, **options)
     except (ApiError, OSError) as exc:
         print(f"{args.source}: {exc}", file=sys.stderr)
         return 1
@@ -38,5 +41,10 @@ def add_parser(sub) -> None:
     batch.add_argument("--wait", action="store_true", help="follow progress until it finishes")
     batch.add_argument("--download", metavar="DIR", help="wait, then fetch manifest and figures")
     add_option_flags(batch)
+    batch.add_argument(
+        "--item-callbacks",
+        action="store_true",
+        help="with --callback-url: also POST each item's document when it ends",
+    )
     add_connection_flags(batch)
     batch.set_defaults(func=cmd_batch)

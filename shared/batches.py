@@ -19,6 +19,10 @@ last item finish, or the expansion end, or a cancel leave nothing running).
 
 A chunk's starts and ends carry its lease's fence (shared/leases.py): once the chunk was
 handed over to another worker they raise :class:`LeaseLost` and change nothing.
+
+A batch submitted with ``item_callbacks=true`` has each item's call put in the webhook outbox
+by the same script that ends the item (finish, cancel, or failed at expansion; see
+shared/webhooks.py), so no crash can end an item without queueing its call.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from shared.records import (
     record_key,
     text,
 )
-from shared.webhooks import ENQUEUE_SCRIPT, OUTBOX_KEY
+from shared.webhooks import ENQUEUE_SCRIPT, ITEM_ENQUEUE_LUA, OUTBOX_KEY
 
 COUNTERS = ("queued", "running", "succeeded", "failed", "canceled")
 
@@ -77,6 +81,11 @@ def item_id(batch_id: str, index: int) -> str:
     return f"{batch_id}-{index:06d}"
 
 
+def item_info_key(batch_id: str) -> str:
+    """The hash of the batch's item details (JSON by item id)."""
+    return _keys(batch_id)[2]
+
+
 def _keys(batch_id: str) -> list[str]:
     base = batch_key(batch_id)
     return [
@@ -92,7 +101,14 @@ def _keys(batch_id: str) -> list[str]:
 @dataclass
 class Batch(Record):
     STATUS: ClassVar = BatchStatus
-    JSON_FIELDS: ClassVar = ("options", "source", "result", "error", "callbacks")
+    JSON_FIELDS: ClassVar = (
+        "options",
+        "source",
+        "result",
+        "error",
+        "callbacks",
+        "item_callback_spacing_s",
+    )
     INT_FIELDS: ClassVar = ("total", *COUNTERS, "expanded", "finalizing", "failed_at_expansion")
 
     id: str
@@ -119,6 +135,8 @@ class Batch(Record):
     callback_url: str | None = None
     callback_state: str | None = None
     callbacks: list[dict[str, Any]] | None = None
+    # Set when the batch asked for per-item callbacks: seconds between two item calls.
+    item_callback_spacing_s: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -142,6 +160,7 @@ class Batch(Record):
             "error": self.error,
             "result": None,
             **self.callback_document(),
+            "item_callbacks": bool(self.item_callback_spacing_s),
         }
         if self.first_item_at and (self.queued or self.running):
             elapsed = (now or time.time()) - datetime.fromisoformat(self.first_item_at).timestamp()
@@ -183,10 +202,12 @@ class NewItem:
         return info
 
 
-# Shared by every script: KEYS = batch, order, info, status, token, attempts (then a lease
-# for the fenced ones); ARGV[1] = ttl.
+# Shared by every script: KEYS = batch, order, info, status, token, attempts, the lease of
+# the fenced ones (else unused), the webhook outbox; ARGV[1] = ttl. touch() renews the
+# batch's own six keys only: the lease and the outbox have lives of their own.
 _PRELUDE = (
     FENCE_LUA
+    + ITEM_ENQUEUE_LUA
     + """
 local function touch()
   for i = 1, 6 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1])) end
@@ -205,6 +226,7 @@ local function move(id, from, to)
   redis.call('HSET', KEYS[4], id, to)
   redis.call('HINCRBY', KEYS[1], from, -1)
   redis.call('HINCRBY', KEYS[1], to, 1)
+  if to ~= 'running' then enqueue_item_callback(KEYS[1], KEYS[8], id) end
 end
 """
 )
@@ -230,7 +252,8 @@ for i = 2, #ARGV, 3 do
     redis.call('HINCRBY', KEYS[1], 'total', 1)
     redis.call('HINCRBY', KEYS[1], status, 1)
     if status == 'failed' then redis.call('HINCRBY', KEYS[1], 'failed_at_expansion', 1) end
-    if status == 'queued' then table.insert(out, id) end
+    if status == 'queued' then table.insert(out, id)
+    else enqueue_item_callback(KEYS[1], KEYS[8], id) end
   end
 end
 touch()
@@ -275,8 +298,8 @@ if stale(KEYS[7], ARGV[2]) then return 'stale' end
 for i = 3, #ARGV, 3 do
   local id = ARGV[i]
   if redis.call('HGET', KEYS[4], id) == 'running' then
-    move(id, 'running', ARGV[i + 1])
     redis.call('HSET', KEYS[3], id, ARGV[i + 2])
+    move(id, 'running', ARGV[i + 1])
   end
 end
 touch()
@@ -497,7 +520,7 @@ class BatchStore(RecordStore[Batch]):
         return int(self.redis.llen(_keys(batch_id)[1]))
 
     def _run(self, script, batch_id: str, *args: Any, lease: str | None = None) -> Any:
-        keys = _keys(batch_id) + ([lease] if lease else [])
+        keys = [*_keys(batch_id), lease or UNFENCED.key, OUTBOX_KEY]
         outcome = script(keys=keys, args=[self.ttl_s, *args])
         if outcome in (b"missing", "missing") or (
             isinstance(outcome, list) and outcome and text(outcome[0]) == "missing"

@@ -1,10 +1,11 @@
-"""The public documents of jobs and batches with their result links presigned: what
-``GET /jobs/<id>`` and ``GET /batches/<id>`` answer (the API adds ``links``) and what a
-webhook delivers (shared/webhooks.py). Built here so the API and the workers send the same."""
+"""The public documents of jobs, batches and batch items with their result links presigned:
+what ``GET /jobs/<id>``, ``GET /batches/<id>`` and its items pages answer (the API adds
+``links``) and what a webhook delivers (shared/webhooks.py). Built here so the API and the
+workers send the same."""
 
 from __future__ import annotations
 
-from shared.batches import Batch
+from shared.batches import Batch, Item, ItemStatus
 from shared.jobs import Job
 from shared.storage import ObjectStore
 
@@ -36,3 +37,34 @@ def batch_document(store: ObjectStore, batch: Batch, expiry_s: int) -> dict:
             "archive_url": store.presigned_get(batch.result["archive_key"], expiry_s),
         }
     return doc
+
+
+def item_document(store: ObjectStore, batch: Batch, item: Item, expiry_s: int) -> dict:
+    figure_key, thumbnail_key = item.info.get("figure_key"), item.info.get("thumbnail_key")
+    return {
+        "id": item.id,
+        "name": item.name,
+        "status": item.status.value,
+        "figure_url": store.presigned_get(figure_key, expiry_s) if figure_key else None,
+        "thumbnail_url": store.presigned_get(thumbnail_key, expiry_s) if thumbnail_key else None,
+        "error": item.info.get("error"),
+        # Outputs copied from an equal earlier result, or shared with the same bytes in its
+        # chunk, without a model pass (docs/design.md "Result reuse").
+        "reused": bool(item.info.get("reused")),
+        "reused_from": item.info.get("reused_from"),
+        "attempts": item.attempts,
+        **_item_callback(batch, item),
+    }
+
+
+def _item_callback(batch: Batch, item: Item) -> dict:
+    """How the item's own call went, for a batch with ``item_callbacks``: ``callbacks`` holds
+    the first attempt and the latest ones (``callback_attempts`` counts them all)."""
+    if not batch.item_callback_spacing_s:
+        return {}
+    ended = item.status not in (ItemStatus.QUEUED, ItemStatus.RUNNING)
+    return {
+        "callback_state": item.info.get("callback_state") or ("pending" if ended else None),
+        "callback_attempts": item.info.get("callback_attempts", 0),
+        "callbacks": item.info.get("callbacks", []),
+    }

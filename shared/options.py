@@ -86,7 +86,7 @@ class JobOptions:
         values: dict[str, object] = {}
         for name, raw in data.items():
             if name in ("per_layer", "arrays"):
-                values[name] = _parse_bool(name, raw)
+                values[name] = parse_bool(name, raw)
             elif isinstance(raw, str):
                 values[name] = raw.strip()
             else:
@@ -94,7 +94,7 @@ class JobOptions:
         return cls(**values)
 
 
-def _parse_bool(name: str, raw: object) -> bool:
+def parse_bool(name: str, raw: object) -> bool:
     if isinstance(raw, bool):
         return raw
     if isinstance(raw, str) and raw.strip().lower() in _TRUE:

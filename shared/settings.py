@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(5.0, gt=0, le=60)
     webhook_backoff_s: float = Field(2.0, gt=0)
     webhook_retry_for_s: int = Field(3600, ge=0)
+    # A batch's per-item callbacks (item_callbacks=true) start at most this many per second.
+    webhook_item_rate: float = Field(10.0, gt=0, le=1000)
 
     # /readyz fails while no worker heartbeats. Off where workers scale to zero on an empty
     # queue (KEDA, deploy/k8s/): the API must stay in its Service to take the job that

@@ -12,6 +12,11 @@ reaches a final state. This module holds the parts both sides need:
   the time of the next attempt. :data:`ENQUEUE_LUA` is the piece of Lua the final status
   transitions run, so a record with a callback enters the outbox in the same step that ends
   it (once: the record's ``callback_state`` is set to ``pending`` with HSETNX).
+- **item callbacks** of a batch submitted with ``item_callbacks=true``: each item's final
+  state enters the outbox as ``featuremaps:batch:<id>:item:<item id>`` inside the batch
+  script that ends the item (:data:`ITEM_ENQUEUE_LUA`), at the batch's next free slot, so a
+  batch's item calls are scheduled ``1 / WEBHOOK_ITEM_RATE`` s apart (the spacing is kept
+  on the batch as ``item_callback_spacing_s``, the next free slot as ``item_callback_next``).
 - :func:`signature`: ``t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>``, the
   way Stripe signs, sent as ``X-Featuremaps-Signature``.
 """
@@ -25,12 +30,16 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from shared.errors import CallbackRefused
+from shared.errors import CallbackRefused, MissingField
+from shared.options import parse_bool
 from shared.records import PREFIX
 from shared.settings import Settings
 
 CALLBACK_FIELD = "callback_url"
+ITEM_CALLBACKS_FIELD = "item_callbacks"
 SIGNATURE_HEADER = "X-Featuremaps-Signature"
+# What a call is about: ``job``, ``batch`` (a batch's own final call) or ``item``.
+EVENT_HEADER = "X-Featuremaps-Event"
 OUTBOX_KEY = f"{PREFIX}:webhooks:outbox"
 MAX_URL_LENGTH = 2048
 
@@ -51,6 +60,37 @@ end
 """
 # The same as a script of its own: KEYS[1] record, KEYS[2] outbox.
 ENQUEUE_SCRIPT = ENQUEUE_LUA + "enqueue_callback(KEYS[1], KEYS[2])\nreturn 1\n"
+
+# Lua for the batch scripts (shared/batches.py): ``next_item_slot(batch, now)`` takes the
+# batch's next free slot for an item call (no earlier than ``now``) and moves it one spacing
+# on; ``enqueue_item_callback(batch, outbox, id)`` puts the item's call there, when the batch
+# asked for item calls. Every item reaches a final state once, in one script: it enters once.
+ITEM_ENQUEUE_LUA = """
+local function next_item_slot(batch, now)
+  local spacing = tonumber(redis.call('HGET', batch, 'item_callback_spacing_s') or '')
+  local slot = tonumber(redis.call('HGET', batch, 'item_callback_next') or '') or now
+  if slot < now then slot = now end
+  redis.call('HSET', batch, 'item_callback_next', slot + spacing)
+  return slot
+end
+local function enqueue_item_callback(batch, outbox, id)
+  if redis.call('HEXISTS', batch, 'item_callback_spacing_s') == 0 then return end
+  local t = redis.call('TIME')
+  local slot = next_item_slot(batch, tonumber(t[1]) + tonumber(t[2]) / 1000000)
+  redis.call('ZADD', outbox, 'NX', slot, batch .. ':item:' .. id)
+end
+"""
+
+
+def item_entry(batch_key: str, item_id: str) -> str:
+    """The outbox entry of an item's call (as :data:`ITEM_ENQUEUE_LUA` names it)."""
+    return f"{batch_key}:item:{item_id}"
+
+
+def split_item_entry(entry: str) -> tuple[str, str] | None:
+    """``(batch key, item id)`` of an item entry; None for a record's own entry."""
+    batch_key, marker, item_id = entry.partition(":item:")
+    return (batch_key, item_id) if marker else None
 
 
 @dataclass(frozen=True)
@@ -86,6 +126,20 @@ def accepted_callback_url(raw: object, settings: Settings) -> str | None:
     url = raw.strip()
     check_callback_url(url, allow_private=settings.webhook_allow_private)
     return url
+
+
+def accepted_item_callbacks(raw: object, callback_url: str | None, settings: Settings) -> float:
+    """The spacing in seconds of a batch's item calls when it asked for them
+    (``item_callbacks=true``), else 0; :class:`InvalidOption` for a value that is not a
+    boolean, :class:`MissingField` without a ``callback_url`` to call."""
+    if raw is None or raw == "" or not parse_bool(ITEM_CALLBACKS_FIELD, raw):
+        return 0.0
+    if callback_url is None:
+        raise MissingField(
+            "item_callbacks=true needs a callback_url: item calls go to the batch's "
+            "callback_url; add one, or leave item_callbacks out"
+        )
+    return 1.0 / settings.webhook_item_rate
 
 
 def check_callback_url(url: str, *, allow_private: bool) -> Target:

@@ -7,6 +7,15 @@ worker restart) comes back by itself. Delivery is at least once: a deliverer tha
 the POST and before recording it leaves the entry to be sent again; receivers tell repeats
 apart by the id and status in the body. Nothing here runs on a task's thread, so a slow or
 dead receiver never holds up a job.
+
+A batch's item calls (entries ``featuremaps:batch:<id>:item:<item id>``) are paced: entries
+come due ``spacing = 1 / WEBHOOK_ITEM_RATE`` apart (shared/webhooks.py), and before each POST
+:data:`_PACE` takes the call's turn, across all deliverers: no sooner than ``spacing`` after
+the batch's previous item call started (waiting out the rest when it is under
+``min(spacing / 2, 1 s)``). Entries that came due together (deliverers were busy elsewhere)
+take the batch's next free slots instead of going at once, so a backlog never bursts. An
+item's attempts are kept in its info (the first and the latest, :data:`ITEM_ATTEMPTS_KEPT`
+in all, with ``callback_attempts`` counting them all).
 """
 
 from __future__ import annotations
@@ -24,21 +33,24 @@ from redis.exceptions import RedisError
 from urllib3.exceptions import HTTPError
 
 from shared import documents
-from shared.batches import Batch, BatchStore
+from shared.batches import Batch, BatchStore, Item, item_info_key
 from shared.errors import CallbackRefused, NotFound
 from shared.jobs import Job, RedisJobStore
-from shared.records import PREFIX, Record, now_iso, parse_iso
+from shared.records import PREFIX, Record, now_iso, parse_iso, text
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from shared.webhooks import (
     DELIVERED,
+    EVENT_HEADER,
     GAVE_UP,
+    ITEM_ENQUEUE_LUA,
     OUTBOX_KEY,
     PENDING,
     SIGNATURE_HEADER,
     Target,
     check_callback_url,
     signature,
+    split_item_entry,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +59,7 @@ IDLE_S = 0.5  # between looks at an outbox with nothing due
 MAX_RESPONSE_BYTES = 64 * 1024  # read of a receiver's answer, for the attempt's error
 MAX_BACKOFF_S = 600.0
 USER_AGENT = "featuremaps-webhook/1"
+ITEM_ATTEMPTS_KEPT = 5  # on an item: its first attempt and the latest ones
 
 # Take the first due entry and lease it. KEYS[1] outbox; ARGV: now, lease end.
 _CLAIM = """
@@ -55,6 +68,55 @@ if #due == 0 then return false end
 redis.call('ZADD', KEYS[1], ARGV[2], due[1])
 return due[1]
 """
+
+# Take a claimed item call's turn: the batch's previous item call started at ``sent``; this
+# one may start at ``sent + spacing``. KEYS[1] batch, KEYS[2] outbox; ARGV: entry, now.
+# Returns the seconds to wait for the turn (as text) when that is under min(spacing/2, 1 s);
+# 'later' when the turn is further off (calls due together): the entry then takes the
+# batch's next free slot; 'gone' when the batch is.
+_PACE = (
+    ITEM_ENQUEUE_LUA
+    + """
+local spacing = tonumber(redis.call('HGET', KEYS[1], 'item_callback_spacing_s') or '')
+if not spacing then return 'gone' end
+local now = tonumber(ARGV[2])
+local sent = tonumber(redis.call('HGET', KEYS[1], 'item_callback_sent') or '')
+local at = now
+if sent and sent + spacing > now then at = sent + spacing end
+if at - now > math.min(spacing / 2, 1) then
+  redis.call('ZADD', KEYS[2], next_item_slot(KEYS[1], at), ARGV[1])
+  return 'later'
+end
+redis.call('HSET', KEYS[1], 'item_callback_sent', at)
+return tostring(at - now)
+"""
+)
+
+# Append an item's attempt to its info and settle its entry. KEYS[1] batch, KEYS[2] the
+# batch's info hash, KEYS[3] outbox. ARGV: entry, item id, attempt JSON, callback_state,
+# earliest next attempt ('' removes the entry; a retry takes the batch's next free slot),
+# how many attempts to keep.
+_RECORD_ITEM = (
+    ITEM_ENQUEUE_LUA
+    + """
+local raw = redis.call('HGET', KEYS[2], ARGV[2])
+if not raw or redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return 0
+end
+local info = cjson.decode(raw)
+local attempts = info.callbacks or {}
+table.insert(attempts, cjson.decode(ARGV[3]))
+while #attempts > tonumber(ARGV[6]) do table.remove(attempts, 2) end
+info.callbacks = attempts
+info.callback_attempts = (info.callback_attempts or 0) + 1
+info.callback_state = ARGV[4]
+redis.call('HSET', KEYS[2], ARGV[2], cjson.encode(info))
+if ARGV[5] == '' then redis.call('ZREM', KEYS[3], ARGV[1])
+else redis.call('ZADD', KEYS[3], next_item_slot(KEYS[1], tonumber(ARGV[5])), ARGV[1]) end
+return 1
+"""
+)
 
 # Append an attempt and settle the entry. KEYS[1] record, KEYS[2] outbox.
 # ARGV: attempt JSON, callback_state, next attempt time ('' removes the entry).
@@ -74,7 +136,8 @@ return 1
 
 
 class Deliverer:
-    """Delivers the outbox of one Redis; ``clock`` is Unix seconds."""
+    """Delivers the outbox of one Redis; ``clock`` is Unix seconds, ``sleep`` waits out an
+    item call's pacing."""
 
     def __init__(
         self,
@@ -83,18 +146,23 @@ class Deliverer:
         settings: Settings,
         *,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.redis = redis
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.sleep = sleep
         self.lease_s = 4 * settings.webhook_timeout_s + 30
+        self.batches = BatchStore(redis, ttl_s=settings.job_ttl_s)
         self.stores: dict[str, RedisJobStore | BatchStore] = {
             "job": RedisJobStore(redis, ttl_s=settings.job_ttl_s),
-            "batch": BatchStore(redis, ttl_s=settings.job_ttl_s),
+            "batch": self.batches,
         }
         self._claim = redis.register_script(_CLAIM)
         self._record = redis.register_script(_RECORD)
+        self._pace = redis.register_script(_PACE)
+        self._record_item = redis.register_script(_RECORD_ITEM)
 
     def deliver_due(self) -> bool:
         """Make one due delivery attempt; False when nothing was due."""
@@ -105,19 +173,58 @@ class Deliverer:
         return True
 
     def claim(self) -> str | None:
-        """The record key of the first due entry, leased to this deliverer for ``lease_s``."""
+        """The first due entry (a record key, or an item's), leased for ``lease_s``."""
         now = self.clock()
         key = self._claim(keys=[OUTBOX_KEY], args=[now, now + self.lease_s])
-        return key.decode() if isinstance(key, bytes) else key
+        return text(key) if key is not None else None
+
+    def idle_for(self) -> float:
+        """How long to wait for the next entry to come due (at most IDLE_S)."""
+        first = self.redis.zrange(OUTBOX_KEY, 0, 0, withscores=True)
+        if not first:
+            return IDLE_S
+        return min(IDLE_S, max(0.0, float(first[0][1]) - self.clock()))
 
     def deliver(self, key: str) -> None:
         """One attempt for a claimed entry, recorded; an expired record's entry is dropped."""
+        item = split_item_entry(key)
+        if item is not None:
+            self._deliver_item(key, *item)
+            return
         record = self._load(key)
         if record is None:
             self.redis.zrem(OUTBOX_KEY, key)
             return
-        status, error = self._attempt(record)
+        event = "batch" if isinstance(record, Batch) else "job"
+        attempt = len(record.callbacks or []) + 1
+        status, error = self._attempt(record.callback_url, self._document(record), event, attempt)
         self._settle(key, record, status, error)
+
+    def _deliver_item(self, key: str, batch_key: str, item_id: str) -> None:
+        """One paced attempt of an item's call, recorded in the item's info."""
+        loaded = self._load_item(batch_key, item_id)
+        if loaded is None:
+            self.redis.zrem(OUTBOX_KEY, key)
+            return
+        batch, item = loaded
+        document = documents.item_document(self.store, batch, item, self.settings.presign_expiry_s)
+        document.update(batch_id=batch.id, links={"batch": f"/batches/{batch.id}"})
+        # Paced last, so that the POST follows its turn as closely as it can.
+        wait = text(self._pace(keys=[batch_key, OUTBOX_KEY], args=[key, self.clock()]))
+        if wait == "gone":
+            self.redis.zrem(OUTBOX_KEY, key)
+        if wait in ("gone", "later"):
+            return
+        self.sleep(float(wait))
+        attempt = int(item.info.get("callback_attempts", 0)) + 1
+        status, error = self._attempt(batch.callback_url, document, "item", attempt)
+        first = (item.info.get("callbacks") or [{}])[0].get("at")
+        state, next_at = self._next_try(attempt - 1, first, error)
+        self._record_item(
+            keys=[batch_key, item_info_key(batch.id), OUTBOX_KEY],
+            args=[key, item_id, _attempt_json(status, error), state, next_at, ITEM_ATTEMPTS_KEPT],
+        )
+        log.info("webhook %s attempt %d: %s", key, attempt, error or status)
 
     def _load(self, key: str) -> Job | Batch | None:
         kind, _, record_id = key.removeprefix(f"{PREFIX}:").partition(":")
@@ -126,14 +233,23 @@ class Deliverer:
         except (KeyError, NotFound):  # expired, or not a record key
             return None
 
-    def _attempt(self, record: Job | Batch) -> tuple[int | None, str | None]:
-        """(HTTP status or None, error or None) of one POST of the record's document."""
-        body = json.dumps(self._document(record)).encode()
+    def _load_item(self, batch_key: str, item_id: str) -> tuple[Batch, Item] | None:
+        batch = self._load(batch_key)
+        if not isinstance(batch, Batch):
+            return None
+        item = self.batches.get_items(batch.id, [item_id]).get(item_id)
+        return (batch, item) if item is not None else None
+
+    def _attempt(
+        self, url: str | None, document: dict[str, Any], event: str, attempt: int
+    ) -> tuple[int | None, str | None]:
+        """(HTTP status or None, error or None) of one POST of a document."""
+        body = json.dumps(document).encode()
         try:
             target = check_callback_url(
-                record.callback_url or "", allow_private=self.settings.webhook_allow_private
+                url or "", allow_private=self.settings.webhook_allow_private
             )
-            status, answer = post(target, body, self._headers(body, record), self.settings)
+            status, answer = post(target, body, self._headers(body, event, attempt), self.settings)
         except CallbackRefused as exc:
             return None, exc.message
         except (HTTPError, HTTPException, OSError) as exc:  # the receiver's side failed
@@ -153,30 +269,39 @@ class Deliverer:
             doc["links"] = {"self": f"/jobs/{record.id}"}
         return doc
 
-    def _headers(self, body: bytes, record: Record) -> dict[str, str]:
+    def _headers(self, body: bytes, event: str, attempt: int) -> dict[str, str]:
         return {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
             SIGNATURE_HEADER: signature(self.settings.webhook_secret, int(self.clock()), body),
-            "X-Featuremaps-Attempt": str(len(record.callbacks or []) + 1),
+            "X-Featuremaps-Attempt": str(attempt),
+            EVENT_HEADER: event,
         }
 
     def _settle(self, key: str, record: Record, status: int | None, error: str | None) -> None:
-        """Record the attempt; remove the entry, or schedule the next try with backoff
-        until WEBHOOK_RETRY_FOR_S after the first attempt."""
+        """Record the attempt; remove the entry, or schedule the next try."""
+        first = record.callbacks[0]["at"] if record.callbacks else None
+        state, next_at = self._next_try(len(record.callbacks or []), first, error)
+        attempt = _attempt_json(status, error)
+        self._record(keys=[key, OUTBOX_KEY], args=[attempt, state, next_at])
+        log.info("webhook %s attempt %d: %s", key, len(record.callbacks or []) + 1, error or status)
+
+    def _next_try(self, done: int, first_at: str | None, error: str | None) -> tuple[str, str]:
+        """(callback_state, time of the next try or '') after attempt ``done + 1`` failed with
+        ``error`` (or succeeded): backoff from WEBHOOK_BACKOFF_S, doubling, until
+        WEBHOOK_RETRY_FOR_S after the first attempt (at ``first_at``; None: this one)."""
         now = self.clock()
-        done = len(record.callbacks or [])
-        first = parse_iso(record.callbacks[0]["at"]).timestamp() if record.callbacks else now
+        first = parse_iso(first_at).timestamp() if first_at else now
         delay = min(MAX_BACKOFF_S, self.settings.webhook_backoff_s * 2**done)
         if error is None:
-            state, next_at = DELIVERED, ""
-        elif now + delay - first > self.settings.webhook_retry_for_s:
-            state, next_at = GAVE_UP, ""
-        else:
-            state, next_at = PENDING, str(now + delay)
-        attempt = json.dumps({"at": now_iso(), "status": status, "error": error})
-        self._record(keys=[key, OUTBOX_KEY], args=[attempt, state, next_at])
-        log.info("webhook %s attempt %d: %s", key, done + 1, error or status)
+            return DELIVERED, ""
+        if now + delay - first > self.settings.webhook_retry_for_s:
+            return GAVE_UP, ""
+        return PENDING, str(now + delay)
+
+
+def _attempt_json(status: int | None, error: str | None) -> str:
+    return json.dumps({"at": now_iso(), "status": status, "error": error})
 
 
 def post(target: Target, body: bytes, headers: dict[str, str], settings: Settings):
@@ -212,6 +337,13 @@ def post(target: Target, body: bytes, headers: dict[str, str], settings: Setting
         pool.close()
 
 
+def _idle_for(deliverer: Deliverer) -> float:
+    try:
+        return deliverer.idle_for()
+    except RedisError:
+        return IDLE_S
+
+
 def webhook_loop(deliverer: Deliverer, *, sleep: Callable[[float], None] = time.sleep) -> None:
     """Deliver forever (a daemon thread of each worker process)."""
     while True:
@@ -224,4 +356,4 @@ def webhook_loop(deliverer: Deliverer, *, sleep: Callable[[float], None] = time.
             log.exception("webhook delivery failed; the entry is tried again after its lease")
             busy = False
         if not busy:
-            sleep(IDLE_S)
+            sleep(_idle_for(deliverer))

@@ -12,7 +12,7 @@ from api.idempotency import Answer, Idempotency, fingerprint, idempotency_key
 from api.services import Services, services
 from api.sources import BatchRequest, read_source_request
 from shared import documents
-from shared.batches import Batch, BatchStatus, BatchStore, Item
+from shared.batches import Batch, BatchStatus, BatchStore
 from shared.errors import InvalidOption, UnsupportedType
 from shared.options import JobOptions
 from shared.queue import BATCH_QUEUE, EXPAND_BATCH, FINALIZE_BATCH
@@ -36,18 +36,21 @@ def submit_batch():
     owner = svc.caller(request)
     key = idempotency_key(request)
     batch_id = new_record_id()
-    options, source, callback_url = _read_batch_request(svc, owner, batch_id)
+    batch_request = _read_batch_request(svc, owner, batch_id)
+    source = batch_request.source
     meaning = fingerprint(
         "POST /batches",
         source={k: source.get(k) for k in ("kind", "name", "sha256")},
-        options=options.to_dict(),
-        callback_url=callback_url,
+        options=batch_request.options.to_dict(),
+        callback_url=batch_request.callback_url,
+        # Only when asked for: keys remembered before item calls existed still match.
+        **({"item_callbacks": True} if batch_request.item_callback_spacing_s else {}),
     )
     return Idempotency(svc.redis, ttl_s=svc.settings.job_ttl_s).once(
         owner,
         key,
         meaning,
-        create=lambda: _submitted(svc, batch_id, options, source, owner, callback_url),
+        create=lambda: _submitted(svc, batch_id, batch_request, owner),
         discard=lambda: _discard_upload(svc, batch_id, source),
     )
 
@@ -65,15 +68,17 @@ def _read_batch_request(svc: Services, owner: str, batch_id: str) -> BatchReques
     )
 
 
-def _submitted(
-    svc: Services,
-    batch_id: str,
-    options: JobOptions,
-    source: dict,
-    owner: str,
-    callback_url: str | None,
-) -> Answer:
-    batch = enqueue_batch(svc, batch_id, options, source, owner, callback_url=callback_url)
+def _submitted(svc: Services, batch_id: str, batch_request: BatchRequest, owner: str) -> Answer:
+    options, source, callback_url, spacing = batch_request
+    batch = enqueue_batch(
+        svc,
+        batch_id,
+        options,
+        source,
+        owner,
+        callback_url=callback_url,
+        item_callback_spacing_s=spacing or None,
+    )
     origin = source["name"] if source["kind"] == "s3" else f"archive:{source['name']}"
     record_submission("batch", batch.id, owner, source.get("size"), origin)
     body = {"id": batch.id, "status": batch.status.value, "links": _links(batch.id)}
@@ -100,13 +105,14 @@ def get_batch(batch_id: str):
 def list_items(batch_id: str):
     svc = services()
     store = _batches(svc)
-    store.get(batch_id, owner=svc.caller(request))
+    batch = store.get(batch_id, owner=svc.caller(request))
     start = _int_arg("cursor", 0, minimum=0)
     limit = _int_arg("limit", DEFAULT_PAGE, minimum=1, maximum=MAX_PAGE)
     items = store.items(batch_id, start=start, count=limit)
     more = start + len(items) < store.item_count(batch_id)
+    expiry = svc.settings.presign_expiry_s
     return {
-        "items": [item_document(svc, item) for item in items],
+        "items": [documents.item_document(svc.store, batch, item, expiry) for item in items],
         "next_cursor": str(start + len(items)) if more else None,
     }
 
@@ -130,6 +136,7 @@ def enqueue_batch(
     owner: str,
     *,
     callback_url: str | None = None,
+    item_callback_spacing_s: float | None = None,
 ) -> Batch:
     """Write the record and send the expansion task, or undo what was done and 503."""
     store = _batches(svc)
@@ -140,6 +147,7 @@ def enqueue_batch(
         source=source,
         owner=owner,
         callback_url=callback_url,
+        item_callback_spacing_s=item_callback_spacing_s,
     )
     undo = [lambda: store.delete(batch_id)]
     if source.get("key"):
@@ -170,24 +178,6 @@ def batch_document(svc: Services, batch: Batch) -> dict:
     doc = documents.batch_document(svc.store, batch, svc.settings.presign_expiry_s)
     doc["links"] = _links(batch.id)
     return doc
-
-
-def item_document(svc: Services, item: Item) -> dict:
-    expiry = svc.settings.presign_expiry_s
-    figure_key, thumbnail_key = item.info.get("figure_key"), item.info.get("thumbnail_key")
-    return {
-        "id": item.id,
-        "name": item.name,
-        "status": item.status.value,
-        "figure_url": svc.store.presigned_get(figure_key, expiry) if figure_key else None,
-        "thumbnail_url": svc.store.presigned_get(thumbnail_key, expiry) if thumbnail_key else None,
-        "error": item.info.get("error"),
-        # Outputs copied from an equal earlier result, or shared with the same bytes in its
-        # chunk, without a model pass (docs/design.md "Result reuse").
-        "reused": bool(item.info.get("reused")),
-        "reused_from": item.info.get("reused_from"),
-        "attempts": item.attempts,
-    }
 
 
 def _links(batch_id: str) -> dict:

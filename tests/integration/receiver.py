@@ -3,15 +3,17 @@ it gets. What it answers depends on the path's first segment:
 
     /ok/...          200
     /fail-twice/...  500 the first two times for that path, then 200
+    /fail-once-each/...  500 the first time a body's ``id`` comes to that path, then 200
     /redirect/...    302 to /ok/... (which a deliverer must not follow)
     /slow/...        200 once ``release()`` is called; until then the request hangs
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -20,6 +22,14 @@ class Call:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.monotonic)  # when its body had arrived
+
+    @property
+    def body_id(self) -> object:
+        try:
+            return json.loads(self.body).get("id")
+        except ValueError:
+            return None
 
 
 class Receiver:
@@ -55,16 +65,22 @@ class Receiver:
             time.sleep(0.05)
         return calls
 
-    def answer(self, path: str, seen: int) -> tuple[int, dict[str, str]]:
-        """Status and headers for the ``seen``-th call (from 1) to ``path``."""
+    def answer(self, call: Call, seen: int) -> tuple[int, dict[str, str]]:
+        """Status and headers for ``call``, the ``seen``-th (from 1) to its path."""
+        path = call.path
         kind = path.split("/")[1]
         if kind == "fail-twice" and seen <= 2:
+            return 500, {}
+        if kind == "fail-once-each" and self._first_with_id(call):
             return 500, {}
         if kind == "redirect":
             return 302, {"Location": path.replace("/redirect/", "/ok/", 1)}
         if kind == "slow":
             self._released.wait()
         return 200, {}
+
+    def _first_with_id(self, call: Call) -> bool:
+        return [c.body_id for c in self.calls_to(call.path)].count(call.body_id) == 1
 
     def record(self, call: Call) -> int:
         with self._lock:
@@ -76,11 +92,12 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            seen = receiver.record(Call(self.path, dict(self.headers), body))
+            call = Call(self.path, dict(self.headers), body)
+            seen = receiver.record(call)
             with receiver._lock:
                 receiver.in_flight += 1
             try:
-                status, headers = receiver.answer(self.path, seen)
+                status, headers = receiver.answer(call, seen)
             finally:
                 with receiver._lock:
                     receiver.in_flight -= 1

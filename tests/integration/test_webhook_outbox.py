@@ -5,15 +5,19 @@ address check again at delivery, and an expired record's entry."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+import uuid
 
 import pytest
 
+from shared.batches import Batch, BatchStatus, BatchStore, ItemStatus, NewItem, batch_key, item_id
 from shared.jobs import Job, JobStatus, RedisJobStore, job_key, new_job_id
-from shared.webhooks import OUTBOX_KEY
+from shared.records import parse_iso
+from shared.webhooks import OUTBOX_KEY, item_entry
 from tests.integration.receiver import Receiver
-from worker.webhooks import Deliverer
+from worker.webhooks import ITEM_ATTEMPTS_KEPT, Deliverer
 
 
 class Clock:
@@ -108,3 +112,109 @@ def test_an_expired_records_entry_is_dropped(redis_client, hook_settings, object
     redis_client.delete(job_key(job_id))
     assert deliverer.deliver_due() is True
     assert redis_client.zcard(OUTBOX_KEY) == 0
+
+
+# Per-item callbacks of a batch (item_callbacks=true): entries named after the batch and item.
+
+
+def item_batch(store: BatchStore, callback_url: str, *, spacing_s: float | None) -> str:
+    batch = Batch(
+        id=uuid.uuid4().hex[:24],
+        status=BatchStatus.RUNNING,
+        options={},
+        source={},
+        callback_url=callback_url,
+        item_callback_spacing_s=spacing_s,
+    )
+    store.create(batch)
+    return batch.id
+
+
+def ended_items(store: BatchStore, batch_id: str, count: int) -> list[str]:
+    """``count`` items of the batch, run and ended: the first succeeded, the others failed."""
+    ids = [item_id(batch_id, i) for i in range(count)]
+    store.add_items(batch_id, [NewItem(i, f"{i}.png", input_key="k") for i in ids])
+    store.start_items(batch_id, ids, token="t")
+    outcomes = [
+        (i, ItemStatus.SUCCEEDED if n == 0 else ItemStatus.FAILED, {"name": f"{i}.png"})
+        for n, i in enumerate(ids)
+    ]
+    store.finish_items(batch_id, outcomes)
+    return ids
+
+
+def outbox(redis_client) -> list[tuple[str, float]]:
+    return [(m.decode(), s) for m, s in redis_client.zrange(OUTBOX_KEY, 0, -1, withscores=True)]
+
+
+def test_an_item_enters_the_outbox_in_the_step_that_ends_it_spaced_by_the_rate(redis_client):
+    store = BatchStore(redis_client, ttl_s=60)
+    batch_id = item_batch(store, "http://127.0.0.1:9/x", spacing_s=0.5)
+    store.add_items(batch_id, [NewItem(item_id(batch_id, 9), "junk", error={"code": "x"})])
+    ids = ended_items(store, batch_id, 3)
+    entries = outbox(redis_client)
+    assert [e for e, _ in entries] == [
+        item_entry(batch_key(batch_id), i) for i in [item_id(batch_id, 9), *ids]
+    ]
+    gaps = [round(b - a, 6) for (_, a), (_, b) in itertools.pairwise(entries)]
+    assert gaps == [0.5, 0.5, 0.5]
+    assert redis_client.ttl(OUTBOX_KEY) == -1  # the batch scripts never expire the outbox
+    queued = item_batch(store, "http://127.0.0.1:9/x", spacing_s=0.5)
+    store.add_items(queued, [NewItem(item_id(queued, 0), "q.png", input_key="k")])
+    store.cancel(queued)
+    canceled = item_entry(batch_key(queued), item_id(queued, 0))
+    assert canceled in [e for e, _ in outbox(redis_client)]
+    plain = item_batch(store, "http://127.0.0.1:9/x", spacing_s=None)
+    ended_items(store, plain, 2)
+    assert len(outbox(redis_client)) == 5  # a batch without item_callbacks adds none
+
+
+def test_item_calls_due_together_are_spread_not_burst(
+    redis_client, hook_settings, object_store, receiver
+):
+    store = BatchStore(redis_client, ttl_s=60)
+    batch_id = item_batch(store, receiver.url("/ok/items"), spacing_s=1.0)
+    ended_items(store, batch_id, 3)
+    clock = Clock()
+    clock.now += 100  # every entry is long due: the deliverers were busy elsewhere
+    deliverer = Deliverer(redis_client, object_store, hook_settings, clock=clock)
+    assert [deliverer.deliver_due() for _ in range(3)] == [True, True, True]
+    assert len(receiver.calls_to("/ok/items")) == 1  # the first went; the others took turns
+    slots = [score for _, score in outbox(redis_client)]
+    assert slots == [clock.now + 1, clock.now + 2]
+    for n, slot in enumerate(slots, start=2):
+        clock.now = slot
+        assert deliverer.deliver_due() is True
+        assert deliverer.deliver_due() is False  # the next one is not due yet
+        assert len(receiver.calls_to("/ok/items")) == n
+    calls = receiver.calls_to("/ok/items")
+    assert {c.headers["X-Featuremaps-Event"] for c in calls} == {"item"}
+    sent = [json.loads(c.body) for c in calls]
+    assert {(d["batch_id"], d["status"]) for d in sent} == {
+        (batch_id, "succeeded"),
+        (batch_id, "failed"),
+    }
+
+
+def test_an_items_attempts_are_recorded_in_its_info_and_kept_bounded(
+    redis_client, hook_settings, object_store, receiver
+):
+    store = BatchStore(redis_client, ttl_s=60)
+    batch_id = item_batch(store, receiver.url("/redirect/item"), spacing_s=0.1)
+    (only,) = ended_items(store, batch_id, 1)
+    entry = item_entry(batch_key(batch_id), only)
+    clock = Clock()
+    deliverer = Deliverer(redis_client, object_store, hook_settings, clock=clock)
+    for _ in range(ITEM_ATTEMPTS_KEPT + 2):
+        clock.now = redis_client.zscore(OUTBOX_KEY, entry)
+        assert deliverer.deliver_due() is True
+    info = store.get_items(batch_id, [only])[only].info
+    assert info["callback_attempts"] == ITEM_ATTEMPTS_KEPT + 2
+    assert info["callback_state"] == "pending"
+    assert [a["status"] for a in info["callbacks"]] == [302] * ITEM_ATTEMPTS_KEPT
+    first, *latest = info["callbacks"]
+    assert parse_iso(first["at"]) < parse_iso(latest[0]["at"])
+    calls = receiver.calls_to("/redirect/item")
+    assert [c.headers["X-Featuremaps-Attempt"] for c in calls] == [
+        str(n) for n in range(1, ITEM_ATTEMPTS_KEPT + 3)
+    ]

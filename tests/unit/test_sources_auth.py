@@ -58,8 +58,8 @@ def test_source_request_reads_options_and_checks_the_allow_list():
     settings = Settings(s3_bucket=SERVICE_BUCKET, source_allow="alice=s3://team/alice/")
     body = {"source": "s3://team/alice/run1/", "reduction": "max"}
     with _request(app, json=body) as ctx:
-        options, source, callback_url = read_source_request(ctx.request, settings, "alice")
-        assert options.to_dict()["reduction"] == "max" and callback_url is None
+        options, source, callback_url, spacing = read_source_request(ctx.request, settings, "alice")
+        assert options.to_dict()["reduction"] == "max" and callback_url is None and spacing == 0
         assert source == {
             "kind": "s3",
             "bucket": "team",

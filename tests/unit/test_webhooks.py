@@ -1,5 +1,5 @@
-"""The webhook rules that need no network: the signature's bytes, and which literal
-addresses a callback may reach (shared/webhooks.py)."""
+"""The webhook rules that need no network: the signature's bytes, which literal addresses a
+callback may reach, the item_callbacks field and item entries (shared/webhooks.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,16 @@ import hmac
 
 import pytest
 
-from shared.errors import CallbackRefused
+from shared.errors import CallbackRefused, InvalidOption, MissingField
 from shared.settings import Settings
-from shared.webhooks import accepted_callback_url, check_callback_url, signature
+from shared.webhooks import (
+    accepted_callback_url,
+    accepted_item_callbacks,
+    check_callback_url,
+    item_entry,
+    signature,
+    split_item_entry,
+)
 
 
 def test_the_signature_is_hmac_sha256_of_timestamp_dot_body():
@@ -67,6 +74,9 @@ def test_the_delivery_loop_outlives_a_failing_attempt_and_redis_going_away():
     slept: list[float] = []
 
     class Deliverer:
+        def idle_for(self):
+            return IDLE_S
+
         def deliver_due(self):
             outcome = outcomes.pop(0)
             if isinstance(outcome, Exception):
@@ -84,3 +94,23 @@ def test_the_delivery_loop_outlives_a_failing_attempt_and_redis_going_away():
     with pytest.raises(Stop):
         webhook_loop(Deliverer(), sleep=sleep)
     assert slept == [IDLE_S, IDLE_S, IDLE_S]  # no pause after a delivery that was made
+
+
+def test_item_callbacks_are_a_boolean_that_needs_a_callback_url():
+    settings = Settings(webhook_secret="k", webhook_item_rate=4)
+    url = "http://8.8.8.8/hook"
+    assert accepted_item_callbacks(True, url, settings) == 0.25
+    assert accepted_item_callbacks(" TRUE ", url, settings) == 0.25
+    for off in (None, "", "false", "0", False):
+        assert accepted_item_callbacks(off, url, settings) == 0.0
+        assert accepted_item_callbacks(off, None, settings) == 0.0
+    with pytest.raises(MissingField, match="needs a callback_url"):
+        accepted_item_callbacks("true", None, settings)
+    with pytest.raises(InvalidOption, match="item_callbacks must be true or false"):
+        accepted_item_callbacks("ja", url, settings)
+
+
+def test_item_entries_name_their_batch_and_item():
+    entry = item_entry("featuremaps:batch:b1", "b1-000007")
+    assert split_item_entry(entry) == ("featuremaps:batch:b1", "b1-000007")
+    assert split_item_entry("featuremaps:job:j1") is None
