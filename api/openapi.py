@@ -206,7 +206,15 @@ _JOB_DOC = {
         "timings": {"type": "object", "additionalProperties": {"type": "number"}},
         "result": {
             "type": ["object", "null"],
-            "properties": {"reused": _REUSED, "reused_from": _REUSED_FROM},
+            "properties": {
+                "reused": _REUSED,
+                "reused_from": _REUSED_FROM,
+                "precision": {
+                    "type": ["object", "null"],
+                    "description": "the computation that ran: mode (exact or fast, the "
+                    "precision option resolved on the worker's device), decoder, tf32, on_device",
+                },
+            },
         },
         "error": {
             "oneOf": [

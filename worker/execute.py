@@ -151,6 +151,8 @@ def _upload_outputs(ctx: WorkerContext, job_id: str, result, *, with_input_previ
         "manifest_key": keys.manifest_key(job_id),
         "layers": result.layers,
         "weights": result.manifest.get("weights"),
+        # How exactly it was computed (worker/precision.py): pages and clients show it.
+        "precision": result.manifest.get("precision"),
     }
     if result.manifest.get("predictions"):
         stored["predictions"] = result.manifest["predictions"]

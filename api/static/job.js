@@ -49,8 +49,13 @@
     const shown = doc.options.format === "pdf" ? result.thumbnail_url : result.figure_url;
     document.getElementById("figure").src = shown;
     document.getElementById("figure-link").href = result.figure_url;
+    // The precision that ran (exact or fast), never the option as sent: "auto" resolves on
+    // the worker's device. A reused result names the record it was copied from.
+    const precision = result.precision ? ` · precision=${result.precision.mode}` : "";
+    const reused = result.reused ? ` · reused from ${result.reused_from}` : "";
     document.getElementById("weights").textContent =
-      `${describeWeights(result.weights)} · mode=${doc.options.mode} · reduction=${doc.options.reduction}`;
+      `${describeWeights(result.weights)} · mode=${doc.options.mode} · ` +
+      `reduction=${doc.options.reduction}${precision}${reused}`;
 
     const downloads = document.getElementById("downloads");
     downloads.replaceChildren(

@@ -92,6 +92,9 @@ def test_submit_poll_succeed_and_fetch_the_figure(deployment, store):
         assert got["shape"] == list(want["shape"])
         assert got["mean"] == pytest.approx(want["mean"], rel=1e-4, abs=1e-5)
     assert manifest["weights"]["name"] == "random"
+    # The precision that ran, in the manifest and the job's result alike: auto is exact on a CPU.
+    assert manifest["precision"] == doc["result"]["precision"]
+    assert doc["result"]["precision"]["mode"] == "exact" and doc["options"]["precision"] == "auto"
 
     redirect = requests.get(
         f"{deployment.api}/jobs/{body['id']}/figure", allow_redirects=False, timeout=10
