@@ -104,18 +104,26 @@ class DecodedImage:
     def describe(self) -> dict:
         """The manifest's ``input`` entry: the size is that of the picture used, and
         ``decoded_size`` says how large it was decoded when that was smaller."""
-        width, height = self.size
-        described = {
-            "format": self.ext,
-            "width": width,
-            "height": height,
-            "mode": self.mode,
-            "exif_orientation": self.exif_orientation,
-            "frames": self.frames,
-        }
-        if self.image.size != (width, height):
+        described = input_entry(self.ext, self.size, self.mode, self.exif_orientation, self.frames)
+        if self.image.size != self.size:
             described["decoded_size"] = list(self.image.size)
         return described
+
+
+def input_entry(
+    ext: str, size: tuple[int, int], mode: str, exif_orientation: int, frames: int | None
+) -> dict:
+    """The manifest's ``input`` entry for a picture of upright ``size`` read from a file of
+    type ``ext`` whatever decoded it (Pillow here, torchvision in worker/device_stages.py)."""
+    width, height = size
+    return {
+        "format": ext,
+        "width": width,
+        "height": height,
+        "mode": mode,
+        "exif_orientation": exif_orientation,
+        "frames": frames,
+    }
 
 
 def sniff_format(data: bytes) -> str:
@@ -177,6 +185,10 @@ class JpegHeader:
 
     def upright_size(self) -> tuple[int, int]:
         return self.size[::-1] if self.exif_orientation in (5, 6, 7, 8) else self.size
+
+    def describe(self) -> dict:
+        """The manifest's ``input`` entry of the (single-frame) JPEG, as decode() gives it."""
+        return input_entry("jpg", self.upright_size(), self.mode, self.exif_orientation, 1)
 
 
 def jpeg_header(data: bytes, *, max_pixels: int) -> JpegHeader | None:

@@ -64,9 +64,7 @@ def decode_resize(
     out: list[DeviceImage | FeatureMapsError] = []
     for position, data in enumerate(images):
         if position in pictures:
-            header = headers[position]
-            width, height = header.upright_size()
-            described = _described(width, height, header.mode, header.exif_orientation)
+            described = headers[position].describe()
             picture = pictures[position]
         else:
             try:
@@ -77,7 +75,7 @@ def decode_resize(
             described = source.describe()
             picture = torch.from_numpy(np.array(source.image)).permute(2, 0, 1).to(device)
         preview = _preview(picture) if previews else b""
-        out.append(DeviceImage(described, _resize(picture, INPUT_SIDE), preview))
+        out.append(DeviceImage(described, _resize(picture, (INPUT_SIDE, INPUT_SIDE)), preview))
     return out
 
 
@@ -122,11 +120,9 @@ def _torchvision_decode(data: list[Tensor], device: torch.device) -> list[Tensor
         )
 
 
-def _resize(picture: Tensor, side: int) -> Tensor:
-    """uint8 [3, H, W] -> uint8 [3, side, side]: antialiased bilinear, rounded."""
-    resized = F.interpolate(
-        picture[None].float(), size=(side, side), mode="bilinear", antialias=True
-    )
+def _resize(picture: Tensor, size: tuple[int, int]) -> Tensor:
+    """uint8 [3, H, W] -> uint8 [3, height, width]: antialiased bilinear, rounded."""
+    resized = F.interpolate(picture[None].float(), size=size, mode="bilinear", antialias=True)
     return resized[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -135,19 +131,7 @@ def _preview(picture: Tensor) -> bytes:
     height, width = picture.shape[1:]
     scale = min(1.0, INPUT_PREVIEW_SIDE / max(height, width))
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    small = F.interpolate(picture[None].float(), size=size, mode="bilinear", antialias=True)
-    return render_input_preview(to_image(small[0].round().clamp(0, 255).byte().permute(1, 2, 0)))
-
-
-def _described(width: int, height: int, mode: str, orientation: int) -> dict:
-    return {
-        "format": "jpg",
-        "width": width,
-        "height": height,
-        "mode": mode,
-        "exif_orientation": orientation,
-        "frames": 1,
-    }
+    return render_input_preview(to_image(_resize(picture, size).permute(1, 2, 0)))
 
 
 @contextlib.contextmanager
