@@ -218,6 +218,7 @@ def _run_batch(
             arrays.image(row),
             precision,
             figures[row] if figures else None,
+            caption,
             {
                 "decode_ms": item.decode_ms + item.preprocess_ms + preprocess_ms / count,
                 "model_ms": model_ms,
@@ -342,11 +343,14 @@ def _finish(
     image: _ImageArrays,
     precision: Precision,
     figure: _Figure | None,
+    caption: str,
     timings: dict[str, float],
 ) -> ImageResult:
+    """One image's result; its figure is drawn here with the batch's ``caption`` unless the
+    device drew it already."""
     layer_maps = [LayerMap(name, image.shapes[name], array) for name, array in image.maps.items()]
     if figure is None:
-        figure = _figure(layer_maps, options, _caption(loaded, options, precision))
+        figure = _figure(layer_maps, options, caption)
     extras = _extras(image.maps, layer_maps, options)
     timings = {
         **timings,
