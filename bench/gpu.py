@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
+from bench.precision import worst_difference
 from shared.options import JobOptions
 from tests.photos import camera_jpeg
 from worker import pipeline
 from worker.features import INPUT_SIDE, conv_chain, reduce_channels
 from worker.model import load_model
-from worker.precision import compare_maps
 
 MAX_PIXELS = 50_000_000
 # Distinct inputs, cycled: (width, height, EXIF orientation) — 1 in 3 a camera photo.
@@ -127,14 +127,7 @@ def _reference(loaded, photos: list[bytes]) -> dict:
     exact = pipeline.process_images(
         cpu, photos, JobOptions(precision="exact"), max_pixels=MAX_PIXELS
     )
-    differences = [compare_maps(e.maps, f.maps) for e, f in zip(exact, fast, strict=True)]
-    return {
-        "images": len(photos),
-        "max_abs_difference_over_range": round(
-            max(d["max_abs_difference_over_range"] for d in differences), 5
-        ),
-        "min_correlation": round(min(d["min_correlation"] for d in differences), 6),
-    }
+    return {"images": len(photos), **worst_difference(exact, fast)}
 
 
 def _latency(loaded, photo: bytes) -> float:

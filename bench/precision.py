@@ -36,13 +36,19 @@ def compare(loaded: LoadedModel, photos: list[bytes], *, max_pixels: int) -> dic
         cpu_ms[name] = round((time.process_time() - started) * 1000 / len(photos), 2)
     out: dict = {"images": len(photos), "cpu_ms_per_image": cpu_ms}
     for name in ("fast_host", "fast_device"):
-        worst, lowest = 0.0, 1.0
-        for exact, fast in zip(results["exact"], results[name], strict=True):
-            difference = compare_maps(exact.maps, fast.maps)
-            worst = max(worst, difference["max_abs_difference_over_range"])
-            lowest = min(lowest, difference["min_correlation"])
-        out[name] = {
-            "max_abs_difference_over_range": round(worst, 5),
-            "min_correlation": round(lowest, 6),
-        }
+        out[name] = worst_difference(results["exact"], results[name])
     return out
+
+
+def worst_difference(reference: list, results: list) -> dict:
+    """:func:`worker.precision.compare_maps` of each result against its reference (both
+    lists of :class:`worker.pipeline.ImageResult`, in the same order), worst over all."""
+    differences = [
+        compare_maps(r.maps, got.maps) for r, got in zip(reference, results, strict=True)
+    ]
+    return {
+        "max_abs_difference_over_range": round(
+            max(d["max_abs_difference_over_range"] for d in differences), 5
+        ),
+        "min_correlation": round(min(d["min_correlation"] for d in differences), 6),
+    }
