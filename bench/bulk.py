@@ -152,7 +152,7 @@ def _article(photos: list[bytes]) -> float:
 class _Stack:
     """redis-server, SeaweedFS and a gunicorn API for the whole run; workers per measurement."""
 
-    def __init__(self, run_dir: Path, *, reuse_results: bool = False) -> None:
+    def __init__(self, run_dir: Path, *, reuse_results: bool = False, **also: object) -> None:
         self.run_dir = run_dir
         self.redis = RedisServer(run_dir / "redis")
         self.s3 = SeaweedS3(run_dir / "s3")
@@ -169,7 +169,7 @@ class _Stack:
         # Both runs process the same archive: each must compute, not reuse the first's results.
         self.env = {
             **os.environ,
-            **service_env(self.settings, batch_chunk=CHUNK, reuse_results=reuse_results),
+            **service_env(self.settings, batch_chunk=CHUNK, reuse_results=reuse_results, **also),
         }
         self.client = Redis.from_url(self.redis.url)
         port = free_port()
@@ -204,7 +204,8 @@ class _Stack:
         except requests.RequestException:
             return False
 
-    def throughput(self, archive: bytes, count: int, *, workers: int) -> dict:
+    def start_workers(self, workers: int) -> list[ManagedProcess]:
+        """``workers`` Celery worker processes on both queues, each seen alive."""
         started_workers = []
         for index, (_, argv, extra) in enumerate(
             worker_commands([], replicas=workers, loglevel="WARNING", queues="jobs,batch")
@@ -220,6 +221,10 @@ class _Stack:
                 process=process,
                 what=f"worker {hostname}",
             )
+        return started_workers
+
+    def throughput(self, archive: bytes, count: int, *, workers: int) -> dict:
+        started_workers = self.start_workers(workers)
         try:
             started = time.perf_counter()
             response = requests.post(
