@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 from shared import keys
@@ -64,7 +65,8 @@ def write_shard(ctx: WorkerContext, batch_id: str, shard: int) -> str:
     store, shards = batch_store(ctx), result_shards(ctx)
     plan = shards.planned(batch_id)
     first, count = plan.span(shard)
-    fmt = store.get(batch_id).options.get("format", "jpg")
+    batch = store.get(batch_id)
+    fmt = batch.options.get("format", "jpg")
     manifest_key, archive_key = keys.batch_result_keys(batch_id, shard, plan.count)
     lines = _manifest_lines(_shard_items(store, batch_id, first, count), fmt)
     ctx.store.put_stream(
@@ -74,7 +76,9 @@ def write_shard(ctx: WorkerContext, batch_id: str, shard: int) -> str:
         part_size=MIN_PART_SIZE,
     )
     figures = _figures(ctx, _shard_items(store, batch_id, first, count), fmt)
-    stream_zip(ctx.store, archive_key, figures)
+    # Entries dated by the batch's submission: a shard written again is the same bytes.
+    submitted = datetime.fromisoformat(batch.created_at).timetuple()[:6]
+    stream_zip(ctx.store, archive_key, figures, date_time=submitted)
     summary = {
         "index": shard,
         "first": first,
