@@ -18,13 +18,16 @@ import requests
 
 from client import Client
 from client.cli import main
+from shared.batches import Batch, BatchStatus, BatchStore, ItemStatus, NewItem, item_id
 from shared.queue import BATCH_QUEUE, FINALIZE_BATCH_SHARD, make_producer
+from shared.records import new_record_id
 from shared.webhooks import OUTBOX_KEY
 from stack.services import wait_until
 from tests.integration.deployment import Deployment, wait_for_batch
 from tests.integration.receiver import Receiver
 from tests.integration.test_batches import photo
 from tests.integration.test_webhooks import SECRET
+from worker import finalize
 from worker.finalize import finalize_batch, write_shard
 
 SHARD_ITEMS = 4
@@ -251,3 +254,69 @@ def test_a_shard_written_again_leaves_the_same_objects_and_one_close(
 
 def _doc(deployment, batch_id: str) -> dict:
     return requests.get(f"{deployment.api}/batches/{batch_id}", timeout=10).json()
+
+
+def _stored_batch(deployment, store, count: int) -> str:
+    """A batch of ``count`` succeeded items recorded straight in Redis, each with a figure
+    in storage, and one input pack: what finalizing finds."""
+    batches = BatchStore(deployment.redis, ttl_s=3600)
+    batch_id = new_record_id()
+    batches.create(
+        Batch(
+            id=batch_id,
+            status=BatchStatus.QUEUED,
+            options={"format": "jpg"},
+            source={"kind": "archive", "name": "x.zip"},
+            owner="anonymous",
+        )
+    )
+    batches.begin_expansion(batch_id)
+    ids = [item_id(batch_id, i) for i in range(count)]
+    batches.add_items(
+        batch_id, [NewItem(i, f"{i}.jpg", input_key=f"inputs/{i}/0.jpg") for i in ids]
+    )
+    batches.end_expansion(batch_id)
+    store.put_bytes(f"batches/{batch_id}/inputs/000000.pack", b"packed", "application/octet-stream")
+    batches.start_items(batch_id, ids, token="t")
+    outcomes = []
+    for i in ids:
+        figure = f"results/{i}/feature_maps.jpg"
+        store.put_bytes(figure, photo(7), "image/jpeg")
+        info = {"name": f"{i}.jpg", "figure_key": figure, "manifest_key": f"results/{i}/m.json"}
+        outcomes.append((i, ItemStatus.SUCCEEDED, info))
+    assert batches.finish_items(batch_id, outcomes)
+    return batch_id
+
+
+def test_a_finalize_redelivered_after_the_closer_died_closes_the_batch(
+    deployment, store, monkeypatch
+):
+    batch_id = _stored_batch(deployment, store, SHARD_ITEMS + 1)
+    ctx = SimpleNamespace(
+        settings=deployment.service_settings(), redis=deployment.redis, store=store
+    )
+    sent: list[int] = []
+    assert finalize_batch(ctx, batch_id, lambda _b, shard: sent.append(shard)) == 2
+    assert sent == [1, 2]
+    assert write_shard(ctx, batch_id, 1) == "written"
+
+    def died(_ctx, _batch_id):
+        raise SystemExit("the worker died after recording its shard")
+
+    monkeypatch.setattr(finalize, "close_batch", died)
+    with pytest.raises(SystemExit):
+        write_shard(ctx, batch_id, 2)
+    monkeypatch.undo()
+    batches = BatchStore(deployment.redis, ttl_s=3600)
+    assert batches.get(batch_id).result is None  # both shards written, nobody closed it
+
+    # The finalize message comes back: nothing left to write, so it closes the batch.
+    assert finalize_batch(ctx, batch_id, lambda _b, shard: pytest.fail(f"{shard} is written")) == 2
+    batch = batches.get(batch_id)
+    assert batch.status is BatchStatus.SUCCEEDED
+    assert [(s["index"], s["first"], s["items"]) for s in batch.result["shards"]] == [
+        (1, 0, SHARD_ITEMS),
+        (2, SHARD_ITEMS, 1),
+    ]
+    # KEEP_INPUTS=false: the pack went with the closing, listed by prefix.
+    assert list(store.list_keys(f"batches/{batch_id}/inputs/")) == []
