@@ -44,12 +44,13 @@ def finalize_batch(ctx: WorkerContext, batch_id: str, dispatch_shard: DispatchSh
     """Plan the batch's result shards and dispatch each one not written yet; returns how
     many shards the batch has. When all are written already (the task closing the batch
     died), close it here."""
-    plan = result_shards(ctx).plan(
+    shards = result_shards(ctx)
+    plan = shards.plan(
         batch_id,
         total=batch_store(ctx).item_count(batch_id),
         size=ctx.settings.result_shard_items,
     )
-    written = {s["index"] for s in result_shards(ctx).written(batch_id)}
+    written = {s["index"] for s in shards.written(batch_id)}
     missing = [n for n in range(1, plan.count + 1) if n not in written]
     log.info("batch %s: %d result shards, %d to write", batch_id, plan.count, len(missing))
     for shard in missing:
