@@ -233,6 +233,19 @@ _JOB_DOC = {
 
 _BATCH_ID = {**_JOB_ID, "name": "batch_id"}
 _COUNTS = ("total", "queued", "running", "succeeded", "failed", "canceled")
+_RESULT_SHARD = {
+    "type": "object",
+    "properties": {
+        "index": {"type": "integer", "minimum": 1},
+        "first": {"type": "integer", "minimum": 0, "description": "position of its first member"},
+        "items": {"type": "integer", "minimum": 0, "description": "members it holds"},
+        "manifest_url": {"type": "string", "description": "its manifest lines (JSON Lines)"},
+        "archive_url": {
+            "type": "string",
+            "description": "zip of its figures; names are unique within a shard",
+        },
+    },
+}
 _BATCH_DOC = {
     "type": "object",
     "required": ["id", "status", "counts", "progress"],
@@ -251,7 +264,18 @@ _BATCH_DOC = {
         "eta_s": {"type": ["number", "null"]},
         "result": {
             "type": ["object", "null"],
-            "properties": {"manifest_url": {"type": "string"}, "archive_url": {"type": "string"}},
+            "description": "once ended: the results in shards of RESULT_SHARD_ITEMS members",
+            "properties": {
+                "manifest_url": {
+                    "type": ["string", "null"],
+                    "description": "manifest.jsonl of a one-shard batch; null for more shards",
+                },
+                "archive_url": {
+                    "type": ["string", "null"],
+                    "description": "results.zip of a one-shard batch; null for more shards",
+                },
+                "shards": {"type": "array", "items": _RESULT_SHARD},
+            },
         },
         "error": {"type": ["object", "null"]},
         "links": {"type": "object"},

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -391,19 +392,59 @@ class Batch(_Record):
     def __iter__(self) -> Iterator[BatchItem]:
         return self.items()
 
-    def download(self, out_dir: str | Path) -> list[Path]:
-        """manifest.jsonl, and every figure out of results.zip under ``out_dir/figures``."""
-        result, out = self.doc.get("result") or {}, Path(out_dir)
+    def shards(self) -> list[dict]:
+        """The result shards (index, first, items, manifest_url, archive_url), in order."""
+        result = self.doc.get("result") or {}
         if not result:
             raise JobFailed(self.id, self.status, "not_finished", "the batch has no results yet")
-        manifest = self.client.fetch_to(result["manifest_url"], out / "manifest.jsonl")
-        bundle = self.client.fetch_to(result["archive_url"], out / "results.zip")
-        with zipfile.ZipFile(bundle) as archive:
-            # extractall drops absolute parts and '..' from names; ours have neither anyway.
-            archive.extractall(out)
-            figures = [out / name for name in archive.namelist()]
-        bundle.unlink()
+        return result["shards"]
+
+    def manifest_lines(self) -> Iterator[dict]:
+        """Every member's manifest line, in member order, across all result shards (each
+        line's ``figure`` names a file in its own shard's zip)."""
+        for shard in self.shards():
+            for line in self.client.fetch(shard["manifest_url"]).decode().splitlines():
+                yield json.loads(line)
+
+    def download(self, out_dir: str | Path) -> list[Path]:
+        """``manifest.jsonl`` (every shard's lines, in member order) and every figure out of
+        every shard's zip under ``out_dir/figures``. A figure's name is unique within its
+        shard; one that an earlier shard used already gets the item id before its extension,
+        as within a shard, and its manifest line says so."""
+        out = Path(out_dir).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        manifest, figures, used = out / "manifest.jsonl", [], set()
+        with manifest.open("w") as sink:
+            for shard in self.shards():
+                lines = self.client.fetch(shard["manifest_url"]).decode().splitlines()
+                bundle = self.client.fetch_to(
+                    shard["archive_url"], out / f".results-{shard['index']:05d}.zip"
+                )
+                with zipfile.ZipFile(bundle) as archive:
+                    for line in map(json.loads, lines):
+                        if line.get("figure"):
+                            figures.append(_extract_figure(archive, line, out, used))
+                        sink.write(json.dumps(line) + "\n")
+                bundle.unlink()
         return [manifest, *figures]
+
+
+def _extract_figure(archive: zipfile.ZipFile, line: dict, out: Path, used: set[str]) -> Path:
+    """Write the manifest line's figure under ``out`` (renamed, and the line with it, when
+    an earlier shard took its name); refuses a name that would land outside ``out``."""
+    arcname = name = line["figure"]
+    if name in used:
+        stem, dot, ext = name.rpartition(".")
+        name = f"{stem}.{line['item_id']}{dot}{ext}"
+    target = (out / name).resolve()
+    if not target.is_relative_to(out) or name in used:
+        raise ApiError(502, "bad_archive", f"figure name {arcname!r} cannot be used")
+    used.add(name)
+    line["figure"] = name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with archive.open(arcname) as source, target.open("wb") as sink:
+        shutil.copyfileobj(source, sink)
+    return target
 
 
 def _update_bar(bar, doc: dict) -> None:

@@ -1,7 +1,7 @@
 """`featuremaps batch ARCHIVE|s3://bucket/prefix/ [--wait] [--download DIR]`: submit a whole
 archive (streamed from disk, never read into memory) or an S3 prefix as one batch, follow it
-with a progress bar (done/total, failed, images/s, ETA), and fetch its manifest and figures —
-all through :class:`client.api.Client`."""
+with a progress bar (done/total, failed, images/s, ETA), and fetch its manifest and figures
+(from every result shard) — all through :class:`client.api.Client`."""
 
 from __future__ import annotations
 
@@ -31,7 +31,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
     print(json.dumps({k: batch.doc[k] for k in ("id", "status", "counts", "error")}, indent=2))
     if args.download:
         paths = batch.download(Path(args.download))
-        print(f"downloaded {len(paths) - 1} figures and the manifest to {args.download}")
+        shards = len(batch.shards())
+        print(
+            f"downloaded {len(paths) - 1} figures and the manifest "
+            f"({shards} result shard{'s' if shards > 1 else ''}) to {args.download}"
+        )
     return 0 if batch.status == "succeeded" else 1
 
 

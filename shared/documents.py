@@ -32,11 +32,41 @@ def job_document(store: ObjectStore, job: Job, expiry_s: int) -> dict:
 def batch_document(store: ObjectStore, batch: Batch, expiry_s: int) -> dict:
     doc = batch.to_dict()
     if batch.result:
-        doc["result"] = {
-            "manifest_url": store.presigned_get(batch.result["manifest_key"], expiry_s),
-            "archive_url": store.presigned_get(batch.result["archive_key"], expiry_s),
-        }
+        doc["result"] = _batch_result(store, batch, expiry_s)
     return doc
+
+
+def _batch_result(store: ObjectStore, batch: Batch, expiry_s: int) -> dict:
+    """Every result shard's links; ``manifest_url``/``archive_url`` as well when there is
+    one shard (null for more). A result written before shards is one shard."""
+    result = batch.result or {}
+    shards = result.get("shards") or [
+        {
+            "index": 1,
+            "first": 0,
+            "items": batch.total,
+            "manifest_key": result["manifest_key"],
+            "archive_key": result["archive_key"],
+        }
+    ]
+
+    def url(key: str | None) -> str | None:
+        return store.presigned_get(key, expiry_s) if key else None
+
+    return {
+        "manifest_url": url(result.get("manifest_key")),
+        "archive_url": url(result.get("archive_key")),
+        "shards": [
+            {
+                "index": shard["index"],
+                "first": shard["first"],
+                "items": shard["items"],
+                "manifest_url": url(shard["manifest_key"]),
+                "archive_url": url(shard["archive_key"]),
+            }
+            for shard in shards
+        ],
+    }
 
 
 def item_document(store: ObjectStore, batch: Batch, item: Item, expiry_s: int) -> dict:

@@ -44,9 +44,18 @@ def batch_source_key(batch_id: str, ext: str) -> str:
     return f"batches/{batch_id}/source.{ext}"
 
 
-def batch_manifest_key(batch_id: str) -> str:
-    return f"batches/{batch_id}/manifest.jsonl"
+def batch_result_keys(batch_id: str, shard: int, shards: int) -> tuple[str, str]:
+    """(manifest, zip) of result shard ``shard`` (1-based) of ``shards``: a batch with one
+    shard keeps ``manifest.jsonl`` and ``results.zip``; more are numbered with 5 digits."""
+    if shards == 1:
+        return f"batches/{batch_id}/manifest.jsonl", f"batches/{batch_id}/results.zip"
+    return (
+        f"batches/{batch_id}/manifest-{shard:05d}.jsonl",
+        f"batches/{batch_id}/results-{shard:05d}.zip",
+    )
 
 
-def batch_results_key(batch_id: str) -> str:
-    return f"batches/{batch_id}/results.zip"
+def batch_inputs_prefixes(batch_id: str) -> tuple[str, str]:
+    """Where a batch's expanded inputs are: its input packs, and (written before packs) one
+    ``inputs/<item id>/`` folder per item."""
+    return f"batches/{batch_id}/inputs/", f"inputs/{batch_id}-"

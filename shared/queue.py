@@ -30,6 +30,7 @@ JOBS_QUEUE = "jobs"
 EXPAND_BATCH = "featuremaps.expand_batch"
 RUN_BATCH_CHUNK = "featuremaps.run_batch_chunk"
 FINALIZE_BATCH = "featuremaps.finalize_batch"
+FINALIZE_BATCH_SHARD = "featuremaps.finalize_batch_shard"
 BATCH_QUEUE = "batch"
 # Workers consume both, interactive jobs first (see worker/celery_app.py).
 WORKER_QUEUES = f"{JOBS_QUEUE},{BATCH_QUEUE}"

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # model pass (worker/reuse.py, docs/design.md "Result reuse").
     reuse_results: bool = True
     batch_chunk: int = Field(16, ge=1, le=512)
+    # A finished batch's results are written in shards of this many members (a manifest and
+    # a zip each, worker/finalize.py): at ~250 KB a figure, 5,000 make a zip of ~1.25 GB.
+    result_shard_items: int = Field(5_000, ge=1)
 
     # Celery: the soft limit ends the job as `timeout`; both stay below the visibility
     # timeout so a running task is never handed to a second worker.

@@ -1,5 +1,6 @@
 """Celery tasks for batches: thin wrappers that pass ids and call the stages of a batch
-(``worker/expand.py``, ``worker/chunks.py``, ``worker/finalize.py``).
+(``worker/expand.py``, ``worker/chunks.py``, ``worker/finalize.py``: finalizing plans the
+result shards, and each shard is a task of its own).
 
 Every task holds its lease while it runs (:func:`worker.leasing.lease_held`; a chunk's item
 changes are fenced by it) and ends through :func:`worker.guard.guarded`, as jobs do: storage
@@ -12,13 +13,19 @@ from __future__ import annotations
 
 from celery import Task
 
-from shared.queue import BATCH_QUEUE, EXPAND_BATCH, FINALIZE_BATCH, RUN_BATCH_CHUNK
+from shared.queue import (
+    BATCH_QUEUE,
+    EXPAND_BATCH,
+    FINALIZE_BATCH,
+    FINALIZE_BATCH_SHARD,
+    RUN_BATCH_CHUNK,
+)
 from worker import runtime
 from worker.batches import batch_store
 from worker.celery_app import app, settings
 from worker.chunks import Delivery, fail_chunk, run_chunk
 from worker.expand import expand_batch, fail_expansion
-from worker.finalize import finalize_batch
+from worker.finalize import finalize_batch, write_shard
 from worker.guard import guarded
 from worker.leasing import lease_held
 
@@ -30,6 +37,10 @@ def _dispatch(batch_id: str, item_ids: list[str]) -> None:
 def _finalize(batch_id: str) -> None:
     # A task of its own, so that writing the manifest gets its own storage retries.
     app.send_task(FINALIZE_BATCH, args=[batch_id], queue=BATCH_QUEUE)
+
+
+def _write_shard(batch_id: str, shard: int) -> None:
+    app.send_task(FINALIZE_BATCH_SHARD, args=[batch_id, shard], queue=BATCH_QUEUE)
 
 
 @app.task(
@@ -75,11 +86,34 @@ def finalize_batch_task(self: Task, batch_id: str) -> object:
         return guarded(
             self,
             ctx.settings,
-            lambda: finalize_batch(ctx, batch_id),
+            lambda: finalize_batch(ctx, batch_id, _write_shard),
             what=f"finalizing batch {batch_id}",
             give_up=lambda code, message: batch_store(ctx).fail(
                 batch_id,
                 code=code,
-                message=f"the batch's manifest could not be written: {message}",
+                message=f"the batch's results could not be planned: {message}",
+            ),
+        )
+
+
+# A shard copies up to RESULT_SHARD_ITEMS figures: it gets the long limits expansion has.
+@app.task(
+    name=FINALIZE_BATCH_SHARD,
+    bind=True,
+    soft_time_limit=settings.expand_limits_s[0],
+    time_limit=settings.expand_limits_s[1],
+)
+def finalize_batch_shard_task(self: Task, batch_id: str, shard: int) -> object:
+    ctx = runtime.context()
+    with lease_held(self, ctx):
+        return guarded(
+            self,
+            ctx.settings,
+            lambda: write_shard(ctx, batch_id, shard),
+            what=f"result shard {shard} of batch {batch_id}",
+            give_up=lambda code, message: batch_store(ctx).fail(
+                batch_id,
+                code=code,
+                message=f"the batch's result shard {shard} could not be written: {message}",
             ),
         )

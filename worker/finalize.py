@@ -1,21 +1,28 @@
-"""Where a batch ends: ``manifest.jsonl`` and ``results.zip`` streamed into storage, the batch
-closed, and (unless ``KEEP_INPUTS``) its uploaded archive and expanded inputs deleted.
+"""Where a batch ends: its results written in shards (a manifest and a zip of figures per
+``RESULT_SHARD_ITEMS`` members, each streamed into storage by a task of its own), the batch
+closed by whoever writes the last shard, and (unless ``KEEP_INPUTS``) its uploaded archive and
+expanded inputs deleted.
 
 ``BatchStore`` makes exactly one caller finalize a batch: whoever records its last outcome.
+Finalizing plans the shards (shared/result_shards.py) and hands each to ``write_shard``;
+every shard's objects have keys fixed by the plan, so a shard written twice leaves the same
+objects, and closing an already closed batch changes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 from shared import keys
 from shared.archives import safe_name
-from shared.batches import Batch, BatchStore, ItemStatus
+from shared.batches import Batch, BatchStore, Item, ItemStatus
 from shared.errors import FeatureMapsError, RefusedMember
+from shared.result_shards import ResultShards
 from shared.storage import MIN_PART_SIZE
 from worker.batches import IO_THREADS, batch_store
 from worker.runtime import WorkerContext
@@ -25,49 +32,113 @@ log = logging.getLogger(__name__)
 
 MANIFEST_PAGE = 256
 
+# How a shard is handed on: in a worker, a task sent by name; in tests, a plain call.
+DispatchShard = Callable[[str, int], None]
 
-def finalize_batch(ctx: WorkerContext, batch_id: str) -> str:
-    """Write ``manifest.jsonl`` (one line per member) and ``results.zip`` (every figure),
-    each streamed into storage, then close the batch; returns its final status."""
-    store = batch_store(ctx)
+
+def result_shards(ctx: WorkerContext) -> ResultShards:
+    return ResultShards(ctx.redis, ttl_s=ctx.settings.job_ttl_s)
+
+
+def finalize_batch(ctx: WorkerContext, batch_id: str, dispatch_shard: DispatchShard) -> int:
+    """Plan the batch's result shards and dispatch each one not written yet; returns how
+    many shards the batch has. When all are written already (the task closing the batch
+    died), close it here."""
+    shards = result_shards(ctx)
+    plan = shards.plan(
+        batch_id,
+        total=batch_store(ctx).item_count(batch_id),
+        size=ctx.settings.result_shard_items,
+    )
+    written = {s["index"] for s in shards.written(batch_id)}
+    missing = [n for n in range(1, plan.count + 1) if n not in written]
+    log.info("batch %s: %d result shards, %d to write", batch_id, plan.count, len(missing))
+    for shard in missing:
+        dispatch_shard(batch_id, shard)
+    if not missing:
+        close_batch(ctx, batch_id)
+    return plan.count
+
+
+def write_shard(ctx: WorkerContext, batch_id: str, shard: int) -> str:
+    """Write shard ``shard``'s manifest lines and zip of figures; the writer of the last
+    shard closes the batch. Returns the batch's status, or ``written``."""
+    store, shards = batch_store(ctx), result_shards(ctx)
+    plan = shards.planned(batch_id)
+    first, count = plan.span(shard)
     batch = store.get(batch_id)
     fmt = batch.options.get("format", "jpg")
-    lines = _manifest_lines(store, batch_id, fmt)
-    manifest_key = keys.batch_manifest_key(batch_id)
+    manifest_key, archive_key = keys.batch_result_keys(batch_id, shard, plan.count)
+    lines = _manifest_lines(_shard_items(store, batch_id, first, count), fmt)
     ctx.store.put_stream(
         manifest_key,
         IterReader(line.encode() for line in lines),
         content_type="application/x-ndjson",
         part_size=MIN_PART_SIZE,
     )
-    archive_key = keys.batch_results_key(batch_id)
-    stream_zip(ctx.store, archive_key, _figures(ctx, store, batch_id, fmt))
-    status = store.complete(batch_id, {"manifest_key": manifest_key, "archive_key": archive_key})
+    figures = _figures(ctx, _shard_items(store, batch_id, first, count), fmt)
+    # Entries dated by the batch's submission: a shard written again is the same bytes.
+    submitted = datetime.fromisoformat(batch.created_at).timetuple()[:6]
+    stream_zip(ctx.store, archive_key, figures, date_time=submitted)
+    summary = {
+        "index": shard,
+        "first": first,
+        "items": count,
+        "manifest_key": manifest_key,
+        "archive_key": archive_key,
+    }
+    if shards.record(batch_id, shard, summary) < plan.count:
+        return "written"
+    return close_batch(ctx, batch_id)
+
+
+def close_batch(ctx: WorkerContext, batch_id: str) -> str:
+    """Complete the batch with every shard's keys, once: a batch with a result is closed
+    already. Returns its final status."""
+    store = batch_store(ctx)
+    batch = store.get(batch_id)
+    if batch.result is not None:
+        return batch.status.value
+    status = store.complete(batch_id, batch_result(result_shards(ctx).written(batch_id)))
     log.info("batch %s finalized: %s", batch_id, status)
     if not ctx.settings.keep_inputs:
-        release_batch_inputs(ctx, store, batch)
+        release_batch_inputs(ctx, batch)
     return status
 
 
-def release_batch_inputs(ctx: WorkerContext, store: BatchStore, batch: Batch) -> None:
-    """Delete a finalized batch's uploaded archive and its items' inputs; if storage is down
-    now, the retention sweep deletes them with the rest of the batch's objects."""
-    inputs = [
-        item.info["input_key"]
-        for item in store.iter_items(batch.id, page=MANIFEST_PAGE)
-        if item.info.get("input_key")
-    ]
-    if batch.source.get("key"):
-        inputs.append(batch.source["key"])
+def batch_result(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The batch's ``result``: its shards, and for a single one its keys as before shards."""
+    single = shards[0] if len(shards) == 1 else {}
+    return {
+        "manifest_key": single.get("manifest_key"),
+        "archive_key": single.get("archive_key"),
+        "shards": shards,
+    }
+
+
+def release_batch_inputs(ctx: WorkerContext, batch: Batch) -> None:
+    """Delete a finalized batch's uploaded archive and its expanded inputs, by listing their
+    prefixes; if storage is down now, the retention sweep deletes them with the rest of the
+    batch's objects."""
     try:
-        ctx.store.delete_keys(inputs)
+        for prefix in keys.batch_inputs_prefixes(batch.id):
+            ctx.store.delete_prefix(prefix)
+        if batch.source.get("key"):
+            ctx.store.delete_keys([batch.source["key"]])
     except FeatureMapsError as exc:
         log.warning("batch %s: inputs not deleted now (retention will): %s", batch.id, exc)
 
 
-def _manifest_lines(store: BatchStore, batch_id: str, fmt: str) -> Iterator[str]:
+def _shard_items(store: BatchStore, batch_id: str, first: int, count: int) -> Iterator[Item]:
+    """The items at positions ``first`` .. ``first + count - 1``, a page at a time."""
+    end = first + count
+    for start in range(first, end, MANIFEST_PAGE):
+        yield from store.items(batch_id, start=start, count=min(MANIFEST_PAGE, end - start))
+
+
+def _manifest_lines(items: Iterator[Item], fmt: str) -> Iterator[str]:
     names = _ArcNames(fmt)
-    for item in store.iter_items(batch_id, page=MANIFEST_PAGE):
+    for item in items:
         line: dict[str, Any] = {"item_id": item.id, "name": item.name, "status": item.status}
         if item.status is ItemStatus.SUCCEEDED:
             line["figure"] = names.for_item(item.id, item.name)
@@ -80,13 +151,11 @@ def _manifest_lines(store: BatchStore, batch_id: str, fmt: str) -> Iterator[str]
         yield json.dumps(line) + "\n"
 
 
-def _figures(
-    ctx: WorkerContext, store: BatchStore, batch_id: str, fmt: str
-) -> Iterator[tuple[str, bytes]]:
-    """(name in results.zip, figure bytes) for every succeeded item, fetched a page at a
+def _figures(ctx: WorkerContext, items: Iterator[Item], fmt: str) -> Iterator[tuple[str, bytes]]:
+    """(name in the shard's zip, figure bytes) for every succeeded item, fetched a page at a
     time in parallel so only one page of figures is in memory."""
     names = _ArcNames(fmt)
-    succeeded = (i for i in store.iter_items(batch_id) if i.status is ItemStatus.SUCCEEDED)
+    succeeded = (i for i in items if i.status is ItemStatus.SUCCEEDED)
     with ThreadPoolExecutor(IO_THREADS) as pool:
         for page in pages(succeeded, IO_THREADS * 4):
             datas = pool.map(lambda i: ctx.store.get_bytes(i.info["figure_key"]), page)
@@ -95,8 +164,10 @@ def _figures(
 
 
 class _ArcNames:
-    """The figure's name inside results.zip: the member's name plus the figure's extension,
-    made unique (archives may hold one name twice) and never absolute or climbing."""
+    """The figure's name inside a shard's zip: the member's name plus the figure's extension,
+    never absolute or climbing, and unique within the shard (archives may hold one name
+    twice: a name seen earlier in the shard gets the item id before its extension). Across
+    shards the same name can recur; the client applies the same rule when it extracts."""
 
     def __init__(self, fmt: str) -> None:
         self.fmt = fmt

@@ -23,9 +23,17 @@ def pages(items: Iterable, size: int) -> Iterator[list]:
         yield page
 
 
-def stream_zip(store: ObjectStore, key: str, files: Iterator[tuple[str, bytes]]) -> None:
+def stream_zip(
+    store: ObjectStore,
+    key: str,
+    files: Iterator[tuple[str, bytes]],
+    *,
+    date_time: tuple[int, int, int, int, int, int] = (1980, 1, 1, 0, 0, 0),
+) -> None:
     """Write a zip of ``files`` into storage through a pipe: a thread writes the zip (an
-    unseekable stream, so zipfile uses data descriptors), put_stream reads the other end."""
+    unseekable stream, so zipfile uses data descriptors), put_stream reads the other end.
+    Every entry carries ``date_time``, not the clock's, so the same files make the same
+    bytes."""
     read_fd, write_fd = os.pipe()
     failure: list[BaseException] = []
 
@@ -36,7 +44,9 @@ def stream_zip(store: ObjectStore, key: str, files: Iterator[tuple[str, bytes]])
                 zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED) as archive,
             ):
                 for arcname, data in files:
-                    archive.writestr(arcname, data)
+                    entry = zipfile.ZipInfo(arcname, date_time=date_time)
+                    entry.external_attr = 0o600 << 16  # what writestr gives a name
+                    archive.writestr(entry, data)
         except BaseException as exc:  # handed to the caller, which re-raises it
             failure.append(exc)
 

@@ -22,6 +22,25 @@
     return `${Math.floor(value / 60)} min ${Math.round(value % 60)} s`;
   }
 
+  // One shard: manifest.jsonl and results.zip as ever; more: both files of each shard, with
+  // the members (1-based positions) it holds.
+  function downloadLinks(shards) {
+    if (shards.length === 1) {
+      return [
+        FM.link(shards[0].manifest_url, "manifest.jsonl"),
+        FM.link(shards[0].archive_url, "results.zip (every figure)"),
+      ];
+    }
+    return shards.flatMap((shard) => {
+      const number = String(shard.index).padStart(5, "0");
+      const members = `members ${shard.first + 1}–${shard.first + shard.items}`;
+      return [
+        FM.link(shard.manifest_url, `manifest-${number}.jsonl (${members})`),
+        FM.link(shard.archive_url, `results-${number}.zip (figures of ${members})`),
+      ];
+    });
+  }
+
   async function poll() {
     let doc;
     try {
@@ -47,10 +66,7 @@
     done = FINISHED.includes(doc.status) && Boolean(doc.result);
     cancel.disabled = FINISHED.includes(doc.status);
     if (doc.result) {
-      document.getElementById("downloads").replaceChildren(
-        FM.link(doc.result.manifest_url, "manifest.jsonl"),
-        FM.link(doc.result.archive_url, "results.zip (every figure)"),
-      );
+      document.getElementById("downloads").replaceChildren(...downloadLinks(doc.result.shards));
     }
     await loadPage();
     if (!done) timer = setTimeout(poll, POLL_MS);

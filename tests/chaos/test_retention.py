@@ -23,6 +23,8 @@ def test_owner_of_each_object_key():
     assert owner_record_key("results/abc123/layers/00_conv1.png") == "featuremaps:job:abc123"
     assert owner_record_key("inputs/b0b1-000042/0.jpg") == "featuremaps:batch:b0b1"
     assert owner_record_key("batches/b0b1/results.zip") == "featuremaps:batch:b0b1"
+    assert owner_record_key("batches/b0b1/results-00002.zip") == "featuremaps:batch:b0b1"
+    assert owner_record_key("batches/b0b1/inputs/000003.pack") == "featuremaps:batch:b0b1"
     assert owner_record_key("elsewhere/b0b1/x") is None
     assert owner_record_key("inputs/") is None
 

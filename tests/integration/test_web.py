@@ -27,6 +27,7 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / "out" / "web"
 LAPTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 JOB_DONE_MS = 120_000
+SHARD_ITEMS = 7
 # Chromium logs every 4xx answer to fetch() as a console error; tests that provoke one on
 # purpose accept exactly those and nothing else.
 REFUSED_FETCH = re.compile(r"^Failed to load resource: the server responded with a status of 4\d\d")
@@ -35,7 +36,14 @@ REFUSED_FETCH = re.compile(r"^Failed to load resource: the server responded with
 @pytest.fixture(scope="module")
 def deployment(redis_server, s3_server, tmp_path_factory) -> Iterator[Deployment]:
     with Deployment.started(
-        tmp_path_factory.mktemp("web"), redis_server, s3_server, name="web", db=10, api_tokens=TOKEN
+        tmp_path_factory.mktemp("web"),
+        redis_server,
+        s3_server,
+        name="web",
+        db=10,
+        api_tokens=TOKEN,
+        # The 7-member archive below makes one result shard, a 9-member one two.
+        result_shard_items=str(SHARD_ITEMS),
     ) as dep:
         yield dep
 
@@ -238,6 +246,39 @@ def test_an_archive_shows_progress_to_100_percent_and_fills_the_gallery(open_pag
     expect(page.get_by_role("button", name="Cancel batch")).to_be_disabled()
     expect(page.locator("#counts")).to_contain_text("6 succeeded · 1 failed")
     screenshot(page, "batch")
+    assert console == []
+
+
+def test_a_batch_in_two_result_shards_links_both_files_of_each(open_page, deployment):
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for i in range(SHARD_ITEMS + 2):
+            bundle.writestr(f"set/{i}.jpg", photos.camera_jpeg(160, 120, seed=40 + i))
+    response = requests.post(
+        f"{deployment.api}/batches",
+        files={"archive": ("nine.zip", archive.getvalue())},
+        headers=AUTH,
+        timeout=60,
+    )
+    assert response.status_code == 202, response.text
+    page, console = open_page()
+    page.goto("/")
+    page.evaluate("t => sessionStorage.setItem('featuremaps-token', t)", TOKEN)
+    page.goto(response.json()["links"]["page"])
+    first = page.get_by_role("link", name="manifest-00001.jsonl (members 1–7)")
+    expect(first).to_be_visible(timeout=JOB_DONE_MS)
+    for name in (
+        "results-00001.zip (figures of members 1–7)",
+        "manifest-00002.jsonl (members 8–9)",
+        "results-00002.zip (figures of members 8–9)",
+    ):
+        expect(page.get_by_role("link", name=name)).to_be_visible()
+    expect(page.get_by_role("link", name="manifest.jsonl")).to_have_count(0)
+    second = page.get_by_role("link", name="results-00002.zip (figures of members 8–9)")
+    bundle = zipfile.ZipFile(
+        io.BytesIO(requests.get(second.get_attribute("href"), timeout=10).content)
+    )
+    assert sorted(bundle.namelist()) == ["figures/set/7.jpg.jpg", "figures/set/8.jpg.jpg"]
     assert console == []
 
 
