@@ -50,3 +50,8 @@ def batch_manifest_key(batch_id: str) -> str:
 
 def batch_results_key(batch_id: str) -> str:
     return f"batches/{batch_id}/results.zip"
+
+
+def batch_input_pack_key(batch_id: str, block: int) -> str:
+    """One block's image members, concatenated (items read theirs with a ranged GET)."""
+    return f"batches/{batch_id}/inputs/{block:06d}.pack"
