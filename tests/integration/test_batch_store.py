@@ -15,6 +15,7 @@ from shared.batches import (
     ItemStatus,
     NewItem,
     batch_key,
+    block_key,
     item_id,
 )
 from shared.records import text
@@ -242,3 +243,23 @@ def test_a_chunk_after_the_cancel_runs_nothing_and_settles_its_blocks(redis_clie
     assert store.settle_canceled("late", ids[:16]) is False
     assert store.settle_canceled("late", ids[200:216]) is True
     _adds_up(store.get("late"))
+
+
+def test_blocks_are_renewed_round_the_batch_and_when_it_ends(redis_client):
+    store = BatchStore(redis_client, ttl_s=600)
+    ids = _expanded(store, "ttl", 1000)  # 8 blocks
+    for block in range(8):
+        redis_client.expire(block_key("ttl", block), 5)
+    chunk = ids[:4]
+    store.start_items("ttl", chunk, token="t")
+    store.finish_items("ttl", [(i, ItemStatus.FAILED, {"name": i}) for i in chunk])
+    ttls = [redis_client.ttl(block_key("ttl", block)) for block in range(8)]
+    # Block 0 (its items) and the window 0-3 are renewed; the others not yet.
+    assert [t > 5 for t in ttls] == [True] * 4 + [False] * 4
+    store.start_items("ttl", ids[4:8], token="t")
+    store.finish_items("ttl", [(i, ItemStatus.FAILED, {"name": i}) for i in ids[4:8]])
+    assert all(redis_client.ttl(block_key("ttl", block)) > 5 for block in range(8))
+    for block in range(8):
+        redis_client.expire(block_key("ttl", block), 5)
+    store.complete("ttl", {})
+    assert all(redis_client.ttl(block_key("ttl", block)) > 5 for block in range(8))
