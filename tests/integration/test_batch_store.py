@@ -91,7 +91,7 @@ def test_redis_keys_grow_per_block_not_per_item(redis_client):
     blocks = math.ceil(1000 / BLOCK_ITEMS)
     assert store.blocks("big") == blocks
     assert redis_client.dbsize() == 1 + blocks
-    assert sorted(store.record_keys("big")) == sorted(k.decode() for k in redis_client.keys())
+    assert sorted(store.record_keys("big")) == sorted(k.decode() for k in redis_client.scan_iter())
     store.delete("big")
     assert redis_client.dbsize() == 0
 
