@@ -49,7 +49,8 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from shared.errors import Conflict
-from shared.item_codec import ItemPlace, pack_info, unpack_info
+from shared.item_codec import ItemPlace, member_index, pack_info, unpack_info
+from shared.item_codec import item_id as item_id  # where callers have always found it
 from shared.leases import FENCE_LUA, UNFENCED, Fence, LeaseLost
 from shared.records import (
     Record,
@@ -91,12 +92,6 @@ def batch_key(batch_id: str) -> str:
     return record_key("batch", batch_id)
 
 
-def item_id(batch_id: str, index: int) -> str:
-    """Server-generated, deterministic in the member's position: a redelivered expansion
-    finds the items it already created. Item keys in storage are prefixed by it."""
-    return f"{batch_id}-{index:06d}"
-
-
 def block_of(index: int) -> int:
     """The block that member ``index`` belongs to."""
     return index // BLOCK_ITEMS
@@ -105,14 +100,6 @@ def block_of(index: int) -> int:
 def block_key(batch_id: str, block: int) -> str:
     """The list of block ``block``'s item entries (``BLOCK_ITEMS`` of them at most)."""
     return f"{batch_key(batch_id)}:b:{block}"
-
-
-def item_index(batch_id: str, item: str) -> int | None:
-    """The member index of item id ``item`` of this batch; None for any other string."""
-    head, dash, index = item.rpartition("-")
-    if dash and head == batch_id and index.isdigit() and item_id(batch_id, int(index)) == item:
-        return int(index)
-    return None
 
 
 @dataclass
@@ -579,7 +566,7 @@ class BatchStore(RecordStore[Batch]):
         args: list[str] = []
         reach = 0
         for item in items:
-            index = item_index(batch_id, item.id)
+            index = member_index(batch_id, item.id)
             if index is None:
                 raise ValueError(f"{item.id!r} is not an item id of batch {batch_id}")
             status = ItemStatus.FAILED if item.error else ItemStatus.QUEUED
@@ -607,7 +594,7 @@ class BatchStore(RecordStore[Batch]):
         args = [
             a
             for i in ids
-            if (n := item_index(batch_id, i)) is not None
+            if (n := member_index(batch_id, i)) is not None
             for a in (i, *slots.slot(n))
         ]
         outcome, *started = self._run(
@@ -636,7 +623,7 @@ class BatchStore(RecordStore[Batch]):
         slots = _Slots(batch_id)
         args: list[str] = []
         for item, status, info in outcomes:
-            index = item_index(batch_id, item)
+            index = member_index(batch_id, item)
             if index is None:
                 continue
             packed = pack_info(ItemPlace(batch_id, index, block_of(index)), info)
@@ -672,7 +659,7 @@ class BatchStore(RecordStore[Batch]):
         """In a canceled batch, end the queued items of the blocks of ``ids`` canceled (a
         chunk that starts after the cancel, should the canceling API process not have got
         there); True when the caller must finalize. Does nothing in any other batch."""
-        indexes = (item_index(batch_id, i) for i in ids)
+        indexes = (member_index(batch_id, i) for i in ids)
         blocks = sorted({block_of(n) for n in indexes if n is not None})
         return self._cancel_queued(batch_id, blocks)
 
@@ -720,7 +707,7 @@ class BatchStore(RecordStore[Batch]):
     ) -> None:
         """Append an item callback's ``attempt`` (JSON) to the item's info and settle its
         outbox ``entry``: due again at ``next_at``, or removed when that is ''."""
-        index = item_index(batch_id, item)
+        index = member_index(batch_id, item)
         if index is None:
             self.redis.zrem(OUTBOX_KEY, entry)
             return
@@ -784,7 +771,7 @@ class BatchStore(RecordStore[Batch]):
 
     def get_items(self, batch_id: str, ids: list[str]) -> dict[str, Item]:
         """The items of ``ids`` that exist, in that order."""
-        wanted = [(i, n) for i in ids if (n := item_index(batch_id, i)) is not None]
+        wanted = [(i, n) for i in ids if (n := member_index(batch_id, i)) is not None]
         with self.redis.pipeline(transaction=False) as pipe:
             for _, n in wanted:
                 pipe.lindex(block_key(batch_id, block_of(n)), n % BLOCK_ITEMS)

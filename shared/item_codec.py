@@ -41,6 +41,19 @@ LONG = {short: name for name, short in SHORT.items()}
 ESCAPE = "~"
 
 
+def item_id(batch_id: str, index: int) -> str:
+    """Server-generated, deterministic in the member's position: a redelivered expansion
+    finds the items it already created. Item keys in storage are prefixed by it."""
+    return f"{batch_id}-{index:06d}"
+
+
+def member_index(batch_id: str, item: str) -> int | None:
+    """The member index of item id ``item`` of this batch; None for any other string."""
+    head, dash, index = item.rpartition("-")
+    same = dash and head == batch_id and index.isdigit()
+    return int(index) if same and item_id(batch_id, int(index)) == item else None
+
+
 class ItemPlace:
     """Where an item sits: its batch, member index and block; what its derived values are."""
 
@@ -48,7 +61,7 @@ class ItemPlace:
         self.batch_id = batch_id
         self.index = index
         self.block = block
-        self.item_id = f"{batch_id}-{index:06d}"
+        self.item_id = item_id(batch_id, index)
 
     def derived(self, name: str) -> list[str]:
         """The values of field ``name`` that can be stored as their position in this list."""
@@ -59,12 +72,6 @@ class ItemPlace:
             "figure_key": lambda: [keys.figure_key(self.item_id, fmt) for fmt in FORMATS],
         }
         return derive[name]() if name in derive else []
-
-    def sibling(self, value: str) -> int | None:
-        """The member index of ``value`` when it is an item id of the same batch."""
-        head, dash, index = value.rpartition("-")
-        same = dash and head == self.batch_id and index.isdigit()
-        return int(index) if same and f"{head}-{int(index):06d}" == value else None
 
 
 def pack_info(place: ItemPlace, info: dict[str, Any]) -> str:
@@ -108,7 +115,7 @@ def _pack_value(place: ItemPlace, name: str, value: Any) -> Any:
     if not isinstance(value, str):
         return [value]
     if name == "reused_from":
-        index = place.sibling(value)
+        index = member_index(place.batch_id, value)
         return value if index is None else index
     derived = place.derived(name)
     return derived.index(value) if value in derived else value
@@ -120,5 +127,5 @@ def _unpack_value(place: ItemPlace, name: str, value: Any) -> Any:
     if isinstance(value, list):
         return value[0]
     if name == "reused_from":
-        return f"{place.batch_id}-{value:06d}"
+        return item_id(place.batch_id, value)
     return place.derived(name)[value]
