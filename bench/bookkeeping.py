@@ -65,7 +65,7 @@ def _measure(client: redis.Redis, items: int) -> dict:
     store.cancel("canceled")
     cancel_s = time.perf_counter() - started
     canceled = store.get("canceled").counts()
-    slow = [(entry["duration"], entry["command"]) for entry in client.slowlog_get(128)]
+    slow = [(e["duration"], e["command"].decode()[:60]) for e in client.slowlog_get(128)]
     numbers = {
         "items": items,
         "bytes_per_item_queued": round(queued / items, 1),

@@ -358,18 +358,29 @@ return complete_if_done()
 )
 
 # ARGV: ttl, batch id, then the first member index of each block given. In a canceled batch,
-# the queued items of those blocks end canceled. Returns 'finalize' or 'ok'.
+# the queued items of those blocks end canceled: each block read once and written back
+# whole, its counters moved once. Returns 'finalize' or 'ok'.
 _CANCEL_BLOCKS = (
     _PRELUDE
     + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'canceled' then return 'ok' end
 for k = 4, #KEYS do
   local entries = redis.call('LRANGE', KEYS[k], 0, -1)
-  for pos = 0, #entries - 1 do
-    if string.sub(entries[pos + 1], 1, 1) == 'q' then
-      local id = ARGV[2] .. '-' .. string.format('%06d', tonumber(ARGV[k - 1]) + pos)
-      move(k, pos, read(k, pos), id, 'canceled')
+  local first, ended = tonumber(ARGV[k - 1]), 0
+  for pos = 1, #entries do
+    local e = entries[pos]
+    if string.sub(e, 1, 1) == 'q' then
+      entries[pos] = 'c' .. string.sub(e, 2)
+      ended = ended + 1
+      local id = ARGV[2] .. '-' .. string.format('%06d', first + pos - 1)
+      enqueue_item_callback(KEYS[1], KEYS[3], id)
     end
+  end
+  if ended > 0 then
+    redis.call('DEL', KEYS[k])
+    redis.call('RPUSH', KEYS[k], unpack(entries))
+    redis.call('HINCRBY', KEYS[1], 'queued', -ended)
+    redis.call('HINCRBY', KEYS[1], 'canceled', ended)
   end
 end
 touch()
