@@ -7,7 +7,8 @@ reach) and one list per *block* of ``BLOCK_ITEMS`` consecutive member indexes,
 block ``n`` is member ``128n + i``: ``<status code><attempts>|<delivery token>|<info>``,
 the info packed by shared/item_codec.py (values derivable from the item's id or block left
 out), the token kept only while the item runs; '' marks a position not recorded yet. So
-Redis holds a few keys per 128 items, about 80 bytes per item (bench/bookkeeping.py).
+Redis holds one key per 128 items: at a million items 78 bytes per item queued, 112 once
+succeeded (bench/bookkeeping.py, docs/benchmarks.md "Bookkeeping").
 
 Every change is one short Lua script over the batch hash and the blocks of the ids it is
 given, so counters move with the statuses they count, two workers can't both start an item,
