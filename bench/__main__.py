@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import bulk, core, datapath, reuse, scale, service
+from bench import bookkeeping, bulk, core, datapath, reuse, scale, service
 
 SECTIONS: dict[str, Callable[[int], dict]] = {
     "core": core.run,
@@ -21,6 +21,7 @@ SECTIONS: dict[str, Callable[[int], dict]] = {
     "bulk": bulk.run,
     "datapath": datapath.run,
     "reuse": reuse.run,
+    "bookkeeping": bookkeeping.run,
     "scale": scale.run,
 }
 

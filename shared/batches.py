@@ -1,21 +1,35 @@
 """Batch records in Redis: one batch, its items, and counters that always add up.
 
-A batch is six Redis keys under ``featuremaps:batch:<id>``: the batch hash (fields and the
-counters ``total``, ``queued``, ``running``, ``succeeded``, ``failed``, ``canceled``), the
-item ids in member order (a list, for paging and the manifest), each item's status, the
-token of the chunk delivery running it, its details (JSON: name, keys, error) and how many
-times a chunk started it (``attempts``).
+A batch is a hash ``featuremaps:batch:<id>`` (fields and the counters ``total``, ``queued``,
+``running``, ``succeeded``, ``failed``, ``canceled``; ``blocks``, how many blocks its items
+reach) and one list per *block* of ``BLOCK_ITEMS`` consecutive member indexes,
+``featuremaps:batch:<id>:b:<n>`` (block n holds indexes [128n, 128n + 128)). Entry ``i`` of
+block ``n`` is member ``128n + i``: ``<status code><attempts>|<delivery token>|<info>``,
+the info packed by shared/item_codec.py (values derivable from the item's id or block left
+out), the token kept only while the item runs; '' marks a position not recorded yet. So
+Redis holds one key per 128 items: at a million items 78 bytes per item queued, 112 once
+succeeded (bench/bookkeeping.py, docs/benchmarks.md "Bookkeeping").
 
-Every change is one short Lua script, so counters move with the statuses they count, two
-workers can't both start an item, and exactly one caller learns that the batch is complete
-and must be finalized (the ``finalizing`` flag is set inside the same script that sees the
-last item finish, or the expansion end, or a cancel leave nothing running).
+Every change is one short Lua script over the batch hash and the blocks of the ids it is
+given, so counters move with the statuses they count, two workers can't both start an item,
+and exactly one caller learns that the batch is complete and must be finalized (the
+``finalizing`` flag is set inside the same script that sees the last item finish, or the
+expansion end, or a cancel leave nothing running).
 
     batch: queued → expanding → running → succeeded | failed | canceled
            expanding → failed        (an archive limit; dispatched items keep going)
            queued | expanding | running → canceled
     item:  queued → running → succeeded | failed;  queued → canceled
            failed from the start     (a refused member, or not an image)
+
+Cancel sets the batch canceled in one script; its queued items then end canceled block by
+block (the API process walks the blocks, pipelined, one script each; a chunk starting later
+settles its own blocks), so no script walks a large batch. No item of a canceled batch
+starts, and ``queued`` counts the items not yet settled, so the counters add up throughout.
+
+TTLs: the batch hash is renewed by every script; a block when a script writes it, by each
+``finish_items`` in a window that goes round the batch (``RENEW_STEP`` blocks a call), and
+all of them once more when the batch ends.
 
 A chunk's starts and ends carry its lease's fence (shared/leases.py): once the chunk was
 handed over to another worker they raise :class:`LeaseLost` and change nothing.
@@ -36,6 +50,8 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from shared.errors import Conflict
+from shared.item_codec import ItemPlace, member_index, pack_info, unpack_info
+from shared.item_codec import item_id as item_id  # where callers have always found it
 from shared.leases import FENCE_LUA, UNFENCED, Fence, LeaseLost
 from shared.records import (
     Record,
@@ -48,6 +64,8 @@ from shared.records import (
 from shared.webhooks import ENQUEUE_SCRIPT, ITEM_ENQUEUE_LUA, OUTBOX_KEY
 
 COUNTERS = ("queued", "running", "succeeded", "failed", "canceled")
+# Consecutive member indexes that share one input pack and one Redis list of entries.
+BLOCK_ITEMS = 128
 
 
 class BatchStatus(StrEnum):
@@ -75,27 +93,14 @@ def batch_key(batch_id: str) -> str:
     return record_key("batch", batch_id)
 
 
-def item_id(batch_id: str, index: int) -> str:
-    """Server-generated, deterministic in the member's position: a redelivered expansion
-    finds the items it already created. Item keys in storage are prefixed by it."""
-    return f"{batch_id}-{index:06d}"
+def block_of(index: int) -> int:
+    """The block that member ``index`` belongs to."""
+    return index // BLOCK_ITEMS
 
 
-def item_info_key(batch_id: str) -> str:
-    """The hash of the batch's item details (JSON by item id)."""
-    return _keys(batch_id)[2]
-
-
-def _keys(batch_id: str) -> list[str]:
-    base = batch_key(batch_id)
-    return [
-        base,
-        f"{base}:order",
-        f"{base}:info",
-        f"{base}:status",
-        f"{base}:token",
-        f"{base}:attempts",
-    ]
+def block_key(batch_id: str, block: int) -> str:
+    """The list of block ``block``'s item entries (``BLOCK_ITEMS`` of them at most)."""
+    return f"{batch_key(batch_id)}:b:{block}"
 
 
 @dataclass
@@ -192,25 +197,56 @@ class NewItem:
     name: str
     input_key: str | None = None
     error: dict[str, str] | None = None
+    # (offset, length) of the member's bytes in the block's input pack.
+    input_range: tuple[int, int] | None = None
 
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"name": self.name}
         if self.input_key:
             info["input_key"] = self.input_key
+        if self.input_range is not None:
+            info["input_range"] = list(self.input_range)
         if self.error:
             info["error"] = self.error
         return info
 
 
-# Shared by every script: KEYS = batch, order, info, status, token, attempts, the lease of
-# the fenced ones (else unused), the webhook outbox; ARGV[1] = ttl. touch() renews the
-# batch's own six keys only: the lease and the outbox have lives of their own.
+# Shared by every script: KEYS = batch, the lease of the fenced ones (else unused), the
+# webhook outbox, then the blocks the script reads or writes (KEYS[4]…, computed in Python);
+# an item is named by its id, the position of its block in KEYS and its offset in the block.
+# ARGV[1] = ttl. An entry is ``<status code><attempts>|<delivery token>|<packed info>``
+# (shared/item_codec.py), '' for a position not recorded yet. touch() renews the batch and
+# the blocks given: the lease and the outbox have lives of their own.
 _PRELUDE = (
     FENCE_LUA
     + ITEM_ENQUEUE_LUA
     + """
+local STATUS = {q = 'queued', r = 'running', s = 'succeeded', f = 'failed', c = 'canceled'}
+local CODE = {queued = 'q', running = 'r', succeeded = 's', failed = 'f', canceled = 'c'}
+local function read(k, pos)
+  local e = redis.call('LINDEX', KEYS[k], pos)
+  if not e or e == '' then return nil end
+  local attempts, token, info = string.match(e, '^(%d+)|([^|]*)|(.*)$', 2)
+  return {status = STATUS[string.sub(e, 1, 1)], attempts = tonumber(attempts),
+          token = token, info = info}
+end
+local function write(k, pos, it)
+  redis.call('LSET', KEYS[k], pos,
+             CODE[it.status] .. it.attempts .. '|' .. it.token .. '|' .. it.info)
+end
+local function place(k, pos, it)
+  local n = redis.call('LLEN', KEYS[k])
+  if n <= pos then
+    local pad = {}
+    for _ = n, pos do pad[#pad + 1] = '' end
+    redis.call('RPUSH', KEYS[k], unpack(pad))
+  end
+  write(k, pos, it)
+end
 local function touch()
-  for i = 1, 6 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1])) end
+  for i = 1, #KEYS do
+    if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1])) end
+  end
 end
 local function complete_if_done()
   local b = redis.call('HMGET', KEYS[1], 'expanded', 'queued', 'running')
@@ -222,38 +258,41 @@ local function complete_if_done()
   end
   return 'ok'
 end
-local function move(id, from, to)
-  redis.call('HSET', KEYS[4], id, to)
-  redis.call('HINCRBY', KEYS[1], from, -1)
+local function move(k, pos, it, id, to)
+  redis.call('HINCRBY', KEYS[1], it.status, -1)
   redis.call('HINCRBY', KEYS[1], to, 1)
-  if to ~= 'running' then enqueue_item_callback(KEYS[1], KEYS[8], id) end
+  it.status = to
+  write(k, pos, it)
+  if to ~= 'running' then enqueue_item_callback(KEYS[1], KEYS[3], id) end
 end
 """
 )
 
-# ARGV: ttl, then (id, status, info) triples. Returns {batch status, ids still queued...}:
-# a redelivered expansion re-dispatches only what has not started.
+# ARGV: ttl, the number of blocks these items reach, then (id, block, offset, status, packed
+# info) for each. Returns {batch status, ids still queued...}: a redelivered expansion
+# re-dispatches only what has not started.
 _ADD_ITEMS = (
     _PRELUDE
     + """
 local bstatus = redis.call('HGET', KEYS[1], 'status')
 if not bstatus then return {'missing'} end
+if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[1], 'blocks') or '0') then
+  redis.call('HSET', KEYS[1], 'blocks', ARGV[2])
+end
 local out = {bstatus}
-for i = 2, #ARGV, 3 do
-  local id, status = ARGV[i], ARGV[i + 1]
-  local cur = redis.call('HGET', KEYS[4], id)
+for i = 3, #ARGV, 5 do
+  local id, k, pos, status = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), ARGV[i + 3]
+  local cur = read(k, pos)
   if cur then
-    if cur == 'queued' then table.insert(out, id) end
+    if cur.status == 'queued' then table.insert(out, id) end
   else
     if status == 'queued' and bstatus == 'canceled' then status = 'canceled' end
-    redis.call('RPUSH', KEYS[2], id)
-    redis.call('HSET', KEYS[3], id, ARGV[i + 2])
-    redis.call('HSET', KEYS[4], id, status)
+    place(k, pos, {status = status, attempts = 0, token = '', info = ARGV[i + 4]})
     redis.call('HINCRBY', KEYS[1], 'total', 1)
     redis.call('HINCRBY', KEYS[1], status, 1)
     if status == 'failed' then redis.call('HINCRBY', KEYS[1], 'failed_at_expansion', 1) end
     if status == 'queued' then table.insert(out, id)
-    else enqueue_item_callback(KEYS[1], KEYS[8], id) end
+    else enqueue_item_callback(KEYS[1], KEYS[3], id) end
   end
 end
 touch()
@@ -261,45 +300,88 @@ return out
 """
 )
 
-# KEYS[7] lease. ARGV: ttl, now, token, lease generation, ids... Returns {'ok', ids this
-# delivery may run...}: queued ones, and running ones this same delivery started before (its
-# worker died; Celery redelivered it, or recovery handed it over); each start is an attempt.
-# {'stale'} when the delivery no longer holds its lease.
+# ARGV: ttl, now, token, lease generation, then (id, block, offset) for each. Returns {'ok',
+# ids this delivery may run...}: queued ones (none once the batch is canceled), and running
+# ones this same delivery started before (its worker died; Celery redelivered it, or
+# recovery handed it over); each start is an attempt. {'stale'} when the delivery no longer
+# holds its lease.
 _START_ITEMS = (
     _PRELUDE
     + """
-if stale(KEYS[7], ARGV[4]) then return {'stale'} end
+if stale(KEYS[2], ARGV[4]) then return {'stale'} end
+local canceled = redis.call('HGET', KEYS[1], 'status') == 'canceled'
 local out = {'ok'}
-for i = 5, #ARGV do
-  local id = ARGV[i]
-  local cur = redis.call('HGET', KEYS[4], id)
-  if cur == 'queued' then
-    move(id, 'queued', 'running')
-    redis.call('HSET', KEYS[5], id, ARGV[3])
+for i = 5, #ARGV, 3 do
+  local id, k, pos = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local it = read(k, pos)
+  if it and it.status == 'queued' and not canceled then
+    it.token = ARGV[3]
+    it.attempts = it.attempts + 1
+    move(k, pos, it, id, 'running')
     table.insert(out, id)
-  elseif cur == 'running' and redis.call('HGET', KEYS[5], id) == ARGV[3] then
+  elseif it and it.status == 'running' and it.token == ARGV[3] then
+    it.attempts = it.attempts + 1
+    write(k, pos, it)
     table.insert(out, id)
   end
 end
-for i = 2, #out do redis.call('HINCRBY', KEYS[6], out[i], 1) end
 if #out > 1 then redis.call('HSETNX', KEYS[1], 'first_item_at', ARGV[2]) end
 touch()
 return out
 """
 )
 
-# KEYS[7] lease. ARGV: ttl, lease generation, then (id, status, info) triples for running
-# items. Returns 'finalize' to the one caller that finished the batch's last item, 'stale'
-# when the caller no longer holds its lease, else 'ok'.
+# ARGV: ttl, lease generation, the renewal cursor after this call ('' for none), then (id,
+# block, offset, status, packed info) for running items. KEYS beyond the items' blocks are
+# blocks given only to be renewed. Returns 'finalize' to the one caller that finished the
+# batch's last item, 'stale' when the caller no longer holds its lease, else 'ok'.
 _FINISH_ITEMS = (
     _PRELUDE
     + """
-if stale(KEYS[7], ARGV[2]) then return 'stale' end
-for i = 3, #ARGV, 3 do
-  local id = ARGV[i]
-  if redis.call('HGET', KEYS[4], id) == 'running' then
-    redis.call('HSET', KEYS[3], id, ARGV[i + 2])
-    move(id, 'running', ARGV[i + 1])
+if stale(KEYS[2], ARGV[2]) then return 'stale' end
+for i = 4, #ARGV, 5 do
+  local id, k, pos = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local it = read(k, pos)
+  if it and it.status == 'running' then
+    it.token = ''
+    it.info = ARGV[i + 4]
+    move(k, pos, it, id, ARGV[i + 3])
+  end
+end
+if ARGV[3] ~= '' and redis.call('EXISTS', KEYS[1]) == 1 then
+  if tonumber(ARGV[3]) > tonumber(redis.call('HGET', KEYS[1], 'renewed') or '0') then
+    redis.call('HSET', KEYS[1], 'renewed', ARGV[3])
+  end
+end
+touch()
+return complete_if_done()
+"""
+)
+
+# ARGV: ttl, batch id, then the first member index of each block given. In a canceled batch,
+# the queued items of those blocks end canceled: each block read once and written back
+# whole, its counters moved once. Returns 'finalize' or 'ok'.
+_CANCEL_BLOCKS = (
+    _PRELUDE
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'canceled' then return 'ok' end
+for k = 4, #KEYS do
+  local entries = redis.call('LRANGE', KEYS[k], 0, -1)
+  local first, ended = tonumber(ARGV[k - 1]), 0
+  for pos = 1, #entries do
+    local e = entries[pos]
+    if string.sub(e, 1, 1) == 'q' then
+      entries[pos] = 'c' .. string.sub(e, 2)
+      ended = ended + 1
+      local id = ARGV[2] .. '-' .. string.format('%06d', first + pos - 1)
+      enqueue_item_callback(KEYS[1], KEYS[3], id)
+    end
+  end
+  if ended > 0 then
+    redis.call('DEL', KEYS[k])
+    redis.call('RPUSH', KEYS[k], unpack(entries))
+    redis.call('HINCRBY', KEYS[1], 'queued', -ended)
+    redis.call('HINCRBY', KEYS[1], 'canceled', ended)
   end
 end
 touch()
@@ -342,20 +424,18 @@ return complete_if_done()
 """
 )
 
-# ARGV: ttl, now. Returns {'ok' | current status, 'finalize' | 'ok'}.
+# ARGV: ttl, now. Only the batch hash: its queued items end canceled block by block after
+# it (_CANCEL_BLOCKS), so no script walks a large batch. Returns {'ok' | current status,
+# 'finalize' | 'ok', the number of blocks}.
 _CANCEL = (
     _PRELUDE
     + """
 local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return {'missing', 'ok'} end
-if cur ~= 'queued' and cur ~= 'expanding' and cur ~= 'running' then return {cur, 'ok'} end
+if not cur then return {'missing', 'ok', 0} end
+if cur ~= 'queued' and cur ~= 'expanding' and cur ~= 'running' then return {cur, 'ok', 0} end
 redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[2])
-local statuses = redis.call('HGETALL', KEYS[4])
-for i = 1, #statuses, 2 do
-  if statuses[i + 1] == 'queued' then move(statuses[i], 'queued', 'canceled') end
-end
 touch()
-return {'ok', complete_if_done()}
+return {'ok', complete_if_done(), tonumber(redis.call('HGET', KEYS[1], 'blocks') or '0')}
 """
 )
 
@@ -392,10 +472,78 @@ return redis.call('HGET', KEYS[1], 'status')
 """
 )
 
+# Append an item's callback attempt to its info and settle its outbox entry (the deliverer,
+# worker/webhooks.py). KEYS[4] the item's block. ARGV: ttl (unused: the item's TTL is the
+# batch's), offset, outbox entry, attempt JSON, callback_state, earliest next attempt (''
+# removes the entry; a retry takes the batch's next free slot), how many attempts to keep.
+_RECORD_ITEM_CALL = (
+    _PRELUDE
+    + """
+local pos = tonumber(ARGV[2])
+local it = read(4, pos)
+if not it or redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[3], ARGV[3])
+  return 0
+end
+local info = cjson.decode(it.info)
+local attempts = info.callbacks or {}
+table.insert(attempts, cjson.decode(ARGV[4]))
+while #attempts > tonumber(ARGV[7]) do table.remove(attempts, 2) end
+info.callbacks = attempts
+info.callback_attempts = (info.callback_attempts or 0) + 1
+info.callback_state = ARGV[5]
+it.info = cjson.encode(info)
+write(4, pos, it)
+if ARGV[6] == '' then redis.call('ZREM', KEYS[3], ARGV[3])
+else redis.call('ZADD', KEYS[3], next_item_slot(KEYS[1], tonumber(ARGV[6])), ARGV[3]) end
+return 1
+"""
+)
+
+_STATUS_OF_CODE = {status.value[0]: status for status in ItemStatus}
+# Blocks renewed by each finish_items on top of its own, round the batch (see ``_renewal``).
+RENEW_STEP = 4
+# Blocks per pipelined round trip where a whole batch is walked (renewal, cancel, reads).
+PIPELINE_BLOCKS = 64
+
+
+class _Slots:
+    """The block keys a script is given (KEYS[4]…) and each item's (key position, offset)."""
+
+    FIRST = 4
+
+    def __init__(self, batch_id: str) -> None:
+        self.batch_id = batch_id
+        self.blocks: dict[int, int] = {}
+
+    def slot(self, index: int) -> list[str]:
+        block = block_of(index)
+        position = self.blocks.setdefault(block, self.FIRST + len(self.blocks))
+        return [str(position), str(index % BLOCK_ITEMS)]
+
+    def keys(self) -> list[str]:
+        return [block_key(self.batch_id, block) for block in self.blocks]
+
+
+def _decode(batch_id: str, index: int, entry: bytes | None) -> Item | None:
+    """The item an entry holds; None for a position not recorded."""
+    if not entry:
+        return None
+    raw = entry.decode()
+    attempts, _token, packed = raw[1:].split("|", 2)
+    place = ItemPlace(batch_id, index, block_of(index))
+    return Item(
+        id=place.item_id,
+        status=_STATUS_OF_CODE[raw[0]],
+        info=unpack_info(place, packed),
+        attempts=int(attempts),
+    )
+
 
 class BatchStore(RecordStore[Batch]):
-    """Batches and their items: five keys per batch, every change one script that keeps
-    the counters, the item statuses and the ``finalizing`` flag in step."""
+    """Batches and their items: a hash per batch and a list per block of items, every change
+    one script that keeps the counters, the item statuses and the ``finalizing`` flag in
+    step."""
 
     RECORD = Batch
     NOT_FOUND = BatchNotFound
@@ -403,16 +551,22 @@ class BatchStore(RecordStore[Batch]):
         "_add_items": _ADD_ITEMS,
         "_start_items": _START_ITEMS,
         "_finish_items": _FINISH_ITEMS,
+        "_cancel_blocks": _CANCEL_BLOCKS,
         "_begin_expansion": _BEGIN_EXPANSION,
         "_end_expansion": _END_EXPANSION,
         "_cancel": _CANCEL,
         "_complete": _COMPLETE,
         "_fail": _FAIL,
+        "_record_item_call": _RECORD_ITEM_CALL,
         "_enqueue_callback": ENQUEUE_SCRIPT,
     }
 
     def record_keys(self, record_id: str) -> list[str]:
-        return _keys(record_id)
+        return [batch_key(record_id), *self._block_keys(record_id, range(self.blocks(record_id)))]
+
+    def blocks(self, batch_id: str) -> int:
+        """How many blocks the batch's items reach (0 for an unknown batch)."""
+        return int(self.redis.hget(batch_key(batch_id), "blocks") or 0)
 
     def begin_expansion(self, batch_id: str) -> str:
         return text(self._run(self._begin_expansion, batch_id, now_iso()))
@@ -420,11 +574,18 @@ class BatchStore(RecordStore[Batch]):
     def add_items(self, batch_id: str, items: list[NewItem]) -> tuple[str, list[str]]:
         """Record new items (idempotent per id); returns the batch status and the ids of the
         given items that are queued and need dispatching."""
+        slots = _Slots(batch_id)
         args: list[str] = []
+        reach = 0
         for item in items:
+            index = member_index(batch_id, item.id)
+            if index is None:
+                raise ValueError(f"{item.id!r} is not an item id of batch {batch_id}")
             status = ItemStatus.FAILED if item.error else ItemStatus.QUEUED
-            args += [item.id, status.value, json.dumps(item.info())]
-        status, *queued = self._run(self._add_items, batch_id, *args)
+            packed = pack_info(ItemPlace(batch_id, index, block_of(index)), item.info())
+            args += [item.id, *slots.slot(index), status.value, packed]
+            reach = max(reach, block_of(index) + 1)
+        status, *queued = self._run(self._add_items, batch_id, reach, *args, slots=slots)
         return text(status), [text(i) for i in queued]
 
     def end_expansion(self, batch_id: str, error: dict[str, str] | None = None) -> bool:
@@ -439,8 +600,24 @@ class BatchStore(RecordStore[Batch]):
     ) -> list[str]:
         """The ids this delivery may run (see ``_START_ITEMS``); raises :class:`LeaseLost`
         when ``fence`` no longer holds its lease."""
+        if "|" in token:
+            raise ValueError(f"a delivery token cannot hold '|': {token!r}")
+        slots = _Slots(batch_id)
+        args = [
+            a
+            for i in ids
+            if (n := member_index(batch_id, i)) is not None
+            for a in (i, *slots.slot(n))
+        ]
         outcome, *started = self._run(
-            self._start_items, batch_id, now_iso(), token, fence.gen, *ids, lease=fence.key
+            self._start_items,
+            batch_id,
+            now_iso(),
+            token,
+            fence.gen,
+            *args,
+            lease=fence.key,
+            slots=slots,
         )
         if text(outcome) == "stale":
             raise LeaseLost(f"chunk of batch {batch_id}")
@@ -455,22 +632,67 @@ class BatchStore(RecordStore[Batch]):
     ) -> bool:
         """Record finished items; True for the one caller that finished the last item.
         Raises :class:`LeaseLost` when ``fence`` no longer holds its lease."""
-        args: list[str] = [fence.gen]
+        slots = _Slots(batch_id)
+        args: list[str] = []
         for item, status, info in outcomes:
-            args += [item, status.value, json.dumps(info)]
-        outcome = text(self._run(self._finish_items, batch_id, *args, lease=fence.key))
+            index = member_index(batch_id, item)
+            if index is None:
+                continue
+            packed = pack_info(ItemPlace(batch_id, index, block_of(index)), info)
+            args += [item, *slots.slot(index), status.value, packed]
+        renew_keys, cursor = self._renewal(batch_id)
+        outcome = text(
+            self._run(
+                self._finish_items,
+                batch_id,
+                fence.gen,
+                cursor,
+                *args,
+                lease=fence.key,
+                slots=slots,
+                extra_keys=renew_keys,
+            )
+        )
         if outcome == "stale":
             raise LeaseLost(f"chunk of batch {batch_id}")
         return outcome == "finalize"
 
     def cancel(self, batch_id: str, *, owner: str | None = None) -> tuple[Batch, bool]:
-        """Cancel; queued items end canceled. Returns the batch and whether the caller must
-        have it finalized (nothing was left running)."""
+        """Cancel; queued items end canceled, a few blocks per script. Returns the batch and
+        whether the caller must have it finalized (nothing was left running)."""
         self.get(batch_id, owner=owner)  # 404 before 409: others' batches must look unknown
-        outcome, finalize = self._run(self._cancel, batch_id, now_iso())
+        outcome, finalize, blocks = self._run(self._cancel, batch_id, now_iso())
         if text(outcome) != "ok":
             raise Conflict(f"batch {batch_id} is already {text(outcome)}; nothing to cancel")
-        return self.get(batch_id), text(finalize) == "finalize"
+        drained = self._cancel_queued(batch_id, range(int(blocks)))
+        return self.get(batch_id), text(finalize) == "finalize" or drained
+
+    def settle_canceled(self, batch_id: str, ids: list[str]) -> bool:
+        """In a canceled batch, end the queued items of the blocks of ``ids`` canceled (a
+        chunk that starts after the cancel, should the canceling API process not have got
+        there); True when the caller must finalize. Does nothing in any other batch."""
+        indexes = (member_index(batch_id, i) for i in ids)
+        blocks = sorted({block_of(n) for n in indexes if n is not None})
+        return self._cancel_queued(batch_id, blocks)
+
+    def _cancel_queued(self, batch_id: str, blocks: range | list[int]) -> bool:
+        """Run _CANCEL_BLOCKS over ``blocks``, one block per script, pipelined."""
+        finalize = False
+        for step in range(0, len(blocks), PIPELINE_BLOCKS):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for block in blocks[step : step + PIPELINE_BLOCKS]:
+                    self._cancel_blocks(
+                        keys=[
+                            batch_key(batch_id),
+                            UNFENCED.key,
+                            OUTBOX_KEY,
+                            block_key(batch_id, block),
+                        ],
+                        args=[self.ttl_s, batch_id, block * BLOCK_ITEMS],
+                        client=pipe,
+                    )
+                finalize |= any(text(o) == "finalize" for o in pipe.execute())
+        return finalize
 
     def complete(self, batch_id: str, result: dict[str, Any]) -> str:
         status = text(self._run(self._complete, batch_id, now_iso(), json.dumps(result)))
@@ -484,43 +706,117 @@ class BatchStore(RecordStore[Batch]):
         self._ended(batch_id)
         return status
 
+    def record_item_call(
+        self,
+        batch_id: str,
+        item: str,
+        *,
+        entry: str,
+        attempt: str,
+        state: str,
+        next_at: str,
+        keep: int,
+    ) -> None:
+        """Append an item callback's ``attempt`` (JSON) to the item's info and settle its
+        outbox ``entry``: due again at ``next_at``, or removed when that is ''."""
+        index = member_index(batch_id, item)
+        if index is None:
+            self.redis.zrem(OUTBOX_KEY, entry)
+            return
+        keys = [batch_key(batch_id), UNFENCED.key, OUTBOX_KEY, block_key(batch_id, block_of(index))]
+        args = [self.ttl_s, index % BLOCK_ITEMS, entry, attempt, state, next_at, keep]
+        self._record_item_call(keys=keys, args=args)
+
     def _ended(self, batch_id: str) -> None:
-        """Queue the batch's callback, if it has one, once. Not inside the closing script:
-        those touch every key they name. The finalize task that closes a batch is
+        """Queue the batch's callback, if it has one, once, and give every block the TTL
+        from now. Not inside the closing script: those touch every key they name, and a
+        large batch has thousands of blocks. The finalize task that closes a batch is
         acknowledged only after this, so a worker dying in between closes it again."""
         self._enqueue_callback(keys=[batch_key(batch_id), OUTBOX_KEY])
+        self._renew(batch_id, range(self.blocks(batch_id)))
+
+    def _renew(self, batch_id: str, blocks: range) -> None:
+        for step in range(0, len(blocks), PIPELINE_BLOCKS * 16):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for block in blocks[step : step + PIPELINE_BLOCKS * 16]:
+                    pipe.expire(block_key(batch_id, block), self.ttl_s)
+                pipe.execute()
+
+    def _renewal(self, batch_id: str) -> tuple[list[str], int | str]:
+        """The blocks a finish_items call renews besides its own, and the cursor to leave.
+
+        Blocks get the TTL when a script writes them; a block whose items all ended long
+        ago must not expire while the batch still runs. Each finish_items renews the next
+        ``RENEW_STEP`` blocks round the batch from the cursor kept on the batch hash (which
+        only moves forward), so every block is renewed at least once every
+        ``blocks / RENEW_STEP`` finishes; when the batch ends, every block is (``_ended``)."""
+        blocks, renewed = self.redis.hmget(batch_key(batch_id), "blocks", "renewed")
+        if not blocks:
+            return [], ""
+        count, cursor = int(blocks), int(renewed or 0)
+        window = {(cursor + step) % count for step in range(min(RENEW_STEP, count))}
+        return self._block_keys(batch_id, sorted(window)), cursor + RENEW_STEP
+
+    @staticmethod
+    def _block_keys(batch_id: str, blocks: range | list[int]) -> list[str]:
+        return [block_key(batch_id, block) for block in blocks]
 
     def items(self, batch_id: str, *, start: int = 0, count: int = 100) -> list[Item]:
-        """Items in member order, ``count`` from position ``start``."""
-        order = _keys(batch_id)[1]
-        ids = [text(i) for i in self.redis.lrange(order, start, start + count - 1)]
-        return list(self.get_items(batch_id, ids).values()) if ids else []
+        """The items at member positions ``start`` to ``start + count - 1``, in order (a
+        position not recorded yet is skipped); reads only the blocks they are in."""
+        if count <= 0:
+            return []
+        end = start + count  # exclusive
+        with self.redis.pipeline(transaction=False) as pipe:
+            for block in range(block_of(start), block_of(end - 1) + 1):
+                first = block * BLOCK_ITEMS
+                lo, hi = max(start, first) - first, min(end, first + BLOCK_ITEMS) - 1 - first
+                pipe.lrange(block_key(batch_id, block), lo, hi)
+            pages = pipe.execute()
+        out: list[Item] = []
+        for block, entries in zip(
+            range(block_of(start), block_of(end - 1) + 1), pages, strict=True
+        ):
+            base = max(start, block * BLOCK_ITEMS)
+            out += [i for n, e in enumerate(entries) if (i := _decode(batch_id, base + n, e))]
+        return out
 
     def get_items(self, batch_id: str, ids: list[str]) -> dict[str, Item]:
         """The items of ``ids`` that exist, in that order."""
-        _, _, info, status, _, attempts = _keys(batch_id)
+        wanted = [(i, n) for i in ids if (n := member_index(batch_id, i)) is not None]
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(status, ids)
-            pipe.hmget(info, ids)
-            pipe.hmget(attempts, ids)
-            statuses, infos, counts = pipe.execute()
-        return {
-            i: Item(id=i, status=ItemStatus(text(s)), info=json.loads(d), attempts=int(n or 0))
-            for i, s, d, n in zip(ids, statuses, infos, counts, strict=True)
-            if s is not None
-        }
+            for _, n in wanted:
+                pipe.lindex(block_key(batch_id, block_of(n)), n % BLOCK_ITEMS)
+            entries = pipe.execute() if wanted else []
+        found = (_decode(batch_id, n, e) for (_, n), e in zip(wanted, entries, strict=True))
+        return {item.id: item for item in found if item is not None}
 
     def iter_items(self, batch_id: str, *, page: int = 1000) -> Iterator[Item]:
-        start = 0
-        while page_items := self.items(batch_id, start=start, count=page):
-            yield from page_items
-            start += len(page_items)
+        """Every item in member order, read ``page`` items' worth of blocks at a time."""
+        step = max(1, page // BLOCK_ITEMS)
+        blocks = self.blocks(batch_id)
+        for first in range(0, blocks, step):
+            yield from self.items(
+                batch_id,
+                start=first * BLOCK_ITEMS,
+                count=min(step, blocks - first) * BLOCK_ITEMS,
+            )
 
     def item_count(self, batch_id: str) -> int:
-        return int(self.redis.llen(_keys(batch_id)[1]))
+        """How many items are recorded (member positions 0 to this - 1 once expanded)."""
+        return int(self.redis.hget(batch_key(batch_id), "total") or 0)
 
-    def _run(self, script, batch_id: str, *args: Any, lease: str | None = None) -> Any:
-        keys = [*_keys(batch_id), lease or UNFENCED.key, OUTBOX_KEY]
+    def _run(
+        self,
+        script,
+        batch_id: str,
+        *args: Any,
+        lease: str | None = None,
+        slots: _Slots | None = None,
+        extra_keys: list[str] | None = None,
+    ) -> Any:
+        blocks = (slots.keys() if slots else []) + (extra_keys or [])
+        keys = [batch_key(batch_id), lease or UNFENCED.key, OUTBOX_KEY, *blocks]
         outcome = script(keys=keys, args=[self.ttl_s, *args])
         if outcome in (b"missing", "missing") or (
             isinstance(outcome, list) and outcome and text(outcome[0]) == "missing"

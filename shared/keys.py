@@ -59,3 +59,8 @@ def batch_inputs_prefixes(batch_id: str) -> tuple[str, str]:
     """Where a batch's expanded inputs are: its input packs, and (written before packs) one
     ``inputs/<item id>/`` folder per item."""
     return f"batches/{batch_id}/inputs/", f"inputs/{batch_id}-"
+
+
+def batch_input_pack_key(batch_id: str, block: int) -> str:
+    """One block's image members, concatenated (items read theirs with a ranged GET)."""
+    return f"batches/{batch_id}/inputs/{block:06d}.pack"

@@ -47,6 +47,8 @@ def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Deliv
     delivery); returns how many were processed. Storage errors propagate for a retry."""
     store = batch_store(ctx)
     started = store.start_items(batch_id, ids, token=delivery.token, fence=delivery.fence)
+    if len(started) < len(ids) and store.settle_canceled(batch_id, ids):
+        delivery.finalize(batch_id)  # a canceled batch whose last queued items were these
     if not started:
         return 0
     batch = store.get(batch_id)

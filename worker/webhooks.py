@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from urllib3.exceptions import HTTPError
 
 from shared import documents
-from shared.batches import Batch, BatchStore, Item, item_info_key
+from shared.batches import Batch, BatchStore, Item
 from shared.errors import CallbackRefused, NotFound
 from shared.jobs import Job, RedisJobStore
 from shared.records import PREFIX, Record, now_iso, parse_iso, text
@@ -92,32 +92,6 @@ return tostring(at - now)
 """
 )
 
-# Append an item's attempt to its info and settle its entry. KEYS[1] batch, KEYS[2] the
-# batch's info hash, KEYS[3] outbox. ARGV: entry, item id, attempt JSON, callback_state,
-# earliest next attempt ('' removes the entry; a retry takes the batch's next free slot),
-# how many attempts to keep.
-_RECORD_ITEM = (
-    ITEM_ENQUEUE_LUA
-    + """
-local raw = redis.call('HGET', KEYS[2], ARGV[2])
-if not raw or redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  return 0
-end
-local info = cjson.decode(raw)
-local attempts = info.callbacks or {}
-table.insert(attempts, cjson.decode(ARGV[3]))
-while #attempts > tonumber(ARGV[6]) do table.remove(attempts, 2) end
-info.callbacks = attempts
-info.callback_attempts = (info.callback_attempts or 0) + 1
-info.callback_state = ARGV[4]
-redis.call('HSET', KEYS[2], ARGV[2], cjson.encode(info))
-if ARGV[5] == '' then redis.call('ZREM', KEYS[3], ARGV[1])
-else redis.call('ZADD', KEYS[3], next_item_slot(KEYS[1], tonumber(ARGV[5])), ARGV[1]) end
-return 1
-"""
-)
-
 # Append an attempt and settle the entry. KEYS[1] record, KEYS[2] outbox.
 # ARGV: attempt JSON, callback_state, next attempt time ('' removes the entry).
 _RECORD = """
@@ -162,7 +136,6 @@ class Deliverer:
         self._claim = redis.register_script(_CLAIM)
         self._record = redis.register_script(_RECORD)
         self._pace = redis.register_script(_PACE)
-        self._record_item = redis.register_script(_RECORD_ITEM)
 
     def deliver_due(self) -> bool:
         """Make one due delivery attempt; False when nothing was due."""
@@ -220,9 +193,14 @@ class Deliverer:
         status, error = self._attempt(batch.callback_url, document, "item", attempt)
         first = (item.info.get("callbacks") or [{}])[0].get("at")
         state, next_at = self._next_try(attempt - 1, first, error)
-        self._record_item(
-            keys=[batch_key, item_info_key(batch.id), OUTBOX_KEY],
-            args=[key, item_id, _attempt_json(status, error), state, next_at, ITEM_ATTEMPTS_KEPT],
+        self.batches.record_item_call(
+            batch.id,
+            item_id,
+            entry=key,
+            attempt=_attempt_json(status, error),
+            state=state,
+            next_at=next_at,
+            keep=ITEM_ATTEMPTS_KEPT,
         )
         log.info("webhook %s attempt %d: %s", key, attempt, error or status)
 

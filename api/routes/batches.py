@@ -108,12 +108,13 @@ def list_items(batch_id: str):
     batch = store.get(batch_id, owner=svc.caller(request))
     start = _int_arg("cursor", 0, minimum=0)
     limit = _int_arg("limit", DEFAULT_PAGE, minimum=1, maximum=MAX_PAGE)
+    # The cursor is a member position: a page reads only the blocks it covers, at any size.
     items = store.items(batch_id, start=start, count=limit)
-    more = start + len(items) < store.item_count(batch_id)
+    more = start + limit < store.item_count(batch_id)
     expiry = svc.settings.presign_expiry_s
     return {
         "items": [documents.item_document(svc.store, batch, item, expiry) for item in items],
-        "next_cursor": str(start + len(items)) if more else None,
+        "next_cursor": str(start + limit) if more else None,
     }
 
 

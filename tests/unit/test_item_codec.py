@@ -1,0 +1,54 @@
+"""The packed form of a batch item's info: smaller, and read back as exactly what was written."""
+
+import pytest
+
+from shared import keys
+from shared.item_codec import ItemPlace, pack_info, unpack_info
+
+PLACE = ItemPlace("b1", 300, 2)
+ITEM = "b1-000300"
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        {"name": "n01440764/n01440764_10026.JPEG"},
+        {
+            "name": "x.jpg",
+            "input_key": keys.batch_input_pack_key("b1", 2),
+            "input_range": [123, 456],
+        },
+        {"name": "x.jpg", "input_key": keys.batch_input_pack_key("b1", 3)},  # another block's
+        {"name": "x.jpg", "error": {"code": "not_an_image", "message": "a | b"}},
+        {
+            "figure_key": keys.figure_key(ITEM, "webp"),
+            "thumbnail_key": keys.thumbnail_key(ITEM),
+            "manifest_key": keys.manifest_key(ITEM),
+            "reused": True,
+            "reused_from": "b1-000007",
+        },
+        {"figure_key": keys.figure_key("b1-000301", "jpg"), "reused_from": "b1-7"},
+        {"reused_from": "b10-000007", "manifest_key": 0, "thumbnail_key": ["a"]},
+        {"n": 1, "~n": 2, "i": None, "callbacks": [{"status": 200}], "callback_state": "x"},
+    ],
+)
+def test_info_round_trips_exactly(info):
+    packed = pack_info(PLACE, info)
+    assert unpack_info(PLACE, packed) == info
+    assert list(unpack_info(PLACE, packed)) == list(info)
+
+
+def test_derived_values_are_left_out():
+    info = {
+        "name": "n01440764/n01440764_10026.JPEG",
+        "input_key": keys.batch_input_pack_key("b1", 2),
+        "input_range": [1_234_567, 110_000],
+        "figure_key": keys.figure_key(ITEM, "jpg"),
+        "thumbnail_key": keys.thumbnail_key(ITEM),
+        "manifest_key": keys.manifest_key(ITEM),
+        "reused": True,
+        "reused_from": "b1-000007",
+    }
+    packed = pack_info(PLACE, info)
+    assert "results/" not in packed and "batches/" not in packed and "b1-" not in packed
+    assert len(packed) < 100
