@@ -47,6 +47,9 @@ from shared.records import (
 )
 from shared.webhooks import ENQUEUE_SCRIPT, ITEM_ENQUEUE_LUA, OUTBOX_KEY
 
+# Expansion groups a batch's members in blocks of this many consecutive indexes (block n is
+# indexes [n * BLOCK_ITEMS, (n + 1) * BLOCK_ITEMS)); a block's inputs are one object.
+BLOCK_ITEMS = 128
 COUNTERS = ("queued", "running", "succeeded", "failed", "canceled")
 
 
@@ -192,11 +195,15 @@ class NewItem:
     name: str
     input_key: str | None = None
     error: dict[str, str] | None = None
+    # [offset, length] of the input inside ``input_key`` (a block's pack).
+    input_range: tuple[int, int] | None = None
 
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"name": self.name}
         if self.input_key:
             info["input_key"] = self.input_key
+        if self.input_range is not None:
+            info["input_range"] = list(self.input_range)
         if self.error:
             info["error"] = self.error
         return info

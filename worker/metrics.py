@@ -87,7 +87,13 @@ HANDOVERS = Counter(
     ["task"],
     registry=REGISTRY,
 )
-HANDOVER_TASKS = ("render_job", "run_batch_chunk", "expand_batch", "finalize_batch")
+HANDOVER_TASKS = (
+    "render_job",
+    "run_batch_chunk",
+    "expand_batch",
+    "expand_batch_shard",
+    "finalize_batch",
+)
 
 # Every series exists from the start, at zero, so that rate() sees the first observation.
 for _stage in STAGES:
