@@ -82,22 +82,31 @@ def expand_batch(
         log.info("batch %s not expanded: %s", batch_id, outcome)
         return _end_expansion(store, batch_id, None, finalize)
     state = _state(ctx, batch_id)
-    batch = store.get(batch_id)
-    try:
-        kind, cursors = _plan(ctx, batch)
-    except (ArchiveLimitExceeded, CorruptArchive) as exc:
-        log.info("batch %s: expansion refused: %s", batch_id, exc.message)
-        return _end_expansion(store, batch_id, exc.to_dict(), finalize)
-    except NotFound as exc:
-        return _end_expansion(store, batch_id, _missing(exc), finalize)
-    if state.plan(kind, cursors):
-        shards = [(shard, 0) for shard in range(len(cursors))]
-    else:
+    if state.planned():
         shards = state.unfinished()
-    log.info("batch %s: %s source in %d shard(s)", batch_id, kind, len(cursors))
+    else:
+        try:
+            shards = _planned(ctx, store, state, batch_id)
+        except (ArchiveLimitExceeded, CorruptArchive) as exc:
+            log.info("batch %s: expansion refused: %s", batch_id, exc.message)
+            return _end_expansion(store, batch_id, exc.to_dict(), finalize)
+        except NotFound as exc:
+            return _end_expansion(store, batch_id, _missing(exc), finalize)
     for shard, gen in shards:
         expand_shard_task(batch_id, shard, gen)
     return store.get(batch_id).status.value
+
+
+def _planned(
+    ctx: WorkerContext, store: BatchStore, state: ExpansionState, batch_id: str
+) -> list[tuple[int, int]]:
+    """Plan the expansion, record the plan, and return the shards to dispatch; limits, a
+    corrupt archive and a missing source are raised."""
+    kind, cursors = _plan(ctx, store.get(batch_id))
+    log.info("batch %s: %s source in %d shard(s)", batch_id, kind, len(cursors))
+    if not state.plan(kind, cursors):
+        return state.unfinished()
+    return [(shard, 0) for shard in range(len(cursors))]
 
 
 def _plan(ctx: WorkerContext, batch: Batch) -> tuple[str, list[dict[str, Any]]]:

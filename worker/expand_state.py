@@ -121,6 +121,9 @@ class ExpansionState:
         args = [self.ttl_s, kind, *(json.dumps(cursor) for cursor in cursors)]
         return bool(self._plan(keys=[self.key], args=args))
 
+    def planned(self) -> bool:
+        return bool(self.redis.hexists(self.key, "shards"))
+
     def unfinished(self) -> list[tuple[int, int]]:
         """``(shard, next generation)`` of every shard that has not ended."""
         state = {text(k): text(v) for k, v in self.redis.hgetall(self.key).items()}
