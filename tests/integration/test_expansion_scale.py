@@ -140,6 +140,7 @@ def test_worker_killed_mid_expansion_loses_and_duplicates_nothing(deployment):
     wait_until(progressed, timeout_s=120, what="expansion to commit a few blocks")
     (worker,) = deployment.workers
     worker.kill()
+    assert "done:0" not in expansion(deployment, batch_id)  # killed mid-expansion
     deployment.workers = [deployment.start_worker("x2")]
     doc = wait_for_batch(deployment.api, batch_id, timeout_s=600)
     check_one_item_per_member(deployment, batch_id, members, doc)
