@@ -23,7 +23,7 @@ import io
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -148,31 +148,44 @@ def expand_shard(
         log.info("batch %s shard %d (gen %d): %s", batch_id, shard, gen, claim.outcome)
         return claim.outcome
     writer = _BlockWriter(ctx, store, state, batch_id, shard, gen, dispatch)
-    deadline = time.monotonic() + ctx.settings.expand_slice_s
-    error: dict[str, str] | None = None
-    try:
-        with _ShardSource(ctx, store.get(batch_id), claim.cursor) as source:
-            for member, after in source.members():
-                ended_block = writer.add(member, after)
-                if writer.stopped:
-                    break
-                if ended_block and time.monotonic() > deadline:
-                    source.save()
-                    return _hand_on(state, batch_id, shard, gen, expand_shard_task)
-            else:
-                writer.flush()
-        if writer.stopped == "superseded":
-            return writer.stopped
-    except SoftTimeLimitExceeded:
-        # Resumed from the last committed block by the continuation.
-        return _hand_on(state, batch_id, shard, gen, expand_shard_task)
-    except (ArchiveLimitExceeded, CorruptArchive) as exc:
-        log.info("batch %s: expansion stopped: %s", batch_id, exc.message)
-        writer.flush()  # what was read before the limit still runs
-        error = exc.to_dict()
-    except NotFound as exc:
-        error = _missing(exc)
+    with writer, _ShardSource(ctx, store.get(batch_id), claim.cursor) as source:
+        try:
+            ended, error = _expand_slice(ctx, source, writer)
+        except SoftTimeLimitExceeded:
+            # The continuation resumes from the last committed block; what this task learnt
+            # of a gzip stream is kept, so that it gets further.
+            source.save_if_possible()
+            return _hand_on(state, batch_id, shard, gen, expand_shard_task)
+        if not ended:
+            source.save()
+            return _hand_on(state, batch_id, shard, gen, expand_shard_task)
+    if writer.stopped == "superseded":
+        return writer.stopped
     return _finish_shard(store, state, batch_id, shard, gen, error, finalize)
+
+
+def _expand_slice(
+    ctx: WorkerContext, source: _ShardSource, writer: _BlockWriter
+) -> tuple[bool, dict[str, str] | None]:
+    """Write the shard's blocks until the slice's time is up; returns whether the shard has
+    ended (read to its end, stopped, or stopped by a limit: then with its error)."""
+    deadline = time.monotonic() + ctx.settings.expand_slice_s
+    try:
+        for member, after in source.members():
+            ended_block = writer.add(member, after)
+            if writer.stopped:
+                break
+            if ended_block and time.monotonic() > deadline:
+                writer.flush()
+                return bool(writer.stopped), None
+        writer.flush()
+    except (ArchiveLimitExceeded, CorruptArchive) as exc:
+        log.info("batch %s: expansion stopped: %s", writer.batch_id, exc.message)
+        writer.flush()  # what was read before the limit still runs
+        return True, exc.to_dict()
+    except NotFound as exc:
+        return True, _missing(exc)
+    return True, None
 
 
 def fail_shard(
@@ -237,9 +250,10 @@ def _missing(exc: NotFound) -> dict[str, str]:
 
 class _BlockWriter:
     """Collects a block's members; at the block's end uploads its pack, records its items,
-    dispatches their chunks and commits the checkpoint. ``stopped`` says why the shard must
-    stop: the batch was canceled, another shard failed the expansion, or a newer task owns
-    the shard."""
+    dispatches their chunks and commits the checkpoint, on a thread of its own while the next
+    block is read (one block in flight, so checkpoints commit in order). ``stopped`` says why
+    the shard must stop (known one block late): the batch was canceled, another shard failed
+    the expansion, or a newer task owns the shard."""
 
     def __init__(
         self,
@@ -261,20 +275,43 @@ class _BlockWriter:
         self.members: list[Member] = []
         self.cursor: dict[str, Any] | None = None
         self.stopped = ""
+        self._writing = ThreadPoolExecutor(1)
+        self._written: Future[None] | None = None
+
+    def __enter__(self) -> _BlockWriter:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._writing.shutdown(wait=True)
 
     def add(self, member: Member, after: dict[str, Any]) -> bool:
-        """Take one member; True when that ended a block (and the block was written)."""
+        """Take one member; True when that ended a block (and the block went to be written)."""
         self.members.append(member)
         self.cursor = after
         if (member.index + 1) % BLOCK_ITEMS:
             return False
-        self.flush()
+        self._submit()
         return True
 
     def flush(self) -> None:
+        """Write what was collected and wait until every block is written and committed."""
+        self._submit()
+        self._wait()
+
+    def _submit(self) -> None:
         if not self.members or self.cursor is None:
             return
         members, self.members = self.members, []
+        self._wait()
+        if not self.stopped:
+            self._written = self._writing.submit(self._write, members, self.cursor)
+
+    def _wait(self) -> None:
+        written, self._written = self._written, None
+        if written is not None:
+            written.result()  # a storage error surfaces here, for the task to retry
+
+    def _write(self, members: list[Member], cursor: dict[str, Any]) -> None:
         block = members[0].index // BLOCK_ITEMS
         pack_key = keys.batch_input_pack_key(self.batch_id, block)
         items, parts = _block_items(self.batch_id, members, pack_key)
@@ -284,7 +321,7 @@ class _BlockWriter:
         chunk = self.ctx.settings.batch_chunk
         for start in range(0, len(queued), chunk):
             self.dispatch(self.batch_id, queued[start : start + chunk])
-        verdict = self.state.commit(self.shard, self.gen, self.cursor)
+        verdict = self.state.commit(self.shard, self.gen, cursor)
         if status == "canceled":
             self.stopped = self._end("canceled")
         elif verdict == "stop":
@@ -354,6 +391,14 @@ class _ShardSource:
         if self._gzip is not None:
             _save_gzip_index(self.ctx.store, self.batch.id, self._gzip)
 
+    def save_if_possible(self) -> None:
+        """:meth:`save` when the time limit interrupted the reading: a failure only costs the
+        continuation time (it inflates from an earlier seek point), so it is logged."""
+        try:
+            self.save()
+        except Exception:
+            log.exception("batch %s: gzip index not saved at the time limit", self.batch.id)
+
     def _open(self, key: str, read_ahead: int = RANGED_READ_AHEAD) -> RangedReader:
         reader = self.ctx.store.open_ranged(key, read_ahead=read_ahead)
         self._readers.append(reader)
@@ -406,11 +451,16 @@ class _ShardSource:
         index, after = self.cursor["index"], self.cursor["after"]
         with ThreadPoolExecutor(IO_THREADS) as pool:
             while page := bucket.list_page(prefix, start_after=after, limit=LIST_PAGE):
-                fetched = pool.map(lambda key: _fetch(bucket, prefix, key, self.limits), page)
-                for key, (raw, outcome) in zip(page, fetched, strict=True):
-                    member = _prefix_member(budget, index, raw, outcome)
-                    index += 1
-                    yield member, {**_totals(budget, index), "after": key}
+                # A few objects in flight per thread: memory stays bounded by the member limit.
+                for start in range(0, len(page), IO_THREADS):
+                    keys_now = page[start : start + IO_THREADS]
+                    fetched = pool.map(
+                        lambda key: _fetch(bucket, prefix, key, self.limits), keys_now
+                    )
+                    for key, (raw, outcome) in zip(keys_now, fetched, strict=True):
+                        member = _prefix_member(budget, index, raw, outcome)
+                        index += 1
+                        yield member, {**_totals(budget, index), "after": key}
                 after = page[-1]
 
 
