@@ -57,10 +57,6 @@ def batch_input_pack_key(batch_id: str, block: int) -> str:
     return f"batches/{batch_id}/inputs/{block:06d}.pack"
 
 
-def batch_inputs_prefix(batch_id: str) -> str:
-    return f"batches/{batch_id}/inputs/"
-
-
 def batch_gzip_index_key(batch_id: str) -> str:
     """The seek points into a ``.tar.gz`` source that let a continuation resume mid-stream."""
     return f"batches/{batch_id}/expansion/gzindex"
