@@ -4,6 +4,7 @@ zip directory walk (zip64 included) and its shards, and a tar stream resumed at 
 from __future__ import annotations
 
 import io
+import random
 import tarfile
 import zipfile
 
@@ -17,9 +18,10 @@ from shared.archives import (
     plan_zip,
     zip_member,
 )
-from shared.errors import ArchiveTooLarge, ArchiveTooManyMembers
+from shared.errors import ArchiveTooLarge, ArchiveTooManyMembers, NotFound
 from shared.storage import RangedReader
 from shared.zipdir import find_directory, iter_entries
+from worker import expand
 
 LIMITS = ArchiveLimits(
     max_members=1_000_000, max_total_bytes=10**9, max_member_bytes=10**7, max_ratio=200.0
@@ -176,3 +178,54 @@ def test_tar_resumed_at_a_checkpoint_reads_each_member_once(pax):
             break
     assert resumed == whole
     assert budget.total_bytes == sum(len(d) for _i, _n, d in whole)
+
+
+class IndexStore:
+    """Stands in for the ObjectStore that keeps a tar.gz's gzip index between slices."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.objects[key] = data
+
+    def get_bytes(self, key: str) -> bytes:
+        if key not in self.objects:
+            raise NotFound(key)
+        return self.objects[key]
+
+
+def test_tar_gz_continuation_seeks_through_the_saved_gzip_index(monkeypatch):
+    monkeypatch.setattr(expand, "GZIP_SPACING", 64 * 1024)
+    rng = random.Random(5)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for i in range(600):
+            data = rng.randbytes(2000)  # incompressible: the gzip stream is ~1.4 MB
+            info = tarfile.TarInfo(f"m{i}.bin")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    data = buffer.getvalue()
+    whole = [(m.index, m.name, m.data) for m in iter_archive(io.BytesIO(data), "tar.gz", LIMITS)]
+    index_store = IndexStore()
+    # The first slice reads 400 members from the start and saves the index.
+    raw, _ = ranged(data, read_ahead=32 * 1024)
+    stream = expand._open_gzip(index_store, "b1", raw, 0)
+    budget = Budget(LIMITS)
+    first = []
+    for member, next_header in iter_tar_from(stream, budget, start_index=0, compressed=raw.tell):
+        first.append((member.index, member.name, member.data))
+        offset = next_header
+        if len(first) == 400:
+            break
+    expand._save_gzip_index(index_store, "b1", stream)
+    # The continuation seeks there through the index: it never reads the stream's start.
+    raw, gets = ranged(data, read_ahead=32 * 1024)
+    stream = expand._open_gzip(index_store, "b1", raw, offset)
+    stream.seek(offset)
+    rest = [
+        (member.index, member.name, member.data)
+        for member, _next in iter_tar_from(stream, budget, start_index=400, compressed=raw.tell)
+    ]
+    assert first + rest == whole
+    assert min(start for start, _length in gets.ranges) > len(data) // 3
