@@ -209,8 +209,8 @@ def fail_expansion(
 def _hand_on(
     state: ExpansionState, batch_id: str, shard: int, gen: int, expand_shard_task: ExpandShard
 ) -> str:
-    state.handed_on()
     expand_shard_task(batch_id, shard, gen + 1)
+    state.handed_on(shard, gen + 1)
     log.info("batch %s shard %d: continued by generation %d", batch_id, shard, gen + 1)
     return "continued"
 

@@ -11,9 +11,10 @@
 
 A checkpoint is committed only after its block's pack is uploaded and its items are added,
 so a redelivered task redoes at most one block (``add_items`` is idempotent per id).
-Every task of a shard carries a generation: a continuation is sent with the next one, and
-whichever task holds an older generation than the hash stops at its next commit, so a stale
-redelivery never moves a shard backwards or runs beside its continuation for long.
+Every task of a shard carries a generation: a continuation is sent with the next one (and
+the hash moves to it once it is sent), and whichever task holds an older generation than the
+hash stops at its next commit or does not start, so a stale redelivery never moves a shard
+backwards or runs beside its continuation for long.
 """
 
 from __future__ import annotations
@@ -82,6 +83,19 @@ return {'ok', state[1], state[2], state[3] or ''}
 """
 
 
+# ARGV: ttl, shard, the continuation's generation. The shard now belongs to the continuation:
+# a later copy of the message that handed on finds itself superseded.
+_HANDED_ON = """
+local field = 'gen:' .. ARGV[2]
+if tonumber(redis.call('HGET', KEYS[1], field) or '0') < tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], field, ARGV[3])
+end
+redis.call('HINCRBY', KEYS[1], 'continuations', 1)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+return 1
+"""
+
+
 def expansion_key(batch_id: str) -> str:
     return f"{batch_key(batch_id)}:expansion"
 
@@ -115,6 +129,7 @@ class ExpansionState:
         self._claim = redis.register_script(_CLAIM)
         self._commit = redis.register_script(_COMMIT)
         self._finish = redis.register_script(_FINISH)
+        self._handed_on = redis.register_script(_HANDED_ON)
 
     def plan(self, kind: str, cursors: list[dict[str, Any]]) -> bool:
         """Record the plan, once; False when one was recorded before (a redelivery)."""
@@ -158,8 +173,9 @@ class ExpansionState:
             error=json.loads(stored) if stored else None,
         )
 
-    def handed_on(self) -> None:
-        self.redis.hincrby(self.key, "continuations", 1)
+    def handed_on(self, shard: int, gen: int) -> None:
+        """Record that the shard's continuation of generation ``gen`` was sent."""
+        self._handed_on(keys=[self.key], args=[self.ttl_s, shard, gen])
 
     def continuations(self) -> int:
         return int(self.redis.hget(self.key, "continuations") or 0)

@@ -41,10 +41,14 @@ def test_generations_and_shard_ends(redis_client):
     assert state.commit(0, 0, {"index": 32}) == "superseded"
     assert state.claim(0, 0).outcome == "superseded"
     assert state.commit(0, 1, {"index": 128}) == "ok"
-    assert state.unfinished() == [(0, 2), (1, 1)]
-    first = state.finish(0, 1)
+    # Generation 1 hands on to 2: a later copy of generation 1's message does not start.
+    state.handed_on(0, 2)
+    assert state.claim(0, 1).outcome == "superseded"
+    assert state.claim(0, 2).cursor == {"index": 128}
+    assert state.unfinished() == [(0, 3), (1, 1)]
+    first = state.finish(0, 2)
     assert first.recorded and not first.last
-    assert state.claim(0, 1).outcome == "done"
+    assert state.claim(0, 2).outcome == "done"
     # A shard that fails records the first error; the other shards are told to stop.
     assert state.claim(1, 0).outcome == "ok"
     assert state.finish(0, None, {"code": "archive_bomb", "message": "m"}).recorded
