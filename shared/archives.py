@@ -3,8 +3,10 @@
 Nothing is ever extracted to disk and no member name is ever used as a path: a member is its
 name (for the manifest) and its bytes (in memory, bounded by ``max_member_bytes``), or the
 reason it was refused. ``.tar`` and ``.tar.gz`` are read in tarfile's stream mode (``r|*``)
-straight from the object body; ``.zip`` needs a seekable file (its directory is at the end),
-which the caller provides (a spooled temporary copy of the archive).
+from wherever the stream stands (a resumed expansion seeks to its last checkpoint);
+``.zip`` is read through its central directory (shared/zipdir.py) from a seekable file,
+in practice a ranged reader over the object (:meth:`shared.storage.ObjectStore.open_ranged`),
+and can be planned in shards that are read independently.
 
 Per member, without stopping the archive (a failed item with this code):
 
@@ -26,10 +28,10 @@ A broken archive ends it too, as :class:`shared.errors.CorruptArchive`.
 
 from __future__ import annotations
 
+import io
 import re
 import stat
 import tarfile
-import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +40,6 @@ from typing import IO, Any
 from shared.errors import (
     ABSOLUTE_PATH,
     BAD_NAME,
-    CORRUPT_MEMBER,
     ENCRYPTED,
     HARDLINK,
     NESTED_ARCHIVE,
@@ -54,6 +55,7 @@ from shared.errors import (
     RefusedMember,
     UnsupportedType,
 )
+from shared.zipdir import Directory, Entry, find_directory, iter_entries, read_entry
 
 ARCHIVE_KINDS = ("zip", "tar", "tar.gz")
 # Storage extension of the uploaded source for each kind.
@@ -223,71 +225,118 @@ def iter_archive(stream: IO[bytes], kind: str, limits: ArchiveLimits) -> Iterato
 
 
 def _iter_zip(stream: IO[bytes], budget: Budget) -> Iterator[Member]:
-    try:
-        archive = zipfile.ZipFile(stream)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise CorruptArchive(f"the zip archive cannot be read: {exc}") from exc
-    with archive:
-        infos = archive.infolist()
-        # The directory is known up front: refuse before anything is dispatched.
-        if len(infos) > budget.limits.max_members:
-            raise budget.too_many(len(infos))
-        declared = sum(info.file_size for info in infos if not info.is_dir())
-        if declared > budget.limits.max_total_bytes:
-            raise budget.too_large(declared)
-        index = 0
-        for info in infos:
-            budget.count_member()
-            if info.is_dir():
-                continue
-            yield _zip_member(archive, info, index, budget)
-            index += 1
+    size = stream.seek(0, io.SEEK_END)
+    directory, _shards = plan_zip(stream, size, budget.limits, shard_members=None)
+    index = 0
+    for _offset, entry, _next in iter_entries(stream, directory):
+        if entry.is_dir():
+            continue
+        yield zip_member(stream, entry, index, budget)
+        index += 1
 
 
-def _zip_member(
-    archive: zipfile.ZipFile, info: zipfile.ZipInfo, index: int, budget: Budget
-) -> Member:
-    raw = info.filename
-    mode = info.external_attr >> 16
+@dataclass(frozen=True)
+class ZipShard:
+    """A run of a zip's directory: the entries from byte ``start`` to ``end``, whose
+    ``count`` file members are numbered from ``first``."""
+
+    start: int
+    end: int
+    first: int
+    count: int
+
+
+def plan_zip(
+    stream: IO[bytes], size: int, limits: ArchiveLimits, *, shard_members: int | None
+) -> tuple[Directory, list[ZipShard]]:
+    """The zip's directory, walked once: the member and size limits checked against what it
+    declares (before anything is dispatched), and its file members cut into shards of
+    ``shard_members`` (one shard when None). Directories are not numbered."""
+    directory = find_directory(stream, size)
+    budget = Budget(limits)
+    if directory.entries > limits.max_members:
+        raise budget.too_many(directory.entries)
+    shards: list[ZipShard] = []
+    start, first, members, declared = directory.start, 0, 0, 0
+    for offset, entry, _next in iter_entries(stream, directory):
+        budget.count_member()
+        if entry.is_dir():
+            continue
+        if shard_members is not None and members - first == shard_members:
+            shards.append(ZipShard(start, offset, first, members - first))
+            start, first = offset, members
+        declared += entry.file_size
+        members += 1
+    if declared > limits.max_total_bytes:
+        raise budget.too_large(declared)
+    shards.append(ZipShard(start, directory.end, first, members - first))
+    return directory, shards
+
+
+def zip_member(stream: IO[bytes], entry: Entry, index: int, budget: Budget) -> Member:
+    """The member of directory ``entry`` (numbered ``index``), read from ``stream``, or why it
+    is refused; limit errors are raised."""
+    raw = entry.name
+    mode = entry.external_attr >> 16
     try:
         name = safe_name(raw)
         if mode and stat.S_ISLNK(mode):
             raise RefusedMember(f"symlink {raw!r} refused", code=SYMLINK)
         if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
             raise RefusedMember(f"{raw!r} is not a regular file; refused", code=SPECIAL_FILE)
-        if info.flag_bits & 0x1:
+        if entry.flags & 0x1:
             raise RefusedMember(f"{raw!r} is encrypted; refused", code=ENCRYPTED)
         if looks_like_archive(name):
             raise _nested(raw)
     except RefusedMember as exc:
         return Member(index, raw, error=exc)
-    budget.check_declared(raw, info.file_size)
-    budget.check_ratio(info.file_size, info.compress_size, f"member {raw!r}")
+    budget.check_declared(raw, entry.file_size)
+    what = f"member {raw!r}"
+    budget.check_ratio(entry.file_size, entry.compress_size, what)
     try:
-        with archive.open(info) as member_stream:
-            data = budget.read_member(
-                raw,
-                member_stream,
-                lambda size: budget.check_ratio(size, info.compress_size, f"member {raw!r}"),
-            )
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
-        error = RefusedMember(f"member {raw!r} cannot be read: {exc}", code=CORRUPT_MEMBER)
-        return Member(index, raw, error=error)
+        data = read_entry(
+            stream,
+            entry,
+            entry.file_size,
+            lambda size: budget.check_ratio(size, entry.compress_size, what),
+        )
+    except RefusedMember as exc:
+        return Member(index, raw, error=exc)
+    budget.add_bytes(len(data))
     if looks_like_archive(name, data[:SNIFF_BYTES]):
         return Member(index, raw, error=_nested(raw))
     return Member(index, raw, data=data)
 
 
 def _iter_tar(stream: IO[bytes], budget: Budget) -> Iterator[Member]:
+    for member, _next in iter_tar_from(stream, budget, start_index=0, compressed=None):
+        yield member
+
+
+def iter_tar_from(
+    stream: IO[bytes],
+    budget: Budget,
+    *,
+    start_index: int,
+    compressed: Callable[[], int] | None,
+) -> Iterator[tuple[Member, int]]:
+    """``(member, next_header)`` for every file entry of the (uncompressed) tar stream from
+    where ``stream`` stands, which must be a header: a resumed expansion seeks there. Members
+    are numbered from ``start_index``; ``next_header`` is the stream offset, relative to where
+    it started, of the header after the member: where a later resumption seeks to.
+    ``compressed()`` tells how many compressed bytes were read so far (for the archive's ratio;
+    without it the stream's own bytes count, as for a plain tar or a gzip stream read here)."""
     counted = _CountingReader(stream)
-    index = 0
+    so_far = compressed or (lambda: counted.count)
+    index = start_index
+    mode = "r|" if compressed is not None else "r|*"
     try:
-        with tarfile.open(fileobj=counted, mode="r|*") as archive:
+        with tarfile.open(fileobj=counted, mode=mode) as archive:
             for info in archive:
                 budget.count_member()
                 if info.isdir():
                     continue
-                yield _tar_member(archive, info, index, budget, counted)
+                yield _tar_member(archive, info, index, budget, so_far), archive.offset
                 index += 1
     except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
         raise CorruptArchive(f"the tar archive cannot be read: {exc}") from exc
@@ -298,7 +347,7 @@ def _tar_member(
     info: tarfile.TarInfo,
     index: int,
     budget: Budget,
-    counted: _CountingReader,
+    compressed: Callable[[], int],
 ) -> Member:
     raw = info.name
     try:
@@ -321,7 +370,7 @@ def _tar_member(
     data = budget.read_member(
         raw,
         member_stream,
-        lambda size: budget.check_ratio(budget.total_bytes + size, counted.count, "the archive"),
+        lambda size: budget.check_ratio(budget.total_bytes + size, compressed(), "the archive"),
     )
     if looks_like_archive(name, data[:SNIFF_BYTES]):
         return Member(index, raw, error=_nested(raw))

@@ -64,3 +64,8 @@ def batch_inputs_prefixes(batch_id: str) -> tuple[str, str]:
 def batch_input_pack_key(batch_id: str, block: int) -> str:
     """One block's image members, concatenated (items read theirs with a ranged GET)."""
     return f"batches/{batch_id}/inputs/{block:06d}.pack"
+
+
+def batch_gzip_index_key(batch_id: str) -> str:
+    """The seek points into a ``.tar.gz`` source that let a continuation resume mid-stream."""
+    return f"batches/{batch_id}/expansion/gzindex"

@@ -28,10 +28,15 @@ from shared.settings import Settings
 RENDER_JOB = "featuremaps.render_job"
 JOBS_QUEUE = "jobs"
 EXPAND_BATCH = "featuremaps.expand_batch"
+EXPAND_BATCH_SHARD = "featuremaps.expand_batch_shard"
 RUN_BATCH_CHUNK = "featuremaps.run_batch_chunk"
 FINALIZE_BATCH = "featuremaps.finalize_batch"
 FINALIZE_BATCH_SHARD = "featuremaps.finalize_batch_shard"
 BATCH_QUEUE = "batch"
+# Chunks go to the batch queue one priority step below expansion (kombu's Redis transport
+# takes priority 0 first), so an expansion's continuation never waits behind the thousands
+# of chunks its earlier slices dispatched.
+CHUNK_PRIORITY = 3
 # Workers consume both, interactive jobs first (see worker/celery_app.py).
 WORKER_QUEUES = f"{JOBS_QUEUE},{BATCH_QUEUE}"
 QUEUES = (JOBS_QUEUE, BATCH_QUEUE)

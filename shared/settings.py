@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(20.0, gt=0)
     max_image_pixels: int = Field(50_000_000, gt=0)
     max_form_parts: int = Field(20, gt=0)
-    max_archive_members: int = Field(50_000, gt=0)
+    max_archive_members: int = Field(2_000_000, gt=0)
     max_archive_bytes: int = Field(10 * 1024**3, gt=0)
     max_archive_member_bytes: int = Field(50 * 1024**2, gt=0)
     max_compression_ratio: float = Field(200.0, gt=1)
@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     # unset, they are 80% and 90% of the visibility timeout.
     expand_soft_time_limit_s: int | None = Field(None, gt=0)
     expand_time_limit_s: int | None = Field(None, gt=0)
+    # Expansion (worker/expand.py): a zip's members are cut into shards of this many (a
+    # multiple of the 128-member block), expanded in parallel; every expansion task hands
+    # on to a continuation of itself after this many seconds (or at its soft time limit).
+    expand_shard_members: int = Field(20_480, ge=128)
+    expand_slice_s: float = Field(120.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     storage_retries: int = Field(5, ge=0)
     storage_retry_backoff_s: float = Field(1.0, ge=0)
@@ -98,6 +103,13 @@ class Settings(BaseSettings):
 
     _token_table: dict[str, str] = PrivateAttr(default_factory=dict)
     _source_rules: tuple[SourceRule, ...] = PrivateAttr(default=())
+
+    @field_validator("expand_shard_members")
+    @classmethod
+    def _whole_blocks(cls, value: int) -> int:
+        if value % 128:
+            raise ValueError("FEATUREMAPS_EXPAND_SHARD_MEMBERS must be a multiple of 128 (a block)")
+        return value
 
     @field_validator("weights")
     @classmethod

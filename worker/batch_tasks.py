@@ -15,7 +15,9 @@ from celery import Task
 
 from shared.queue import (
     BATCH_QUEUE,
+    CHUNK_PRIORITY,
     EXPAND_BATCH,
+    EXPAND_BATCH_SHARD,
     FINALIZE_BATCH,
     FINALIZE_BATCH_SHARD,
     RUN_BATCH_CHUNK,
@@ -24,14 +26,20 @@ from worker import runtime
 from worker.batches import batch_store
 from worker.celery_app import app, settings
 from worker.chunks import Delivery, fail_chunk, run_chunk
-from worker.expand import expand_batch, fail_expansion
+from worker.expand import expand_batch, expand_shard, fail_expansion, fail_shard
 from worker.finalize import finalize_batch, write_shard
 from worker.guard import guarded
 from worker.leasing import lease_held
 
 
 def _dispatch(batch_id: str, item_ids: list[str]) -> None:
-    app.send_task(RUN_BATCH_CHUNK, args=[batch_id, item_ids], queue=BATCH_QUEUE)
+    app.send_task(
+        RUN_BATCH_CHUNK, args=[batch_id, item_ids], queue=BATCH_QUEUE, priority=CHUNK_PRIORITY
+    )
+
+
+def _expand_shard(batch_id: str, shard: int, gen: int) -> None:
+    app.send_task(EXPAND_BATCH_SHARD, args=[batch_id, shard, gen], queue=BATCH_QUEUE)
 
 
 def _finalize(batch_id: str) -> None:
@@ -55,9 +63,29 @@ def expand_batch_task(self: Task, batch_id: str) -> object:
         return guarded(
             self,
             ctx.settings,
-            lambda: expand_batch(ctx, batch_id, _dispatch, _finalize),
+            lambda: expand_batch(ctx, batch_id, _expand_shard, _finalize),
             what=f"expansion of batch {batch_id}",
             give_up=lambda code, message: fail_expansion(ctx, batch_id, code, message, _finalize),
+        )
+
+
+@app.task(
+    name=EXPAND_BATCH_SHARD,
+    bind=True,
+    soft_time_limit=settings.expand_limits_s[0],
+    time_limit=settings.expand_limits_s[1],
+)
+def expand_shard_task(self: Task, batch_id: str, shard: int, gen: int) -> object:
+    ctx = runtime.context()
+    with lease_held(self, ctx):
+        return guarded(
+            self,
+            ctx.settings,
+            lambda: expand_shard(ctx, batch_id, shard, gen, (_dispatch, _expand_shard, _finalize)),
+            what=f"expansion of batch {batch_id}, shard {shard}",
+            give_up=lambda code, message: fail_shard(
+                ctx, batch_id, shard, code, message, _finalize
+            ),
         )
 
 

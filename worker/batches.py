@@ -1,14 +1,15 @@
 """Batches on the worker side: what the stages share. A batch's life, stage by stage:
 
-- ``worker/expand.py``: the source (an archive from storage as a stream, or every key under an
-  S3 prefix) is read member by member; each image member is uploaded to its own
-  ``inputs/<item_id>/`` key, the items are recorded, and a chunk task is dispatched as soon as
-  ``BATCH_CHUNK`` items are queued, so workers start on the first chunk while later members
-  are still being read.
-- ``worker/chunks.py``: a chunk requests all its inputs in parallel, runs them through the
-  model in tensor batches (:func:`worker.pipeline.process_images`; on the CPU in slices of
-  ``CPU_MODEL_BATCH``, each starting as soon as its inputs are in, while the previous slice's
-  outputs upload), and records all outcomes in one atomic step.
+- ``worker/expand.py``: the source (an archive read by ranged GETs, or the keys under an S3
+  prefix) is cut into shards that expand in parallel, block by block of 128 members: one
+  pack object per block holds its image members' bytes, the items are recorded and their
+  chunks dispatched while expansion continues; every shard checkpoints after each block and
+  hands on to a continuation of itself after ``EXPAND_SLICE_S``.
+- ``worker/chunks.py``: a chunk requests all its inputs in parallel (ranged GETs into the
+  packs), runs them through the model in tensor batches
+  (:func:`worker.pipeline.process_images`; on the CPU in slices of ``CPU_MODEL_BATCH``, each
+  starting as soon as its inputs are in, while the previous slice's outputs upload), and
+  records all outcomes in one atomic step.
 - ``worker/finalize.py``: whoever records the batch's last outcome has the manifest and the
   bundle of figures written (``BatchStore`` makes that exactly one caller), and then, unless
   ``KEEP_INPUTS``, the uploaded archive and the items' expanded inputs deleted: no item can run
@@ -32,6 +33,8 @@ IO_THREADS = 8
 # and benchmarks, plain calls.
 Dispatch = Callable[[str, list[str]], None]
 Finalize = Callable[[str], None]
+# (batch id, shard, generation): an expansion shard's task, or its continuation.
+ExpandShard = Callable[[str, int, int], None]
 
 
 def batch_store(ctx: WorkerContext) -> BatchStore:

@@ -59,7 +59,7 @@ def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Deliv
     with ThreadPoolExecutor(IO_THREADS) as pool:
         # Every input is requested at once; a slice goes through the model as soon as its
         # own inputs are in, and its outputs upload while the next slice computes.
-        downloads = [pool.submit(_download, ctx, items[i].info["input_key"]) for i in started]
+        downloads = [pool.submit(_download, ctx, items[i].info) for i in started]
         uploads, results = [], []
         for start in range(0, len(started), step):
             part = started[start : start + step]
@@ -103,10 +103,12 @@ def _model_slice(ctx: WorkerContext, count: int) -> int:
     return count if ctx.loaded.device.type == "cuda" else CPU_MODEL_BATCH
 
 
-def _download(ctx: WorkerContext, key: str) -> bytes | FeatureMapsError:
+def _download(ctx: WorkerContext, info: dict[str, Any]) -> bytes | FeatureMapsError:
+    """The item's input: its range of its block's pack (one ranged GET)."""
+    offset, length = info["input_range"]
     try:
         with metrics.timed("fetch"):
-            return ctx.store.get_bytes(key)
+            return ctx.store.get_range(info["input_key"], offset, length)
     except NotFound as exc:
         return FeatureMapsError(f"the input is gone from storage: {exc.message}", code="lost")
 

@@ -1,30 +1,45 @@
-"""Where a batch's source is read: expanding an archive (or an S3 prefix) into items.
+"""Where a batch's source is read: expanding an archive (or an S3 prefix) into items, in
+shards and slices, at any size.
 
-The source is read member by member; each image member is uploaded to its own
-``inputs/<item_id>/`` key, the items are recorded, and a chunk is dispatched as soon as
-``BATCH_CHUNK`` items are queued, so workers start on the first chunk while later members are
-still being read. Archive limits and a corrupt archive end the batch ``failed``; what was read
-before still runs.
+Planning (:func:`expand_batch`) cuts the source into shards and dispatches one
+``expand_batch_shard`` task per shard: a zip is planned from its central directory (read by
+ranged GETs; the member and size limits are checked against it before anything runs) into
+shards of ``EXPAND_SHARD_MEMBERS`` members that run in parallel; a tar, a tar.gz or an S3
+prefix is one shard, read as a stream.
+
+A shard (:func:`expand_shard`) reads its members block by block (``BLOCK_ITEMS`` consecutive
+member indexes): per block it uploads ONE pack object (the image members' bytes
+concatenated), records the block's items, dispatches their chunks, and commits its checkpoint
+(worker/expand_state.py). After ``EXPAND_SLICE_S``, or at its soft time limit, it sends a
+continuation of itself that resumes from that checkpoint: a zip at its next directory entry,
+a tar at its next header (a tar.gz through its saved gzip index), a prefix after its last key.
+The shard that ends last ends the expansion. Archive limits and a corrupt archive end it
+``failed``; what was read before still runs.
 """
 
 from __future__ import annotations
 
+import io
 import logging
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
 
 from shared import keys
 from shared.archives import (
     ArchiveLimits,
     Budget,
     Member,
-    iter_archive,
+    iter_tar_from,
     looks_like_archive,
+    plan_zip,
     safe_name,
+    zip_member,
 )
-from shared.batches import Batch, BatchStore, NewItem, item_id
+from shared.batches import BLOCK_ITEMS, Batch, BatchStore, NewItem, item_id
 from shared.errors import (
     ArchiveLimitExceeded,
     CorruptArchive,
@@ -33,53 +48,188 @@ from shared.errors import (
     RefusedMember,
 )
 from shared.imaging import sniff_format
-from shared.storage import ObjectStore
-from worker.batches import IO_THREADS, Dispatch, Finalize, batch_store
+from shared.storage import RANGED_READ_AHEAD, ObjectStore, RangedReader
+from shared.zipdir import PAGE_BYTES, Directory, iter_entries
+from worker.batches import IO_THREADS, Dispatch, ExpandShard, Finalize, batch_store
+from worker.expand_state import ExpansionState
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)
 
-# Archives up to this size are spooled in memory; larger ones go to an unnamed temp file.
-SPOOL_MEMORY_BYTES = 32 * 1024 * 1024
+# An S3 prefix is listed this many keys at a time.
+LIST_PAGE = 1000
+# A tar.gz's gzip index gets a seek point every this many bytes, and is saved for the
+# continuations every this many inflated bytes (and whenever a shard hands on).
+GZIP_SPACING = 32 * 1024 * 1024
+GZIP_INDEX_EVERY = 512 * 1024 * 1024
+
+# (member, the cursor that resumes right after it)
+Positioned = tuple[Member, dict[str, Any]]
 
 
-def expand_batch(ctx: WorkerContext, batch_id: str, dispatch: Dispatch, finalize: Finalize) -> str:
-    """Turn the batch's source into items and dispatch them in chunks; returns the batch's
-    status afterwards. Archive limits and a corrupt archive end it ``failed``; storage errors
-    propagate for the task to retry (items already created are found again by id)."""
+def expand_batch(
+    ctx: WorkerContext,
+    batch_id: str,
+    expand_shard_task: ExpandShard,
+    finalize: Finalize,
+) -> str:
+    """Plan the batch's expansion and dispatch its shards; returns the batch's status.
+    A redelivery finds the plan and dispatches the shards that have not ended again (with a
+    newer generation, so that an older copy still running stops)."""
     store = batch_store(ctx)
     outcome = store.begin_expansion(batch_id)
     if outcome != "ok":
         log.info("batch %s not expanded: %s", batch_id, outcome)
         return _end_expansion(store, batch_id, None, finalize)
-    batch = store.get(batch_id)
-    limits = ArchiveLimits.from_settings(ctx.settings)
-    error: dict[str, str] | None = None
-    with ThreadPoolExecutor(IO_THREADS) as pool:
-        expander = _Expander(ctx, store, batch_id, dispatch, pool)
+    state = _state(ctx, batch_id)
+    if state.planned():
+        shards = state.unfinished()
+    else:
         try:
-            with SourceMembers(ctx, batch, limits) as members:
-                for member in members:
-                    if not expander.add(member):
-                        break
+            shards = _planned(ctx, store, state, batch_id)
         except (ArchiveLimitExceeded, CorruptArchive) as exc:
-            log.info("batch %s: expansion stopped: %s", batch_id, exc.message)
-            error = exc.to_dict()
+            log.info("batch %s: expansion refused: %s", batch_id, exc.message)
+            return _end_expansion(store, batch_id, exc.to_dict(), finalize)
         except NotFound as exc:
-            error = {"code": "source_missing", "message": exc.message}
-        finally:
-            # What was read before a limit or an error still runs ("items already
-            # dispatched keep going"); a storage error propagates after this.
-            expander.flush()
-    return _end_expansion(store, batch_id, error, finalize)
+            return _end_expansion(store, batch_id, _missing(exc), finalize)
+    for shard, gen in shards:
+        expand_shard_task(batch_id, shard, gen)
+    return store.get(batch_id).status.value
+
+
+def _planned(
+    ctx: WorkerContext, store: BatchStore, state: ExpansionState, batch_id: str
+) -> list[tuple[int, int]]:
+    """Plan the expansion, record the plan, and return the shards to dispatch; limits, a
+    corrupt archive and a missing source are raised."""
+    kind, cursors = _plan(ctx, store.get(batch_id))
+    log.info("batch %s: %s source in %d shard(s)", batch_id, kind, len(cursors))
+    if not state.plan(kind, cursors):
+        return state.unfinished()
+    return [(shard, 0) for shard in range(len(cursors))]
+
+
+def _plan(ctx: WorkerContext, batch: Batch) -> tuple[str, list[dict[str, Any]]]:
+    """The source's kind and each shard's first cursor."""
+    source = batch.source
+    start = {"index": 0, "members": 0, "bytes": 0}
+    if source["kind"] == "s3":
+        return "s3", [{**start, "after": ""}]
+    if source["archive"] != "zip":
+        return source["archive"], [{**start, "offset": 0}]
+    limits = ArchiveLimits.from_settings(ctx.settings)
+    with ctx.store.open_ranged(source["key"], read_ahead=PAGE_BYTES) as reader:
+        directory, shards = plan_zip(
+            reader, reader.size, limits, shard_members=ctx.settings.expand_shard_members
+        )
+    return "zip", [
+        {"index": s.first, "offset": s.start, "end": s.end, "shift": directory.shift}
+        for s in shards
+    ]
+
+
+def expand_shard(
+    ctx: WorkerContext,
+    batch_id: str,
+    shard: int,
+    gen: int,
+    handoff: tuple[Dispatch, ExpandShard, Finalize],
+) -> str:
+    """Expand one shard from its checkpoint, block by block, until its end, the slice's end
+    (then a continuation is sent) or a limit; returns what became of the shard."""
+    dispatch, expand_shard_task, finalize = handoff
+    store = batch_store(ctx)
+    state = _state(ctx, batch_id)
+    claim = state.claim(shard, gen)
+    if claim.outcome == "done":
+        # A redelivery of a task that ended its shard: make sure the expansion ended too.
+        return _finish_shard(store, state, batch_id, shard, None, None, finalize)
+    if claim.outcome != "ok" or claim.cursor is None:
+        log.info("batch %s shard %d (gen %d): %s", batch_id, shard, gen, claim.outcome)
+        return claim.outcome
+    writer = _BlockWriter(ctx, store, state, batch_id, shard, gen, dispatch)
+    with writer, _ShardSource(ctx, store.get(batch_id), claim.cursor) as source:
+        try:
+            ended, error = _expand_slice(ctx, source, writer)
+        except SoftTimeLimitExceeded:
+            # The continuation resumes from the last committed block; what this task learnt
+            # of a gzip stream is kept, so that it gets further.
+            source.save_if_possible()
+            return _hand_on(state, batch_id, shard, gen, expand_shard_task)
+        if not ended:
+            source.save()
+            return _hand_on(state, batch_id, shard, gen, expand_shard_task)
+    if writer.stopped == "superseded":
+        return writer.stopped
+    return _finish_shard(store, state, batch_id, shard, gen, error, finalize)
+
+
+def _expand_slice(
+    ctx: WorkerContext, source: _ShardSource, writer: _BlockWriter
+) -> tuple[bool, dict[str, str] | None]:
+    """Write the shard's blocks until the slice's time is up; returns whether the shard has
+    ended (read to its end, stopped, or stopped by a limit: then with its error)."""
+    deadline = time.monotonic() + ctx.settings.expand_slice_s
+    try:
+        for member, after in source.members():
+            ended_block = writer.add(member, after)
+            if writer.stopped:
+                break
+            if ended_block and time.monotonic() > deadline:
+                writer.flush()
+                return bool(writer.stopped), None
+        writer.flush()
+    except (ArchiveLimitExceeded, CorruptArchive) as exc:
+        log.info("batch %s: expansion stopped: %s", writer.batch_id, exc.message)
+        writer.flush()  # what was read before the limit still runs
+        return True, exc.to_dict()
+    except NotFound as exc:
+        return True, _missing(exc)
+    return True, None
+
+
+def fail_shard(
+    ctx: WorkerContext, batch_id: str, shard: int, code: str, message: str, finalize: Finalize
+) -> str:
+    """End a shard that cannot go on (storage gone for good, a bug): the expansion ends failed
+    once the other shards have ended."""
+    error = {"code": code, "message": message}
+    state = _state(ctx, batch_id)
+    return _finish_shard(batch_store(ctx), state, batch_id, shard, None, error, finalize)
 
 
 def fail_expansion(
     ctx: WorkerContext, batch_id: str, code: str, message: str, finalize: Finalize
 ) -> str:
-    """End an expansion that cannot go on (storage gone for good, time limit, a bug)."""
+    """End an expansion that cannot be planned (storage gone for good, time limit, a bug)."""
     error = {"code": code, "message": message}
     return _end_expansion(batch_store(ctx), batch_id, error, finalize)
+
+
+def _hand_on(
+    state: ExpansionState, batch_id: str, shard: int, gen: int, expand_shard_task: ExpandShard
+) -> str:
+    expand_shard_task(batch_id, shard, gen + 1)
+    state.handed_on(shard, gen + 1)
+    log.info("batch %s shard %d: continued by generation %d", batch_id, shard, gen + 1)
+    return "continued"
+
+
+def _finish_shard(
+    store: BatchStore,
+    state: ExpansionState,
+    batch_id: str,
+    shard: int,
+    gen: int | None,
+    error: dict[str, str] | None,
+    finalize: Finalize,
+) -> str:
+    finish = state.finish(shard, gen, error)
+    if not finish.recorded:
+        return "superseded"
+    if finish.last:
+        return _end_expansion(store, batch_id, finish.error, finalize)
+    return "shard done"
 
 
 def _end_expansion(
@@ -90,122 +240,294 @@ def _end_expansion(
     return store.get(batch_id).status.value
 
 
-class _Expander:
-    """Collects members into items; uploads inputs and dispatches chunk by chunk."""
+def _state(ctx: WorkerContext, batch_id: str) -> ExpansionState:
+    return ExpansionState(ctx.redis, batch_id, ctx.settings.job_ttl_s)
+
+
+def _missing(exc: NotFound) -> dict[str, str]:
+    return {"code": "source_missing", "message": exc.message}
+
+
+class _BlockWriter:
+    """Collects a block's members; at the block's end uploads its pack, records its items,
+    dispatches their chunks and commits the checkpoint, on a thread of its own while the next
+    block is read (one block in flight, so checkpoints commit in order). ``stopped`` says why
+    the shard must stop (known one block late): the batch was canceled, another shard failed
+    the expansion, or a newer task owns the shard."""
 
     def __init__(
         self,
         ctx: WorkerContext,
         store: BatchStore,
+        state: ExpansionState,
         batch_id: str,
+        shard: int,
+        gen: int,
         dispatch: Dispatch,
-        pool: ThreadPoolExecutor,
     ) -> None:
         self.ctx = ctx
         self.store = store
+        self.state = state
         self.batch_id = batch_id
+        self.shard = shard
+        self.gen = gen
         self.dispatch = dispatch
-        self.pool = pool
-        self.chunk = ctx.settings.batch_chunk
-        self.pending: list[tuple[NewItem, bytes | None]] = []
-        self.queued_pending = 0
-        self.canceled = False
+        self.members: list[Member] = []
+        self.cursor: dict[str, Any] | None = None
+        self.stopped = ""
+        self._writing = ThreadPoolExecutor(1)
+        self._written: Future[None] | None = None
 
-    def add(self, member: Member) -> bool:
-        """Take one member; False once the batch was canceled (stop reading)."""
-        self.pending.append(_new_item(self.batch_id, member))
-        if self.pending[-1][1] is not None:
-            self.queued_pending += 1
-        if self.queued_pending >= self.chunk:
-            self.flush()
-        return not self.canceled
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        pending, self.pending, self.queued_pending = self.pending, [], 0
-        uploads = [(item, data) for item, data in pending if data is not None]
-        list(self.pool.map(lambda pair: self._upload(*pair), uploads))
-        status, queued = self.store.add_items(self.batch_id, [item for item, _ in pending])
-        self.canceled = status == "canceled"
-        for start in range(0, len(queued), self.chunk):
-            self.dispatch(self.batch_id, queued[start : start + self.chunk])
-
-    def _upload(self, item: NewItem, data: bytes) -> None:
-        if item.input_key is None:  # _new_item gives every member with data an input key
-            raise ValueError(f"item {item.id} has data but no input key")
-        self.ctx.store.put_bytes(item.input_key, data, "application/octet-stream")
-
-
-def _new_item(batch_id: str, member: Member) -> tuple[NewItem, bytes | None]:
-    new_id = item_id(batch_id, member.index)
-    if member.error is not None or member.data is None:
-        error = member.error or RefusedMember("no data", code="bad_name")
-        return NewItem(new_id, member.name, error=error.to_dict()), None
-    try:
-        ext = sniff_format(member.data)
-    except FeatureMapsError as exc:
-        return NewItem(new_id, member.name, error=exc.to_dict()), None
-    return NewItem(new_id, member.name, input_key=keys.input_key(new_id, ext)), member.data
-
-
-class SourceMembers:
-    """``with SourceMembers(ctx, batch, limits) as members``: the source's members, with
-    whatever was opened for them closed afterwards."""
-
-    def __init__(self, ctx: WorkerContext, batch: Batch, limits: ArchiveLimits) -> None:
-        self.ctx = ctx
-        self.source = batch.source
-        self.limits = limits
-        self._closers: list[Callable[[], None]] = []
-
-    def __enter__(self) -> Iterator[Member]:
-        source = self.source
-        if source["kind"] == "s3":
-            bucket = ObjectStore(
-                self.ctx.store.client, source["bucket"], public_client=self.ctx.store.public_client
-            )
-            return iter_prefix(bucket, source["prefix"], self.limits)
-        reader = self.ctx.store.open(source["key"])
-        self._closers.append(reader.close)
-        if source["archive"] != "zip":
-            return iter_archive(reader, source["archive"], self.limits)
-        # A zip's directory is at its end: spool the archive (not its members) to read it.
-        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
-        self._closers.append(spool.close)
-        shutil.copyfileobj(reader, spool, 1024 * 1024)
-        spool.seek(0)
-        return iter_archive(spool, "zip", self.limits)  # type: ignore[arg-type]
+    def __enter__(self) -> _BlockWriter:
+        return self
 
     def __exit__(self, *_exc: object) -> None:
-        for close in reversed(self._closers):
-            close()
+        self._writing.shutdown(wait=True)
+
+    def add(self, member: Member, after: dict[str, Any]) -> bool:
+        """Take one member; True when that ended a block (and the block went to be written)."""
+        self.members.append(member)
+        self.cursor = after
+        if (member.index + 1) % BLOCK_ITEMS:
+            return False
+        self._submit()
+        return True
+
+    def flush(self) -> None:
+        """Write what was collected and wait until every block is written and committed."""
+        self._submit()
+        self._wait()
+
+    def _submit(self) -> None:
+        if not self.members or self.cursor is None:
+            return
+        members, self.members = self.members, []
+        self._wait()
+        if not self.stopped:
+            self._written = self._writing.submit(self._write, members, self.cursor)
+
+    def _wait(self) -> None:
+        written, self._written = self._written, None
+        if written is not None:
+            written.result()  # a storage error surfaces here, for the task to retry
+
+    def _write(self, members: list[Member], cursor: dict[str, Any]) -> None:
+        block = members[0].index // BLOCK_ITEMS
+        pack_key = keys.batch_input_pack_key(self.batch_id, block)
+        items, parts = _block_items(self.batch_id, members, pack_key)
+        if parts:
+            self.ctx.store.put_bytes(pack_key, b"".join(parts))
+        status, queued = self.store.add_items(self.batch_id, items)
+        chunk = self.ctx.settings.batch_chunk
+        for start in range(0, len(queued), chunk):
+            self.dispatch(self.batch_id, queued[start : start + chunk])
+        verdict = self.state.commit(self.shard, self.gen, cursor)
+        if status == "canceled":
+            self.stopped = self._end("canceled")
+        elif verdict == "stop":
+            self.stopped = self._end("stopped")
+        elif verdict == "superseded":
+            self.stopped = "superseded"
+
+    def _end(self, why: str) -> str:
+        log.info("batch %s shard %d: %s", self.batch_id, self.shard, why)
+        return why
 
 
-def iter_prefix(bucket: ObjectStore, prefix: str, limits: ArchiveLimits) -> Iterator[Member]:
-    """Every object under ``prefix`` as a member, named relative to the prefix, under the
-    same limits and refusals as an archive's members."""
-    budget = Budget(limits)
-    for index, key in enumerate(bucket.list_keys(prefix)):
-        budget.count_member()
-        raw = key[len(prefix) :]
+def _block_items(
+    batch_id: str, members: list[Member], pack_key: str
+) -> tuple[list[NewItem], list[bytes]]:
+    """The block's items, and the bytes of its image members in pack order."""
+    items: list[NewItem] = []
+    parts: list[bytes] = []
+    offset = 0
+    for member in members:
+        new_id = item_id(batch_id, member.index)
+        if member.error is not None or member.data is None:
+            error = member.error or RefusedMember("no data", code="bad_name")
+            items.append(NewItem(new_id, member.name, error=error.to_dict()))
+            continue
         try:
-            name = safe_name(raw)
-            if looks_like_archive(name):
-                raise RefusedMember(
-                    f"{raw!r} is an archive itself; not opened", code="nested_archive"
-                )
-        except RefusedMember as exc:
-            yield Member(index, raw, error=exc)
+            sniff_format(member.data)
+        except FeatureMapsError as exc:
+            items.append(NewItem(new_id, member.name, error=exc.to_dict()))
             continue
-        with bucket.open(key) as reader:
-            if reader.size is not None:
-                budget.check_declared(raw, reader.size)
-            data = budget.read_member(raw, reader, lambda _size: None)
-        if looks_like_archive(name, data[:512]):
-            error = RefusedMember(
-                f"{raw!r} is an archive itself; not opened", code="nested_archive"
-            )
-            yield Member(index, raw, error=error)
-            continue
-        yield Member(index, raw, data=data)
+        size = len(member.data)
+        items.append(NewItem(new_id, member.name, input_key=pack_key, input_range=(offset, size)))
+        parts.append(member.data)
+        offset += size
+    return items, parts
+
+
+class _ShardSource:
+    """``with _ShardSource(ctx, batch, cursor) as source``: the shard's members from its
+    cursor (``source.members()``), each with the cursor that resumes after it;
+    ``source.save()`` keeps what a continuation needs beyond the cursor (a gzip index)."""
+
+    def __init__(self, ctx: WorkerContext, batch: Batch, cursor: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.batch = batch
+        self.source = batch.source
+        self.cursor = cursor
+        self.limits = ArchiveLimits.from_settings(ctx.settings)
+        self._readers: list[Any] = []
+        self._gzip: Any = None
+
+    def __enter__(self) -> _ShardSource:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for reader in reversed(self._readers):
+            reader.close()
+
+    def members(self) -> Iterator[Positioned]:
+        if self.source["kind"] == "s3":
+            return self._prefix_members()
+        if self.source["archive"] == "zip":
+            return self._zip_members()
+        return self._tar_members()
+
+    def save(self) -> None:
+        if self._gzip is not None:
+            _save_gzip_index(self.ctx.store, self.batch.id, self._gzip)
+
+    def save_if_possible(self) -> None:
+        """:meth:`save` when the time limit interrupted the reading: a failure only costs the
+        continuation time (it inflates from an earlier seek point), so it is logged."""
+        try:
+            self.save()
+        except Exception:
+            log.exception("batch %s: gzip index not saved at the time limit", self.batch.id)
+
+    def _open(self, key: str, read_ahead: int = RANGED_READ_AHEAD) -> RangedReader:
+        reader = self.ctx.store.open_ranged(key, read_ahead=read_ahead)
+        self._readers.append(reader)
+        return reader
+
+    def _zip_members(self) -> Iterator[Positioned]:
+        cursor = self.cursor
+        key = self.source["key"]
+        # Two readers: the directory's pages and the members' data are far apart.
+        directory_reader = self._open(key, PAGE_BYTES)
+        data = self._open(key)
+        directory = Directory(
+            start=cursor["offset"], end=cursor["end"], entries=0, shift=cursor["shift"]
+        )
+        budget = Budget(self.limits)  # the counts and sizes were checked when planning
+        index = cursor["index"]
+        for _offset, entry, after in iter_entries(directory_reader, directory, cursor["offset"]):
+            if entry.is_dir():
+                continue
+            member = zip_member(data, entry, index, budget)
+            index += 1
+            yield member, {**cursor, "offset": after, "index": index}
+
+    def _tar_members(self) -> Iterator[Positioned]:
+        cursor = self.cursor
+        raw = self._open(self.source["key"])
+        stream: Any = raw
+        if self.source["archive"] == "tar.gz":
+            stream = self._gzip = _open_gzip(self.ctx.store, self.batch.id, raw, cursor["offset"])
+            self._readers.append(stream)
+        stream.seek(cursor["offset"])
+        budget = _budget(self.limits, cursor)
+        saved_at = cursor["offset"]
+        for member, next_header in iter_tar_from(
+            stream, budget, start_index=cursor["index"], compressed=raw.tell
+        ):
+            offset = cursor["offset"] + next_header
+            if self._gzip is not None and offset - saved_at > GZIP_INDEX_EVERY:
+                self.save()
+                saved_at = offset
+            yield member, {**_totals(budget, member.index + 1), "offset": offset}
+
+    def _prefix_members(self) -> Iterator[Positioned]:
+        source = self.source
+        bucket = ObjectStore(
+            self.ctx.store.client, source["bucket"], public_client=self.ctx.store.public_client
+        )
+        prefix = source["prefix"]
+        budget = _budget(self.limits, self.cursor)
+        index, after = self.cursor["index"], self.cursor["after"]
+        with ThreadPoolExecutor(IO_THREADS) as pool:
+            while page := bucket.list_page(prefix, start_after=after, limit=LIST_PAGE):
+                # A few objects in flight per thread: memory stays bounded by the member limit.
+                for start in range(0, len(page), IO_THREADS):
+                    keys_now = page[start : start + IO_THREADS]
+                    fetched = pool.map(
+                        lambda key: _fetch(bucket, prefix, key, self.limits), keys_now
+                    )
+                    for key, (raw, outcome) in zip(keys_now, fetched, strict=True):
+                        member = _prefix_member(budget, index, raw, outcome)
+                        index += 1
+                        yield member, {**_totals(budget, index), "after": key}
+                after = page[-1]
+
+
+def _budget(limits: ArchiveLimits, cursor: dict[str, Any]) -> Budget:
+    """The limits' budget as the checkpoint left it (a stream's counts carry across slices)."""
+    budget = Budget(limits)
+    budget.members = cursor["members"]
+    budget.total_bytes = cursor["bytes"]
+    return budget
+
+
+def _totals(budget: Budget, index: int) -> dict[str, int]:
+    return {"index": index, "members": budget.members, "bytes": budget.total_bytes}
+
+
+def _fetch(
+    bucket: ObjectStore, prefix: str, key: str, limits: ArchiveLimits
+) -> tuple[str, bytes | RefusedMember | int]:
+    """A prefix's object: its bytes, why it is refused by name alone, or its size when that
+    is over the member limit (then it is not read)."""
+    raw = key[len(prefix) :]
+    try:
+        name = safe_name(raw)
+        if looks_like_archive(name):
+            raise RefusedMember(f"{raw!r} is an archive itself; not opened", code="nested_archive")
+    except RefusedMember as exc:
+        return raw, exc
+    with bucket.open(key) as reader:
+        if reader.size is not None and reader.size > limits.max_member_bytes:
+            return raw, reader.size
+        return raw, reader.read()
+
+
+def _prefix_member(
+    budget: Budget, index: int, raw: str, outcome: bytes | RefusedMember | int
+) -> Member:
+    budget.count_member()
+    if isinstance(outcome, RefusedMember):
+        return Member(index, raw, error=outcome)
+    if isinstance(outcome, int):
+        budget.check_declared(raw, outcome)  # raises: over the member limit
+        raise ValueError(f"{raw!r}: size {outcome} passed the member limit check")
+    budget.check_declared(raw, len(outcome))
+    budget.add_bytes(len(outcome))
+    if looks_like_archive(raw, outcome[:512]):
+        error = RefusedMember(f"{raw!r} is an archive itself; not opened", code="nested_archive")
+        return Member(index, raw, error=error)
+    return Member(index, raw, data=outcome)
+
+
+def _open_gzip(store: ObjectStore, batch_id: str, raw: RangedReader, offset: int) -> Any:
+    """The tar.gz's inflated stream, with the seek points an earlier slice saved (without
+    them, seeking to ``offset`` inflates from the start: slower, still right)."""
+    from indexed_gzip import IndexedGzipFile
+
+    stream = IndexedGzipFile(fileobj=raw, spacing=GZIP_SPACING, auto_build=True)
+    if offset:
+        try:
+            index = store.get_bytes(keys.batch_gzip_index_key(batch_id))
+        except NotFound:
+            log.warning("batch %s: no gzip index; re-inflating to offset %d", batch_id, offset)
+        else:
+            stream.import_index(fileobj=io.BytesIO(index))
+    return stream
+
+
+def _save_gzip_index(store: ObjectStore, batch_id: str, stream: Any) -> None:
+    buffer = io.BytesIO()
+    stream.export_index(fileobj=buffer)
+    store.put_bytes(keys.batch_gzip_index_key(batch_id), buffer.getvalue())

@@ -91,6 +91,7 @@ HANDOVER_TASKS = (
     "render_job",
     "run_batch_chunk",
     "expand_batch",
+    "expand_batch_shard",
     "finalize_batch",
     "finalize_batch_shard",
 )

@@ -74,6 +74,8 @@ BAD_FILES = {
     "bad/nested.zip": (_inner_zip(), "nested_archive"),
 }
 SYMLINK = ("bad/link.jpg", "symlink")
+# The bad members that still look like images (they fail in the model pass, not before).
+IMAGE_BAD = ("bad/truncated.jpg", "bad/bomb.png")
 
 
 def make_zip(goods: dict[str, bytes]) -> bytes:
@@ -220,9 +222,13 @@ def test_archive_with_planted_bad_members(deployment, store, kind):
     )
     for name in ("escape", "abs.jpg", "link", "nested", "passwd", "inside"):
         assert not [key for key in store.list_keys("") if name in key]
-    inputs = [key for key in mine if key.startswith("inputs/")]
-    # Only members that look like images get an input: the good ones and the bad images.
-    assert len(inputs) == len(good) + 2
+    # Inputs are one pack per block of 128 members, none of them under inputs/.
+    packs = [key for key in mine if key.startswith(f"batches/{batch_id}/inputs/")]
+    assert packs == [f"batches/{batch_id}/inputs/000000.pack"]
+    assert not [key for key in mine if key.startswith("inputs/")]
+    # Only members that look like images are in it: the good ones and the bad images.
+    packed = [*good.values(), *(BAD_FILES[name][0] for name in IMAGE_BAD)]
+    assert store.size(packs[0]) == sum(len(data) for data in packed)
     # KEEP_INPUTS=true: the uploaded archive stays after finalisation too.
     assert [key for key in mine if key.startswith(f"batches/{batch_id}/source.")]
 

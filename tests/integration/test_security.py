@@ -216,7 +216,7 @@ def test_finalized_batch_archive_and_members_are_deleted(deployment, store):
         return [
             key
             for key in store.list_keys("")
-            if key.startswith((f"inputs/{batch_id}-", f"batches/{batch_id}/source."))
+            if key.startswith((f"batches/{batch_id}/inputs/", f"batches/{batch_id}/source."))
         ]
 
     _wait_gone(store, inputs)

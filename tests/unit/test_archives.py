@@ -26,7 +26,7 @@ from shared.errors import (
     UnsupportedType,
 )
 from tests.unit.conftest import encode
-from worker.expand import _new_item
+from worker.expand import _block_items
 
 LIMITS = ArchiveLimits(
     max_members=100, max_total_bytes=10_000_000, max_member_bytes=3_000_000, max_ratio=50
@@ -222,7 +222,7 @@ def test_corrupt_archives():
 
 def test_phone_formats_in_a_zip_become_items_and_a_video_fails_alone():
     # Members are classified by the same sniffing as uploads: HEIC and AVIF become inputs
-    # stored under their own extension; an MP4 (the same container) is refused by itself.
+    # in their block's pack; an MP4 (the same container) is refused by itself.
     photo = Image.new("RGB", (32, 24), (200, 30, 60))
     mp4 = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + b"\x00" * 64
     entries = [
@@ -232,8 +232,11 @@ def test_phone_formats_in_a_zip_become_items_and_a_video_fails_alone():
     ]
     members = list(iter_archive(_zip(entries), "zip", LIMITS))
     assert [member.error for member in members] == [None, None, None]
-    heic, avif, video = (_new_item("b1", member) for member in members)
-    assert heic[0].input_key.endswith(".heic") and heic[1] == entries[0][1]
-    assert avif[0].input_key.endswith(".avif") and avif[1] == entries[1][1]
-    assert video[0].input_key is None and video[1] is None
-    assert video[0].error["code"] == "unsupported_type"
+    (heic, avif, video), parts = _block_items("b1", members, "pack")
+    # The two images go into the block's pack, one after the other; the video does not.
+    assert parts == [entries[0][1], entries[1][1]]
+    assert heic.input_key == avif.input_key == "pack"
+    assert heic.input_range == (0, len(parts[0]))
+    assert avif.input_range == (len(parts[0]), len(parts[1]))
+    assert video.input_key is None and video.input_range is None
+    assert video.error["code"] == "unsupported_type"
