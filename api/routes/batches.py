@@ -12,7 +12,7 @@ from api.idempotency import Answer, Idempotency, fingerprint, idempotency_key
 from api.services import Services, services
 from api.sources import BatchRequest, read_source_request
 from shared import documents
-from shared.batches import Batch, BatchStatus, BatchStore
+from shared.batches import BLOCK_ITEMS, Batch, BatchStatus, BatchStore
 from shared.errors import InvalidOption, UnsupportedType
 from shared.options import JobOptions
 from shared.queue import BATCH_QUEUE, EXPAND_BATCH, FINALIZE_BATCH
@@ -110,7 +110,10 @@ def list_items(batch_id: str):
     limit = _int_arg("limit", DEFAULT_PAGE, minimum=1, maximum=MAX_PAGE)
     # The cursor is a member position: a page reads only the blocks it covers, at any size.
     items = store.items(batch_id, start=start, count=limit)
-    more = start + limit < store.item_count(batch_id)
+    # While a zip's shards expand in parallel, later positions may be filled before earlier
+    # ones: until expansion ends, the pages go as far as the furthest block recorded.
+    end = store.item_count(batch_id) if batch.expanded else store.blocks(batch_id) * BLOCK_ITEMS
+    more = start + limit < end
     expiry = svc.settings.presign_expiry_s
     return {
         "items": [documents.item_document(svc.store, batch, item, expiry) for item in items],

@@ -24,6 +24,8 @@ from worker.expand_state import expansion_key
 MEMBERS = 50_000
 JPEG_EVERY = 10_000
 SHARD = 12_800
+# Three result shards of the 50,000 members.
+RESULT_SHARD_ITEMS = 20_000
 
 
 def _jpeg(seed: int) -> bytes:
@@ -65,7 +67,7 @@ def deployment(redis_server, s3_server, tmp_path_factory):
         redis_server,
         s3_server,
         name="exp",
-        db=9,
+        db=22,
         worker="x1",
         expand_soft_time_limit_s=20,
         expand_time_limit_s=25,
@@ -76,6 +78,7 @@ def deployment(redis_server, s3_server, tmp_path_factory):
         expand_shard_members=SHARD,
         max_archive_members=60_000,
         batch_chunk=8,
+        result_shard_items=RESULT_SHARD_ITEMS,
     ) as dep:
         yield dep
 
@@ -106,13 +109,19 @@ def check_one_item_per_member(deployment, batch_id: str, members, doc: dict) -> 
     }
     store = BatchStore(deployment.redis, ttl_s=3600)
     items = list(store.iter_items(batch_id, page=5000))
-    # Exactly one item per member, named after it (shards record their blocks in any order).
-    by_id = {item.id: item.name for item in items}
-    assert len(items) == len(by_id) == len(members)
-    assert by_id == {f"{batch_id}-{i:06d}": name for i, (name, _) in enumerate(members)}
-    manifest = requests.get(doc["result"]["manifest_url"], timeout=60).text.splitlines()
-    lines = [json.loads(line) for line in manifest]
-    assert sorted(line["name"] for line in lines) == sorted(name for name, _ in members)
+    # Exactly one item per member, named after it, in member order.
+    assert [(item.id, item.name) for item in items] == [
+        (f"{batch_id}-{i:06d}", name) for i, (name, _) in enumerate(members)
+    ]
+    # The result shards' manifests: one line per member, in member order, across shards.
+    shards = doc["result"]["shards"]
+    assert len(shards) == -(-len(members) // RESULT_SHARD_ITEMS)
+    lines = [
+        json.loads(line)
+        for shard in shards
+        for line in requests.get(shard["manifest_url"], timeout=60).text.splitlines()
+    ]
+    assert [line["name"] for line in lines] == [name for name, _ in members]
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
