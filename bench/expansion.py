@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import socket
 import tempfile
 import time
 import zipfile
@@ -24,10 +23,8 @@ import requests
 
 from bench.bulk import _Stack, photo
 from shared.batches import batch_key
-from shared.heartbeat import live_workers
 from stack.services import wait_until
 from worker.expand_state import expansion_key
-from worker.launcher import worker_commands
 
 MEMBERS = 100_000
 DISTINCT = 300
@@ -49,20 +46,7 @@ def measure(members: int, workers: int) -> dict:
         stack = _Stack(Path(tmp), reuse_results=True)
         processes = []
         try:
-            for index, (_, argv, extra) in enumerate(
-                worker_commands([], replicas=workers, loglevel="WARNING", queues="jobs,batch")
-            ):
-                hostname = f"expand{index}@{socket.gethostname()}"
-                argv = [*argv]
-                argv[argv.index("--hostname") + 1] = hostname
-                process = stack._spawn(hostname.split("@")[0], argv, {**stack.env, **extra})
-                processes.append(process)
-                wait_until(
-                    lambda h=hostname: h in {w["hostname"] for w in live_workers(stack.client)},
-                    timeout_s=120,
-                    process=process,
-                    what=f"worker {hostname}",
-                )
+            processes = stack.start_workers(workers)
             response = requests.post(
                 f"{stack.api_url}/batches",
                 files={"archive": ("photos.zip", archive)},
