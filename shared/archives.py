@@ -287,7 +287,7 @@ def zip_member(stream: IO[bytes], entry: Entry, index: int, budget: Budget) -> M
         if entry.flags & 0x1:
             raise RefusedMember(f"{raw!r} is encrypted; refused", code=ENCRYPTED)
         if looks_like_archive(name):
-            raise _nested(raw)
+            raise nested_refusal(raw)
     except RefusedMember as exc:
         return Member(index, raw, error=exc)
     budget.check_declared(raw, entry.file_size)
@@ -304,7 +304,7 @@ def zip_member(stream: IO[bytes], entry: Entry, index: int, budget: Budget) -> M
         return Member(index, raw, error=exc)
     budget.add_bytes(len(data))
     if looks_like_archive(name, data[:SNIFF_BYTES]):
-        return Member(index, raw, error=_nested(raw))
+        return Member(index, raw, error=nested_refusal(raw))
     return Member(index, raw, data=data)
 
 
@@ -359,7 +359,7 @@ def _tar_member(
         if not info.isreg():
             raise RefusedMember(f"{raw!r} is not a regular file; refused", code=SPECIAL_FILE)
         if looks_like_archive(name):
-            raise _nested(raw)
+            raise nested_refusal(raw)
     except RefusedMember as exc:
         return Member(index, raw, error=exc)
     budget.check_declared(raw, info.size)
@@ -373,11 +373,12 @@ def _tar_member(
         lambda size: budget.check_ratio(budget.total_bytes + size, compressed(), "the archive"),
     )
     if looks_like_archive(name, data[:SNIFF_BYTES]):
-        return Member(index, raw, error=_nested(raw))
+        return Member(index, raw, error=nested_refusal(raw))
     return Member(index, raw, data=data)
 
 
-def _nested(raw: str) -> RefusedMember:
+def nested_refusal(raw: str) -> RefusedMember:
+    """Why a member that is an archive itself is refused (it is never opened)."""
     return RefusedMember(f"{raw!r} is an archive itself; not opened", code=NESTED_ARCHIVE)
 
 

@@ -525,6 +525,12 @@ class _Slots:
         return [block_key(self.batch_id, block) for block in self.blocks]
 
 
+def _script_keys(batch_id: str, blocks: list[str], lease: str | None = None) -> list[str]:
+    """KEYS of every script (see ``_PRELUDE``): the batch, the lease (or the unfenced
+    placeholder), the webhook outbox, then ``blocks``."""
+    return [batch_key(batch_id), lease or UNFENCED.key, OUTBOX_KEY, *blocks]
+
+
 def _decode(batch_id: str, index: int, entry: bytes | None) -> Item | None:
     """The item an entry holds; None for a position not recorded."""
     if not entry:
@@ -682,12 +688,7 @@ class BatchStore(RecordStore[Batch]):
             with self.redis.pipeline(transaction=False) as pipe:
                 for block in blocks[step : step + PIPELINE_BLOCKS]:
                     self._cancel_blocks(
-                        keys=[
-                            batch_key(batch_id),
-                            UNFENCED.key,
-                            OUTBOX_KEY,
-                            block_key(batch_id, block),
-                        ],
+                        keys=_script_keys(batch_id, [block_key(batch_id, block)]),
                         args=[self.ttl_s, batch_id, block * BLOCK_ITEMS],
                         client=pipe,
                     )
@@ -723,7 +724,7 @@ class BatchStore(RecordStore[Batch]):
         if index is None:
             self.redis.zrem(OUTBOX_KEY, entry)
             return
-        keys = [batch_key(batch_id), UNFENCED.key, OUTBOX_KEY, block_key(batch_id, block_of(index))]
+        keys = _script_keys(batch_id, [block_key(batch_id, block_of(index))])
         args = [self.ttl_s, index % BLOCK_ITEMS, entry, attempt, state, next_at, keep]
         self._record_item_call(keys=keys, args=args)
 
@@ -767,16 +768,15 @@ class BatchStore(RecordStore[Batch]):
         if count <= 0:
             return []
         end = start + count  # exclusive
+        blocks = range(block_of(start), block_of(end - 1) + 1)
         with self.redis.pipeline(transaction=False) as pipe:
-            for block in range(block_of(start), block_of(end - 1) + 1):
+            for block in blocks:
                 first = block * BLOCK_ITEMS
                 lo, hi = max(start, first) - first, min(end, first + BLOCK_ITEMS) - 1 - first
                 pipe.lrange(block_key(batch_id, block), lo, hi)
             pages = pipe.execute()
         out: list[Item] = []
-        for block, entries in zip(
-            range(block_of(start), block_of(end - 1) + 1), pages, strict=True
-        ):
+        for block, entries in zip(blocks, pages, strict=True):
             base = max(start, block * BLOCK_ITEMS)
             out += [i for n, e in enumerate(entries) if (i := _decode(batch_id, base + n, e))]
         return out
@@ -816,8 +816,7 @@ class BatchStore(RecordStore[Batch]):
         extra_keys: list[str] | None = None,
     ) -> Any:
         blocks = (slots.keys() if slots else []) + (extra_keys or [])
-        keys = [batch_key(batch_id), lease or UNFENCED.key, OUTBOX_KEY, *blocks]
-        outcome = script(keys=keys, args=[self.ttl_s, *args])
+        outcome = script(keys=_script_keys(batch_id, blocks, lease), args=[self.ttl_s, *args])
         if outcome in (b"missing", "missing") or (
             isinstance(outcome, list) and outcome and text(outcome[0]) == "missing"
         ):

@@ -35,6 +35,7 @@ from shared.archives import (
     Member,
     iter_tar_from,
     looks_like_archive,
+    nested_refusal,
     plan_zip,
     safe_name,
     zip_member,
@@ -485,7 +486,7 @@ def _fetch(
     try:
         name = safe_name(raw)
         if looks_like_archive(name):
-            raise RefusedMember(f"{raw!r} is an archive itself; not opened", code="nested_archive")
+            raise nested_refusal(raw)
     except RefusedMember as exc:
         return raw, exc
     with bucket.open(key) as reader:
@@ -506,8 +507,7 @@ def _prefix_member(
     budget.check_declared(raw, len(outcome))
     budget.add_bytes(len(outcome))
     if looks_like_archive(raw, outcome[:512]):
-        error = RefusedMember(f"{raw!r} is an archive itself; not opened", code="nested_archive")
-        return Member(index, raw, error=error)
+        return Member(index, raw, error=nested_refusal(raw))
     return Member(index, raw, data=outcome)
 
 
