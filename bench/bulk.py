@@ -34,10 +34,10 @@ from shared.settings import Settings
 from shared.storage import ObjectStore
 from stack.local import service_env
 from stack.services import ManagedProcess, RedisServer, SeaweedS3, free_port, wait_until
-from worker.features import conv_chain, preprocess, reduce_channels
+from worker.compute.features import conv_chain, preprocess, reduce_channels
+from worker.compute.model import load_model
+from worker.compute.pipeline import CPU_MODEL_BATCH
 from worker.launcher import worker_commands
-from worker.model import load_model
-from worker.pipeline import CPU_MODEL_BATCH
 
 IMAGES = 300
 SIZE = (320, 240)

@@ -4,7 +4,7 @@ on the same images, the same seeded weights and the same machine, in one run.
 - article: the article's per-image code as written: ``Image.open``, its transform, the conv
   chain with autograd on (no ``inference_mode``), ``torch.sum / C``, a 30×50-inch pyplot
   figure saved as JPEG with ``bbox_inches="tight"``.
-- ours: :func:`worker.pipeline.process_image` with default options, bytes in, encoded JPEG
+- ours: :func:`worker.compute.pipeline.process_image` with default options, bytes in, encoded JPEG
   figure out.
 
 Numbers are medians, and bests, over every timed run (images × repetitions), after one
@@ -29,8 +29,8 @@ import torchvision
 from PIL import Image, ImageDraw
 
 from shared.options import JobOptions
-from worker.model import load_model
-from worker.pipeline import process_image
+from worker.compute.model import load_model
+from worker.compute.pipeline import process_image
 
 STAGES = ("decode", "model", "reduce", "render", "encode")
 MAX_PIXELS = 50_000_000

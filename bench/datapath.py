@@ -4,10 +4,10 @@ Four runs in one process, on the same seeded random ResNet-18 and the same image
 
 - **model only**: the conv chain (each layer reduced as it comes, as the pipeline does) on
   preloaded ``[16, 3, 224, 224]`` tensors, in the pipeline's CPU slices.
-- **data path**: :func:`worker.pipeline.process_images` on chunks of 16 encoded images,
+- **data path**: :func:`worker.compute.pipeline.process_images` on chunks of 16 encoded images,
   bytes in, encoded figures and manifests out.
-- **fast path**: the same with ``precision=fast`` (JPEG draft decode, worker/precision.py).
-- **chunk path**: :func:`worker.chunks.run_chunk` against a private redis-server and
+- **fast path**: the same with ``precision=fast`` (JPEG draft decode, worker/compute/precision.py).
+- **chunk path**: :func:`worker.batches.chunks.run_chunk` against a private redis-server and
   SeaweedFS, so a chunk also downloads its inputs, uploads figures and manifests and moves its
   items through the batch store.
 
@@ -53,11 +53,12 @@ from shared.leases import LeaseStore
 from shared.options import JobOptions
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from worker import batches, pipeline, render
-from worker.chunks import Delivery, run_chunk
-from worker.features import conv_chain, preprocess, reduce_channels
-from worker.model import LoadedModel, load_model
-from worker.precision import DRAFT_SIDE
+from worker import batches
+from worker.batches.chunks import Delivery, run_chunk
+from worker.compute import pipeline, render
+from worker.compute.features import conv_chain, preprocess, reduce_channels
+from worker.compute.model import LoadedModel, load_model
+from worker.compute.precision import DRAFT_SIDE
 from worker.runtime import WorkerContext
 
 COUNT = 2000
@@ -185,7 +186,7 @@ def render_compare(loaded: LoadedModel, rounds: int = 5) -> dict:
     """CPU ms per image to draw a chunk's grids: the fast renderer (numpy and Pillow, image
     by image) against the batched torch renderer, on the same maps (the chain's 17 layers of
     16 images), interleaved, best of ``rounds``; and the largest pixel difference."""
-    from worker.render_tensor import draw_grids
+    from worker.compute.render_tensor import draw_grids
 
     tensors = torch.rand(CHUNK, 3, 224, 224)
     outputs = conv_chain(loaded.model, tensors, keep=lambda a: reduce_channels(a, "mean"))

@@ -24,7 +24,7 @@ import requests
 from bench.bulk import _Stack, photo
 from shared.batches import batch_key
 from stack.services import wait_until
-from worker.expand_state import expansion_key
+from worker.batches.checkpoints import expansion_key
 
 MEMBERS = 100_000
 DISTINCT = 300

@@ -6,12 +6,12 @@ the rest 0.3-2 MP — and reports, on the machine's first CUDA device (the CPU w
 none, which is how the unit test keeps it working):
 
 - model-only images/s: the conv chain with its reduction on a preloaded device batch;
-- data-path images/s: :func:`worker.pipeline.process_images` on chunks of encoded bytes with
+- data-path images/s: :func:`worker.compute.pipeline.process_images` on chunks of encoded bytes with
   the default ``precision=auto`` (on CUDA: ``fast``, its stages on the device), bytes in,
   encoded figures and manifests out, and its ratio to model-only;
 - host CPU ms per image of the data path (process CPU time, all threads);
 - how far its maps are from the CPU float32 ``exact`` reference
-  (:func:`worker.precision.compare_maps`, on a sample);
+  (:func:`worker.compute.precision.compare_maps`, on a sample);
 - single-image latency: one camera photo through ``process_image``, median of 10.
 
 It needs only torch, torchvision, numpy, Pillow and the repository (no Redis, S3, Celery or
@@ -34,9 +34,9 @@ import torch
 from bench.precision import worst_difference
 from shared.options import JobOptions
 from tests.photos import camera_jpeg
-from worker import pipeline
-from worker.features import INPUT_SIDE, conv_chain, reduce_channels
-from worker.model import load_model
+from worker.compute import pipeline
+from worker.compute.features import INPUT_SIDE, conv_chain, reduce_channels
+from worker.compute.model import load_model
 
 MAX_PIXELS = 50_000_000
 # Distinct inputs, cycled: (width, height, EXIF orientation) — 1 in 3 a camera photo.

@@ -1,11 +1,11 @@
 """Precision: how far ``precision=fast`` is from ``exact``, per map, and what each costs.
 
-The same inputs go through :func:`worker.pipeline.process_images` three ways on the same
+The same inputs go through :func:`worker.compute.pipeline.process_images` three ways on the same
 model: ``exact``; ``fast`` on the host (Pillow draft decode, the CPU's choice); and ``fast``
-with its stages on the device (worker/device_stages.py: torchvision decode, torch resize,
+with its stages on the device (worker/compute/device_stages.py: torchvision decode, torch resize,
 torch renderer, torchvision JPEG encoder — what a CUDA worker runs, here on the CPU). For
 each fast variant, every one of the 17 maps is compared with exact's
-(:func:`worker.precision.compare_maps`); the worst over all maps and images is reported with
+(:func:`worker.compute.precision.compare_maps`); the worst over all maps and images is reported with
 the process CPU ms per image of each variant, so docs/benchmarks.md can state the tolerance
 that tests/unit/test_precision.py and test_device_stages.py hold the fast paths to.
 """
@@ -15,9 +15,9 @@ from __future__ import annotations
 import time
 
 from shared.options import JobOptions
-from worker import pipeline
-from worker.model import LoadedModel
-from worker.precision import compare_maps
+from worker.compute import pipeline
+from worker.compute.model import LoadedModel
+from worker.compute.precision import compare_maps
 
 VARIANTS = {"exact": ("exact", False), "fast_host": ("fast", False), "fast_device": ("fast", True)}
 
@@ -41,8 +41,8 @@ def compare(loaded: LoadedModel, photos: list[bytes], *, max_pixels: int) -> dic
 
 
 def worst_difference(reference: list, results: list) -> dict:
-    """:func:`worker.precision.compare_maps` of each result against its reference (both
-    lists of :class:`worker.pipeline.ImageResult`, in the same order), worst over all."""
+    """:func:`worker.compute.precision.compare_maps` of each result against its reference (both
+    lists of :class:`worker.compute.pipeline.ImageResult`, in the same order), worst over all."""
     differences = [
         compare_maps(r.maps, got.maps) for r, got in zip(reference, results, strict=True)
     ]

@@ -9,7 +9,8 @@ Reported per job (p50 and p95 over at least 50 jobs, after warm-up):
 - ``compute_ms``: the worker's decode + model + reduce + render + encode for that job;
 - ``overhead_ms``: ``server_ms - compute_ms`` — queue, input download, output upload and
   job-record writes: what the service adds to the computation;
-- ``in_process_ms``: :func:`worker.pipeline.process_image` on the same bytes in this process.
+- ``in_process_ms``: :func:`worker.compute.pipeline.process_image` on the same bytes in
+  this process.
 
 Target: overhead p50 ≤ 50 ms on the 2-core development machine.
 """
@@ -28,8 +29,8 @@ import requests
 from shared.options import JobOptions
 from stack.local import LocalStack, StackConfig
 from stack.services import free_port
-from worker.model import load_model
-from worker.pipeline import process_image
+from worker.compute.model import load_model
+from worker.compute.pipeline import process_image
 
 COMPUTE_STAGES = ("decode_ms", "model_ms", "reduce_ms", "render_ms", "encode_ms")
 IMAGE = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"

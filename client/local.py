@@ -27,7 +27,7 @@ from shared.options import (
 )
 
 if TYPE_CHECKING:
-    from worker.pipeline import ImageResult
+    from worker.compute.pipeline import ImageResult
 
 # Above this many images a progress bar is worth its line.
 PROGRESS_MIN_IMAGES = 4
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from shared.errors import FeatureMapsError
     from shared.options import JobOptions
     from shared.settings import Settings
-    from worker.model import load_model
+    from worker.compute.model import load_model
 
     settings = Settings()
     options = JobOptions(
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_batch(loaded, images, positions, output_dirs, options, max_pixels, progress) -> int:
     """Read, process and write one batch of the given images; returns how many failed."""
     from shared.errors import FeatureMapsError
-    from worker.pipeline import process_images
+    from worker.compute.pipeline import process_images
 
     failed = 0
     readable, payloads = [], []

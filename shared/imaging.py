@@ -114,7 +114,8 @@ def input_entry(
     ext: str, size: tuple[int, int], mode: str, exif_orientation: int, frames: int | None
 ) -> dict:
     """The manifest's ``input`` entry for a picture of upright ``size`` read from a file of
-    type ``ext`` whatever decoded it (Pillow here, torchvision in worker/device_stages.py)."""
+    type ``ext`` whatever decoded it (Pillow here, torchvision in
+    worker/compute/device_stages.py)."""
     width, height = size
     return {
         "format": ext,
@@ -193,7 +194,7 @@ class JpegHeader:
 
 def jpeg_header(data: bytes, *, max_pixels: int) -> JpegHeader | None:
     """The header of a complete JPEG within ``max_pixels``, for decoders other than Pillow
-    (``worker/device_stages.py``); None for anything that must go through :func:`decode`
+    (``worker/compute/device_stages.py``); None for anything that must go through :func:`decode`
     to be decoded or refused properly: another format, an unreadable or too large header, or
     data that does not end with the end-of-image marker (truncated, or a trailer after it)."""
     if not data.startswith(b"\xff\xd8\xff") or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):

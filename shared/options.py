@@ -15,7 +15,7 @@ NORMALIZATIONS = ("none", "imagenet")
 FORMATS = ("jpg", "png", "webp", "svg", "pdf")
 RASTER_FORMATS = ("jpg", "png", "webp")
 RENDERERS = ("fast", "matplotlib")
-# auto: exact on the CPU, fast on CUDA (worker/precision.py says what each one does).
+# auto: exact on the CPU, fast on CUDA (worker/compute/precision.py says what each one does).
 PRECISIONS = ("auto", "exact", "fast")
 # A fixed list so the API can validate without importing matplotlib.
 COLORMAPS = (

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     reuse_results: bool = True
     batch_chunk: int = Field(16, ge=1, le=512)
     # A finished batch's results are written in shards of this many members (a manifest and
-    # a zip each, worker/finalize.py): at ~250 KB a figure, 5,000 make a zip of ~1.25 GB.
+    # a zip each, worker/batches/finalize.py): at ~250 KB a figure, 5,000 make a zip of ~1.25 GB.
     result_shard_items: int = Field(5_000, ge=1)
 
     # Celery: the soft limit ends the job as `timeout`; both stay below the visibility
@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     # unset, they are 80% and 90% of the visibility timeout.
     expand_soft_time_limit_s: int | None = Field(None, gt=0)
     expand_time_limit_s: int | None = Field(None, gt=0)
-    # Expansion (worker/expand.py): a zip's members are cut into shards of this many (a
+    # Expansion (worker/batches/expand.py): a zip's members are cut into shards of this many (a
     # multiple of the 128-member block), expanded in parallel; every expansion task hands
     # on to a continuation of itself after this many seconds (or at its soft time limit).
     expand_shard_members: int = Field(20_480, ge=128)

@@ -25,7 +25,7 @@ for soft, hard, name in (
         )
 
 app = Celery(
-    "featuremaps", broker=settings.redis_url, include=["worker.tasks", "worker.batch_tasks"]
+    "featuremaps", broker=settings.redis_url, include=["worker.tasks", "worker.batches.tasks"]
 )
 app.conf.update(
     # A task is acknowledged only once it has finished, and a worker that dies mid-task

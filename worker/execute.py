@@ -83,7 +83,7 @@ def _computed(
 ) -> dict:
     """The job's outputs from a model pass, stored under its keys unless the job was handed
     over meanwhile (:class:`shared.leases.LeaseLost`)."""
-    from worker.pipeline import process_image
+    from worker.compute.pipeline import process_image
 
     result = process_image(ctx.loaded, data, options, max_pixels=ctx.settings.max_image_pixels)
     metrics.model_pass([result])
@@ -115,7 +115,7 @@ def _reused(
 
 def _input_preview(ctx: WorkerContext, job_id: str, data: bytes) -> str:
     from shared.imaging import decode
-    from worker.render import render_input_preview
+    from worker.compute.render import render_input_preview
 
     preview = render_input_preview(decode(data, max_pixels=ctx.settings.max_image_pixels).image)
     key = keys.input_preview_key(job_id)
@@ -151,7 +151,7 @@ def _upload_outputs(ctx: WorkerContext, job_id: str, result, *, with_input_previ
         "manifest_key": keys.manifest_key(job_id),
         "layers": result.layers,
         "weights": result.manifest.get("weights"),
-        # How exactly it was computed (worker/precision.py): pages and clients show it.
+        # How exactly it was computed (worker/compute/precision.py): pages and clients show it.
         "precision": result.manifest.get("precision"),
     }
     if result.manifest.get("predictions"):

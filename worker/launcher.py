@@ -132,7 +132,7 @@ def _add_restart_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def check_weights(settings: Settings) -> None:
-    from worker.model import load_model
+    from worker.compute.model import load_model
 
     load_model(settings.weights, device="cpu", seed=settings.weights_seed)
 

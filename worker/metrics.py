@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
-# stage -> key of the pipeline's timings dict (worker/pipeline.py)
+# stage -> key of the pipeline's timings dict (worker/compute/pipeline.py)
 PIPELINE_STAGES = {
     "decode": "decode_ms",
     "model": "model_ms",
@@ -153,7 +153,7 @@ class ModelLoads(Collector):
     """How many times this process loaded the model (a resident model shows 1)."""
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        from worker.model import load_count
+        from worker.compute.model import load_count
 
         yield CounterMetricFamily(
             "featuremaps_worker_model_loads", "Models loaded by this process.", value=load_count()

@@ -32,7 +32,7 @@ from shared.errors import FeatureMapsError, NotFound
 from shared.options import JobOptions
 from shared.records import PREFIX
 from shared.storage import ObjectStore
-from worker.precision import Precision, resolve
+from worker.compute.precision import Precision, resolve
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def result_digest(
     name) whose records may share them: results are never reused across owners, whose
     ``reused: true`` would tell one that another sent the same image (docs/security.md).
 
-    ``precision`` is the option as resolved on the worker's device (worker/precision.py):
+    ``precision`` is the option as resolved on the worker's device (worker/compute/precision.py):
     ``auto`` is ``exact`` on a CPU and ``fast`` on CUDA, whose outputs differ, so the digest
     names the computation that ran (``auto`` and ``exact`` on a CPU share results), never the
     option as sent."""

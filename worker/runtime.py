@@ -41,7 +41,7 @@ class WorkerContext:
     jobs: RedisJobStore
     leases: LeaseStore
     store: ObjectStore
-    loaded: object  # worker.model.LoadedModel; typed loosely to keep torch out of imports
+    loaded: object  # worker.compute.model.LoadedModel; typed loosely to keep torch out of imports
     device: str
     jobs_done: int = 0
     started: float = field(default_factory=time.time)
@@ -72,7 +72,7 @@ class WorkerContext:
         self.release_pending()
 
     def heartbeat_info(self) -> dict:
-        from worker.model import load_count
+        from worker.compute.model import load_count
 
         return {
             "hostname": self.hostname,
@@ -92,7 +92,7 @@ _context: WorkerContext | None = None
 def init_process(settings: Settings, hostname: str) -> WorkerContext:
     """Build this process's context and load the model (once)."""
     global _context
-    from worker.model import load_model  # torch is imported here, after the fork
+    from worker.compute.model import load_model  # torch is imported here, after the fork
 
     loaded = load_model(settings.weights, device=settings.device, seed=settings.weights_seed)
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)

@@ -23,8 +23,8 @@ import signal
 import time
 from pathlib import Path
 
-import worker.batch_tasks
-import worker.pipeline
+import worker.batches.tasks
+import worker.compute.pipeline
 import worker.tasks
 from shared.storage import ObjectStore
 from tests.chaos.faults import HOLD, HOLD_UPLOAD, KILL, SLOW
@@ -35,7 +35,7 @@ __all__ = ["app"]
 # No fault may leave a process waiting forever if a test dies halfway.
 _MAX_WAIT_S = 120.0
 
-_real_process_images = worker.pipeline.process_images
+_real_process_images = worker.compute.pipeline.process_images
 _real_put_bytes = ObjectStore.put_bytes
 _holding_upload = {"on": False}
 
@@ -92,7 +92,7 @@ def _recording_raise(real):
     return run
 
 
-worker.pipeline.process_images = process_images
+worker.compute.pipeline.process_images = process_images
 ObjectStore.put_bytes = put_bytes
 worker.tasks.run_job = _recording_raise(worker.tasks.run_job)
-worker.batch_tasks.run_chunk = _recording_raise(worker.batch_tasks.run_chunk)
+worker.batches.tasks.run_chunk = _recording_raise(worker.batches.tasks.run_chunk)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import NotFound
-from worker.expand_state import ExpansionState
+from worker.batches.checkpoints import ExpansionState
 
 
 def test_ranged_reads_and_listing_pages(object_store):

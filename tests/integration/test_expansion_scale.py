@@ -19,7 +19,7 @@ from PIL import Image
 from shared.batches import BatchStore
 from stack.services import wait_until
 from tests.integration.deployment import Deployment, wait_for_batch
-from worker.expand_state import expansion_key
+from worker.batches.checkpoints import expansion_key
 
 MEMBERS = 50_000
 JPEG_EVERY = 10_000

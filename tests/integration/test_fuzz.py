@@ -186,8 +186,8 @@ def test_validation_refuses_every_mutant_with_a_known_code_or_accepts_it(validat
 
 
 def test_worker_decode_and_pipeline_handle_the_mutants_that_validate(validated):
-    from worker.model import load_model
-    from worker.pipeline import process_images
+    from worker.compute.model import load_model
+    from worker.compute.pipeline import process_images
 
     loaded = load_model("random", device="cpu")
     accepted = list(validated["accepted"].items())

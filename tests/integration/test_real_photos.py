@@ -46,7 +46,7 @@ def camera_jpeg() -> bytes:
 
 @pytest.fixture(scope="module")
 def model():
-    from worker.model import load_model
+    from worker.compute.model import load_model
 
     return load_model("random", device="cpu")
 
@@ -66,7 +66,7 @@ def _maps(doc: dict) -> dict[str, np.ndarray]:
 
 def _reference_maps(model, pixels: np.ndarray) -> dict[str, np.ndarray]:
     """Maps of already-upright pixels, computed in-process from a lossless PNG of them."""
-    from worker.pipeline import process_image
+    from worker.compute.pipeline import process_image
 
     result = process_image(
         model, photos.png_bytes(pixels), JobOptions(arrays=True), max_pixels=MAX_PIXELS

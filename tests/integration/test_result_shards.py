@@ -27,8 +27,8 @@ from tests.integration.deployment import Deployment, wait_for_batch
 from tests.integration.receiver import Receiver
 from tests.integration.test_batches import photo
 from tests.integration.test_webhooks import SECRET
-from worker import finalize
-from worker.finalize import finalize_batch, write_shard
+from worker.batches import finalize
+from worker.batches.finalize import finalize_batch, write_shard
 
 SHARD_ITEMS = 4
 # Member order: "dup.jpg" twice in shard 1 (the second gets its item id), once more in

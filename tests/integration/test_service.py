@@ -63,8 +63,8 @@ def _submit(api, data=None, filename="photo.jpg", headers=None, **options):
 
 
 def test_submit_poll_succeed_and_fetch_the_figure(deployment, store):
-    from worker.model import load_model
-    from worker.pipeline import process_image
+    from worker.compute.model import load_model
+    from worker.compute.pipeline import process_image
 
     response = _submit(deployment.api)
     assert response.status_code == 202, response.text

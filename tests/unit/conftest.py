@@ -166,7 +166,7 @@ def _animated_gif() -> bytes:
 
 @pytest.fixture(scope="session")
 def random_model():
-    from worker.model import load_model
+    from worker.compute.model import load_model
 
     return load_model("random", device="cpu", seed=0)
 
@@ -174,7 +174,7 @@ def random_model():
 @pytest.fixture
 def captions(monkeypatch) -> list[str]:
     """The caption of every figure the pipeline draws while the test runs, in order."""
-    from worker import pipeline
+    from worker.compute import pipeline
 
     drawn: list[str] = []
     real_draw = pipeline.draw_grid

@@ -26,7 +26,7 @@ from shared.errors import (
     UnsupportedType,
 )
 from tests.unit.conftest import encode
-from worker.expand import _block_items
+from worker.batches.expand import _block_items
 
 LIMITS = ArchiveLimits(
     max_members=100, max_total_bytes=10_000_000, max_member_bytes=3_000_000, max_ratio=50

@@ -209,7 +209,7 @@ def test_gpu_workers_take_one_gpu_each_and_run_one_worker_process_on_it() -> Non
 
 @pytest.mark.usefixtures("defaults")
 def test_gpu_workers_cut_batches_into_chunks_a_gpu_can_fill_and_cpu_workers_keep_the_default():
-    # A GPU takes a whole chunk in one model pass; a CPU slices it (worker/chunks.py).
+    # A GPU takes a whole chunk in one model pass; a CPU slices it (worker/batches/chunks.py).
     assert 64 <= deployed_settings(documents(K8S)).batch_chunk <= 256
     assert deployed_settings(documents(K8S / "cpu")).batch_chunk == Settings().batch_chunk
 

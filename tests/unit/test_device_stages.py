@@ -1,4 +1,4 @@
-"""The device data path (worker/device_stages.py), run here on the CPU with the same torch
+"""The device data path (worker/compute/device_stages.py), run here on the CPU with the same torch
 functions a GPU worker runs: batched torchvision decode, torch resize, the torch renderer
 and torchvision's JPEG encoder. It must give exact's inputs and errors, maps within the
 measured tolerance, the host renderer's figure up to JPEG encoding, and no warnings."""
@@ -14,8 +14,8 @@ from PIL import Image
 
 from shared.options import JobOptions
 from tests.photos import camera_jpeg, cmyk_jpeg, png_bytes, scene
-from worker.pipeline import ImageResult, process_images
-from worker.precision import compare_maps
+from worker.compute.pipeline import ImageResult, process_images
+from worker.compute.precision import compare_maps
 
 LIMIT = 10**8
 MAX_RELATIVE_DIFFERENCE = 0.02

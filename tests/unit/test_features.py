@@ -1,4 +1,4 @@
-"""worker.features: the article's method, reproduced faithfully; hooks that clean up after
+"""worker.compute.features: the article's method, reproduced faithfully; hooks that clean up after
 themselves; reductions that agree with numpy."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torchvision import transforms
 from torchvision.models import resnet18
 
 from shared.options import JobOptions
-from worker.features import (
+from worker.compute.features import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     chain_convs,
@@ -23,7 +23,7 @@ from worker.features import (
     resize_input,
     to_batch,
 )
-from worker.pipeline import process_image, process_images
+from worker.compute.pipeline import process_image, process_images
 
 CHAIN_NAMES = [
     "conv1",

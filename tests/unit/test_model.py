@@ -1,4 +1,4 @@
-"""worker.model: every weights source loads what it says, or fails saying how to fix it.
+"""worker.compute.model: every weights source loads what it says, or fails saying how to fix it.
 
 Nothing here touches the network: the imagenet checkpoint is planted in a temporary
 TORCH_HOME, and the "cannot download" case replaces torch.hub's downloader.
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from shared.errors import DeviceUnavailable, WeightsUnavailable
-from worker import model as model_module
-from worker.model import imagenet_checkpoint_path, load_count, load_model, resolve_device
+from worker.compute import model as model_module
+from worker.compute.model import imagenet_checkpoint_path, load_count, load_model, resolve_device
 
 EXPECTED_FILE = "resnet18-f37072fd.pth"
 

@@ -1,4 +1,4 @@
-"""worker.pipeline: bytes in, figure + manifest + maps out; bad images fail alone."""
+"""worker.compute.pipeline: bytes in, figure + manifest + maps out; bad images fail alone."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from PIL import Image
 
 from shared.errors import FeatureMapsError, UnsupportedType
 from shared.options import JobOptions
-from worker import pipeline
-from worker.model import load_model
-from worker.pipeline import ImageResult, process_image, process_images
+from worker.compute import pipeline
+from worker.compute.model import load_model
+from worker.compute.pipeline import ImageResult, process_image, process_images
 
 LIMIT = 10**8
 STAGES = {"decode_ms", "model_ms", "reduce_ms", "render_ms", "encode_ms"}

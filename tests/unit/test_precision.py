@@ -1,6 +1,6 @@
-"""The ``precision`` option (worker/precision.py): ``exact`` is the article's computation and
-the CPU default; ``fast`` decodes JPEGs in draft mode and stays within a measured tolerance
-of ``exact`` on camera-size photos; every manifest and caption says which one ran."""
+"""The ``precision`` option (worker/compute/precision.py): ``exact`` is the article's
+computation and the CPU default; ``fast`` decodes JPEGs in draft mode and stays within a
+measured tolerance of ``exact`` on camera-size photos; every manifest and caption says which one ran."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from shared.errors import InvalidOption
 from shared.imaging import decode
 from shared.options import JobOptions
 from tests.photos import camera_jpeg, png_bytes, scene
-from worker.pipeline import process_image, process_images
-from worker.precision import DRAFT_SIDE, compare_maps, resolve, tf32
+from worker.compute.pipeline import process_image, process_images
+from worker.compute.precision import DRAFT_SIDE, compare_maps, resolve, tf32
 
 LIMIT = 10**8
 # What docs/benchmarks.md "Precision" reports as measured for fast against exact on camera

@@ -1,4 +1,4 @@
-"""worker.render: figures that decode, one tile per layer, true colours, no pyplot."""
+"""worker.compute.render: figures that decode, one tile per layer, true colours, no pyplot."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from matplotlib import _pylab_helpers
 from matplotlib.figure import Figure
 from PIL import Image
 
-from worker.render import (
+from worker.compute.render import (
     PAD,
     TILE,
     LayerMap,

@@ -1,4 +1,5 @@
-"""worker.render_tensor: the batched torch grid is the fast renderer's grid, pixel for pixel."""
+"""worker.compute.render_tensor: the batched torch grid is the fast renderer's grid, pixel
+for pixel."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.render import LayerMap, render_grid
-from worker.render_tensor import colormap_index, draw_grids, to_image
+from worker.compute.render import LayerMap, render_grid
+from worker.compute.render_tensor import colormap_index, draw_grids, to_image
 
 CAPTION = "ResNet-18 feature maps · weights: random, seed 0 (untrained)"
 # The article's chain on a 224×224 input, plus a 7×7 map as the real forward pass gives.

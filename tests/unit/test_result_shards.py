@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from shared import keys
-from shared.result_shards import ShardPlan
-from worker.finalize import _ArcNames, batch_result
+from worker.batches.finalize import _ArcNames, batch_result
+from worker.batches.result_shards import ShardPlan
 
 
 @pytest.mark.parametrize(

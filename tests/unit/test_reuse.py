@@ -79,7 +79,7 @@ def test_a_copied_result_names_the_targets_own_keys():
 def test_the_digest_names_the_precision_that_ran_not_the_option():
     import torch
 
-    from worker.precision import resolve
+    from worker.compute.precision import resolve
 
     def digest(option: str, device: str) -> str:
         precision = resolve(option, torch.device(device))

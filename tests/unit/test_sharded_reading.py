@@ -21,7 +21,7 @@ from shared.archives import (
 from shared.errors import ArchiveTooLarge, ArchiveTooManyMembers, NotFound
 from shared.storage import RangedReader
 from shared.zipdir import find_directory, iter_entries
-from worker import expand
+from worker.batches import expand
 
 LIMITS = ArchiveLimits(
     max_members=1_000_000, max_total_bytes=10**9, max_member_bytes=10**7, max_ratio=200.0

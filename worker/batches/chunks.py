@@ -2,7 +2,7 @@
 recorded.
 
 A chunk requests all its inputs in parallel, runs them through the model in tensor batches
-(:func:`worker.pipeline.process_images`; on the CPU in slices of ``CPU_MODEL_BATCH``, each
+(:func:`worker.compute.pipeline.process_images`; on the CPU in slices of ``CPU_MODEL_BATCH``, each
 starting as soon as its inputs are in, while the previous slice's outputs upload), and records
 all outcomes in one atomic step; whoever records the batch's last outcome has it finalized.
 Before a slice's model pass, :class:`worker.reuse.ChunkReuse` takes out the items whose result
@@ -98,7 +98,7 @@ def fail_chunk(
 
 def _model_slice(ctx: WorkerContext, count: int) -> int:
     """Images per model pass: the pipeline's CPU slice, or the whole chunk on a GPU."""
-    from worker.pipeline import CPU_MODEL_BATCH
+    from worker.compute.pipeline import CPU_MODEL_BATCH
 
     return count if ctx.loaded.device.type == "cuda" else CPU_MODEL_BATCH
 
@@ -116,7 +116,7 @@ def _download(ctx: WorkerContext, info: dict[str, Any]) -> bytes | FeatureMapsEr
 def _process(
     ctx: WorkerContext, inputs: list[bytes | FeatureMapsError], options: JobOptions
 ) -> list[Any]:
-    from worker.pipeline import process_images
+    from worker.compute.pipeline import process_images
 
     max_pixels = ctx.settings.max_image_pixels
     present = [i for i, data in enumerate(inputs) if isinstance(data, bytes)]
@@ -139,7 +139,7 @@ def _process(
 
 
 def _process_one(ctx: WorkerContext, data: Any, options: JobOptions) -> Any:
-    from worker.pipeline import process_images
+    from worker.compute.pipeline import process_images
 
     try:
         (result,) = process_images(

@@ -10,7 +10,7 @@ prefix is one shard, read as a stream.
 A shard (:func:`expand_shard`) reads its members block by block (``BLOCK_ITEMS`` consecutive
 member indexes): per block it uploads ONE pack object (the image members' bytes
 concatenated), records the block's items, dispatches their chunks, and commits its checkpoint
-(worker/expand_state.py). After ``EXPAND_SLICE_S``, or at its soft time limit, it sends a
+(worker/batches/checkpoints.py). After ``EXPAND_SLICE_S``, or at its soft time limit, it sends a
 continuation of itself that resumes from that checkpoint: a zip at its next directory entry,
 a tar at its next header (a tar.gz through its saved gzip index), a prefix after its last key.
 The shard that ends last ends the expansion. Archive limits and a corrupt archive end it
@@ -52,7 +52,7 @@ from shared.imaging import sniff_format
 from shared.storage import RANGED_READ_AHEAD, ObjectStore, RangedReader
 from shared.zipdir import PAGE_BYTES, Directory, iter_entries
 from worker.batches import IO_THREADS, Dispatch, ExpandShard, Finalize, batch_store
-from worker.expand_state import ExpansionState
+from worker.batches.checkpoints import ExpansionState
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ closed by whoever writes the last shard, and (unless ``KEEP_INPUTS``) its upload
 expanded inputs deleted.
 
 ``BatchStore`` makes exactly one caller finalize a batch: whoever records its last outcome.
-Finalizing plans the shards (shared/result_shards.py) and hands each to ``write_shard``;
+Finalizing plans the shards (worker/batches/result_shards.py) and hands each to ``write_shard``;
 every shard's objects have keys fixed by the plan, so a shard written twice leaves the same
 objects, and closing an already closed batch changes nothing.
 """
@@ -22,11 +22,11 @@ from shared import keys
 from shared.archives import safe_name
 from shared.batches import Batch, BatchStore, Item, ItemStatus
 from shared.errors import FeatureMapsError, RefusedMember
-from shared.result_shards import ResultShards
 from shared.storage import MIN_PART_SIZE
 from worker.batches import IO_THREADS, batch_store
+from worker.batches.result_shards import ResultShards
+from worker.batches.streams import IterReader, pages, stream_zip
 from worker.runtime import WorkerContext
-from worker.streams import IterReader, pages, stream_zip
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ first, items, manifest_key, archive_key).
 The plan is written once (a redelivered finalize task keeps the first one, so every shard
 task of a batch agrees on the positions it covers); writing a shard's field again (a shard
 task redelivered or run twice) changes nothing but its TTL. Whoever sees the last field
-written closes the batch (worker/finalize.py); closing is idempotent, so a second caller
+written closes the batch (worker/batches/finalize.py); closing is idempotent, so a second caller
 that sees it too does no harm.
 """
 

@@ -1,6 +1,6 @@
 """Celery tasks for batches: thin wrappers that pass ids and call the stages of a batch
-(``worker/expand.py``, ``worker/chunks.py``, ``worker/finalize.py``: finalizing plans the
-result shards, and each shard is a task of its own).
+(``expand``, ``chunks``, ``finalize`` in this package: finalizing plans the result shards, and
+each shard is a task of its own).
 
 Every task holds its lease while it runs (:func:`worker.leasing.lease_held`; a chunk's item
 changes are fenced by it) and ends through :func:`worker.guard.guarded`, as jobs do: storage
@@ -24,10 +24,10 @@ from shared.queue import (
 )
 from worker import runtime
 from worker.batches import batch_store
+from worker.batches.chunks import Delivery, fail_chunk, run_chunk
+from worker.batches.expand import expand_batch, expand_shard, fail_expansion, fail_shard
+from worker.batches.finalize import finalize_batch, write_shard
 from worker.celery_app import app, settings
-from worker.chunks import Delivery, fail_chunk, run_chunk
-from worker.expand import expand_batch, expand_shard, fail_expansion, fail_shard
-from worker.finalize import finalize_batch, write_shard
 from worker.guard import guarded
 from worker.leasing import lease_held
 

@@ -1,11 +1,11 @@
 """The data path's stages as tensor operations on the model's device (``precision=fast`` on
 CUDA): JPEGs decoded in one batched call (nvJPEG on CUDA, libjpeg-turbo on the CPU, through
 ``torchvision.io.decode_jpeg``), resized to 224×224 on the device, and JPEG figures drawn
-there (:func:`worker.render_tensor.draw_grids`) and encoded there
+there (:func:`worker.compute.render_tensor.draw_grids`) and encoded there
 (``torchvision.io.encode_jpeg``), so only encoded bytes come back to the host.
 
 The same functions run on the CPU, which is how the unit tests cover them here; the
-pipeline only chooses them on CUDA (:func:`worker.precision.resolve`), because on the CPU
+pipeline only chooses them on CUDA (:func:`worker.compute.precision.resolve`), because on the CPU
 Pillow's draft decode and renderer are faster. What differs from ``exact`` and by how much:
 the resize is torch's antialiased bilinear, not Pillow's (a few levels on the 224×224 input),
 and the figure's JPEG comes from another encoder (same quality, other bytes). docs/benchmarks.md
@@ -35,11 +35,11 @@ from torch import Tensor
 
 from shared.errors import FeatureMapsError
 from shared.imaging import decode, jpeg_header
-from worker.features import INPUT_SIDE
-from worker.render import INPUT_PREVIEW_SIDE, render_input_preview
-from worker.render_tensor import draw_grids, to_image
+from worker.compute.features import INPUT_SIDE
+from worker.compute.render import INPUT_PREVIEW_SIDE, render_input_preview
+from worker.compute.render_tensor import draw_grids, to_image
 
-# The host renderer's JPEG quality (worker/render.py), so both figures are alike.
+# The host renderer's JPEG quality (worker/compute/render.py), so both figures are alike.
 JPEG_QUALITY = 90
 
 

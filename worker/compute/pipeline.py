@@ -19,8 +19,8 @@ from PIL import Image
 from shared.errors import FeatureMapsError
 from shared.imaging import decode
 from shared.options import JobOptions
-from worker import device_stages
-from worker.features import (
+from worker.compute import device_stages
+from worker.compute.features import (
     conv_chain,
     forward_activations,
     reduce_channels,
@@ -28,9 +28,9 @@ from worker.features import (
     to_batch,
     to_model_input,
 )
-from worker.model import LoadedModel
-from worker.precision import Precision, resolve, tf32
-from worker.render import (
+from worker.compute.model import LoadedModel
+from worker.compute.precision import Precision, resolve, tf32
+from worker.compute.render import (
     LayerMap,
     draw_grid,
     encode_grid,
@@ -75,7 +75,7 @@ class _Decoded:
     # the manifest's ``input`` entry (DecodedImage.describe): format, size, mode, orientation
     input: dict
     # resized to the model's 224×224 input at once, so no full-size decode is kept: a Pillow
-    # image, or uint8 [3, 224, 224] on the device (worker/device_stages.py)
+    # image, or uint8 [3, 224, 224] on the device (worker/compute/device_stages.py)
     resized: Image.Image | torch.Tensor
     # the upright input as a small JPEG for pages (single jobs only), else b""
     preview: bytes
@@ -107,7 +107,7 @@ def process_images(
     order: its result, or the error that its bytes caused (the others still go through).
     ``input_previews`` adds each upright input as a small JPEG (single jobs' pages show it;
     batch items do not, and a chunk of camera photos would pay ~tens of ms each for it).
-    ``on_device`` forces where ``precision=fast`` runs its stages (worker/precision.py)."""
+    ``on_device`` forces where ``precision=fast`` runs its stages (worker/compute/precision.py)."""
     results: list[ImageResult | FeatureMapsError | None] = [None] * len(images)
     precision = resolve(options.precision, loaded.device, on_device=on_device)
     stage = _decode_on_device if precision.on_device else _decode_on_host
@@ -164,7 +164,7 @@ def _decode_on_device(
     max_pixels: int,
     input_previews: bool,
 ) -> list[_Decoded]:
-    """One batched decode and resize on the model's device (worker/device_stages.py); the
+    """One batched decode and resize on the model's device (worker/compute/device_stages.py); the
     time is split evenly between the images."""
     started = time.perf_counter()
     outcomes = device_stages.decode_resize(

@@ -10,7 +10,7 @@
   most a few levels, and each map by well under 2 % of its range (correlation above 0.9999),
   for 2-3× less decode time on 12 MP photos.
 - ``fast`` on CUDA: TF32 allowed, and decode, resize and the JPEG figure run on the GPU
-  (``worker/device_stages.py``: nvJPEG, torch's antialiased resize, the torch renderer and
+  (``worker/compute/device_stages.py``: nvJPEG, torch's antialiased resize, the torch renderer and
   the GPU JPEG encoder).
 - ``auto`` (the default): ``exact`` on the CPU, ``fast`` on CUDA.
 
@@ -39,7 +39,7 @@ class Precision:
     # JPEGs are decoded at reduced scale, to at least draft_side on each side; None: full size
     draft_side: int | None
     tf32: bool
-    # decode, resize, and JPEG figures run on the model's device (worker/device_stages.py)
+    # decode, resize, and JPEG figures run on the model's device (worker/compute/device_stages.py)
     on_device: bool = False
 
     @property

@@ -1,11 +1,11 @@
 """The fast renderer's grid drawn with torch, for a whole batch at once, on any device.
 
-Pixel for pixel what :func:`worker.render.render_grid` draws with ``renderer="fast"`` (the
+Pixel for pixel what :func:`worker.compute.render.render_grid` draws with ``renderer="fast"`` (the
 unit tests compare them), but as tensor operations that run where the maps already are, so
 on a GPU only the finished uint8 canvases come back to the host:
 
 - every map is min-max scaled onto 0..255 per image, exactly as
-  :func:`worker.render._colormap_index` does it (the scale factor computed in float64 and
+  :func:`worker.compute.render._colormap_index` does it (the scale factor computed in float64 and
   rounded to float32, then truncated to uint8);
 - scaled to the tile by nearest neighbour with an index gather (Pillow's sampling points);
 - coloured through the colormap's 256-entry LUT by a gather;
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from worker.render import TILE, draw_template, grid_layout, lut
+from worker.compute.render import TILE, draw_template, grid_layout, lut
 
 
 def draw_grids(
