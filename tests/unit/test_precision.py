@@ -1,6 +1,7 @@
 """The ``precision`` option (worker/compute/precision.py): ``exact`` is the article's
 computation and the CPU default; ``fast`` decodes JPEGs in draft mode and stays within a
-measured tolerance of ``exact`` on camera-size photos; every manifest and caption says which one ran."""
+measured tolerance of ``exact`` on camera-size photos; every manifest and caption says which
+one ran."""
 
 from __future__ import annotations
 
