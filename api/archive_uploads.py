@@ -67,7 +67,7 @@ def _stream_archive_upload(
             break
         if isinstance(event, File) and event.name == ARCHIVE_FIELD and source is None:
             # Refuse bad options before storing anything.
-            JobOptions.from_mapping(_without_callback(fields))
+            JobOptions.for_batch(_without_callback(fields))
             source = _store_archive(store, batch_id, event.filename, events)
         elif isinstance(event, Field | File):
             fields[event.name] = _read_field(event.name, events)
@@ -79,7 +79,7 @@ def _stream_archive_upload(
     try:
         callback_url = accepted_callback_url(fields.get(CALLBACK_FIELD), settings)
         spacing = accepted_item_callbacks(fields.get(ITEM_CALLBACKS_FIELD), callback_url, settings)
-        options = JobOptions.from_mapping(_without_callback(fields))
+        options = JobOptions.for_batch(_without_callback(fields))
     except BadRequest:
         store.delete_prefix(source["key"])
         raise

@@ -54,7 +54,7 @@ def read_source_request(req: Request, settings: Settings, owner: str) -> BatchRe
         )
     callback_url = accepted_callback_url(body.pop(CALLBACK_FIELD, None), settings)
     spacing = accepted_item_callbacks(body.pop(ITEM_CALLBACKS_FIELD, None), callback_url, settings)
-    options = JobOptions.from_mapping(body)
+    options = JobOptions.for_batch(body)
     source = {"kind": "s3", "bucket": bucket, "prefix": prefix, "name": url}
     return BatchRequest(options, source, callback_url, spacing)
 

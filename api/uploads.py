@@ -47,7 +47,7 @@ def read_image_upload(request: Request, *, field: str, max_pixels: int, max_byte
         )
     form = request.form.to_dict()
     callback_url = form.pop(CALLBACK_FIELD, None)
-    options = JobOptions.from_mapping(form)
+    options = JobOptions.for_job(form)
     data = files[field].read()
     if not data:
         raise EmptyImage(f"the uploaded file in field {field!r} is empty")

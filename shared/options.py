@@ -35,6 +35,11 @@ COLORMAPS = (
     "bone",
     "twilight",
 )
+# Dataset examples (docs/design.md "Dataset examples"): batches only.
+EXAMPLE_SCORES = ("mean", "max")
+MAX_EXAMPLES = 64
+BATCH_EXAMPLES = 9
+BATCH_ONLY = ("examples", "examples_score")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
@@ -50,6 +55,9 @@ class JobOptions:
     precision: str = "auto"
     per_layer: bool = False
     arrays: bool = False
+    # Dataset examples: the top ``examples`` items per channel (0 = off), by ``examples_score``.
+    examples: int = 0
+    examples_score: str = "mean"
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -60,19 +68,43 @@ class JobOptions:
             ("colormap", COLORMAPS),
             ("renderer", RENDERERS),
             ("precision", PRECISIONS),
+            ("examples_score", EXAMPLE_SCORES),
         ):
             value = getattr(self, name)
             if value not in allowed:
                 raise InvalidOption(f"option {name}={value!r} is not one of: {', '.join(allowed)}")
+        if not 0 <= self.examples <= MAX_EXAMPLES:
+            raise InvalidOption(
+                f"option examples={self.examples} must be between 0 and {MAX_EXAMPLES} "
+                "(0 turns dataset examples off)"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def output_identity(self) -> str:
-        """Canonical JSON of the options that change the outputs, for result reuse's digest
-        (worker/reuse.py). Every option does today; one that does not (a priority, a
-        callback) must stay out of it, or equal results would not be found."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Canonical JSON of the options that change an image's outputs, for result reuse's
+        digest (worker/reuse.py). The examples options only choose what a batch does with
+        its items' scores (every item of a batch with examples stores both kinds), so they
+        stay out of it, as must any option that does not change the outputs."""
+        identity = {k: v for k, v in self.to_dict().items() if k not in BATCH_ONLY}
+        return json.dumps(identity, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def for_job(cls, data: Mapping[str, object]) -> JobOptions:
+        """A single job's options: the batch-only ones are refused."""
+        given = sorted(set(data) & set(BATCH_ONLY))
+        if given:
+            raise InvalidOption(
+                f"option(s) {', '.join(given)} apply to batches only (dataset examples across "
+                "an archive); remove them from a single job"
+            )
+        return cls.from_mapping(data)
+
+    @classmethod
+    def for_batch(cls, data: Mapping[str, object]) -> JobOptions:
+        """A batch's options: dataset examples are on (``BATCH_EXAMPLES``) unless given."""
+        return cls.from_mapping({"examples": str(BATCH_EXAMPLES), **data})
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> JobOptions:
@@ -87,6 +119,8 @@ class JobOptions:
         for name, raw in data.items():
             if name in ("per_layer", "arrays"):
                 values[name] = parse_bool(name, raw)
+            elif name == "examples":
+                values[name] = _parse_count(name, raw)
             elif isinstance(raw, str):
                 values[name] = raw.strip()
             else:
@@ -102,3 +136,11 @@ def parse_bool(name: str, raw: object) -> bool:
     if isinstance(raw, str) and raw.strip().lower() in _FALSE:
         return False
     raise InvalidOption(f"option {name} must be true or false, not {raw!r}")
+
+
+def _parse_count(name: str, raw: object) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().isdigit():
+        return int(raw.strip())
+    raise InvalidOption(f"option {name} must be a whole number, not {raw!r}")
