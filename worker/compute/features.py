@@ -142,6 +142,14 @@ def reduce_channels(t: Tensor, reduction: str) -> Tensor:
     return reduced
 
 
+def channel_scores(t: Tensor) -> Tensor:
+    """[N, C, H, W] -> float32 [N, 2, C]: each channel's mean and maximum over (h, w), the
+    dataset examples' two scores (docs/design.md "Dataset examples")."""
+    with torch.inference_mode():
+        t = t.float()
+        return torch.stack((t.mean(dim=(2, 3)), t.amax(dim=(2, 3))), dim=1)
+
+
 def _capture(store: dict[str, Tensor], name: str, keep: Callable[[Tensor], Tensor] | None):
     def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
         store[name] = keep(output) if keep else output

@@ -21,6 +21,7 @@ from shared.imaging import decode
 from shared.options import JobOptions
 from worker.compute import device_stages
 from worker.compute.features import (
+    channel_scores,
     conv_chain,
     forward_activations,
     reduce_channels,
@@ -67,6 +68,9 @@ class ImageResult:
     # the batch item whose model pass this result shares (the same bytes earlier in its
     # chunk, worker/reuse.py); None when this image went through the model itself
     reused_from: str | None = None
+    # with options.examples: float32 [2, channels of all layers], each channel's mean and
+    # max over (h, w) (dataset examples); else None
+    scores: np.ndarray | None = None
 
 
 @dataclass
@@ -261,6 +265,8 @@ class _Forward:
     logits: torch.Tensor | None
     model_ms: float
     reduce_ms: float
+    # with options.examples: [N, 2, channels of all layers] (channel_scores), else None
+    scores: torch.Tensor | None = None
 
 
 def _forward(loaded: LoadedModel, batch: torch.Tensor, options: JobOptions) -> _Forward:
@@ -268,11 +274,17 @@ def _forward(loaded: LoadedModel, batch: torch.Tensor, options: JobOptions) -> _
     # stay alive at once; the time spent reducing is taken out of the model's (on CUDA, which
     # runs kernels asynchronously, that split is approximate; the sum is exact).
     reduce_s = 0.0
+    # Dataset examples score every channel in the same hook, from the same activation; the
+    # scores are found again by the reduced map they go with (hooks run in call order, which
+    # need not be the order the layers are listed in).
+    scored: dict[int, torch.Tensor] = {}
 
     def reduce(activation: torch.Tensor) -> torch.Tensor:
         nonlocal reduce_s
         reduce_started = time.perf_counter()
         reduced = reduce_channels(activation, options.reduction)
+        if options.examples:
+            scored[id(reduced)] = channel_scores(activation)
         reduce_s += time.perf_counter() - reduce_started
         return reduced
 
@@ -296,7 +308,15 @@ def _forward(loaded: LoadedModel, batch: torch.Tensor, options: JobOptions) -> _
         for index, (name, _) in enumerate(parts[0][0])
     ]
     logits = torch.cat([lg for _, lg in parts]) if parts[0][1] is not None else None
-    return _Forward(outputs, logits, model_ms, reduce_s * 1000)
+    scores = _scores(scored, [layers for layers, _ in parts]) if scored else None
+    return _Forward(outputs, logits, model_ms, reduce_s * 1000, scores)
+
+
+def _scores(scored: dict[int, torch.Tensor], parts: list[list]) -> torch.Tensor:
+    """The channel scores as one [N, 2, channels] tensor: each part's layers side by side
+    in the order they are listed, parts one after another."""
+    per_part = [torch.cat([scored[id(t)] for _, t in layers], dim=2) for layers in parts]
+    return torch.cat(per_part).cpu()
 
 
 @dataclass
@@ -306,6 +326,7 @@ class _ImageArrays:
     maps: dict[str, np.ndarray]
     shapes: dict[str, tuple[int, ...]]
     predictions: list[dict] | None
+    scores: np.ndarray | None = None
 
 
 @dataclass
@@ -317,12 +338,14 @@ class _BatchArrays:
     shapes: dict[str, tuple[int, ...]]
     predictions: list[list[dict]] | None
     ms: float
+    scores: np.ndarray | None = None
 
     def image(self, row: int) -> _ImageArrays:
         return _ImageArrays(
             maps={name: batch_maps[row].copy() for name, batch_maps in self.arrays},
             shapes=self.shapes,
             predictions=self.predictions[row] if self.predictions else None,
+            scores=self.scores[row].copy() if self.scores is not None else None,
         )
 
 
@@ -333,7 +356,8 @@ def _batch_arrays(loaded: LoadedModel, forward: _Forward) -> _BatchArrays:
     arrays = [(name, t.cpu().numpy()) for name, t in forward.outputs]
     logits = forward.logits
     predictions = _top_k(logits, loaded.categories) if logits is not None else None
-    return _BatchArrays(arrays, shapes, predictions, _ms_since(started))
+    scores = forward.scores.numpy() if forward.scores is not None else None
+    return _BatchArrays(arrays, shapes, predictions, _ms_since(started), scores)
 
 
 def _finish(
@@ -374,6 +398,7 @@ def _finish(
         timings=timings,
         thumbnail=extras.thumbnail,
         input_preview=item.preview,
+        scores=image.scores,
     )
 
 
