@@ -5,16 +5,17 @@ The info is compact JSON with short names for the fields every item has, and the
 field can be derived from the item's id, batch or block left out:
 
     name n   input_key i   input_range r   figure_key f   thumbnail_key t   manifest_key m
-    reused u   reused_from o   error e        (any other field keeps its name; a name that
-                                               collides with a short one is prefixed "~")
+    scores_key s   reused u   reused_from o   error e
+
+(any other field keeps its name; a name that collides with a short one is prefixed "~").
 
 A derived value is stored as an integer: ``input_key`` 0 when it is the block's input pack
-(``keys.batch_input_pack_key``), ``thumbnail_key`` / ``manifest_key`` 0 when they are the
-item's own (``keys.thumbnail_key(item_id)``…), ``figure_key`` the index of its format in
-``FORMATS`` when it is ``keys.figure_key(item_id, fmt)``, ``reused_from`` the member index
-when it names an item of the same batch. A value that is not derived stays a string; one of
-another type (never written today) is wrapped in a one-element list, so no value can be
-mistaken for a derived one.
+(``keys.batch_input_pack_key``), ``thumbnail_key`` / ``manifest_key`` / ``scores_key`` 0
+when they are the item's own (``keys.thumbnail_key(item_id)``…), ``figure_key`` the index
+of its format in ``FORMATS`` when it is ``keys.figure_key(item_id, fmt)``, ``reused_from``
+the member index when it names an item of the same batch. A value that is not derived stays
+a string; one of another type (never written today) is wrapped in a one-element list, so no
+value can be mistaken for a derived one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SHORT = {
     "figure_key": "f",
     "thumbnail_key": "t",
     "manifest_key": "m",
+    "scores_key": "s",
     "reused": "u",
     "reused_from": "o",
     "error": "e",
@@ -69,6 +71,7 @@ class ItemPlace:
             "input_key": lambda: [keys.batch_input_pack_key(self.batch_id, self.block)],
             "thumbnail_key": lambda: [keys.thumbnail_key(self.item_id)],
             "manifest_key": lambda: [keys.manifest_key(self.item_id)],
+            "scores_key": lambda: [keys.scores_key(self.item_id)],
             "figure_key": lambda: [keys.figure_key(self.item_id, fmt) for fmt in FORMATS],
         }
         return derive[name]() if name in derive else []
@@ -106,7 +109,14 @@ def _long_name(short: str) -> str:
 
 
 def _derivable(name: str) -> bool:
-    return name in ("input_key", "thumbnail_key", "manifest_key", "figure_key", "reused_from")
+    return name in (
+        "input_key",
+        "thumbnail_key",
+        "manifest_key",
+        "scores_key",
+        "figure_key",
+        "reused_from",
+    )
 
 
 def _pack_value(place: ItemPlace, name: str, value: Any) -> Any:

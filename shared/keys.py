@@ -28,6 +28,11 @@ def arrays_key(job_id: str) -> str:
     return f"results/{job_id}/maps.npz"
 
 
+def scores_key(job_id: str) -> str:
+    """A batch item's channel scores (dataset examples): float32 [2, channels], .npy."""
+    return f"results/{job_id}/scores.npy"
+
+
 def layer_key(job_id: str, index: int, layer: str) -> str:
     return f"results/{job_id}/layers/{index:02d}_{layer}.png"
 
@@ -53,6 +58,16 @@ def batch_result_keys(batch_id: str, shard: int, shards: int) -> tuple[str, str]
         f"batches/{batch_id}/manifest-{shard:05d}.jsonl",
         f"batches/{batch_id}/results-{shard:05d}.zip",
     )
+
+
+def examples_key(batch_id: str) -> str:
+    return f"batches/{batch_id}/examples.json"
+
+
+def examples_part_key(batch_id: str, part: str) -> str:
+    """The dataset examples' working objects and sheets: ``partial-<NNNNN>.npz`` per result
+    shard, ``winners.npz``, ``slice-<NNNNN>.npz`` per example slice, ``sheets/<LL>-<GGG>.jpg``."""
+    return f"batches/{batch_id}/examples/{part}"
 
 
 def batch_inputs_prefixes(batch_id: str) -> tuple[str, str]:

@@ -11,10 +11,13 @@ only then: a retried job still needs it), :func:`release_input` deletes its uplo
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
 from collections.abc import Callable
+
+import numpy as np
 
 from shared import keys
 from shared.errors import WORKER_LOST, FeatureMapsError, StorageUnavailable
@@ -163,6 +166,9 @@ def _upload_outputs(ctx: WorkerContext, job_id: str, result, *, with_input_previ
     if result.input_preview and with_input_preview:
         stored["input_preview_key"] = keys.input_preview_key(job_id)
         store.put_bytes(stored["input_preview_key"], result.input_preview, "image/jpeg")
+    if result.scores is not None:
+        stored["scores_key"] = keys.scores_key(job_id)
+        store.put_bytes(stored["scores_key"], npy_bytes(result.scores), "application/octet-stream")
     if result.arrays is not None:
         stored["arrays_key"] = keys.arrays_key(job_id)
         store.put_bytes(stored["arrays_key"], result.arrays, "application/octet-stream")
@@ -178,6 +184,13 @@ def _upload_outputs(ctx: WorkerContext, job_id: str, result, *, with_input_previ
         stored["manifest_key"], json.dumps(manifest, indent=2).encode(), "application/json"
     )
     return stored
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as a .npy file (numpy's own format: dtype and shape in its header)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _timed(timings: dict, name: str, fn: Callable):

@@ -46,7 +46,7 @@ INDEX_PREFIX = f"{PREFIX}:result:"
 # Copies are a few small requests each; a GPU's chunk may hold hundreds of items.
 COPY_THREADS = 8
 # Fields of a stored result (worker.execute.upload_outputs) that name one object each.
-_OBJECT_FIELDS = ("figure_key", "thumbnail_key", "input_preview_key", "arrays_key")
+_OBJECT_FIELDS = ("figure_key", "thumbnail_key", "input_preview_key", "arrays_key", "scores_key")
 
 
 def result_digest(
@@ -235,6 +235,10 @@ class ChunkReuse:
         chunk's pool is busy with the previous slice's uploads, and the model waits."""
         wanted = {self.digests[i] for i in ids if i in self.digests}
         sources = result_index(self.ctx).find(sorted(wanted - set(self.computed)))
+        if self.options.examples:
+            # Dataset examples need the item's scores: a result stored without them is
+            # computed again (and becomes the index's source, with scores).
+            sources = {d: s for d, s in sources.items() if s.stored.get("scores_key")}
         hits = [(p, item) for p, item in enumerate(ids) if self.digests.get(item) in sources]
         results: list[Any] = [None] * len(ids)
         if not hits:

@@ -152,7 +152,7 @@ def _process_one(ctx: WorkerContext, data: Any, options: JobOptions) -> Any:
 
 
 # What an item's record keeps of its stored outputs (the items page presigns these).
-_ITEM_KEYS = ("figure_key", "thumbnail_key", "manifest_key")
+_ITEM_KEYS = ("figure_key", "thumbnail_key", "manifest_key", "scores_key")
 
 
 def _store_outcome(
