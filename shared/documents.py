@@ -56,6 +56,8 @@ def _batch_result(store: ObjectStore, batch: Batch, expiry_s: int) -> dict:
     return {
         "manifest_url": url(result.get("manifest_key")),
         "archive_url": url(result.get("archive_key")),
+        # Dataset examples (docs/design.md): null when the batch ran without them.
+        "examples_url": url(result.get("examples_key")),
         "shards": [
             {
                 "index": shard["index"],

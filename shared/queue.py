@@ -32,6 +32,7 @@ EXPAND_BATCH_SHARD = "featuremaps.expand_batch_shard"
 RUN_BATCH_CHUNK = "featuremaps.run_batch_chunk"
 FINALIZE_BATCH = "featuremaps.finalize_batch"
 FINALIZE_BATCH_SHARD = "featuremaps.finalize_batch_shard"
+RENDER_EXAMPLES = "featuremaps.render_examples"
 BATCH_QUEUE = "batch"
 # Chunks go to the batch queue one priority step below expansion (kombu's Redis transport
 # takes priority 0 first), so an expansion's continuation never waits behind the thousands

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # A finished batch's results are written in shards of this many members (a manifest and
     # a zip each, worker/batches/finalize.py): at ~250 KB a figure, 5,000 make a zip of ~1.25 GB.
     result_shard_items: int = Field(5_000, ge=1)
+    # Dataset examples: the winning items go through the model again in slices of this many,
+    # one task each (worker/batches/examples.py, docs/design.md "Dataset examples").
+    example_slice_items: int = Field(64, ge=1)
 
     # Celery: the soft limit ends the job as `timeout`; both stay below the visibility
     # timeout so a running task is never handed to a second worker.

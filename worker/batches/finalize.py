@@ -24,6 +24,13 @@ from shared.batches import Batch, BatchStore, Item, ItemStatus
 from shared.errors import FeatureMapsError, RefusedMember
 from shared.storage import MIN_PART_SIZE
 from worker.batches import IO_THREADS, batch_store
+from worker.batches.examples import (
+    DispatchSlice,
+    plan_examples,
+    record_slice,
+    render_slice,
+    write_partial,
+)
 from worker.batches.result_shards import ResultShards
 from worker.batches.streams import IterReader, pages, stream_zip
 from worker.runtime import WorkerContext
@@ -40,10 +47,15 @@ def result_shards(ctx: WorkerContext) -> ResultShards:
     return ResultShards(ctx.redis, ttl_s=ctx.settings.job_ttl_s)
 
 
-def finalize_batch(ctx: WorkerContext, batch_id: str, dispatch_shard: DispatchShard) -> int:
+def finalize_batch(
+    ctx: WorkerContext,
+    batch_id: str,
+    dispatch_shard: DispatchShard,
+    dispatch_slice: DispatchSlice = None,
+) -> int:
     """Plan the batch's result shards and dispatch each one not written yet; returns how
     many shards the batch has. When all are written already (the task closing the batch
-    died), close it here."""
+    died), go on from there (dataset examples, then close)."""
     shards = result_shards(ctx)
     plan = shards.plan(
         batch_id,
@@ -56,13 +68,16 @@ def finalize_batch(ctx: WorkerContext, batch_id: str, dispatch_shard: DispatchSh
     for shard in missing:
         dispatch_shard(batch_id, shard)
     if not missing:
-        close_batch(ctx, batch_id)
+        results_written(ctx, batch_id, plan.count, dispatch_slice)
     return plan.count
 
 
-def write_shard(ctx: WorkerContext, batch_id: str, shard: int) -> str:
-    """Write shard ``shard``'s manifest lines and zip of figures; the writer of the last
-    shard closes the batch. Returns the batch's status, or ``written``."""
+def write_shard(
+    ctx: WorkerContext, batch_id: str, shard: int, dispatch_slice: DispatchSlice = None
+) -> str:
+    """Write shard ``shard``'s manifest lines, zip of figures and (with dataset examples)
+    partial top lists; the writer of the last shard goes on to the examples or closes the
+    batch. Returns the batch's status, ``written``, or ``examples`` while those run."""
     store, shards = batch_store(ctx), result_shards(ctx)
     plan = shards.planned(batch_id)
     first, count = plan.span(shard)
@@ -80,6 +95,8 @@ def write_shard(ctx: WorkerContext, batch_id: str, shard: int) -> str:
     # Entries dated by the batch's submission: a shard written again is the same bytes.
     submitted = datetime.fromisoformat(batch.created_at).timetuple()[:6]
     stream_zip(ctx.store, archive_key, figures, date_time=submitted)
+    if batch.options.get("examples"):
+        write_partial(ctx, batch, shard, _shard_items(store, batch_id, first, count))
     summary = {
         "index": shard,
         "first": first,
@@ -89,17 +106,52 @@ def write_shard(ctx: WorkerContext, batch_id: str, shard: int) -> str:
     }
     if shards.record(batch_id, shard, summary) < plan.count:
         return "written"
-    return close_batch(ctx, batch_id)
+    return results_written(ctx, batch_id, plan.count, dispatch_slice)
 
 
-def close_batch(ctx: WorkerContext, batch_id: str) -> str:
-    """Complete the batch with every shard's keys, once: a batch with a result is closed
-    already. Returns its final status."""
+def results_written(
+    ctx: WorkerContext, batch_id: str, shards: int, dispatch_slice: DispatchSlice
+) -> str:
+    """Every result shard is written: gather the dataset examples (when the batch has them
+    and is not closed yet), or close the batch."""
+    batch = batch_store(ctx).get(batch_id)
+    if batch.result is not None or not batch.options.get("examples"):
+        return close_batch(ctx, batch_id)
+    examples_key = plan_examples(ctx, batch_id, shards, dispatch_slice)
+    if examples_key is None:
+        return "examples"
+    return close_batch(ctx, batch_id, examples_key=examples_key)
+
+
+def render_examples(ctx: WorkerContext, batch_id: str, n: int) -> str:
+    """Example slice ``n`` of the batch; whoever records the last one closes the batch.
+    Returns the batch's status, or ``rendered``."""
+    examples_key = render_slice(ctx, batch_id, n)
+    if examples_key is None:
+        return "rendered"
+    return close_batch(ctx, batch_id, examples_key=examples_key)
+
+
+def fail_examples(ctx: WorkerContext, batch_id: str, n: int, code: str, message: str) -> None:
+    """Slice ``n`` gave up: its tiles stay blank (``missing``), and the batch still closes."""
+    log.warning("batch %s: example slice %d gave up (%s): %s", batch_id, n, code, message)
+    summary = {"index": n, "missing": True, "error": {"code": code, "message": message}}
+    examples_key = record_slice(ctx, batch_id, n, summary)
+    if examples_key is not None:
+        close_batch(ctx, batch_id, examples_key=examples_key)
+
+
+def close_batch(ctx: WorkerContext, batch_id: str, *, examples_key: str | None = None) -> str:
+    """Complete the batch with every shard's keys (and its examples'), once: a batch with a
+    result is closed already. Returns its final status."""
     store = batch_store(ctx)
     batch = store.get(batch_id)
     if batch.result is not None:
         return batch.status.value
-    status = store.complete(batch_id, batch_result(result_shards(ctx).written(batch_id)))
+    result = batch_result(result_shards(ctx).written(batch_id))
+    if examples_key:
+        result["examples_key"] = examples_key
+    status = store.complete(batch_id, result)
     log.info("batch %s finalized: %s", batch_id, status)
     if not ctx.settings.keep_inputs:
         release_batch_inputs(ctx, batch)

@@ -63,43 +63,48 @@ class ShardPlan:
         return first, max(0, min(self.size, self.total - first))
 
 
-def shards_key(batch_id: str) -> str:
-    return f"{batch_key(batch_id)}:shards"
+def shards_key(batch_id: str, kind: str = "shards") -> str:
+    return f"{batch_key(batch_id)}:{kind}"
 
 
 class ResultShards:
-    """The plan and the written shards of batches' results."""
+    """The plan and the written shards of batches' results; with ``kind="examples"``, of the
+    dataset examples' slices (worker/batches/examples.py), counted the same way."""
 
-    def __init__(self, redis: Redis, *, ttl_s: int) -> None:
+    def __init__(self, redis: Redis, *, ttl_s: int, kind: str = "shards") -> None:
         self.redis = redis
         self.ttl_s = ttl_s
+        self.kind = kind
         self._plan = redis.register_script(_PLAN)
         self._record = redis.register_script(_RECORD)
 
     def plan(self, batch_id: str, *, total: int, size: int) -> ShardPlan:
         """The batch's plan: this one, or the one an earlier call wrote."""
         stored_total, stored_size = self._plan(
-            keys=[shards_key(batch_id)], args=[self.ttl_s, total, size]
+            keys=[shards_key(batch_id, self.kind)], args=[self.ttl_s, total, size]
         )
         return ShardPlan(total=int(stored_total), size=int(stored_size))
 
     def planned(self, batch_id: str) -> ShardPlan:
-        total, size = self.redis.hmget(shards_key(batch_id), ["total", "size"])
+        total, size = self.redis.hmget(shards_key(batch_id, self.kind), ["total", "size"])
         if total is None:
-            raise ShardsUnplanned(f"batch {batch_id} has no result shards planned")
+            raise ShardsUnplanned(f"batch {batch_id} has no {self.kind} planned")
         return ShardPlan(total=int(total), size=int(size))
 
     def record(self, batch_id: str, shard: int, summary: dict[str, Any]) -> int:
         """Mark ``shard`` written with its ``summary``; returns how many shards are written."""
         written = int(
-            self._record(keys=[shards_key(batch_id)], args=[self.ttl_s, shard, json.dumps(summary)])
+            self._record(
+                keys=[shards_key(batch_id, self.kind)],
+                args=[self.ttl_s, shard, json.dumps(summary)],
+            )
         )
         if written < 0:
-            raise ShardsUnplanned(f"batch {batch_id} has no result shards planned")
+            raise ShardsUnplanned(f"batch {batch_id} has no {self.kind} planned")
         return written
 
     def written(self, batch_id: str) -> list[dict[str, Any]]:
         """The summaries of the written shards, by index."""
-        fields = self.redis.hgetall(shards_key(batch_id))
+        fields = self.redis.hgetall(shards_key(batch_id, self.kind))
         summaries = [json.loads(v) for k, v in fields.items() if k.startswith(b"shard:")]
         return sorted(summaries, key=lambda s: s["index"])

@@ -20,13 +20,14 @@ from shared.queue import (
     EXPAND_BATCH_SHARD,
     FINALIZE_BATCH,
     FINALIZE_BATCH_SHARD,
+    RENDER_EXAMPLES,
     RUN_BATCH_CHUNK,
 )
 from worker import runtime
 from worker.batches import batch_store
 from worker.batches.chunks import Delivery, fail_chunk, run_chunk
 from worker.batches.expand import expand_batch, expand_shard, fail_expansion, fail_shard
-from worker.batches.finalize import finalize_batch, write_shard
+from worker.batches.finalize import fail_examples, finalize_batch, render_examples, write_shard
 from worker.celery_app import app, settings
 from worker.guard import guarded
 from worker.leasing import lease_held
@@ -49,6 +50,10 @@ def _finalize(batch_id: str) -> None:
 
 def _write_shard(batch_id: str, shard: int) -> None:
     app.send_task(FINALIZE_BATCH_SHARD, args=[batch_id, shard], queue=BATCH_QUEUE)
+
+
+def _render_examples(batch_id: str, n: int) -> None:
+    app.send_task(RENDER_EXAMPLES, args=[batch_id, n], queue=BATCH_QUEUE)
 
 
 @app.task(
@@ -114,7 +119,7 @@ def finalize_batch_task(self: Task, batch_id: str) -> object:
         return guarded(
             self,
             ctx.settings,
-            lambda: finalize_batch(ctx, batch_id, _write_shard),
+            lambda: finalize_batch(ctx, batch_id, _write_shard, _render_examples),
             what=f"finalizing batch {batch_id}",
             give_up=lambda code, message: batch_store(ctx).fail(
                 batch_id,
@@ -137,11 +142,31 @@ def finalize_batch_shard_task(self: Task, batch_id: str, shard: int) -> object:
         return guarded(
             self,
             ctx.settings,
-            lambda: write_shard(ctx, batch_id, shard),
+            lambda: write_shard(ctx, batch_id, shard, _render_examples),
             what=f"result shard {shard} of batch {batch_id}",
             give_up=lambda code, message: batch_store(ctx).fail(
                 batch_id,
                 code=code,
                 message=f"the batch's result shard {shard} could not be written: {message}",
             ),
+        )
+
+
+# A slice runs up to EXAMPLE_SLICE_ITEMS images through the model again and draws their
+# tiles; the last one assembles every sheet: it gets the long limits expansion has.
+@app.task(
+    name=RENDER_EXAMPLES,
+    bind=True,
+    soft_time_limit=settings.expand_limits_s[0],
+    time_limit=settings.expand_limits_s[1],
+)
+def render_examples_task(self: Task, batch_id: str, n: int) -> object:
+    ctx = runtime.context()
+    with lease_held(self, ctx):
+        return guarded(
+            self,
+            ctx.settings,
+            lambda: render_examples(ctx, batch_id, n),
+            what=f"example slice {n} of batch {batch_id}",
+            give_up=lambda code, message: fail_examples(ctx, batch_id, n, code, message),
         )
