@@ -83,7 +83,8 @@
   // when a cell comes near the viewport (512 channels × 9 tiles stay a few requests).
   function buildGrid() {
     const tile = summary.tile;
-    const columns = Math.max(1, Math.min(summary.k, Math.ceil(Math.sqrt(summary.k))));
+    // A row up to 4, then a square: 9 as 3 × 3, 64 as 8 × 8.
+    const columns = summary.k <= 4 ? Math.max(1, summary.k) : Math.ceil(Math.sqrt(summary.k));
     grid.style.setProperty("--tile", `${tile}px`);
     grid.style.setProperty("--columns", String(columns));
     grid.style.setProperty("--cell", `${columns * (tile + 2) + 12}px`);
@@ -178,11 +179,17 @@
     if (!viewer.open) viewer.showModal();
   }
 
+  // The tile is copied out at its own size first: scaling straight from the sheet would
+  // blend the neighbouring tiles into its edges.
   function draw(canvas, image, x, y, tile) {
+    const cut = document.createElement("canvas");
+    cut.width = tile;
+    cut.height = tile;
+    cut.getContext("2d").drawImage(image, x, y, tile, tile, 0, 0, tile, tile);
     const context = canvas.getContext("2d");
     context.imageSmoothingEnabled = true;
     context.imageSmoothingQuality = "high";
-    context.drawImage(image, x, y, tile, tile, 0, 0, canvas.width, canvas.height);
+    context.drawImage(cut, 0, 0, canvas.width, canvas.height);
     canvas.dataset.drawn = "true";
   }
 
