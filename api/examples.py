@@ -25,7 +25,12 @@ def read_examples(store: ObjectStore, batch: Batch) -> dict:
         )
     key = batch.result.get("examples_key")
     if not key:
-        raise NotFound(f"batch {batch.id} was run with examples=0: it has no dataset examples")
+        why = (
+            "was run with examples=0"
+            if batch.options.get("examples") == 0
+            else f"ended {batch.status.value} without them"
+        )
+        raise NotFound(f"batch {batch.id} has no dataset examples: it {why}")
     return json.loads(store.get_bytes(key))
 
 
