@@ -2,8 +2,8 @@
 the web page in Chromium — over a real gunicorn API, Redis and SeaweedFS. The objects the
 workers write (docs/design.md "Dataset examples": ``examples.json`` and its JPEG sheets) are
 written here by the test, exactly as the contract lays them out, on batch records taken
-through their real life (expanded, items run, completed); no worker runs.
-tests/integration/test_batches.py's end-to-end tests make them with real workers."""
+through their real life (expanded, items run, completed); no worker runs. That the workers
+write these objects is for the worker side's own end-to-end tests."""
 
 from __future__ import annotations
 
