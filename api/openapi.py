@@ -274,11 +274,25 @@ _BATCH_DOC = {
                     "type": ["string", "null"],
                     "description": "results.zip of a one-shard batch; null for more shards",
                 },
+                "examples_url": {
+                    "type": ["string", "null"],
+                    "description": "examples.json, the dataset examples of every channel; "
+                    "null when run with examples=0",
+                },
                 "shards": {"type": "array", "items": _RESULT_SHARD},
             },
         },
         "error": {"type": ["object", "null"]},
-        "links": {"type": "object"},
+        "links": {
+            "type": "object",
+            "properties": {
+                "self": {"type": "string"},
+                "items": {"type": "string"},
+                "page": {"type": "string", "description": "the batch's web page"},
+                "examples": {"type": "string", "description": "GET its dataset examples"},
+                "examples_page": {"type": "string", "description": "their web page"},
+            },
+        },
         **_CALLBACK_FIELDS,
         "item_callbacks": {"type": "boolean", "description": "each item is called back too"},
     },
@@ -304,6 +318,88 @@ _ITEM_DOC = {
         },
         **_ITEM_CALLBACK_FIELDS,
     },
+}
+
+
+# docs/design.md "Dataset examples": examples.json, sheets presigned.
+_EXAMPLE = {
+    "type": "object",
+    "required": ["item_id", "name", "score"],
+    "properties": {
+        "item_id": {"type": "string"},
+        "name": {"type": "string"},
+        "score": {"type": "number"},
+    },
+}
+_NUMBERS = {"type": "array", "items": {"type": "number"}}
+_EXAMPLES_LAYER_HEAD = {
+    "index": {"type": "integer", "minimum": 0},
+    "name": {"type": "string"},
+    "channels": {"type": "integer", "minimum": 1},
+    "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 3},
+    "sheets": {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "presigned JPEGs of sheet_channels channels each: sheet floor(c / "
+        "sheet_channels) holds channel c's examples in row c mod sheet_channels, rank j at "
+        "x = tile·j, y = tile·row",
+    },
+}
+_EXAMPLES_LAYER_REQUIRED = ["index", "name", "channels", "shape", "sheets"]
+_EXAMPLES_LAYER = {
+    "type": "object",
+    "required": [*_EXAMPLES_LAYER_REQUIRED, "channel_mean", "channel_max", "top"],
+    "properties": {
+        **_EXAMPLES_LAYER_HEAD,
+        "channel_mean": {**_NUMBERS, "description": "per channel: mean score over the items"},
+        "channel_max": {**_NUMBERS, "description": "per channel: highest score"},
+        "top": {
+            "type": "array",
+            "description": "per channel: its best items (at most k), best first",
+            "items": {"type": "array", "items": _EXAMPLE},
+        },
+    },
+}
+_EXAMPLES = {
+    "type": "object",
+    "required": ["k", "score", "mode", "items", "tile", "sheet_channels", "missing", "layers"],
+    "properties": {
+        "k": {"type": "integer", "minimum": 1, "maximum": 64},
+        "score": {"type": "string", "enum": ["mean", "max"]},
+        "mode": {"type": "string", "enum": list(MODES)},
+        "weights": {},
+        "precision": {},
+        "items": {"type": "integer", "minimum": 0, "description": "succeeded items scored"},
+        "tile": {"type": "integer", "description": "a tile's side in pixels"},
+        "sheet_channels": {"type": "integer", "description": "channels (rows) per sheet"},
+        "missing": {
+            "type": "array",
+            "items": {"type": "integer"},
+            "description": "example slices whose tiles are blank (grey)",
+        },
+        "layers": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": [*_EXAMPLES_LAYER_REQUIRED, "url"],
+                "properties": {
+                    **_EXAMPLES_LAYER_HEAD,
+                    "url": {"type": "string", "description": "the layer's full entry"},
+                },
+            },
+        },
+    },
+}
+_EXAMPLES_LAYER_PARAM = {
+    "name": "layer",
+    "in": "path",
+    "required": True,
+    "description": "the layer's index or name",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.]{1,128}$"},
+}
+_EXAMPLES_ERRORS = {
+    "404": _error("unknown batch, expired, or not yours; or run with examples=0"),
+    "409": _error("the batch has not ended yet"),
 }
 
 
@@ -335,6 +431,8 @@ def openapi_document() -> dict:
                 },
                 "Job": _JOB_DOC,
                 "Batch": _BATCH_DOC,
+                "Examples": _EXAMPLES,
+                "ExamplesLayer": _EXAMPLES_LAYER,
                 "Accepted": {
                     "type": "object",
                     "required": ["id", "status", "links"],
@@ -562,6 +660,48 @@ def openapi_document() -> dict:
                             },
                         },
                         **_pick("400", "401", "404", "429", "503"),
+                    },
+                },
+            },
+            "/batches/{batch_id}/examples": {
+                "parameters": [_BATCH_ID],
+                "get": {
+                    "summary": "The dataset examples of an ended batch: every layer, its "
+                    "sheets (presigned), without the per-channel lists",
+                    "responses": {
+                        "200": {
+                            "description": "examples.json without top, channel_mean, "
+                            "channel_max; each layer with the url of its full entry",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Examples"}
+                                }
+                            },
+                        },
+                        **_EXAMPLES_ERRORS,
+                        **_pick("401", "429", "503"),
+                    },
+                },
+            },
+            "/batches/{batch_id}/examples/{layer}": {
+                "parameters": [_BATCH_ID, _EXAMPLES_LAYER_PARAM],
+                "get": {
+                    "summary": "One layer's dataset examples in full, sheets presigned",
+                    "responses": {
+                        "200": {
+                            "description": "the layer's entry of examples.json",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/ExamplesLayer"}
+                                }
+                            },
+                        },
+                        **_EXAMPLES_ERRORS,
+                        "404": _error(
+                            "unknown batch, expired, or not yours; run with examples=0; or no "
+                            "such layer"
+                        ),
+                        **_pick("401", "429", "503"),
                     },
                 },
             },

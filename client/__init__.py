@@ -17,6 +17,7 @@ from client.errors import (
     Unprocessable,
     UnsupportedType,
 )
+from client.examples import Example, ExampleLayer, Examples, Picture
 
 __all__ = [
     "ApiError",
@@ -26,9 +27,13 @@ __all__ = [
     "Client",
     "ClientError",
     "Conflict",
+    "Example",
+    "ExampleLayer",
+    "Examples",
     "Job",
     "JobFailed",
     "NotFound",
+    "Picture",
     "RateLimited",
     "TooLarge",
     "Unauthorized",

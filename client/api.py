@@ -8,6 +8,7 @@ command (which uses it, so there is one HTTP layer).
     job.maps()["layer4.1.conv2"]  # numpy float32 H×W (needs arrays=True)
     batch = client.batch("photos.zip").wait(progress=True)
     for item in batch: ...
+    batch.examples().tile_image("conv1", 3)   # the best item of conv1 channel 3
 
 Errors are the typed exceptions of :mod:`client.errors`, each with the API's error code.
 Answers 429 and 503 are retried (the API creates nothing when it answers them), after the
@@ -35,6 +36,7 @@ import requests
 from PIL import Image
 
 from client.errors import ApiError, JobFailed, RateLimited, Unavailable, error_from_response
+from client.examples import Examples, download_examples
 
 FINISHED = ("succeeded", "failed", "canceled")
 READ_BLOCK = 1024 * 1024
@@ -398,6 +400,16 @@ class Batch(_Record):
         if not result:
             raise JobFailed(self.id, self.status, "not_finished", "the batch has no results yet")
         return result["shards"]
+
+    def examples(self) -> Examples:
+        """Its dataset examples: every layer's channels with their best items and tiles
+        (:mod:`client.examples`). NotFound when it was run with ``examples=0``, Conflict
+        until it has ended."""
+        return Examples.fetch(self.client, self.id)
+
+    def download_examples(self, out_dir: str | Path) -> list[Path]:
+        """``examples.json`` and every sheet into ``out_dir`` (``sheets/<LL>-<GGG>.jpg``)."""
+        return download_examples(self.client, self.refresh().doc, out_dir)
 
     def manifest_lines(self) -> Iterator[dict]:
         """Every member's manifest line, in member order, across all result shards (each

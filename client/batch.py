@@ -1,7 +1,8 @@
 """`featuremaps batch ARCHIVE|s3://bucket/prefix/ [--wait] [--download DIR]`: submit a whole
 archive (streamed from disk, never read into memory) or an S3 prefix as one batch, follow it
 with a progress bar (done/total, failed, images/s, ETA), and fetch its manifest and figures
-(from every result shard) — all through :class:`client.api.Client`."""
+(from every result shard); `featuremaps examples BATCH_ID [-o DIR]`: fetch an ended batch's
+dataset examples (examples.json and the sheets) — all through :class:`client.api.Client`."""
 
 from __future__ import annotations
 
@@ -39,6 +40,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0 if batch.status == "succeeded" else 1
 
 
+def cmd_examples(args: argparse.Namespace) -> int:
+    try:
+        paths = client_for(args, timeout=600).get_batch(args.id).download_examples(args.output)
+    except (ApiError, OSError) as exc:
+        print(f"batch {args.id}: {exc}", file=sys.stderr)
+        return 1
+    print(f"downloaded examples.json and {len(paths) - 1} sheets to {args.output}")
+    return 0
+
+
 def add_parser(sub) -> None:
     batch = sub.add_parser("batch", help="submit an archive or s3:// prefix as one batch")
     batch.add_argument("source", metavar="ARCHIVE|s3://bucket/prefix/")
@@ -52,3 +63,11 @@ def add_parser(sub) -> None:
     )
     add_connection_flags(batch)
     batch.set_defaults(func=cmd_batch)
+
+    examples = sub.add_parser(
+        "examples", help="download an ended batch's dataset examples (examples.json, sheets)"
+    )
+    examples.add_argument("id", metavar="BATCH_ID")
+    examples.add_argument("-o", "--output", default=".", metavar="DIR")
+    add_connection_flags(examples)
+    examples.set_defaults(func=cmd_examples)

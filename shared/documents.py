@@ -38,7 +38,8 @@ def batch_document(store: ObjectStore, batch: Batch, expiry_s: int) -> dict:
 
 def _batch_result(store: ObjectStore, batch: Batch, expiry_s: int) -> dict:
     """Every result shard's links; ``manifest_url``/``archive_url`` as well when there is
-    one shard (null for more). A result written before shards is one shard."""
+    one shard (null for more); ``examples_url`` (null when run with examples=0). A result
+    written before shards is one shard."""
     result = batch.result or {}
     shards = result.get("shards") or [
         {

@@ -24,7 +24,7 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 
 
-def _batches(svc: Services) -> BatchStore:
+def batch_store(svc: Services) -> BatchStore:
     # Built per request from the app's Redis client: the store is two dicts and a few
     # registered script objects, and Services belongs to the jobs code.
     return BatchStore(svc.redis, ttl_s=svc.settings.job_ttl_s)
@@ -97,14 +97,14 @@ def _discard_upload(svc: Services, batch_id: str, source: dict) -> None:
 @bp.get("/batches/<batch_id>")
 def get_batch(batch_id: str):
     svc = services()
-    batch = _batches(svc).get(batch_id, owner=svc.caller(request))
+    batch = batch_store(svc).get(batch_id, owner=svc.caller(request))
     return batch_document(svc, batch)
 
 
 @bp.get("/batches/<batch_id>/items")
 def list_items(batch_id: str):
     svc = services()
-    store = _batches(svc)
+    store = batch_store(svc)
     batch = store.get(batch_id, owner=svc.caller(request))
     start = _int_arg("cursor", 0, minimum=0)
     limit = _int_arg("limit", DEFAULT_PAGE, minimum=1, maximum=MAX_PAGE)
@@ -124,7 +124,7 @@ def list_items(batch_id: str):
 @bp.delete("/batches/<batch_id>")
 def cancel_batch(batch_id: str):
     svc = services()
-    batch, finalize = _batches(svc).cancel(batch_id, owner=svc.caller(request))
+    batch, finalize = batch_store(svc).cancel(batch_id, owner=svc.caller(request))
     if finalize:
         # Nothing was running: no worker will finish an item, so ask one to write the
         # manifest of what there is.
@@ -143,7 +143,7 @@ def enqueue_batch(
     item_callback_spacing_s: float | None = None,
 ) -> Batch:
     """Write the record and send the expansion task, or undo what was done and 503."""
-    store = _batches(svc)
+    store = batch_store(svc)
     batch = Batch(
         id=batch_id,
         status=BatchStatus.QUEUED,
@@ -189,4 +189,6 @@ def _links(batch_id: str) -> dict:
         "self": url_for("batches.get_batch", batch_id=batch_id),
         "items": url_for("batches.list_items", batch_id=batch_id),
         "page": url_for("ui.batch_page", batch_id=batch_id),
+        "examples": url_for("examples.get_examples", batch_id=batch_id),
+        "examples_page": url_for("ui.examples_page", batch_id=batch_id),
     }

@@ -1,5 +1,6 @@
-"""The web page: public HTML shells (submit, job, batch) whose scripts call the JSON API with
-the caller's token from session storage. No build step; everything is served from ``api/``."""
+"""The web page: public HTML shells (submit, job, batch, a batch's dataset examples) whose
+scripts call the JSON API with the caller's token from session storage. No build step;
+everything is served from ``api/``."""
 
 from __future__ import annotations
 
@@ -53,3 +54,8 @@ def job_page(job_id: str):
 @bp.get("/ui/batches/<batch_id>")
 def batch_page(batch_id: str):
     return _page("batch.html", batch_id=batch_id)
+
+
+@bp.get("/ui/batches/<batch_id>/examples")
+def examples_page(batch_id: str):
+    return _page("examples.html", batch_id=batch_id)

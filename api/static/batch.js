@@ -1,5 +1,5 @@
 // The batch page: a live progress bar (counts, rate, ETA), a paged gallery of thumbnails,
-// failed members with their reason, result links, and cancel.
+// failed members with their reason, result links (and its dataset examples), and cancel.
 "use strict";
 
 (() => {
@@ -41,6 +41,17 @@
     });
   }
 
+  // The dataset examples (docs/design.md), when the batch was run with them.
+  function examplesLinks(doc) {
+    if (!doc.result.examples_url) return [];
+    return [
+      FM.element("li", {}, FM.element("a", {
+        href: doc.links.examples_page, id: "examples-link", text: "Dataset examples (per channel)",
+      })),
+      FM.link(doc.result.examples_url, "examples.json"),
+    ];
+  }
+
   async function poll() {
     let doc;
     try {
@@ -66,7 +77,8 @@
     done = FINISHED.includes(doc.status) && Boolean(doc.result);
     cancel.disabled = FINISHED.includes(doc.status);
     if (doc.result) {
-      document.getElementById("downloads").replaceChildren(...downloadLinks(doc.result.shards));
+      document.getElementById("downloads").replaceChildren(
+        ...downloadLinks(doc.result.shards), ...examplesLinks(doc));
     }
     await loadPage();
     if (!done) timer = setTimeout(poll, POLL_MS);
