@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from shared.imaging import ACCEPTED_NAMES
 from shared.options import (
+    BATCH_EXAMPLES,
     COLORMAPS,
+    EXAMPLE_SCORES,
     FORMATS,
+    MAX_EXAMPLES,
     MODES,
     NORMALIZATIONS,
     PRECISIONS,
@@ -176,6 +179,38 @@ _JSON_OPTION_PROPERTIES = {
     **_OPTION_PROPERTIES,
     "per_layer": _BOOLEAN_JSON,
     "arrays": _BOOLEAN_JSON,
+}
+# Batches only (docs/design.md "Dataset examples"); a single job refuses them.
+_EXAMPLES_DESCRIPTION = (
+    "dataset examples: the top K items of the batch per channel of every layer (0 turns them off)"
+)
+_EXAMPLE_SCORE = {
+    "type": "string",
+    "enum": list(EXAMPLE_SCORES),
+    "default": "mean",
+    "description": "a channel's score in an image: its activation's mean or max over (h, w)",
+}
+_BATCH_OPTION_PROPERTIES = {
+    **_OPTION_PROPERTIES,
+    "examples": {
+        "type": "string",
+        "pattern": "^[0-9]+$",
+        "default": str(BATCH_EXAMPLES),
+        "description": f"{_EXAMPLES_DESCRIPTION}; 0 to {MAX_EXAMPLES}",
+    },
+    "examples_score": _EXAMPLE_SCORE,
+}
+_BATCH_JSON_OPTION_PROPERTIES = {
+    **_JSON_OPTION_PROPERTIES,
+    "examples": {
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": MAX_EXAMPLES},
+            {"type": "string", "pattern": "^[0-9]+$"},
+        ],
+        "default": BATCH_EXAMPLES,
+        "description": _EXAMPLES_DESCRIPTION,
+    },
+    "examples_score": _EXAMPLE_SCORE,
 }
 
 _REUSED = {
@@ -564,7 +599,7 @@ def openapi_document() -> dict:
                                             "format": "binary",
                                             "minLength": 1,
                                         },
-                                        **_OPTION_PROPERTIES,
+                                        **_BATCH_OPTION_PROPERTIES,
                                         **_CALLBACK_PROPERTY,
                                         "item_callbacks": _ITEM_CALLBACKS_TEXT,
                                     },
@@ -577,7 +612,7 @@ def openapi_document() -> dict:
                                     "required": ["source"],
                                     "properties": {
                                         "source": {"type": "string", "pattern": _S3_SOURCE},
-                                        **_JSON_OPTION_PROPERTIES,
+                                        **_BATCH_JSON_OPTION_PROPERTIES,
                                         **_CALLBACK_PROPERTY,
                                         "item_callbacks": _ITEM_CALLBACKS_JSON,
                                     },

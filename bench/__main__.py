@@ -13,12 +13,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import bookkeeping, bulk, core, datapath, reuse, scale, service
+from bench import bookkeeping, bulk, core, datapath, examples, reuse, scale, service
 
 SECTIONS: dict[str, Callable[[int], dict]] = {
     "core": core.run,
     "service": service.run,
     "bulk": bulk.run,
+    "examples": examples.run,
     "datapath": datapath.run,
     "reuse": reuse.run,
     "bookkeeping": bookkeeping.run,
