@@ -5,8 +5,9 @@ The info is compact JSON with short names for the fields every item has, and the
 field can be derived from the item's id, batch or block left out:
 
     name n   input_key i   input_range r   figure_key f   thumbnail_key t   manifest_key m
-    reused u   reused_from o   error e        (any other field keeps its name; a name that
-                                               collides with a short one is prefixed "~")
+    reused u   reused_from o   error e   skip_reason k
+                                (any other field keeps its name; a name that collides with a
+                                 short one is prefixed "~")
 
 A derived value is stored as an integer: ``input_key`` 0 when it is the block's input pack
 (``keys.batch_input_pack_key``), ``thumbnail_key`` / ``manifest_key`` 0 when they are the
@@ -36,6 +37,7 @@ SHORT = {
     "reused": "u",
     "reused_from": "o",
     "error": "e",
+    "skip_reason": "k",
 }
 LONG = {short: name for name, short in SHORT.items()}
 ESCAPE = "~"
