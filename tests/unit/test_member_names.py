@@ -8,7 +8,8 @@ import tarfile
 
 import pytest
 
-from shared.archives import ArchiveLimits, iter_archive
+from shared.archives import ArchiveLimits, Member, iter_archive
+from shared.batches import Item, NewItem, item_id
 from shared.errors import InvalidOption
 from shared.member_names import accepted_encoding, skip_reason, tar_name, zip_name
 from tests.archive_makers import (
@@ -24,7 +25,7 @@ from tests.archive_makers import (
     unicode_path,
     windows_gbk_zip,
 )
-from worker.batches.expand import _block_items
+from worker.batches.expand import _block_items, _LinkTargets
 
 LIMITS = ArchiveLimits(
     max_members=100, max_total_bytes=10_000_000, max_member_bytes=3_000_000, max_ratio=50
@@ -238,3 +239,42 @@ def test_a_gbk_tar_with_its_encoding():
 def test_a_crafted_zip_member_with_a_flagged_name():
     data = crafted_zip([Raw(NAME.encode(), JPEG, flags=UTF8_FLAG)])
     assert [m.name for m in iter_archive(io.BytesIO(data), "zip", LIMITS)] == [NAME]
+
+
+class _RecordedItems:
+    """The items an earlier slice recorded, as BatchStore answers for them."""
+
+    def __init__(self, batch_id: str, items: list[NewItem]) -> None:
+        self.batch_id = batch_id
+        self.recorded = {item.id: Item(item.id, item.status, item.info()) for item in items}
+
+    def items(self, batch_id, *, start, count):
+        ids = [item_id(batch_id, n) for n in range(start, start + count)]
+        return [self.recorded[i] for i in ids if i in self.recorded]
+
+    def get_items(self, batch_id, ids):
+        return {i: self.recorded[i] for i in ids if i in self.recorded}
+
+
+def test_a_hard_link_finds_its_target_in_an_earlier_slice():
+    earlier = [
+        NewItem(item_id("b1", 0), "Fotos/a.jpg", input_key="pack0", input_range=(0, 9)),
+        NewItem(item_id("b1", 1), "Fotos/notes.txt", error={"code": "unsupported_type"}),
+    ]
+    links = _LinkTargets(_RecordedItems("b1", earlier), "b1", first=128)
+    members = [
+        Member(128, "Fotos/b.jpg", link="Fotos/a.jpg"),
+        Member(129, "Fotos/c.txt", link="Fotos/notes.txt"),
+        Member(130, "Fotos/d.jpg", link="Fotos/gone.jpg"),
+    ]
+    for member in members:
+        links.saw(member)
+    items, parts = _block_items("b1", members, "pack1", links)
+    assert parts == []
+    assert (items[0].status.value, items[0].input_key, items[0].input_range) == (
+        "queued",
+        "pack0",
+        (0, 9),
+    )
+    assert items[1].error == {"code": "unsupported_type"}
+    assert items[2].error["code"] == "hardlink"

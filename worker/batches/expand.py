@@ -435,6 +435,7 @@ class _LinkTargets:
     def earlier(self) -> dict[str, int]:
         """The names of the items before this task's first member (the latest of each)."""
         if self._earlier is None:
+            log.info("batch %s: %d earlier names read for a hard link", self.batch_id, self.first)
             self._earlier = {}
             for start in range(0, self.first if self.store else 0, LINK_PAGE):
                 count = min(LINK_PAGE, self.first - start)
