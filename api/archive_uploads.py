@@ -20,8 +20,7 @@ from api.sources import BatchRequest
 from shared import keys
 from shared.archives import SNIFF_BYTES, SOURCE_EXTENSIONS, sniff_archive
 from shared.errors import BadRequest, MissingField, PayloadTooLarge
-from shared.member_names import ARCHIVE_ENCODING_FIELD, accepted_encoding
-from shared.options import JobOptions
+from shared.options import ARCHIVE_ENCODING_FIELD, JobOptions, parse_archive_encoding
 from shared.settings import Settings
 from shared.storage import MIN_PART_SIZE, ObjectStore
 from shared.webhooks import (
@@ -69,7 +68,7 @@ def _stream_archive_upload(
         if isinstance(event, File) and event.name == ARCHIVE_FIELD and source is None:
             # Refuse bad options before storing anything.
             JobOptions.from_mapping(_job_options(fields))
-            accepted_encoding(fields.get(ARCHIVE_ENCODING_FIELD))
+            parse_archive_encoding(fields.get(ARCHIVE_ENCODING_FIELD))
             source = _store_archive(store, batch_id, event.filename, events)
         elif isinstance(event, Field | File):
             fields[event.name] = _read_field(event.name, events)
@@ -82,7 +81,7 @@ def _stream_archive_upload(
         callback_url = accepted_callback_url(fields.get(CALLBACK_FIELD), settings)
         spacing = accepted_item_callbacks(fields.get(ITEM_CALLBACKS_FIELD), callback_url, settings)
         options = JobOptions.from_mapping(_job_options(fields))
-        encoding = accepted_encoding(fields.get(ARCHIVE_ENCODING_FIELD))
+        encoding = parse_archive_encoding(fields.get(ARCHIVE_ENCODING_FIELD))
     except BadRequest:
         store.delete_prefix(source["key"])
         raise

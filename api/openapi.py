@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from shared.imaging import ACCEPTED_NAMES
 from shared.options import (
+    ARCHIVE_ENCODINGS,
     COLORMAPS,
     FORMATS,
     MODES,
@@ -142,10 +143,10 @@ _ITEM_CALLBACKS_TEXT = {**_BOOLEAN_TEXT, "description": _ITEM_CALLBACKS_DESCRIPT
 _ITEM_CALLBACKS_JSON = {**_BOOLEAN_JSON, "description": _ITEM_CALLBACKS_DESCRIPTION}
 _ARCHIVE_ENCODING = {
     "type": "string",
-    "maxLength": 40,
+    "enum": list(ARCHIVE_ENCODINGS),
     "description": "how the archive's member names are read when they are neither marked "
-    "UTF-8 nor valid UTF-8 (a zip made on Chinese or Japanese Windows: gbk, shift_jis); a "
-    "Python codec name, 400 for one it does not know; default cp437 for a zip",
+    "UTF-8 nor valid UTF-8 (a zip made on Chinese or Japanese Windows: gbk, shift_jis); "
+    "Python's aliases are accepted too (Shift-JIS, cp936); default cp437 for a zip",
 }
 _CALLBACK_ATTEMPT = {
     "type": "object",

@@ -11,8 +11,7 @@ from flask import Request
 
 from shared.access import source_allowed, split_s3_url
 from shared.errors import BadRequest, ForbiddenSource, InvalidOption, MissingField
-from shared.member_names import ARCHIVE_ENCODING_FIELD
-from shared.options import JobOptions
+from shared.options import ARCHIVE_ENCODING_FIELD, JobOptions
 from shared.settings import Settings
 from shared.webhooks import (
     CALLBACK_FIELD,

@@ -16,11 +16,8 @@ import codecs
 import struct
 import zlib
 
-from shared.errors import InvalidOption
-
 UTF8_FLAG = 0x800
 UNICODE_PATH_EXTRA = 0x7075
-ARCHIVE_ENCODING_FIELD = "archive_encoding"
 _ESCAPE = "featuremaps.percent"
 # What a skip reason's code is for each kind of junk.
 MACOS_METADATA = "macos_metadata"
@@ -36,26 +33,6 @@ def _percent(exc: UnicodeError) -> tuple[str, int]:
 
 
 codecs.register_error(_ESCAPE, _percent)
-
-
-def accepted_encoding(raw: object) -> str | None:
-    """The canonical codec name of a batch's ``archive_encoding`` (None when not given);
-    :class:`InvalidOption` for anything that is not a text codec Python knows."""
-    if raw is None or raw == "":
-        return None
-    if not isinstance(raw, str) or len(raw) > 40:
-        raise InvalidOption(f"option {ARCHIVE_ENCODING_FIELD} must be a codec name like gbk")
-    name = raw.strip()
-    try:
-        # Refuses unknown codecs and bytes-to-bytes ones (base64, zlib…); b"" would not.
-        b"a".decode(name, "ignore")
-        canonical = codecs.lookup(name).name
-    except LookupError as exc:
-        raise InvalidOption(
-            f"option {ARCHIVE_ENCODING_FIELD}={raw!r} is not a text encoding Python knows; "
-            "use a codec name such as gbk, big5, shift_jis, euc_kr, cp866 or cp1252"
-        ) from exc
-    return canonical
 
 
 def decode(raw: bytes, encoding: str) -> str:

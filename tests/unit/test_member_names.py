@@ -11,7 +11,8 @@ import pytest
 from shared.archives import ArchiveLimits, Member, iter_archive
 from shared.batches import Item, NewItem, item_id
 from shared.errors import InvalidOption
-from shared.member_names import accepted_encoding, skip_reason, tar_name, zip_name
+from shared.member_names import skip_reason, tar_name, zip_name
+from shared.options import parse_archive_encoding
 from tests.archive_makers import (
     GBK_NAME,
     NAME,
@@ -76,15 +77,19 @@ def test_tar_names_are_utf8_then_the_archive_encoding():
     assert tar_name("a\udcff.jpg") == "a%FF.jpg"
 
 
-@pytest.mark.parametrize("raw, expected", [("gbk", "gbk"), ("Shift-JIS", "shift_jis"), ("", None)])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [("gbk", "gbk"), ("Shift-JIS", "shift_jis"), ("cp936", "gbk"), (" big5 ", "big5"), ("", None)],
+)
 def test_archive_encoding_is_validated(raw, expected):
-    assert accepted_encoding(raw) == expected
+    assert parse_archive_encoding(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["klingon", "base64", "zlib", "x" * 50, 3])
+@pytest.mark.parametrize("raw", ["klingon", "base64", "zlib", "utf_16", "x" * 50, 3])
 def test_unknown_or_binary_codecs_are_refused(raw):
-    with pytest.raises(InvalidOption, match="archive_encoding"):
-        accepted_encoding(raw)
+    with pytest.raises(InvalidOption, match="archive_encoding") as refused:
+        parse_archive_encoding(raw)
+    assert "shift_jis" in refused.value.message
 
 
 @pytest.mark.parametrize(
