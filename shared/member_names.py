@@ -7,7 +7,7 @@ unflagged name that is valid UTF-8 is UTF-8 (macOS writes it so); else the batch
 ``archive_encoding`` when given, else CP437 (the zip spec's default). Tar names are UTF-8
 (POSIX pax names always are), else ``archive_encoding``. Bytes that the chosen codec cannot
 decode become ``%XX`` (two hex digits): stable and readable, never mojibake. docs/design.md
-("Archives") has the rules.
+("Archives as people make them") has the rules.
 """
 
 from __future__ import annotations

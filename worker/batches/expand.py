@@ -435,15 +435,18 @@ class _LinkTargets:
     def earlier(self) -> dict[str, int]:
         """The names of the items before this task's first member (the latest of each)."""
         if self._earlier is None:
-            log.info("batch %s: %d earlier names read for a hard link", self.batch_id, self.first)
             self._earlier = {}
-            for start in range(0, self.first if self.store else 0, LINK_PAGE):
-                count = min(LINK_PAGE, self.first - start)
-                for item in self.store.items(self.batch_id, start=start, count=count):
-                    name = _normalised(item.name)
-                    index = member_index(self.batch_id, item.id)
-                    if name is not None and index is not None:
-                        self._earlier[name] = index
+            if self.store is not None and self.first:
+                log.info(
+                    "batch %s: %d earlier names read for a hard link", self.batch_id, self.first
+                )
+                for start in range(0, self.first, LINK_PAGE):
+                    count = min(LINK_PAGE, self.first - start)
+                    for item in self.store.items(self.batch_id, start=start, count=count):
+                        name = _normalised(item.name)
+                        index = member_index(self.batch_id, item.id)
+                        if name is not None and index is not None:
+                            self._earlier[name] = index
         return self._earlier
 
     def _info(self, target: int, here: dict[int, NewItem]) -> dict:
