@@ -13,6 +13,7 @@ $(VENV_STAMP): pyproject.toml
 setup: $(VENV_STAMP) ## create .venv with everything (torch, celery, flask, seaweedfs, test tools, chromium for the browser tests)
 	@command -v redis-server >/dev/null || (apt-get update -q && apt-get install -y -q redis-server)
 	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	@command -v zip >/dev/null || (apt-get update -q && apt-get install -y -q zip)
 	@command -v docker-compose >/dev/null || (apt-get update -q && apt-get install -y -q docker-compose) || echo "docker-compose not installed: compose validation test will be skipped"
 
 demo: setup

@@ -20,7 +20,7 @@ from api.sources import BatchRequest
 from shared import keys
 from shared.archives import SNIFF_BYTES, SOURCE_EXTENSIONS, sniff_archive
 from shared.errors import BadRequest, MissingField, PayloadTooLarge
-from shared.options import JobOptions
+from shared.options import ARCHIVE_ENCODING_FIELD, JobOptions, parse_archive_encoding
 from shared.settings import Settings
 from shared.storage import MIN_PART_SIZE, ObjectStore
 from shared.webhooks import (
@@ -67,7 +67,8 @@ def _stream_archive_upload(
             break
         if isinstance(event, File) and event.name == ARCHIVE_FIELD and source is None:
             # Refuse bad options before storing anything.
-            JobOptions.for_batch(_without_callback(fields))
+            JobOptions.for_batch(_job_options(fields))
+            parse_archive_encoding(fields.get(ARCHIVE_ENCODING_FIELD))
             source = _store_archive(store, batch_id, event.filename, events)
         elif isinstance(event, Field | File):
             fields[event.name] = _read_field(event.name, events)
@@ -79,15 +80,21 @@ def _stream_archive_upload(
     try:
         callback_url = accepted_callback_url(fields.get(CALLBACK_FIELD), settings)
         spacing = accepted_item_callbacks(fields.get(ITEM_CALLBACKS_FIELD), callback_url, settings)
-        options = JobOptions.for_batch(_without_callback(fields))
+        options = JobOptions.for_batch(_job_options(fields))
+        encoding = parse_archive_encoding(fields.get(ARCHIVE_ENCODING_FIELD))
     except BadRequest:
         store.delete_prefix(source["key"])
         raise
+    if encoding:
+        # How the archive's names are read; not an option: the figures do not change.
+        source["encoding"] = encoding
     return BatchRequest(options, source, callback_url, spacing)
 
 
-def _without_callback(fields: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in fields.items() if k not in (CALLBACK_FIELD, ITEM_CALLBACKS_FIELD)}
+def _job_options(fields: dict[str, str]) -> dict[str, str]:
+    """The fields that are job options: not the callbacks, not the archive's encoding."""
+    batch_only = (CALLBACK_FIELD, ITEM_CALLBACKS_FIELD, ARCHIVE_ENCODING_FIELD)
+    return {k: v for k, v in fields.items() if k not in batch_only}
 
 
 def _store_archive(store: ObjectStore, batch_id: str, filename: str, events: Iterator) -> dict:

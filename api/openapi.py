@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from shared.imaging import ACCEPTED_NAMES
 from shared.options import (
+    ARCHIVE_ENCODINGS,
     BATCH_EXAMPLES,
     COLORMAPS,
     EXAMPLE_SCORES,
@@ -143,6 +144,13 @@ _ITEM_CALLBACKS_DESCRIPTION = (
 )
 _ITEM_CALLBACKS_TEXT = {**_BOOLEAN_TEXT, "description": _ITEM_CALLBACKS_DESCRIPTION}
 _ITEM_CALLBACKS_JSON = {**_BOOLEAN_JSON, "description": _ITEM_CALLBACKS_DESCRIPTION}
+_ARCHIVE_ENCODING = {
+    "type": "string",
+    "enum": list(ARCHIVE_ENCODINGS),
+    "description": "how the archive's member names are read when they are neither marked "
+    "UTF-8 nor valid UTF-8 (a zip made on Chinese or Japanese Windows: gbk, shift_jis); "
+    "Python's aliases are accepted too (Shift-JIS, cp936); default cp437 for a zip",
+}
 _CALLBACK_ATTEMPT = {
     "type": "object",
     "required": ["at", "status", "error"],
@@ -267,7 +275,7 @@ _JOB_DOC = {
 
 
 _BATCH_ID = {**_JOB_ID, "name": "batch_id"}
-_COUNTS = ("total", "queued", "running", "succeeded", "failed", "canceled")
+_COUNTS = ("total", "queued", "running", "succeeded", "failed", "canceled", "skipped")
 _RESULT_SHARD = {
     "type": "object",
     "properties": {
@@ -339,11 +347,16 @@ _ITEM_DOC = {
         "name": {"type": "string"},
         "status": {
             "type": "string",
-            "enum": ["queued", "running", "succeeded", "failed", "canceled"],
+            "enum": ["queued", "running", "succeeded", "failed", "canceled", "skipped"],
         },
         "figure_url": {"type": ["string", "null"]},
         "thumbnail_url": {"type": ["string", "null"], "description": "a small JPEG of the grid"},
         "error": {"type": ["object", "null"]},
+        "skip_reason": {
+            "type": ["object", "null"],
+            "description": "why a skipped member was not processed ({code, message}: "
+            "macos_metadata, windows_metadata); skipped is not failed",
+        },
         "reused": _REUSED,
         "reused_from": _REUSED_FROM,
         "attempts": {
@@ -602,6 +615,7 @@ def openapi_document() -> dict:
                                         **_BATCH_OPTION_PROPERTIES,
                                         **_CALLBACK_PROPERTY,
                                         "item_callbacks": _ITEM_CALLBACKS_TEXT,
+                                        "archive_encoding": _ARCHIVE_ENCODING,
                                     },
                                     "additionalProperties": False,
                                 }

@@ -11,7 +11,7 @@ from flask import Request
 
 from shared.access import source_allowed, split_s3_url
 from shared.errors import BadRequest, ForbiddenSource, InvalidOption, MissingField
-from shared.options import JobOptions
+from shared.options import ARCHIVE_ENCODING_FIELD, JobOptions
 from shared.settings import Settings
 from shared.webhooks import (
     CALLBACK_FIELD,
@@ -51,6 +51,11 @@ def read_source_request(req: Request, settings: Settings, owner: str) -> BatchRe
         raise ForbiddenSource(
             f"source {url!r} is not in FEATUREMAPS_SOURCE_ALLOW for this caller; the operator "
             "lists the s3://bucket/prefix/ entries batches may read"
+        )
+    if body.pop(ARCHIVE_ENCODING_FIELD, None) not in (None, ""):
+        raise InvalidOption(
+            f"{ARCHIVE_ENCODING_FIELD} applies to an uploaded archive; the keys of an s3:// "
+            "source are UTF-8 already"
         )
     callback_url = accepted_callback_url(body.pop(CALLBACK_FIELD, None), settings)
     spacing = accepted_item_callbacks(body.pop(ITEM_CALLBACKS_FIELD, None), callback_url, settings)

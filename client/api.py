@@ -462,11 +462,13 @@ def _extract_figure(archive: zipfile.ZipFile, line: dict, out: Path, used: set[s
 def _update_bar(bar, doc: dict) -> None:
     counts = doc["counts"]
     bar.total = counts["total"]
-    bar.n = counts["succeeded"] + counts["failed"] + counts["canceled"]
+    bar.n = counts["succeeded"] + counts["failed"] + counts["canceled"] + counts.get("skipped", 0)
     rate = f"{doc['rate']:.1f}/s" if doc.get("rate") else "-"
     eta = f"{doc['eta_s']:.0f}s" if doc.get("eta_s") is not None else "-"
     bar.set_postfix_str(
-        f"{doc['status']} failed={counts['failed']} rate={rate} eta={eta}", refresh=False
+        f"{doc['status']} failed={counts['failed']} skipped={counts.get('skipped', 0)} "
+        f"rate={rate} eta={eta}",
+        refresh=False,
     )
     bar.refresh()
 

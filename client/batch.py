@@ -21,6 +21,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         options = options_from_args(args)
         if args.item_callbacks:
             options["item_callbacks"] = "true"
+        if args.archive_encoding:
+            options["archive_encoding"] = args.archive_encoding
         batch = client.batch(args.source, **options)
     except (ApiError, OSError) as exc:
         print(f"{args.source}: {exc}", file=sys.stderr)
@@ -60,6 +62,11 @@ def add_parser(sub) -> None:
         "--item-callbacks",
         action="store_true",
         help="with --callback-url: also POST each item's document when it ends",
+    )
+    batch.add_argument(
+        "--archive-encoding",
+        metavar="CODEC",
+        help="how to read member names that are not UTF-8 (gbk, shift_jis…; zip default cp437)",
     )
     add_connection_flags(batch)
     batch.set_defaults(func=cmd_batch)

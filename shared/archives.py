@@ -8,10 +8,19 @@ from wherever the stream stands (a resumed expansion seeks to its last checkpoin
 in practice a ranged reader over the object (:meth:`shared.storage.ObjectStore.open_ranged`),
 and can be planned in shards that are read independently.
 
+Names are decoded as shared/member_names.py says (UTF-8, a zip's Unicode Path field, the
+batch's ``archive_encoding``). The metadata files macOS and Windows add (``__MACOSX/``,
+``._*``, ``.DS_Store``, ``Thumbs.db``, ``desktop.ini``) are never read: the member carries
+its skip reason and becomes a ``skipped`` item. A tar hard link carries the name of the
+earlier member it links to (``link``); whoever numbers the items resolves it
+(worker/batches/expand.py).
+
 Per member, without stopping the archive (a failed item with this code):
 
     absolute_path, path_traversal, bad_name    a name that could escape a directory
-    symlink, hardlink, special_file            anything but a regular file
+    symlink, special_file                      anything but a regular file or a hard link
+    hardlink                                   a hard link whose target is unsafe, or not
+                                               an earlier member of the archive
     encrypted                                  an encrypted zip member
     nested_archive                             an archive inside the archive (never opened)
     corrupt_member                             a zip member whose data fails its CRC
@@ -55,6 +64,7 @@ from shared.errors import (
     RefusedMember,
     UnsupportedType,
 )
+from shared.member_names import skip_reason, tar_name
 from shared.zipdir import Directory, Entry, find_directory, iter_entries, read_entry
 
 ARCHIVE_KINDS = ("zip", "tar", "tar.gz")
@@ -103,12 +113,15 @@ class ArchiveLimits:
 
 @dataclass(frozen=True)
 class Member:
-    """One archive entry that is a file: its bytes, or why it was refused (never both)."""
+    """One archive entry that is a file: its bytes, why it was refused, why it is skipped,
+    or the earlier member it is a hard link to (exactly one of them)."""
 
     index: int
     name: str
     data: bytes | None = None
     error: FeatureMapsError | None = None
+    skipped: dict[str, str] | None = None
+    link: str | None = None
 
 
 def sniff_archive(head: bytes, filename: str = "") -> str:
@@ -210,25 +223,28 @@ class Budget:
         )
 
 
-def iter_archive(stream: IO[bytes], kind: str, limits: ArchiveLimits) -> Iterator[Member]:
+def iter_archive(
+    stream: IO[bytes], kind: str, limits: ArchiveLimits, encoding: str | None = None
+) -> Iterator[Member]:
     """Every file entry of the archive, in archive order; directories are passed over.
 
     ``stream`` must be seekable for ``zip``. Limit errors and :class:`CorruptArchive` are
-    raised out of the iteration after the members before them were yielded.
+    raised out of the iteration after the members before them were yielded. Hard links are
+    yielded unresolved (``link``).
     """
     if kind == "zip":
-        yield from _iter_zip(stream, Budget(limits))
+        yield from _iter_zip(stream, Budget(limits), encoding)
     elif kind in ("tar", "tar.gz"):
-        yield from _iter_tar(stream, Budget(limits))
+        yield from _iter_tar(stream, Budget(limits), encoding)
     else:
         raise UnsupportedType(f"unknown archive kind {kind!r}; one of {', '.join(ARCHIVE_KINDS)}")
 
 
-def _iter_zip(stream: IO[bytes], budget: Budget) -> Iterator[Member]:
+def _iter_zip(stream: IO[bytes], budget: Budget, encoding: str | None) -> Iterator[Member]:
     size = stream.seek(0, io.SEEK_END)
     directory, _shards = plan_zip(stream, size, budget.limits, shard_members=None)
     index = 0
-    for _offset, entry, _next in iter_entries(stream, directory):
+    for _offset, entry, _next in iter_entries(stream, directory, encoding=encoding):
         if entry.is_dir():
             continue
         yield zip_member(stream, entry, index, budget)
@@ -280,6 +296,8 @@ def zip_member(stream: IO[bytes], entry: Entry, index: int, budget: Budget) -> M
     mode = entry.external_attr >> 16
     try:
         name = safe_name(raw)
+        if skipped := skip_reason(name):
+            return Member(index, raw, skipped=skipped)
         if mode and stat.S_ISLNK(mode):
             raise RefusedMember(f"symlink {raw!r} refused", code=SYMLINK)
         if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
@@ -308,8 +326,10 @@ def zip_member(stream: IO[bytes], entry: Entry, index: int, budget: Budget) -> M
     return Member(index, raw, data=data)
 
 
-def _iter_tar(stream: IO[bytes], budget: Budget) -> Iterator[Member]:
-    for member, _next in iter_tar_from(stream, budget, start_index=0, compressed=None):
+def _iter_tar(stream: IO[bytes], budget: Budget, encoding: str | None) -> Iterator[Member]:
+    for member, _next in iter_tar_from(
+        stream, budget, start_index=0, compressed=None, encoding=encoding
+    ):
         yield member
 
 
@@ -319,24 +339,29 @@ def iter_tar_from(
     *,
     start_index: int,
     compressed: Callable[[], int] | None,
+    encoding: str | None = None,
 ) -> Iterator[tuple[Member, int]]:
     """``(member, next_header)`` for every file entry of the (uncompressed) tar stream from
     where ``stream`` stands, which must be a header: a resumed expansion seeks there. Members
     are numbered from ``start_index``; ``next_header`` is the stream offset, relative to where
     it started, of the header after the member: where a later resumption seeks to.
     ``compressed()`` tells how many compressed bytes were read so far (for the archive's ratio;
-    without it the stream's own bytes count, as for a plain tar or a gzip stream read here)."""
+    without it the stream's own bytes count, as for a plain tar or a gzip stream read here).
+    Names that are not UTF-8 are read in ``encoding``."""
     counted = _CountingReader(stream)
     so_far = compressed or (lambda: counted.count)
     index = start_index
     mode = "r|" if compressed is not None else "r|*"
     try:
-        with tarfile.open(fileobj=counted, mode=mode) as archive:
+        with tarfile.open(
+            fileobj=counted, mode=mode, encoding="utf-8", errors="surrogateescape"
+        ) as archive:
             for info in archive:
                 budget.count_member()
                 if info.isdir():
                     continue
-                yield _tar_member(archive, info, index, budget, so_far), archive.offset
+                member = _tar_member(archive, info, index, budget, so_far, encoding)
+                yield member, archive.offset
                 index += 1
     except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
         raise CorruptArchive(f"the tar archive cannot be read: {exc}") from exc
@@ -348,14 +373,17 @@ def _tar_member(
     index: int,
     budget: Budget,
     compressed: Callable[[], int],
+    encoding: str | None,
 ) -> Member:
-    raw = info.name
+    raw = tar_name(info.name, encoding)
     try:
         name = safe_name(raw)
+        if skipped := skip_reason(name):
+            return Member(index, raw, skipped=skipped)
         if info.issym():
             raise RefusedMember(f"symlink {raw!r} → {info.linkname!r} refused", code=SYMLINK)
         if info.islnk():
-            raise RefusedMember(f"hardlink {raw!r} → {info.linkname!r} refused", code=HARDLINK)
+            return Member(index, raw, link=_link_target(raw, tar_name(info.linkname, encoding)))
         if not info.isreg():
             raise RefusedMember(f"{raw!r} is not a regular file; refused", code=SPECIAL_FILE)
         if looks_like_archive(name):
@@ -375,6 +403,17 @@ def _tar_member(
     if looks_like_archive(name, data[:SNIFF_BYTES]):
         return Member(index, raw, error=nested_refusal(raw))
     return Member(index, raw, data=data)
+
+
+def _link_target(raw: str, target: str) -> str:
+    """The normalised name of a hard link's target; :class:`RefusedMember` when it could
+    name anything outside the archive."""
+    try:
+        return safe_name(target)
+    except RefusedMember as exc:
+        raise RefusedMember(
+            f"hardlink {raw!r} → {target!r} leaves the archive; refused", code=HARDLINK
+        ) from exc
 
 
 def nested_refusal(raw: str) -> RefusedMember:

@@ -1,8 +1,8 @@
 """Batch records in Redis: one batch, its items, and counters that always add up.
 
 A batch is a hash ``featuremaps:batch:<id>`` (fields and the counters ``total``, ``queued``,
-``running``, ``succeeded``, ``failed``, ``canceled``; ``blocks``, how many blocks its items
-reach) and one list per *block* of ``BLOCK_ITEMS`` consecutive member indexes,
+``running``, ``succeeded``, ``failed``, ``canceled``, ``skipped``; ``blocks``, how many blocks
+its items reach) and one list per *block* of ``BLOCK_ITEMS`` consecutive member indexes,
 ``featuremaps:batch:<id>:b:<n>`` (block n holds indexes [128n, 128n + 128)). Entry ``i`` of
 block ``n`` is member ``128n + i``: ``<status code><attempts>|<delivery token>|<info>``,
 the info packed by shared/item_codec.py (values derivable from the item's id or block left
@@ -21,6 +21,7 @@ expansion end, or a cancel leave nothing running).
            queued | expanding | running → canceled
     item:  queued → running → succeeded | failed;  queued → canceled
            failed from the start     (a refused member, or not an image)
+           skipped from the start    (macOS / Windows metadata: never read, never an error)
 
 Cancel sets the batch canceled in one script; its queued items then end canceled block by
 block (the API process walks the blocks, pipelined, one script each; a chunk starting later
@@ -63,7 +64,7 @@ from shared.records import (
 )
 from shared.webhooks import ENQUEUE_SCRIPT, ITEM_ENQUEUE_LUA, OUTBOX_KEY
 
-COUNTERS = ("queued", "running", "succeeded", "failed", "canceled")
+COUNTERS = ("queued", "running", "succeeded", "failed", "canceled", "skipped")
 # Consecutive member indexes that share one input pack and one Redis list of entries.
 BLOCK_ITEMS = 128
 
@@ -83,6 +84,19 @@ class ItemStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELED = "canceled"
+    # A member that is not a file anyone sent (shared/member_names.py): final from the start.
+    SKIPPED = "skipped"
+
+
+# Each item status's one-letter code in a block entry (the Lua below has the same table).
+STATUS_CODES = {
+    ItemStatus.QUEUED: "q",
+    ItemStatus.RUNNING: "r",
+    ItemStatus.SUCCEEDED: "s",
+    ItemStatus.FAILED: "f",
+    ItemStatus.CANCELED: "c",
+    ItemStatus.SKIPPED: "k",
+}
 
 
 class BatchNotFound(RecordNotFound):
@@ -133,6 +147,7 @@ class Batch(Record):
     succeeded: int = 0
     failed: int = 0
     canceled: int = 0
+    skipped: int = 0
     expanded: int = 0
     finalizing: int = 0
     # Members refused during expansion count as failed but were never processed.
@@ -152,7 +167,7 @@ class Batch(Record):
 
     def to_dict(self, now: float | None = None) -> dict[str, Any]:
         """The public batch document; storage keys and owner stay private."""
-        done = self.succeeded + self.failed + self.canceled
+        done = self.succeeded + self.failed + self.canceled + self.skipped
         complete = self.finished and self.queued == 0 and self.running == 0
         progress = 1.0 if complete else (done / self.total if self.total else 0.0)
         doc: dict[str, Any] = {
@@ -191,12 +206,14 @@ class Item:
 
 @dataclass(frozen=True)
 class NewItem:
-    """An item as expansion creates it: queued with its input key, or failed with a reason."""
+    """An item as expansion creates it: queued with its input key, failed with a reason, or
+    skipped with a reason."""
 
     id: str
     name: str
     input_key: str | None = None
     error: dict[str, str] | None = None
+    skip_reason: dict[str, str] | None = None
     # (offset, length) of the member's bytes in the block's input pack.
     input_range: tuple[int, int] | None = None
 
@@ -208,7 +225,15 @@ class NewItem:
             info["input_range"] = list(self.input_range)
         if self.error:
             info["error"] = self.error
+        if self.skip_reason:
+            info["skip_reason"] = self.skip_reason
         return info
+
+    @property
+    def status(self) -> ItemStatus:
+        if self.skip_reason:
+            return ItemStatus.SKIPPED
+        return ItemStatus.FAILED if self.error else ItemStatus.QUEUED
 
 
 # Shared by every script: KEYS = batch, the lease of the fenced ones (else unused), the
@@ -221,8 +246,10 @@ _PRELUDE = (
     FENCE_LUA
     + ITEM_ENQUEUE_LUA
     + """
-local STATUS = {q = 'queued', r = 'running', s = 'succeeded', f = 'failed', c = 'canceled'}
-local CODE = {queued = 'q', running = 'r', succeeded = 's', failed = 'f', canceled = 'c'}
+local STATUS = {q = 'queued', r = 'running', s = 'succeeded', f = 'failed', c = 'canceled',
+                k = 'skipped'}
+local CODE = {queued = 'q', running = 'r', succeeded = 's', failed = 'f', canceled = 'c',
+              skipped = 'k'}
 local function read(k, pos)
   local e = redis.call('LINDEX', KEYS[k], pos)
   if not e or e == '' then return nil end
@@ -500,7 +527,7 @@ return 1
 """
 )
 
-_STATUS_OF_CODE = {status.value[0]: status for status in ItemStatus}
+_STATUS_OF_CODE = {code: status for status, code in STATUS_CODES.items()}
 # Blocks renewed by each finish_items on top of its own, round the batch (see ``_renewal``).
 RENEW_STEP = 4
 # Blocks per pipelined round trip where a whole batch is walked (renewal, cancel, reads).
@@ -587,9 +614,8 @@ class BatchStore(RecordStore[Batch]):
             index = member_index(batch_id, item.id)
             if index is None:
                 raise ValueError(f"{item.id!r} is not an item id of batch {batch_id}")
-            status = ItemStatus.FAILED if item.error else ItemStatus.QUEUED
             packed = pack_info(ItemPlace(batch_id, index, block_of(index)), item.info())
-            args += [item.id, *slots.slot(index), status.value, packed]
+            args += [item.id, *slots.slot(index), item.status.value, packed]
             reach = max(reach, block_of(index) + 1)
         status, *queued = self._run(self._add_items, batch_id, reach, *args, slots=slots)
         return text(status), [text(i) for i in queued]

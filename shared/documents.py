@@ -81,6 +81,8 @@ def item_document(store: ObjectStore, batch: Batch, item: Item, expiry_s: int) -
         "figure_url": store.presigned_get(figure_key, expiry_s) if figure_key else None,
         "thumbnail_url": store.presigned_get(thumbnail_key, expiry_s) if thumbnail_key else None,
         "error": item.info.get("error"),
+        # A skipped member (macOS / Windows metadata) is no error: it says why here.
+        "skip_reason": item.info.get("skip_reason"),
         # Outputs copied from an equal earlier result, or shared with the same bytes in its
         # chunk, without a model pass (docs/design.md "Result reuse").
         "reused": bool(item.info.get("reused")),

@@ -28,7 +28,9 @@ Codes that are never raised to a caller, named here so that every code has one s
 
     a refused archive member (RefusedMember's code; the item fails, the batch goes on)
         ABSOLUTE_PATH, PATH_TRAVERSAL, BAD_NAME       a name that could escape a directory
-        SYMLINK, HARDLINK, SPECIAL_FILE               anything but a regular file
+        SYMLINK, SPECIAL_FILE                         anything but a regular file
+        HARDLINK                                      a tar hard link leaving the archive
+                                                      or naming no earlier member
         ENCRYPTED, CORRUPT_MEMBER                     an unreadable zip member
         NESTED_ARCHIVE                                an archive inside the archive
     a failed job or item (stored in its ``error``)

@@ -5,7 +5,7 @@ The info is compact JSON with short names for the fields every item has, and the
 field can be derived from the item's id, batch or block left out:
 
     name n   input_key i   input_range r   figure_key f   thumbnail_key t   manifest_key m
-    scores_key s   reused u   reused_from o   error e
+    scores_key s   reused u   reused_from o   error e   skip_reason k
 
 (any other field keeps its name; a name that collides with a short one is prefixed "~").
 
@@ -38,6 +38,7 @@ SHORT = {
     "reused": "u",
     "reused_from": "o",
     "error": "e",
+    "skip_reason": "k",
 }
 LONG = {short: name for name, short in SHORT.items()}
 ESCAPE = "~"

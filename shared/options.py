@@ -1,8 +1,10 @@
 """Job options: what a user may ask for, validated the same way by the API, the CLI and the
-worker. Bad values raise :class:`InvalidOption` naming the allowed ones."""
+worker. Bad values raise :class:`InvalidOption` naming the allowed ones. A batch's
+``archive_encoding`` is here too, though not a job option (it changes no figure)."""
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -40,6 +42,20 @@ EXAMPLE_SCORES = ("mean", "max")
 MAX_EXAMPLES = 64
 BATCH_EXAMPLES = 9
 BATCH_ONLY = ("examples", "examples_score")
+
+# How an archive's member names are read when they are neither marked nor valid UTF-8
+# (shared/member_names.py): the code pages archivers on DOS and Windows, old Macs and Unix
+# locales write, by Python's canonical name; an alias of one of them is accepted too.
+ARCHIVE_ENCODING_FIELD = "archive_encoding"
+_ARCHIVE_CODECS = (
+    *("gbk", "gb18030", "gb2312", "big5", "big5hkscs", "cp950"),  # Chinese
+    *("shift_jis", "cp932", "euc_jp", "iso2022_jp", "euc_kr", "cp949", "johab"),  # Japanese, Korean
+    *("cp437", "cp850", "cp852", "cp855", "cp857", "cp858", "cp862", "cp866", "cp874"),  # DOS
+    *("cp1250", "cp1251", "cp1252", "cp1253", "cp1254", "cp1255", "cp1256", "cp1257", "cp1258"),
+    *("latin_1", "iso8859_2", "iso8859_5", "iso8859_7", "iso8859_8", "iso8859_9", "iso8859_15"),
+    *("koi8_r", "koi8_u", "mac_roman", "mac_cyrillic", "tis_620", "utf_8"),
+)
+ARCHIVE_ENCODINGS = tuple(dict.fromkeys(codecs.lookup(name).name for name in _ARCHIVE_CODECS))
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
@@ -144,3 +160,20 @@ def _parse_count(name: str, raw: object) -> int:
     if isinstance(raw, str) and raw.strip().isdigit():
         return int(raw.strip())
     raise InvalidOption(f"option {name} must be a whole number, not {raw!r}")
+
+
+def parse_archive_encoding(raw: object) -> str | None:
+    """The canonical name of a batch's ``archive_encoding`` (None when not given);
+    :class:`InvalidOption` for a codec not in ``ARCHIVE_ENCODINGS``."""
+    if raw is None or raw == "":
+        return None
+    try:
+        name = codecs.lookup(raw.strip()).name if isinstance(raw, str) else None
+    except LookupError:
+        name = None
+    if name not in ARCHIVE_ENCODINGS:
+        raise InvalidOption(
+            f"option {ARCHIVE_ENCODING_FIELD}={raw!r} is not an encoding of archive names "
+            f"known here; one of: {', '.join(ARCHIVE_ENCODINGS)}"
+        )
+    return name

@@ -5,8 +5,9 @@ form for more than 65,535 entries or offsets past 4 GiB) says where. :func:`find
 reads it; :func:`iter_entries` walks the directory page by page, yielding one small
 :class:`Entry` at a time (never a list of all of them: memory stays bounded at millions of
 entries), each with its own byte offset in the directory so that a walk can be cut into
-shards and resumed at any entry. :func:`read_entry` inflates one member from its local header,
-checking its size and CRC as it goes.
+shards and resumed at any entry, its name decoded by the rules of shared/member_names.py
+(with a batch's ``archive_encoding``). :func:`read_entry` inflates one member from its local
+header, checking its size and CRC as it goes.
 
 Every offset here is absolute in the file: data prepended to the archive (a self-extracting
 stub) is accounted for once, in :class:`Directory`.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import IO, NamedTuple
 
 from shared.errors import CORRUPT_MEMBER, CorruptArchive, RefusedMember
+from shared.member_names import zip_name
 
 _EOCD = struct.Struct("<4s4H2LH")
 _EOCD_SIG = b"PK\x05\x06"
@@ -108,10 +110,16 @@ def _zip64_record(
 
 
 def iter_entries(
-    stream: IO[bytes], directory: Directory, start: int | None = None, end: int | None = None
+    stream: IO[bytes],
+    directory: Directory,
+    start: int | None = None,
+    end: int | None = None,
+    *,
+    encoding: str | None = None,
 ) -> Iterator[tuple[int, Entry, int]]:
     """``(offset, entry, next_offset)`` for every directory entry from byte ``start`` (an
-    entry's offset; default the first) to ``end`` (default the directory's end)."""
+    entry's offset; default the first) to ``end`` (default the directory's end); names not
+    marked UTF-8 and not valid UTF-8 are read in ``encoding`` (default CP437)."""
     position = directory.start if start is None else start
     end = directory.end if end is None else end
     page, page_start = b"", position
@@ -124,7 +132,7 @@ def iter_entries(
             at = 0
             if len(page) < _CENTRAL.size or _entry_length(page, 0) > len(page):
                 page = _longer_page(stream, position, end, page)
-        entry, length = _parse_entry(page, at, directory.shift)
+        entry, length = _parse_entry(page, at, directory.shift, encoding)
         yield position, entry, position + length
         position += length
 
@@ -145,7 +153,7 @@ def _entry_length(page: bytes, at: int) -> int:
     return _CENTRAL.size + name + extra + comment
 
 
-def _parse_entry(page: bytes, at: int, shift: int) -> tuple[Entry, int]:
+def _parse_entry(page: bytes, at: int, shift: int, encoding: str | None) -> tuple[Entry, int]:
     fields = _CENTRAL.unpack_from(page, at)
     if fields[0] != _CENTRAL_SIG:
         raise CorruptArchive("the zip archive cannot be read: bad central directory entry")
@@ -154,9 +162,9 @@ def _parse_entry(page: bytes, at: int, shift: int) -> tuple[Entry, int]:
     external_attr, offset = fields[17], fields[18]
     name_at = at + _CENTRAL.size
     raw_name = page[name_at : name_at + name_len]
-    name = raw_name.decode("utf-8" if flags & 0x800 else "cp437", errors="replace")
+    extra = page[name_at + name_len : name_at + name_len + extra_len]
+    name = zip_name(raw_name, flags, extra, encoding)
     if 0xFFFFFFFF in (csize, usize, offset):
-        extra = page[name_at + name_len : name_at + name_len + extra_len]
         usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
     entry = Entry(name, flags, method, crc, csize, usize, offset + shift, external_attr)
     return entry, _CENTRAL.size + name_len + extra_len + comment_len

@@ -45,6 +45,7 @@ def submit_batch():
         callback_url=batch_request.callback_url,
         # Only when asked for: keys remembered before item calls existed still match.
         **({"item_callbacks": True} if batch_request.item_callback_spacing_s else {}),
+        **({"archive_encoding": source["encoding"]} if source.get("encoding") else {}),
     )
     return Idempotency(svc.redis, ttl_s=svc.settings.job_ttl_s).once(
         owner,

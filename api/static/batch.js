@@ -1,5 +1,6 @@
 // The batch page: a live progress bar (counts, rate, ETA), a paged gallery of thumbnails,
-// failed members with their reason, result links (and its dataset examples), and cancel.
+// failed and skipped members with their reason, result links (and its dataset examples),
+// and cancel.
 "use strict";
 
 (() => {
@@ -63,7 +64,8 @@
     }
     FM.showMessage(doc.error ? `${doc.error.message} [${doc.error.code}]` : "");
     const counts = doc.counts;
-    const ended = counts.succeeded + counts.failed + counts.canceled;
+    const skipped = counts.skipped || 0;
+    const ended = counts.succeeded + counts.failed + counts.canceled + skipped;
     const percent = Math.round(doc.progress * 100);
     progress.value = percent;
     progress.textContent = `${percent} %`;
@@ -73,7 +75,8 @@
     const rate = doc.rate ? `${doc.rate.toFixed(1)} images/s` : "–";
     document.getElementById("counts").textContent =
       `${ended} of ${counts.total} done · ${counts.succeeded} succeeded · ${counts.failed} failed · ` +
-      `${counts.canceled} canceled · ${counts.running} running · rate ${rate} · ETA ${seconds(doc.eta_s)}`;
+      `${counts.canceled} canceled · ${skipped} skipped · ${counts.running} running · ` +
+      `rate ${rate} · ETA ${seconds(doc.eta_s)}`;
     done = FINISHED.includes(doc.status) && Boolean(doc.result);
     cancel.disabled = FINISHED.includes(doc.status);
     if (doc.result) {
@@ -94,6 +97,7 @@
     }
     const gallery = [];
     const failed = [];
+    const skippedItems = [];
     for (const item of body.items) {
       if (item.status === "succeeded") {
         const image = item.thumbnail_url
@@ -105,11 +109,16 @@
       } else if (item.status === "failed") {
         const reason = item.error ? `${item.error.code}: ${item.error.message}` : "failed";
         failed.push(FM.element("li", {}, FM.element("code", { text: item.name }), ` — ${reason}`));
+      } else if (item.status === "skipped") {
+        const reason = item.skip_reason ? item.skip_reason.message : "skipped";
+        skippedItems.push(FM.element("li", {}, FM.element("code", { text: item.name }), ` — ${reason}`));
       }
     }
     document.getElementById("gallery").replaceChildren(...gallery);
     document.getElementById("failed").replaceChildren(...failed);
     document.getElementById("failed-section").hidden = failed.length === 0;
+    document.getElementById("skipped").replaceChildren(...skippedItems);
+    document.getElementById("skipped-section").hidden = skippedItems.length === 0;
     nextCursor = body.next_cursor;
     document.getElementById("prev").disabled = page === 0;
     document.getElementById("next").disabled = !nextCursor;

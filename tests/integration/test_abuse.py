@@ -374,23 +374,35 @@ def test_archive_members_that_must_never_be_read_fail_alone(deployment, store, k
         data = _tar(
             [
                 (_tar_member("ok.png"), _png()),
+                # A hard link to an earlier member runs on that member's bytes (no copy);
+                # one that leaves the archive, or names nothing before it, is refused.
                 (_tar_member("hard.png", tarfile.LNKTYPE, linkname="ok.png"), b""),
+                (_tar_member("out.png", tarfile.LNKTYPE, linkname="../../etc/passwd"), b""),
+                (_tar_member("ahead.png", tarfile.LNKTYPE, linkname="later.png"), b""),
                 (_tar_member("dev", tarfile.CHRTYPE, devmajor=1, devminor=3), b""),
                 (_tar_member("fifo", tarfile.FIFOTYPE), b""),
             ]
         )
         name = "a.tar.gz"
-        expected = {"hard.png": "hardlink", "dev": "special_file", "fifo": "special_file"}
+        good = {"ok.png": None, "hard.png": None}
+        expected = {
+            "out.png": "hardlink",
+            "ahead.png": "hardlink",
+            "dev": "special_file",
+            "fifo": "special_file",
+        }
     else:
         data, name = _zip_with_bad_members(), "a.zip"
+        good = {"ok.png": None}
         expected = {"secret.png": "encrypted", "crc.png": "corrupt_member"}
     response = _submit_archive(deployment.api, name, data)
     assert response.status_code == 202, response.text
     batch_id = response.json()["id"]
     doc = _wait_batch(deployment.api, batch_id)
     assert doc["status"] == "succeeded", doc
-    assert _item_codes(deployment.api, batch_id) == {"ok.png": None, **expected}
-    assert doc["counts"]["succeeded"] == 1 and doc["counts"]["failed"] == len(expected)
+    assert _item_codes(deployment.api, batch_id) == {**good, **expected}
+    assert doc["counts"]["succeeded"] == len(good)
+    assert doc["counts"]["failed"] == len(expected)
     # Refused members never became inputs: the batch's one input pack holds the good image
     # alone; nothing was written outside the batch's keys.
     (pack,) = store.list_keys(f"batches/{batch_id}/inputs/")

@@ -19,6 +19,15 @@ from PIL import Image, ImageDraw
 
 from shared.storage import ObjectStore
 from stack.services import wait_until
+from tests.archive_makers import (
+    GBK_NAME,
+    NAME,
+    finder_zip,
+    gnu_tar,
+    info_zip,
+    photo_folder,
+    windows_gbk_zip,
+)
 from tests.integration.deployment import Deployment, wait_for_batch, wait_for_job
 
 CHUNK = 4
@@ -175,6 +184,7 @@ def test_archive_with_planted_bad_members(deployment, store, kind):
         "succeeded": len(good),
         "failed": len(expected_bad),
         "canceled": 0,
+        "skipped": 0,
     }
     assert doc["progress"] == 1.0
 
@@ -395,6 +405,7 @@ def test_s3_prefix_source(deployment, store):
     for i in range(6):
         source.put_bytes(f"incoming/set1/{i}.jpg", photo(500 + i), "image/jpeg")
     source.put_bytes("incoming/set1/readme.txt", b"not an image", "text/plain")
+    source.put_bytes("incoming/set1/.DS_Store", b"\x00\x00\x00\x01Bud1", "text/plain")
     source.put_bytes("incoming/other/skip.jpg", photo(600), "image/jpeg")
     response = requests.post(
         f"{deployment.api}/batches",
@@ -405,9 +416,17 @@ def test_s3_prefix_source(deployment, store):
     doc = wait_for_batch(deployment.api, response.json()["id"])
     assert doc["status"] == "succeeded"
     assert doc["counts"]["succeeded"] == 6 and doc["counts"]["failed"] == 1
+    assert doc["counts"]["skipped"] == 1
     names = {item["name"]: item for item in all_items(deployment.api, doc["id"])}
-    assert set(names) == {*(f"{i}.jpg" for i in range(6)), "readme.txt"}
+    assert set(names) == {*(f"{i}.jpg" for i in range(6)), "readme.txt", ".DS_Store"}
     assert names["readme.txt"]["error"]["code"] == "unsupported_type"
+    assert names[".DS_Store"]["status"] == "skipped" and names[".DS_Store"]["error"] is None
+    refused = requests.post(
+        f"{deployment.api}/batches",
+        json={"source": f"s3://{source.bucket}/incoming/set1/", "archive_encoding": "gbk"},
+        timeout=10,
+    )
+    assert refused.status_code == 400 and "archive_encoding" in refused.text
     figure = requests.get(names["0.jpg"]["figure_url"], timeout=10).content
     assert Image.open(io.BytesIO(figure)).format == "PNG"
     private = requests.post(
@@ -450,3 +469,72 @@ def test_openapi_and_metrics_know_batches(deployment):
     assert {"/batches", "/batches/{batch_id}", "/batches/{batch_id}/items"} <= set(spec["paths"])
     metrics = requests.get(f"{deployment.api}/metrics", timeout=10).text
     assert 'featuremaps_queue_depth{queue="batch"}' in metrics
+
+
+def _people_archive(kind: str, tmp_path: Path) -> tuple[bytes, dict[str, str], dict[str, str]]:
+    """(archive bytes, the form fields it needs, what each member name a user sees in their
+    file manager becomes: succeeded or skipped)."""
+    image = photo(800)
+    if kind == "finder":
+        apple_double = f"__MACOSX/Fotos/._{NAME.split('/')[1]}"
+        expected = {NAME: "succeeded", "Fotos/.DS_Store": "skipped", apple_double: "skipped"}
+        return finder_zip(image), {}, expected
+    if kind == "windows-gbk":
+        expected = {
+            GBK_NAME: "succeeded",
+            "照片/Thumbs.db": "skipped",
+            "照片/desktop.ini": "skipped",
+            "照片/新年.jpg": "succeeded",  # named by its Info-ZIP Unicode Path field
+        }
+        return windows_gbk_zip(image), {"archive_encoding": "gbk"}, expected
+    folder = photo_folder(tmp_path / "src", image)
+    expected = {NAME: "succeeded", "Fotos/copy.jpg": "succeeded"}
+    if kind == "info-zip":
+        return info_zip(folder, tmp_path / "photos.zip").read_bytes(), {}, expected
+    # GNU tar stores the second name as a hard link to the first.
+    return gnu_tar(folder, tmp_path / "photos.tgz", gzip=True).read_bytes(), {}, expected
+
+
+@pytest.mark.parametrize("kind", ["finder", "windows-gbk", "info-zip", "gnu-tar"])
+def test_archives_as_people_make_them(deployment, tmp_path, kind):
+    data, fields, expected = _people_archive(kind, tmp_path)
+    response = submit_archive(deployment.api, "Fotos.zip", data, **fields)
+    assert response.status_code == 202, response.text
+    doc = wait_for_batch(deployment.api, response.json()["id"])
+    succeeded = [name for name, status in expected.items() if status == "succeeded"]
+    skipped = len(expected) - len(succeeded)
+    assert doc["status"] == "succeeded", doc
+    assert doc["counts"] == {
+        "total": len(expected),
+        "queued": 0,
+        "running": 0,
+        "succeeded": len(succeeded),
+        "failed": 0,
+        "canceled": 0,
+        "skipped": skipped,
+    }
+    assert doc["progress"] == 1.0
+    items = {item["name"]: item for item in all_items(deployment.api, doc["id"])}
+    assert {name: item["status"] for name, item in items.items()} == expected
+    for item in items.values():
+        assert item["error"] is None
+        if item["status"] == "skipped":
+            assert item["skip_reason"]["code"] in ("macos_metadata", "windows_metadata")
+            assert item["figure_url"] is None
+    manifest = requests.get(doc["result"]["manifest_url"], timeout=10).text.splitlines()
+    lines = {line["name"]: line for line in map(json.loads, manifest)}
+    assert {name: line["status"] for name, line in lines.items()} == expected
+    assert all("error" not in line for line in lines.values())
+    bundle = zipfile.ZipFile(
+        io.BytesIO(requests.get(doc["result"]["archive_url"], timeout=10).content)
+    )
+    assert sorted(bundle.namelist()) == sorted(f"figures/{name}.jpg" for name in succeeded)
+
+
+def test_unknown_archive_encoding_is_refused(deployment):
+    response = submit_archive(
+        deployment.api, "photos.zip", make_zip(goods(1)), archive_encoding="klingon"
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_option"
+    assert "archive_encoding" in response.json()["error"]["message"]

@@ -1,6 +1,7 @@
 """Expansion at scale, CI-sized: a 50,000-member zip and tar.gz under a 20 s expansion time
 limit and a 0.1 s slice finish by resuming from their checkpoints, with exactly one item per
-member; a worker SIGKILLed mid-expansion loses and duplicates nothing.
+member; a worker SIGKILLed mid-expansion loses and duplicates nothing; a tar hard link to a
+member read by an earlier slice resolves to its bytes.
 
 The members are mostly tiny text files (refused ``unsupported_type`` at expansion, so no model
 work) and a few real JPEGs that run through the model."""
@@ -106,6 +107,7 @@ def check_one_item_per_member(deployment, batch_id: str, members, doc: dict) -> 
         "succeeded": jpegs,
         "failed": len(members) - jpegs,
         "canceled": 0,
+        "skipped": 0,
     }
     store = BatchStore(deployment.redis, ttl_s=3600)
     items = list(store.iter_items(batch_id, page=5000))
@@ -154,3 +156,33 @@ def test_worker_killed_mid_expansion_loses_and_duplicates_nothing(deployment):
     deployment.workers = [deployment.start_worker("x2")]
     doc = wait_for_batch(deployment.api, batch_id, timeout_s=600)
     check_one_item_per_member(deployment, batch_id, members, doc)
+
+
+def test_tar_hard_links_resolve_across_slices(deployment):
+    """GNU tar writes a second name of a file as a hard link to the first: links far past
+    their target (read by an earlier 0.1 s slice) and one in the target's own block."""
+    members = member_list(3_000)
+    links = {"set/link-near.jpg": "set/00007.jpg", "set/link-far.jpg": "set/00007.jpg"}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.GNU_FORMAT) as archive:
+        for i, (name, data) in enumerate(members):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+            if i in (8, 2_990):
+                link = tarfile.TarInfo("set/link-near.jpg" if i == 8 else "set/link-far.jpg")
+                link.type = tarfile.LNKTYPE
+                link.linkname = "set/00007.jpg"
+                archive.addfile(link)
+    batch_id = submit(deployment, "linked.tar.gz", buffer.getvalue())
+    doc = wait_for_batch(deployment.api, batch_id, timeout_s=300)
+    assert doc["status"] == "succeeded", doc
+    assert doc["counts"]["succeeded"] == 3, doc["counts"]  # the JPEG and its two names
+    assert int(expansion(deployment, batch_id)["continuations"]) >= 1
+    store = BatchStore(deployment.redis, ttl_s=3600)
+    items = {item.name: item for item in store.iter_items(batch_id)}
+    target = items["set/00007.jpg"]
+    for name in links:
+        assert items[name].status.value == "succeeded", items[name]
+        assert items[name].info["input_key"] == target.info["input_key"]
+        assert items[name].info["input_range"] == target.info["input_range"]

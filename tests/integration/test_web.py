@@ -1,7 +1,8 @@
 """The web page in a real headless Chromium (Debian's ``chromium``, driven by playwright)
 against a real deployment with tokens: upload a photo and see its figure load, open a layer
 and read values under the cursor, a refused file shows the server's message, an archive's
-progress bar reaches 100 % and its gallery fills, a wrong token is refused, a shared link
+progress bar reaches 100 % and its gallery fills, a Mac zip's metadata is listed as skipped
+(not failed), a wrong token is refused, a shared link
 works in a fresh tab, and the pages fit a phone. Screenshots go to ``out/web/``."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import requests
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from tests import photos
+from tests.archive_makers import NAME, finder_zip
 from tests.conftest import require_executable
 from tests.integration.deployment import Deployment, wait_for_job
 
@@ -279,6 +281,31 @@ def test_a_batch_in_two_result_shards_links_both_files_of_each(open_page, deploy
         io.BytesIO(requests.get(second.get_attribute("href"), timeout=10).content)
     )
     assert sorted(bundle.namelist()) == ["figures/set/7.jpg.jpg", "figures/set/8.jpg.jpg"]
+    assert console == []
+
+
+def test_a_mac_zip_shows_its_metadata_as_skipped_not_failed(open_page, deployment):
+    response = requests.post(
+        f"{deployment.api}/batches",
+        files={"archive": ("Fotos.zip", finder_zip(photos.camera_jpeg(320, 240, seed=7)))},
+        headers=AUTH,
+        timeout=60,
+    )
+    assert response.status_code == 202, response.text
+    page, console = open_page()
+    page.goto("/")
+    page.evaluate("t => sessionStorage.setItem('featuremaps-token', t)", TOKEN)
+    page.goto(response.json()["links"]["page"])
+    expect(page.locator("#percent")).to_have_text("100 %", timeout=JOB_DONE_MS)
+    expect(page.locator("#gallery li")).to_have_count(1, timeout=JOB_DONE_MS)
+    expect(page.locator("#gallery")).to_contain_text(NAME)
+    expect(page.locator("#skipped li")).to_have_count(2)
+    expect(page.locator("#skipped")).to_contain_text("Fotos/.DS_Store")
+    expect(page.locator("#skipped")).to_contain_text("AppleDouble")
+    expect(page.locator("#failed-section")).to_be_hidden()
+    expect(page.locator("#counts")).to_contain_text("1 succeeded · 0 failed")
+    expect(page.locator("#counts")).to_contain_text("2 skipped")
+    screenshot(page, "batch-skipped")
     assert console == []
 
 

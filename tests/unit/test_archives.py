@@ -146,11 +146,12 @@ def test_tar_members_refused_with_their_reason():
         "../up.jpg": "path_traversal",
         "/root.jpg": "absolute_path",
         "sym.jpg": "symlink",
-        "hard.jpg": "hardlink",
+        "hard.jpg": None,  # a link to an earlier member: resolved to its bytes
         "dev": "special_file",
         "fifo": "special_file",
         "more.tgz": "nested_archive",
     }
+    assert [m.link for m in members if m.name == "hard.jpg"] == ["ok.jpg"]
 
 
 def test_tar_is_read_as_a_stream():

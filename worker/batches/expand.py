@@ -15,6 +15,10 @@ continuation of itself that resumes from that checkpoint: a zip at its next dire
 a tar at its next header (a tar.gz through its saved gzip index), a prefix after its last key.
 The shard that ends last ends the expansion. Archive limits and a corrupt archive end it
 ``failed``; what was read before still runs.
+
+Names are decoded with the batch's ``archive_encoding`` (``source["encoding"]``); junk
+members become ``skipped`` items. A tar hard link becomes an item on the bytes its target
+already has in an input pack (:class:`_LinkTargets`), across slices too.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from shared.archives import (
 )
 from shared.batches import BLOCK_ITEMS, Batch, BatchStore, NewItem, item_id
 from shared.errors import (
+    HARDLINK,
     ArchiveLimitExceeded,
     CorruptArchive,
     FeatureMapsError,
@@ -49,6 +54,8 @@ from shared.errors import (
     RefusedMember,
 )
 from shared.imaging import sniff_format
+from shared.item_codec import member_index
+from shared.member_names import skip_reason
 from shared.storage import RANGED_READ_AHEAD, ObjectStore, RangedReader
 from shared.zipdir import PAGE_BYTES, Directory, iter_entries
 from worker.batches import IO_THREADS, Dispatch, ExpandShard, Finalize, batch_store
@@ -63,6 +70,8 @@ LIST_PAGE = 1000
 # continuations every this many inflated bytes (and whenever a shard hands on).
 GZIP_SPACING = 32 * 1024 * 1024
 GZIP_INDEX_EVERY = 512 * 1024 * 1024
+# A hard link's target in an earlier slice is looked for this many item positions at a time.
+LINK_PAGE = 64 * BLOCK_ITEMS
 
 # (member, the cursor that resumes right after it)
 Positioned = tuple[Member, dict[str, Any]]
@@ -148,7 +157,8 @@ def expand_shard(
     if claim.outcome != "ok" or claim.cursor is None:
         log.info("batch %s shard %d (gen %d): %s", batch_id, shard, gen, claim.outcome)
         return claim.outcome
-    writer = _BlockWriter(ctx, store, state, batch_id, shard, gen, dispatch)
+    links = _LinkTargets(store, batch_id, claim.cursor["index"])
+    writer = _BlockWriter(ctx, store, state, batch_id, shard, gen, dispatch, links)
     with writer, _ShardSource(ctx, store.get(batch_id), claim.cursor) as source:
         try:
             ended, error = _expand_slice(ctx, source, writer)
@@ -265,6 +275,7 @@ class _BlockWriter:
         shard: int,
         gen: int,
         dispatch: Dispatch,
+        links: _LinkTargets,
     ) -> None:
         self.ctx = ctx
         self.store = store
@@ -273,6 +284,7 @@ class _BlockWriter:
         self.shard = shard
         self.gen = gen
         self.dispatch = dispatch
+        self.links = links
         self.members: list[Member] = []
         self.cursor: dict[str, Any] | None = None
         self.stopped = ""
@@ -287,6 +299,7 @@ class _BlockWriter:
 
     def add(self, member: Member, after: dict[str, Any]) -> bool:
         """Take one member; True when that ended a block (and the block went to be written)."""
+        self.links.saw(member)
         self.members.append(member)
         self.cursor = after
         if (member.index + 1) % BLOCK_ITEMS:
@@ -315,7 +328,7 @@ class _BlockWriter:
     def _write(self, members: list[Member], cursor: dict[str, Any]) -> None:
         block = members[0].index // BLOCK_ITEMS
         pack_key = keys.batch_input_pack_key(self.batch_id, block)
-        items, parts = _block_items(self.batch_id, members, pack_key)
+        items, parts = _block_items(self.batch_id, members, pack_key, self.links)
         if parts:
             self.ctx.store.put_bytes(pack_key, b"".join(parts))
         status, queued = self.store.add_items(self.batch_id, items)
@@ -336,28 +349,121 @@ class _BlockWriter:
 
 
 def _block_items(
-    batch_id: str, members: list[Member], pack_key: str
+    batch_id: str, members: list[Member], pack_key: str, links: _LinkTargets | None = None
 ) -> tuple[list[NewItem], list[bytes]]:
-    """The block's items, and the bytes of its image members in pack order."""
-    items: list[NewItem] = []
+    """The block's items, and the bytes of its image members in pack order. Without
+    ``links`` (the shard's, which saw every member as it was read), hard links resolve
+    within the block only."""
+    if links is None:
+        links = _LinkTargets(None, batch_id, 0)
+        for member in members:
+            links.saw(member)
+    here: dict[int, NewItem] = {}
     parts: list[bytes] = []
     offset = 0
     for member in members:
         new_id = item_id(batch_id, member.index)
-        if member.error is not None or member.data is None:
+        if member.skipped is not None:
+            here[member.index] = NewItem(new_id, member.name, skip_reason=member.skipped)
+        elif member.link is not None:
+            here[member.index] = links.resolve(member, here)
+        elif member.error is not None or member.data is None:
             error = member.error or RefusedMember("no data", code="bad_name")
-            items.append(NewItem(new_id, member.name, error=error.to_dict()))
-            continue
-        try:
-            sniff_format(member.data)
-        except FeatureMapsError as exc:
-            items.append(NewItem(new_id, member.name, error=exc.to_dict()))
-            continue
-        size = len(member.data)
-        items.append(NewItem(new_id, member.name, input_key=pack_key, input_range=(offset, size)))
-        parts.append(member.data)
-        offset += size
-    return items, parts
+            here[member.index] = NewItem(new_id, member.name, error=error.to_dict())
+        else:
+            try:
+                sniff_format(member.data)
+            except FeatureMapsError as exc:
+                here[member.index] = NewItem(new_id, member.name, error=exc.to_dict())
+                continue
+            size = len(member.data)
+            here[member.index] = NewItem(
+                new_id, member.name, input_key=pack_key, input_range=(offset, size)
+            )
+            parts.append(member.data)
+            offset += size
+    return list(here.values()), parts
+
+
+class _LinkTargets:
+    """Where a tar hard link's target is: the latest earlier member of that name, whose item
+    the link's item copies (the same range of the same input pack, or the same refusal).
+
+    The names this task reads are noted as they are read (in archive order, so a link never
+    finds a later member); a target from before the task's first member (an earlier slice)
+    is found among the names of the items recorded before it, read once per task and only
+    when a link needs them. A link whose target is in no earlier member fails ``hardlink``."""
+
+    def __init__(self, store: BatchStore | None, batch_id: str, first: int) -> None:
+        self.store = store
+        self.batch_id = batch_id
+        self.first = first
+        self.names: dict[str, int] = {}
+        self.targets: dict[int, int | None] = {}
+        self._earlier: dict[str, int] | None = None
+
+    def saw(self, member: Member) -> None:
+        if member.link is not None:
+            self.targets[member.index] = self.names.get(member.link)
+        name = _normalised(member.name)
+        if name is not None:
+            self.names[name] = member.index
+
+    def resolve(self, link: Member, here: dict[int, NewItem]) -> NewItem:
+        """The item of hard link ``link``; ``here`` holds the items of its block so far."""
+        new_id = item_id(self.batch_id, link.index)
+        target = self.targets.pop(link.index, None)
+        if target is None and link.link is not None:
+            target = self.earlier().get(link.link)
+        info = self._info(target, here) if target is not None else {}
+        if info.get("input_key") and info.get("input_range"):
+            offset, size = info["input_range"]
+            return NewItem(
+                new_id, link.name, input_key=info["input_key"], input_range=(offset, size)
+            )
+        if info.get("error") or info.get("skip_reason"):
+            return NewItem(
+                new_id, link.name, error=info.get("error"), skip_reason=info.get("skip_reason")
+            )
+        refused = RefusedMember(
+            f"hardlink {link.name!r} → {link.link!r}: no earlier member of the archive has "
+            "that name; refused",
+            code=HARDLINK,
+        )
+        return NewItem(new_id, link.name, error=refused.to_dict())
+
+    def earlier(self) -> dict[str, int]:
+        """The names of the items before this task's first member (the latest of each)."""
+        if self._earlier is None:
+            self._earlier = {}
+            if self.store is not None and self.first:
+                log.info(
+                    "batch %s: %d earlier names read for a hard link", self.batch_id, self.first
+                )
+                for start in range(0, self.first, LINK_PAGE):
+                    count = min(LINK_PAGE, self.first - start)
+                    for item in self.store.items(self.batch_id, start=start, count=count):
+                        name = _normalised(item.name)
+                        index = member_index(self.batch_id, item.id)
+                        if name is not None and index is not None:
+                            self._earlier[name] = index
+        return self._earlier
+
+    def _info(self, target: int, here: dict[int, NewItem]) -> dict:
+        if target in here:
+            return here[target].info()
+        if self.store is None:
+            return {}
+        found = self.store.get_items(self.batch_id, [item_id(self.batch_id, target)])
+        item = found.get(item_id(self.batch_id, target))
+        return item.info if item is not None else {}
+
+
+def _normalised(name: str) -> str | None:
+    try:
+        return safe_name(name)
+    except RefusedMember:
+        return None
 
 
 class _ShardSource:
@@ -416,7 +522,10 @@ class _ShardSource:
         )
         budget = Budget(self.limits)  # the counts and sizes were checked when planning
         index = cursor["index"]
-        for _offset, entry, after in iter_entries(directory_reader, directory, cursor["offset"]):
+        entries = iter_entries(
+            directory_reader, directory, cursor["offset"], encoding=self.source.get("encoding")
+        )
+        for _offset, entry, after in entries:
             if entry.is_dir():
                 continue
             member = zip_member(data, entry, index, budget)
@@ -434,7 +543,11 @@ class _ShardSource:
         budget = _budget(self.limits, cursor)
         saved_at = cursor["offset"]
         for member, next_header in iter_tar_from(
-            stream, budget, start_index=cursor["index"], compressed=raw.tell
+            stream,
+            budget,
+            start_index=cursor["index"],
+            compressed=raw.tell,
+            encoding=self.source.get("encoding"),
         ):
             offset = cursor["offset"] + next_header
             if self._gzip is not None and offset - saved_at > GZIP_INDEX_EVERY:
@@ -479,12 +592,14 @@ def _totals(budget: Budget, index: int) -> dict[str, int]:
 
 def _fetch(
     bucket: ObjectStore, prefix: str, key: str, limits: ArchiveLimits
-) -> tuple[str, bytes | RefusedMember | int]:
-    """A prefix's object: its bytes, why it is refused by name alone, or its size when that
-    is over the member limit (then it is not read)."""
+) -> tuple[str, bytes | RefusedMember | int | dict[str, str]]:
+    """A prefix's object: its bytes, why it is refused or skipped by name alone, or its size
+    when that is over the member limit (then it is not read)."""
     raw = key[len(prefix) :]
     try:
         name = safe_name(raw)
+        if skipped := skip_reason(name):
+            return raw, skipped
         if looks_like_archive(name):
             raise nested_refusal(raw)
     except RefusedMember as exc:
@@ -496,11 +611,13 @@ def _fetch(
 
 
 def _prefix_member(
-    budget: Budget, index: int, raw: str, outcome: bytes | RefusedMember | int
+    budget: Budget, index: int, raw: str, outcome: bytes | RefusedMember | int | dict[str, str]
 ) -> Member:
     budget.count_member()
     if isinstance(outcome, RefusedMember):
         return Member(index, raw, error=outcome)
+    if isinstance(outcome, dict):
+        return Member(index, raw, skipped=outcome)
     if isinstance(outcome, int):
         budget.check_declared(raw, outcome)  # raises: over the member limit
         raise ValueError(f"{raw!r}: size {outcome} passed the member limit check")

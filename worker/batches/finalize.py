@@ -200,6 +200,8 @@ def _manifest_lines(items: Iterator[Item], fmt: str) -> Iterator[str]:
                 line["reused_from"] = item.info["reused_from"]
         if item.info.get("error"):
             line["error"] = item.info["error"]
+        if item.info.get("skip_reason"):
+            line["skip_reason"] = item.info["skip_reason"]
         yield json.dumps(line) + "\n"
 
 
