@@ -8,7 +8,6 @@ import hashlib
 import io
 import os
 import subprocess
-import sys
 import time
 import uuid
 import zipfile
@@ -18,6 +17,7 @@ import requests
 from PIL import Image
 
 from shared.storage import ObjectStore
+from stack.commands import api_command
 from stack.services import free_port, wait_until
 from tests.integration.deployment import Deployment, wait_for_job
 
@@ -267,9 +267,12 @@ def test_api_warns_loudly_without_tokens_beyond_loopback(tmp_path, tokens):
     log_path = tmp_path / "gunicorn.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEATUREMAPS_")}
     env["FEATUREMAPS_API_TOKENS"] = tokens
-    argv = [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf"]
     # A stand-in WSGI app: the warning comes from the master, before any app is loaded.
-    argv += ["--bind", f"0.0.0.0:{free_port()}", "wsgiref.simple_server:demo_app"]
+    argv = api_command(
+        f"0.0.0.0:{free_port()}",
+        config="python:api.gunicorn_conf",
+        app="wsgiref.simple_server:demo_app",
+    )
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
