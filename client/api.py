@@ -35,8 +35,8 @@ import requests
 from PIL import Image
 
 from client.errors import ApiError, JobFailed, RateLimited, Unavailable, error_from_response
+from shared.records import FINISHED
 
-FINISHED = ("succeeded", "failed", "canceled")
 READ_BLOCK = 1024 * 1024
 DEFAULT_URL = "http://127.0.0.1:8000"
 IDEMPOTENCY_HEADER = "Idempotency-Key"

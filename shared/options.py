@@ -102,3 +102,7 @@ def parse_bool(name: str, raw: object) -> bool:
     if isinstance(raw, str) and raw.strip().lower() in _FALSE:
         return False
     raise InvalidOption(f"option {name} must be true or false, not {raw!r}")
+
+
+# Every option's default, for the places that show them (the OpenAPI document, the CLI).
+DEFAULTS = JobOptions()

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import requests
 
 from shared.batches import batch_key
-from shared.jobs import Job, JobStatus, RedisJobStore, new_job_id
+from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from stack.services import wait_until
 from tests.chaos.faults import marked_png
 from worker.retention import owner_record_key, sweep
@@ -30,7 +30,7 @@ def test_owner_of_each_object_key():
 
 
 def test_sweep_deletes_only_old_objects_whose_record_is_gone(object_store, redis_client):
-    jobs = RedisJobStore(redis_client, ttl_s=TTL_S)
+    jobs = JobStore(redis_client, ttl_s=TTL_S)
     live, gone, live_batch, gone_batch = (new_job_id() for _ in range(4))
     jobs.create(Job(id=live, status=JobStatus.SUCCEEDED, options={}, input_key=""))
     redis_client.hset(batch_key(live_batch), "status", "running")

@@ -17,7 +17,7 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.jobs import Job, JobStatus, RedisJobStore, new_job_id
+from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.options import JobOptions
 from shared.queue import JOBS_QUEUE, PRIORITY_SEP, RENDER_JOB, make_producer
 from stack.services import free_port, wait_until
@@ -72,7 +72,7 @@ def submit(api: str, data: bytes) -> str:
 
 
 def test_jobs_through_a_real_worker_are_counted_and_timed(deployment):
-    jobs = RedisJobStore(deployment.redis, ttl_s=3600)
+    jobs = JobStore(deployment.redis, ttl_s=3600)
     before = worker_metrics(deployment)
     ids = [submit(deployment.api, _png((40 * n, 90, 200))) for n in range(3)]
     for job_id in ids:

@@ -12,7 +12,7 @@ import requests
 from PIL import Image
 
 from shared.heartbeat import live_workers
-from shared.jobs import Job, JobStatus, RedisJobStore, new_job_id
+from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.options import JobOptions
 from shared.queue import JOBS_QUEUE, RENDER_JOB, make_producer
 from shared.settings import Settings
@@ -206,7 +206,7 @@ def test_oversized_body_without_content_length_is_413(deployment):
 
 def test_undecodable_input_that_slipped_past_validation_fails_once(deployment, store):
     settings = Settings(redis_url=deployment.redis_url, job_ttl_hours=1)
-    jobs = RedisJobStore(deployment.redis, ttl_s=3600)
+    jobs = JobStore(deployment.redis, ttl_s=3600)
     job_id = new_job_id()
     store.put_bytes(f"inputs/{job_id}/0.jpg", b"\xff\xd8\xff\xe0garbage-after-magic", "image/jpeg")
     jobs.create(

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from shared.batches import BatchStore
-from worker.runtime import WorkerContext
-
 # Storage round trips overlap well; the model pass itself uses torch's own threads.
 IO_THREADS = 8
 
@@ -35,7 +32,3 @@ Dispatch = Callable[[str, list[str]], None]
 Finalize = Callable[[str], None]
 # (batch id, shard, generation): an expansion shard's task, or its continuation.
 ExpandShard = Callable[[str, int, int], None]
-
-
-def batch_store(ctx: WorkerContext) -> BatchStore:
-    return BatchStore(ctx.redis, ttl_s=ctx.settings.job_ttl_s)

@@ -23,7 +23,7 @@ from shared.archives import safe_name
 from shared.batches import Batch, BatchStore, Item, ItemStatus
 from shared.errors import FeatureMapsError, RefusedMember
 from shared.storage import MIN_PART_SIZE
-from worker.batches import IO_THREADS, batch_store
+from worker.batches import IO_THREADS
 from worker.batches.result_shards import ResultShards
 from worker.batches.streams import IterReader, pages, stream_zip
 from worker.runtime import WorkerContext
@@ -47,7 +47,7 @@ def finalize_batch(ctx: WorkerContext, batch_id: str, dispatch_shard: DispatchSh
     shards = result_shards(ctx)
     plan = shards.plan(
         batch_id,
-        total=batch_store(ctx).item_count(batch_id),
+        total=ctx.batches.item_count(batch_id),
         size=ctx.settings.result_shard_items,
     )
     written = {s["index"] for s in shards.written(batch_id)}
@@ -63,7 +63,7 @@ def finalize_batch(ctx: WorkerContext, batch_id: str, dispatch_shard: DispatchSh
 def write_shard(ctx: WorkerContext, batch_id: str, shard: int) -> str:
     """Write shard ``shard``'s manifest lines and zip of figures; the writer of the last
     shard closes the batch. Returns the batch's status, or ``written``."""
-    store, shards = batch_store(ctx), result_shards(ctx)
+    store, shards = ctx.batches, result_shards(ctx)
     plan = shards.planned(batch_id)
     first, count = plan.span(shard)
     batch = store.get(batch_id)
@@ -95,7 +95,7 @@ def write_shard(ctx: WorkerContext, batch_id: str, shard: int) -> str:
 def close_batch(ctx: WorkerContext, batch_id: str) -> str:
     """Complete the batch with every shard's keys, once: a batch with a result is closed
     already. Returns its final status."""
-    store = batch_store(ctx)
+    store = ctx.batches
     batch = store.get(batch_id)
     if batch.result is not None:
         return batch.status.value

@@ -20,7 +20,6 @@ from shared.queue import (
     FINALIZE_BATCH_SHARD,
     RUN_BATCH_CHUNK,
 )
-from worker.batches import batch_store
 from worker.batches.chunks import Delivery, fail_chunk, run_chunk
 from worker.batches.expand import expand_batch, expand_shard, fail_expansion, fail_shard
 from worker.batches.finalize import finalize_batch, write_shard
@@ -99,7 +98,7 @@ def finalize_batch_task(self: LeasedTask, batch_id: str) -> object:
     return self.run_leased(
         f"finalizing batch {batch_id}",
         lambda held: finalize_batch(held.ctx, batch_id, _write_shard),
-        lambda held, code, message: batch_store(held.ctx).fail(
+        lambda held, code, message: held.ctx.batches.fail(
             batch_id, code=code, message=f"the batch's results could not be planned: {message}"
         ),
     )
@@ -117,7 +116,7 @@ def finalize_batch_shard_task(self: LeasedTask, batch_id: str, shard: int) -> ob
     return self.run_leased(
         f"result shard {shard} of batch {batch_id}",
         lambda held: write_shard(held.ctx, batch_id, shard),
-        lambda held, code, message: batch_store(held.ctx).fail(
+        lambda held, code, message: held.ctx.batches.fail(
             batch_id,
             code=code,
             message=f"the batch's result shard {shard} could not be written: {message}",
