@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from redis import Redis
 
 from bench import core
+from client.api import Client
 from shared.heartbeat import live_workers
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -209,7 +210,8 @@ class _Stack:
             )
             response.raise_for_status()
             batch_id = response.json()["id"]
-            doc = self._wait(batch_id)
+            # The client waits for the batch's result too (its manifest comes last).
+            doc = Client(self.api_url).get_batch(batch_id).wait(timeout=900).doc
             elapsed = time.perf_counter() - started
         finally:
             for process in started_workers:
@@ -222,15 +224,6 @@ class _Stack:
             "seconds": round(elapsed, 2),
             "images_per_s": round(count / elapsed, 2),
         }
-
-    def _wait(self, batch_id: str) -> dict:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            doc = requests.get(f"{self.api_url}/batches/{batch_id}", timeout=10).json()
-            if doc["status"] in ("succeeded", "failed", "canceled") and doc["result"]:
-                return doc
-            time.sleep(0.2)
-        raise RuntimeError(f"bench batch {batch_id} did not finish in 900 s")
 
     def stop(self) -> None:
         self.api.stop()

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import requests
 from redis import Redis
 
 from shared.heartbeat import live_workers
@@ -142,26 +140,3 @@ class Deployment:
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
-
-
-def wait_for_job(api: str, job_id: str, *, timeout_s: float = 120, headers=None) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        doc = requests.get(f"{api}/jobs/{job_id}", headers=headers, timeout=10).json()
-        if doc["status"] in ("succeeded", "failed", "canceled"):
-            return doc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {doc['status']} after {timeout_s}s: {doc}")
-        time.sleep(0.1)
-
-
-def wait_for_batch(api: str, batch_id: str, *, timeout_s: float = 240, headers=None) -> dict:
-    """The batch document once the batch has ended and its result (manifest) is written."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        doc = requests.get(f"{api}/batches/{batch_id}", headers=headers, timeout=10).json()
-        if doc["status"] in ("succeeded", "failed", "canceled") and doc["result"]:
-            return doc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"batch {batch_id} not done after {timeout_s}s: {doc}")
-        time.sleep(0.2)

@@ -23,7 +23,8 @@ from shared.queue import BATCH_QUEUE, FINALIZE_BATCH_SHARD, make_producer
 from shared.records import new_record_id
 from shared.webhooks import OUTBOX_KEY
 from stack.services import wait_until
-from tests.integration.deployment import Deployment, wait_for_batch
+from tests.helpers import wait_for_batch
+from tests.integration.deployment import Deployment
 from tests.integration.receiver import Receiver
 from tests.integration.test_batches import photo
 from tests.integration.test_webhooks import SECRET

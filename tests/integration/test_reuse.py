@@ -21,7 +21,8 @@ import requests
 from shared.batches import BatchStore
 from shared.jobs import JobStore, job_key
 from stack.services import free_port
-from tests.integration.deployment import Deployment, wait_for_batch, wait_for_job
+from tests.helpers import wait_for_batch, wait_for_job
+from tests.integration.deployment import Deployment
 from tests.integration.test_batches import photo
 from tests.integration.test_metrics import scrape
 from worker.retention import sweep
