@@ -464,6 +464,11 @@ def _print(numbers: dict) -> None:
             f"  {label}: {ratio['images_per_s']}x model-only images/s, "
             f"{ratio['cpu_per_image']}x its CPU per image"
         )
+    _print_comparisons(numbers)
+
+
+def _print_comparisons(numbers: dict) -> None:
+    """The render, decode and precision comparisons, and the machine's load."""
     compare = numbers["render_compare"]
     print(
         f"  render, CPU ms per image: Pillow {compare['pillow_cpu_ms_per_image']}, torch "
