@@ -43,41 +43,24 @@ def zip_of(files: Mapping[str, bytes]) -> bytes:
 
 
 def submit_job(
-    api: str,
-    image: bytes,
-    *,
-    filename: str = "photo.png",
-    headers: Mapping[str, str] | None = None,
-    timeout_s: float = 30,
-    **fields: str,
+    api: str, image: bytes, *, filename: str = "photo.png", timeout_s: float = 30, **also
 ) -> requests.Response:
-    """POST /jobs with ``image`` and form ``fields`` (options, callback_url)."""
-    return requests.post(
-        f"{api}/jobs",
-        files={"image": (filename, image)},
-        data=fields,
-        headers=headers,
-        timeout=timeout_s,
-    )
+    """POST /jobs with ``image``; ``also``: ``headers=`` and form fields (options,
+    callback_url)."""
+    return _post(f"{api}/jobs", {"image": (filename, image)}, timeout_s, **also)
 
 
 def submit_archive(
-    api: str,
-    name: str,
-    archive: bytes,
-    *,
-    headers: Mapping[str, str] | None = None,
-    timeout_s: float = 60,
-    **fields: str,
+    api: str, name: str, archive: bytes, *, timeout_s: float = 60, **also
 ) -> requests.Response:
-    """POST /batches with an uploaded ``archive`` named ``name`` and form ``fields``."""
-    return requests.post(
-        f"{api}/batches",
-        files={"archive": (name, archive)},
-        data=fields,
-        headers=headers,
-        timeout=timeout_s,
-    )
+    """POST /batches with an uploaded ``archive`` named ``name``; ``also`` as for jobs."""
+    return _post(f"{api}/batches", {"archive": (name, archive)}, timeout_s, **also)
+
+
+def _post(
+    url: str, files: dict, timeout_s: float, headers: Mapping[str, str] | None = None, **fields
+) -> requests.Response:
+    return requests.post(url, files=files, data=fields, headers=headers, timeout=timeout_s)
 
 
 def submit_source(
@@ -118,21 +101,30 @@ def wait_for_job(
     api: str, job_id: str, *, timeout_s: float = 120, headers: Mapping[str, str] | None = None
 ) -> dict:
     """The job's document once it has ended."""
-    return wait_until_finished(
-        lambda: requests.get(f"{api}/jobs/{job_id}", headers=headers, timeout=10).json(),
-        what=f"job {job_id}",
-        timeout_s=timeout_s,
-        interval_s=0.1,
-    )
+    return _wait_for(f"{api}/jobs/{job_id}", f"job {job_id}", timeout_s, headers, False, 0.1)
 
 
 def wait_for_batch(
     api: str, batch_id: str, *, timeout_s: float = 240, headers: Mapping[str, str] | None = None
 ) -> dict:
     """The batch's document once the batch has ended and its result (manifest) is written."""
+    return _wait_for(
+        f"{api}/batches/{batch_id}", f"batch {batch_id}", timeout_s, headers, True, 0.2
+    )
+
+
+def _wait_for(
+    url: str,
+    what: str,
+    timeout_s: float,
+    headers: Mapping[str, str] | None,
+    with_result: bool,
+    interval_s: float,
+) -> dict:
     return wait_until_finished(
-        lambda: requests.get(f"{api}/batches/{batch_id}", headers=headers, timeout=10).json(),
-        what=f"batch {batch_id}",
+        lambda: requests.get(url, headers=headers, timeout=10).json(),
+        what=what,
         timeout_s=timeout_s,
-        with_result=True,
+        with_result=with_result,
+        interval_s=interval_s,
     )

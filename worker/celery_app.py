@@ -8,12 +8,15 @@ after the fork (``worker_process_init``), never in the parent. The task modules 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from celery import Celery
 from celery.signals import celeryd_after_setup, worker_process_init
 
 from shared.queue import JOBS_QUEUE, broker_options
 from shared.settings import Settings
 from worker import runtime
+from worker.leasing import LeasedTask
 
 settings = Settings()
 
@@ -69,3 +72,16 @@ def _remember_hostname(sender: str, **_kwargs) -> None:
 @worker_process_init.connect
 def _load_model(**_kwargs) -> None:
     runtime.init_process(settings, _node["hostname"])
+
+
+def task(name: str, *, long: bool = False) -> Callable:
+    """Register a featuremaps task: bound, run as a :class:`~worker.leasing.LeasedTask`, and
+    named by its plain ``featuremaps.*`` string (shared/queue.py); ``long`` gives it the time
+    limits expansion has instead of a job's."""
+    limits = {}
+    if long:
+        limits = {
+            "soft_time_limit": settings.expand_limits_s[0],
+            "time_limit": settings.expand_limits_s[1],
+        }
+    return app.task(name=name, bind=True, base=LeasedTask, **limits)

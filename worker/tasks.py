@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from shared.queue import RENDER_JOB
 from worker import metrics, runtime
-from worker.celery_app import app
+from worker.celery_app import task
 from worker.execute import release_input, run_job
 from worker.guard import HANDED_OVER
 from worker.leasing import Held, LeasedTask
 
 
-@app.task(name=RENDER_JOB, bind=True, base=LeasedTask)
+@task(RENDER_JOB)
 def render_job(self: LeasedTask, job_id: str) -> object:
     def give_up(held: Held, code: str, message: str) -> None:
         held.ctx.jobs.fail(job_id, code=code, message=message, fence=held.fence)

@@ -66,9 +66,7 @@ class ChaosStack(Deployment):
         return accepted(submit_archive(self.api, name, data, **options))
 
     def batch(self, batch_id: str) -> dict:
-        response = requests.get(f"{self.api}/batches/{batch_id}", timeout=30)
-        assert response.status_code == 200, response.text
-        return response.json()
+        return self._document(f"batches/{batch_id}")
 
     def wait_batch_finished(self, batch_id: str, timeout_s: float = 240) -> dict:
         return wait_until_finished(
@@ -79,7 +77,10 @@ class ChaosStack(Deployment):
         )
 
     def job(self, job_id: str) -> dict:
-        response = requests.get(f"{self.api}/jobs/{job_id}", timeout=30)
+        return self._document(f"jobs/{job_id}")
+
+    def _document(self, path: str) -> dict:
+        response = requests.get(f"{self.api}/{path}", timeout=30)
         assert response.status_code == 200, response.text
         return response.json()
 

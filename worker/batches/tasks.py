@@ -23,7 +23,7 @@ from shared.queue import (
 from worker.batches.chunks import Delivery, fail_chunk, run_chunk
 from worker.batches.expand import expand_batch, expand_shard, fail_expansion, fail_shard
 from worker.batches.finalize import finalize_batch, write_shard
-from worker.celery_app import app, settings
+from worker.celery_app import app, task
 from worker.leasing import Held, LeasedTask
 
 
@@ -46,13 +46,7 @@ def _write_shard(batch_id: str, shard: int) -> None:
     app.send_task(FINALIZE_BATCH_SHARD, args=[batch_id, shard], queue=BATCH_QUEUE)
 
 
-@app.task(
-    name=EXPAND_BATCH,
-    bind=True,
-    base=LeasedTask,
-    soft_time_limit=settings.expand_limits_s[0],
-    time_limit=settings.expand_limits_s[1],
-)
+@task(EXPAND_BATCH, long=True)
 def expand_batch_task(self: LeasedTask, batch_id: str) -> object:
     return self.run_leased(
         f"expansion of batch {batch_id}",
@@ -61,13 +55,7 @@ def expand_batch_task(self: LeasedTask, batch_id: str) -> object:
     )
 
 
-@app.task(
-    name=EXPAND_BATCH_SHARD,
-    bind=True,
-    base=LeasedTask,
-    soft_time_limit=settings.expand_limits_s[0],
-    time_limit=settings.expand_limits_s[1],
-)
+@task(EXPAND_BATCH_SHARD, long=True)
 def expand_shard_task(self: LeasedTask, batch_id: str, shard: int, gen: int) -> object:
     handing_on = (_dispatch, _expand_shard, _finalize)
     return self.run_leased(
@@ -77,7 +65,7 @@ def expand_shard_task(self: LeasedTask, batch_id: str, shard: int, gen: int) -> 
     )
 
 
-@app.task(name=RUN_BATCH_CHUNK, bind=True, base=LeasedTask)
+@task(RUN_BATCH_CHUNK)
 def run_chunk_task(self: LeasedTask, batch_id: str, item_ids: list[str]) -> object:
     def delivery(held: Held) -> Delivery:
         # The task id: a redelivery, or the same message handed over, resumes the items it
@@ -93,7 +81,7 @@ def run_chunk_task(self: LeasedTask, batch_id: str, item_ids: list[str]) -> obje
     )
 
 
-@app.task(name=FINALIZE_BATCH, bind=True, base=LeasedTask)
+@task(FINALIZE_BATCH)
 def finalize_batch_task(self: LeasedTask, batch_id: str) -> object:
     return self.run_leased(
         f"finalizing batch {batch_id}",
@@ -105,13 +93,7 @@ def finalize_batch_task(self: LeasedTask, batch_id: str) -> object:
 
 
 # A shard copies up to RESULT_SHARD_ITEMS figures: it gets the long limits expansion has.
-@app.task(
-    name=FINALIZE_BATCH_SHARD,
-    bind=True,
-    base=LeasedTask,
-    soft_time_limit=settings.expand_limits_s[0],
-    time_limit=settings.expand_limits_s[1],
-)
+@task(FINALIZE_BATCH_SHARD, long=True)
 def finalize_batch_shard_task(self: LeasedTask, batch_id: str, shard: int) -> object:
     return self.run_leased(
         f"result shard {shard} of batch {batch_id}",
