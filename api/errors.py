@@ -9,16 +9,26 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from shared.errors import FeatureMapsError, ServiceUnavailable, Unauthorized
+from shared.errors import (
+    INTERNAL_ERROR,
+    METHOD_NOT_ALLOWED,
+    BadRequest,
+    FeatureMapsError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+    UnsupportedType,
+)
 
 log = logging.getLogger(__name__)
 
 _HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
-    415: "unsupported_type",
+    400: BadRequest.code,
+    404: NotFound.code,
+    405: METHOD_NOT_ALLOWED,
+    413: PayloadTooLarge.code,
+    415: UnsupportedType.code,
 }
 
 
@@ -40,7 +50,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge):
-        return error_response(413, "too_large", _too_large_message(app))
+        return error_response(413, PayloadTooLarge.code, _too_large_message(app))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -63,7 +73,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         log.exception("unhandled error")
-        return error_response(500, "internal_error", "an unexpected error occurred; it was logged")
+        return error_response(500, INTERNAL_ERROR, "an unexpected error occurred; it was logged")
 
 
 def _too_large_message(app: Flask) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from shared.batches import COUNTERS, BatchStatus, ItemStatus
 from shared.imaging import ACCEPTED_NAMES
+from shared.jobs import JobStatus
 from shared.options import (
     ARCHIVE_ENCODINGS,
     BATCH_EXAMPLES,
     COLORMAPS,
+    DEFAULTS,
     EXAMPLE_SCORES,
     FORMATS,
     MAX_EXAMPLES,
@@ -16,6 +19,7 @@ from shared.options import (
     REDUCTIONS,
     RENDERERS,
 )
+from shared.webhooks import DELIVERED, GAVE_UP, PENDING
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -109,16 +113,16 @@ _BOOLEAN_TEXT = {
 _BOOLEAN_JSON = {"anyOf": [{"type": "boolean"}, _BOOLEAN_TEXT], "default": False}
 
 _OPTION_PROPERTIES = {
-    "mode": {"type": "string", "enum": list(MODES), "default": "chain"},
-    "reduction": {"type": "string", "enum": list(REDUCTIONS), "default": "mean"},
-    "normalize": {"type": "string", "enum": list(NORMALIZATIONS), "default": "none"},
-    "format": {"type": "string", "enum": list(FORMATS), "default": "jpg"},
-    "colormap": {"type": "string", "enum": list(COLORMAPS), "default": "viridis"},
-    "renderer": {"type": "string", "enum": list(RENDERERS), "default": "fast"},
+    "mode": {"type": "string", "enum": list(MODES), "default": DEFAULTS.mode},
+    "reduction": {"type": "string", "enum": list(REDUCTIONS), "default": DEFAULTS.reduction},
+    "normalize": {"type": "string", "enum": list(NORMALIZATIONS), "default": DEFAULTS.normalize},
+    "format": {"type": "string", "enum": list(FORMATS), "default": DEFAULTS.format},
+    "colormap": {"type": "string", "enum": list(COLORMAPS), "default": DEFAULTS.colormap},
+    "renderer": {"type": "string", "enum": list(RENDERERS), "default": DEFAULTS.renderer},
     "precision": {
         "type": "string",
         "enum": list(PRECISIONS),
-        "default": "auto",
+        "default": DEFAULTS.precision,
         "description": "exact: the article's computation (full decode, float32, no TF32); "
         "fast: JPEG draft decode (and TF32 on CUDA); auto: exact on CPU, fast on CUDA",
     },
@@ -162,7 +166,7 @@ _CALLBACK_ATTEMPT = {
 }
 _CALLBACK_FIELDS = {
     "callback_url": {"type": ["string", "null"]},
-    "callback_state": {"enum": [None, "pending", "delivered", "failed"]},
+    "callback_state": {"enum": [None, PENDING, DELIVERED, GAVE_UP]},
     "callbacks": {
         "type": "array",
         "description": "every delivery attempt",
@@ -172,7 +176,7 @@ _CALLBACK_FIELDS = {
 # On an item of a batch with item_callbacks only.
 _ITEM_CALLBACK_FIELDS = {
     "callback_state": {
-        "enum": [None, "pending", "delivered", "failed"],
+        "enum": [None, PENDING, DELIVERED, GAVE_UP],
         "description": "null while the item runs (with item_callbacks only)",
     },
     "callback_attempts": {"type": "integer", "description": "attempts so far"},
@@ -237,7 +241,7 @@ _JOB_DOC = {
         "id": {"type": "string"},
         "status": {
             "type": "string",
-            "enum": ["queued", "running", "succeeded", "failed", "canceled"],
+            "enum": [status.value for status in JobStatus],
         },
         "created_at": {"type": "string"},
         "started_at": {"type": ["string", "null"]},
@@ -275,7 +279,7 @@ _JOB_DOC = {
 
 
 _BATCH_ID = {**_JOB_ID, "name": "batch_id"}
-_COUNTS = ("total", "queued", "running", "succeeded", "failed", "canceled", "skipped")
+_COUNTS = ("total", *COUNTERS)
 _RESULT_SHARD = {
     "type": "object",
     "properties": {
@@ -296,7 +300,7 @@ _BATCH_DOC = {
         "id": {"type": "string"},
         "status": {
             "type": "string",
-            "enum": ["queued", "expanding", "running", "succeeded", "failed", "canceled"],
+            "enum": [status.value for status in BatchStatus],
         },
         "counts": {
             "type": "object",
@@ -345,10 +349,7 @@ _ITEM_DOC = {
     "properties": {
         "id": {"type": "string"},
         "name": {"type": "string"},
-        "status": {
-            "type": "string",
-            "enum": ["queued", "running", "succeeded", "failed", "canceled", "skipped"],
-        },
+        "status": {"type": "string", "enum": [status.value for status in ItemStatus]},
         "figure_url": {"type": ["string", "null"]},
         "thumbnail_url": {"type": ["string", "null"], "description": "a small JPEG of the grid"},
         "error": {"type": ["object", "null"]},

@@ -9,7 +9,8 @@ from flask import Request, current_app
 from redis import Redis
 
 from api.auth import caller
-from shared.jobs import RedisJobStore
+from shared.batches import BatchStore
+from shared.jobs import JobStore
 from shared.queue import make_producer
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -19,7 +20,8 @@ from shared.storage import ObjectStore
 class Services:
     settings: Settings
     redis: Redis
-    jobs: RedisJobStore
+    jobs: JobStore
+    batches: BatchStore
     store: ObjectStore
     producer: Celery
 
@@ -31,7 +33,8 @@ class Services:
         return cls(
             settings=settings,
             redis=redis,
-            jobs=RedisJobStore(redis, ttl_s=settings.job_ttl_s),
+            jobs=JobStore(redis, ttl_s=settings.job_ttl_s),
+            batches=BatchStore(redis, ttl_s=settings.job_ttl_s),
             store=ObjectStore.from_settings(settings),
             producer=make_producer(settings),
         )

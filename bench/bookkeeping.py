@@ -1,4 +1,4 @@
-"""Redis memory of a batch's bookkeeping at dataset scale (issue 15): a private redis-server,
+"""Redis memory of a batch's bookkeeping at dataset scale: a private redis-server,
 one batch of ``--items`` members recorded a block at a time as expansion does, every item
 then started and finished by chunks, and a second batch as large canceled while queued.
 

@@ -29,15 +29,16 @@ from PIL import Image, ImageDraw
 from redis import Redis
 
 from bench import core
+from client.api import Client
 from shared.heartbeat import live_workers
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from stack.commands import api_command, cpu_worker_env, wait_for_api, worker_command
 from stack.local import service_env
 from stack.services import ManagedProcess, RedisServer, SeaweedS3, free_port, wait_until
 from worker.compute.features import conv_chain, preprocess, reduce_channels
 from worker.compute.model import load_model
 from worker.compute.pipeline import CPU_MODEL_BATCH
-from worker.launcher import worker_commands
 
 IMAGES = 300
 SIZE = (320, 240)
@@ -174,23 +175,8 @@ class _Stack:
         self.client = Redis.from_url(self.redis.url)
         port = free_port()
         self.api_url = f"http://127.0.0.1:{port}"
-        self.api = self._spawn(
-            "api",
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "1",
-                "--threads",
-                "4",
-                "api:create_app()",
-            ],
-            self.env,
-        )
-        wait_until(self._api_up, timeout_s=30, process=self.api, what="API /healthz")
+        self.api = self._spawn("api", api_command(f"127.0.0.1:{port}", workers=1), self.env)
+        wait_for_api(self.api_url, self.api, timeout_s=30)
         ObjectStore.from_settings(self.settings).ensure_bucket()
 
     def _spawn(self, name: str, argv: list[str], env: dict) -> ManagedProcess:
@@ -198,22 +184,14 @@ class _Stack:
         process.start()
         return process
 
-    def _api_up(self) -> bool:
-        try:
-            return requests.get(f"{self.api_url}/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
     def start_workers(self, workers: int) -> list[ManagedProcess]:
         """``workers`` Celery worker processes on both queues, each seen alive."""
         started_workers = []
-        for index, (_, argv, extra) in enumerate(
-            worker_commands([], replicas=workers, loglevel="WARNING", queues="jobs,batch")
-        ):
+        for index in range(workers):
             hostname = f"bench{workers}-{index}@{socket.gethostname()}"
-            argv = [*argv]
-            argv[argv.index("--hostname") + 1] = hostname
-            process = self._spawn(hostname.split("@")[0], argv, {**self.env, **extra})
+            argv = worker_command(hostname, queues="jobs,batch", loglevel="WARNING")
+            env = {**self.env, **cpu_worker_env(workers)}
+            process = self._spawn(hostname.split("@")[0], argv, env)
             started_workers.append(process)
             wait_until(
                 lambda h=hostname: h in {w["hostname"] for w in live_workers(self.client)},
@@ -232,7 +210,8 @@ class _Stack:
             )
             response.raise_for_status()
             batch_id = response.json()["id"]
-            doc = self._wait(batch_id)
+            # The client waits for the batch's result too (its manifest comes last).
+            doc = Client(self.api_url).get_batch(batch_id).wait(timeout=900).doc
             elapsed = time.perf_counter() - started
         finally:
             for process in started_workers:
@@ -245,15 +224,6 @@ class _Stack:
             "seconds": round(elapsed, 2),
             "images_per_s": round(count / elapsed, 2),
         }
-
-    def _wait(self, batch_id: str) -> dict:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            doc = requests.get(f"{self.api_url}/batches/{batch_id}", timeout=10).json()
-            if doc["status"] in ("succeeded", "failed", "canceled") and doc["result"]:
-                return doc
-            time.sleep(0.2)
-        raise RuntimeError(f"bench batch {batch_id} did not finish in 900 s")
 
     def stop(self) -> None:
         self.api.stop()

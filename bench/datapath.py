@@ -48,12 +48,11 @@ from bench.bulk import photo
 from shared import keys
 from shared.batches import Batch, BatchStatus, BatchStore, NewItem, item_id
 from shared.imaging import decode
-from shared.jobs import RedisJobStore
+from shared.jobs import JobStore
 from shared.leases import LeaseStore
 from shared.options import JobOptions
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from worker import batches
 from worker.batches.chunks import Delivery, run_chunk
 from worker.compute import pipeline, render
 from worker.compute.features import conv_chain, preprocess, reduce_channels
@@ -306,7 +305,7 @@ def _interleaved(
     data_path(0)  # warm-ups, not counted
     totals = _take_turns(paths, len(chunks), ctx)
     if ctx:
-        done = batches.batch_store(ctx).get(batch_id)
+        done = ctx.batches.get(batch_id)
         if done.succeeded != count or finalized != [batch_id]:
             raise RuntimeError(f"bench batch did not process every image: {done.counts()}")
     stages = {
@@ -357,7 +356,8 @@ def _context(settings: Settings, loaded: LoadedModel) -> WorkerContext:
         settings=settings,
         hostname="bench@datapath",
         redis=redis,
-        jobs=RedisJobStore(redis, ttl_s=settings.job_ttl_s),
+        jobs=JobStore(redis, ttl_s=settings.job_ttl_s),
+        batches=BatchStore(redis, ttl_s=settings.job_ttl_s),
         leases=LeaseStore(redis, ttl_s=settings.visibility_timeout_s),
         store=store,
         loaded=loaded,
@@ -368,7 +368,7 @@ def _context(settings: Settings, loaded: LoadedModel) -> WorkerContext:
 def _seed_batch(ctx: WorkerContext, photos: list[bytes], count: int) -> tuple[str, list]:
     """A running batch of ``count`` queued items. Items share the distinct inputs' keys (so
     seeding uploads a few dozen objects), but each chunk still downloads every item's."""
-    store = batches.batch_store(ctx)
+    store = ctx.batches
     batch_id = uuid.uuid4().hex
     store.create(
         Batch(
@@ -464,6 +464,11 @@ def _print(numbers: dict) -> None:
             f"  {label}: {ratio['images_per_s']}x model-only images/s, "
             f"{ratio['cpu_per_image']}x its CPU per image"
         )
+    _print_comparisons(numbers)
+
+
+def _print_comparisons(numbers: dict) -> None:
+    """The render, decode and precision comparisons, and the machine's load."""
     compare = numbers["render_compare"]
     print(
         f"  render, CPU ms per image: Pillow {compare['pillow_cpu_ms_per_image']}, torch "

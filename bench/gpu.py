@@ -1,4 +1,4 @@
-"""The GPU data-path benchmark (issue 10): one in-process run on a CUDA machine, no services.
+"""The GPU data-path benchmark: one in-process run on a CUDA machine, no services.
 
 ``python -m bench.gpu [--count 5000] [--chunk 128] [--out FILE]`` generates JPEGs mixed like
 a real archive — a third are 12 MP camera photos (4000×3000, 3-6 MB, EXIF, sensor noise),

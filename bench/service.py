@@ -26,6 +26,7 @@ from pathlib import Path
 import matplotlib
 import requests
 
+from client.api import Client
 from shared.options import JobOptions
 from stack.local import LocalStack, StackConfig
 from stack.services import free_port
@@ -82,17 +83,14 @@ def run(repeat: int) -> dict:
 
 def _run_jobs(api: str, data: bytes, *, count: int) -> list[dict]:
     session = requests.Session()
+    client = Client(api, session=session)
     jobs = []
     for _ in range(count):
         started = time.perf_counter()
         response = session.post(f"{api}/jobs", files={"image": ("grace_hopper.jpg", data)})
         response.raise_for_status()
         job_id = response.json()["id"]
-        while True:
-            doc = session.get(f"{api}/jobs/{job_id}").json()
-            if doc["status"] in ("succeeded", "failed", "canceled"):
-                break
-            time.sleep(0.005)
+        doc = client.job(job_id).wait(interval=0.005).doc
         client_ms = (time.perf_counter() - started) * 1000
         if doc["status"] != "succeeded":
             raise RuntimeError(f"benchmark job {job_id} ended {doc['status']}: {doc['error']}")

@@ -37,8 +37,8 @@ from PIL import Image
 
 from client.errors import ApiError, JobFailed, RateLimited, Unavailable, error_from_response
 from client.examples import Examples, download_examples
+from shared.records import FINISHED
 
-FINISHED = ("succeeded", "failed", "canceled")
 READ_BLOCK = 1024 * 1024
 DEFAULT_URL = "http://127.0.0.1:8000"
 IDEMPOTENCY_HEADER = "Idempotency-Key"

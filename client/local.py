@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from client.api import unique_name
 from shared.options import (
     COLORMAPS,
+    DEFAULTS,
     FORMATS,
     MODES,
     NORMALIZATIONS,
@@ -41,16 +42,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     parser.add_argument("-o", "--output", type=Path, default=Path("out"), metavar="DIR")
-    parser.add_argument("--mode", choices=MODES, default="chain")
-    parser.add_argument("--reduction", choices=REDUCTIONS, default="mean")
-    parser.add_argument("--normalize", choices=NORMALIZATIONS, default="none")
-    parser.add_argument("--format", choices=FORMATS, default="jpg")
-    parser.add_argument("--colormap", choices=COLORMAPS, default="viridis")
-    parser.add_argument("--renderer", choices=RENDERERS, default="fast")
+    parser.add_argument("--mode", choices=MODES, default=DEFAULTS.mode)
+    parser.add_argument("--reduction", choices=REDUCTIONS, default=DEFAULTS.reduction)
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULTS.normalize)
+    parser.add_argument("--format", choices=FORMATS, default=DEFAULTS.format)
+    parser.add_argument("--colormap", choices=COLORMAPS, default=DEFAULTS.colormap)
+    parser.add_argument("--renderer", choices=RENDERERS, default=DEFAULTS.renderer)
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="auto",
+        default=DEFAULTS.precision,
         help="exact: the article's computation; fast: JPEG draft decode (+TF32 on CUDA); "
         "auto: exact on CPU, fast on CUDA",
     )

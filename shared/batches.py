@@ -1,43 +1,13 @@
 """Batch records in Redis: one batch, its items, and counters that always add up.
 
-A batch is a hash ``featuremaps:batch:<id>`` (fields and the counters ``total``, ``queued``,
-``running``, ``succeeded``, ``failed``, ``canceled``, ``skipped``; ``blocks``, how many blocks
-its items reach) and one list per *block* of ``BLOCK_ITEMS`` consecutive member indexes,
-``featuremaps:batch:<id>:b:<n>`` (block n holds indexes [128n, 128n + 128)). Entry ``i`` of
-block ``n`` is member ``128n + i``: ``<status code><attempts>|<delivery token>|<info>``,
-the info packed by shared/item_codec.py (values derivable from the item's id or block left
-out), the token kept only while the item runs; '' marks a position not recorded yet. So
-Redis holds one key per 128 items: at a million items 78 bytes per item queued, 112 once
-succeeded (bench/bookkeeping.py, docs/benchmarks.md "Bookkeeping").
-
-Every change is one short Lua script over the batch hash and the blocks of the ids it is
-given, so counters move with the statuses they count, two workers can't both start an item,
-and exactly one caller learns that the batch is complete and must be finalized (the
-``finalizing`` flag is set inside the same script that sees the last item finish, or the
-expansion end, or a cancel leave nothing running).
-
-    batch: queued → expanding → running → succeeded | failed | canceled
-           expanding → failed        (an archive limit; dispatched items keep going)
-           queued | expanding | running → canceled
-    item:  queued → running → succeeded | failed;  queued → canceled
-           failed from the start     (a refused member, or not an image)
-           skipped from the start    (macOS / Windows metadata: never read, never an error)
-
-Cancel sets the batch canceled in one script; its queued items then end canceled block by
-block (the API process walks the blocks, pipelined, one script each; a chunk starting later
-settles its own blocks), so no script walks a large batch. No item of a canceled batch
-starts, and ``queued`` counts the items not yet settled, so the counters add up throughout.
-
-TTLs: the batch hash is renewed by every script; a block when a script writes it, by each
-``finish_items`` in a window that goes round the batch (``RENEW_STEP`` blocks a call), and
-all of them once more when the batch ends.
-
-A chunk's starts and ends carry its lease's fence (shared/leases.py): once the chunk was
-handed over to another worker they raise :class:`LeaseLost` and change nothing.
-
-A batch submitted with ``item_callbacks=true`` has each item's call put in the webhook outbox
-by the same script that ends the item (finish, cancel, or failed at expansion; see
-shared/webhooks.py), so no crash can end an item without queueing its call.
+A batch is one hash and one Redis list per block of ``BLOCK_ITEMS`` consecutive members (an
+item's entry packed by shared/item_codec.py). Every change is one short Lua script over the
+hash and the blocks of the ids it is given, so counters move with the statuses they count, two
+workers can't both start an item, a chunk's changes carry its lease's fence
+(shared/leases.py), an item's callback is queued by the script that ends it
+(shared/webhooks.py), and exactly one caller learns that the batch must be finalized.
+docs/design.md "Statuses" has the state machine and "Batch records" the layout, cancel and
+TTL rules.
 """
 
 from __future__ import annotations

@@ -34,11 +34,14 @@ Codes that are never raised to a caller, named here so that every code has one s
         ENCRYPTED, CORRUPT_MEMBER                     an unreadable zip member
         NESTED_ARCHIVE                                an archive inside the archive
     a failed job or item (stored in its ``error``)
+        INTERNAL_ERROR   a bug ended it (also FeatureMapsError's own code, and the API's 500)
         TIMEOUT          it ran past its time limit
         WORKER_LOST      its worker died while running it MAX_ATTEMPTS times
         LOST             its input vanished from storage
         SOURCE_MISSING   a batch's source vanished before it was read
         RETRYING         not a failure: a storage error is being retried (job is queued)
+    an HTTP error Werkzeug raises before a view runs
+        METHOD_NOT_ALLOWED   405
 """
 
 from __future__ import annotations
@@ -52,15 +55,17 @@ SPECIAL_FILE = "special_file"
 ENCRYPTED = "encrypted"
 CORRUPT_MEMBER = "corrupt_member"
 NESTED_ARCHIVE = "nested_archive"
+INTERNAL_ERROR = "internal_error"
 TIMEOUT = "timeout"
 WORKER_LOST = "worker_lost"
 LOST = "lost"
 SOURCE_MISSING = "source_missing"
 RETRYING = "retrying"
+METHOD_NOT_ALLOWED = "method_not_allowed"
 
 
 class FeatureMapsError(Exception):
-    code = "internal_error"
+    code = INTERNAL_ERROR
     http_status = 500
     # Seconds a client should wait before trying again (sent as Retry-After), when it should.
     retry_after: int | None = None

@@ -27,6 +27,7 @@ from redis.client import Pipeline
 from shared.errors import RETRYING, WORKER_LOST, Conflict
 from shared.leases import FENCE_LUA, UNFENCED, Fence, LeaseLost
 from shared.records import (
+    FINISHED,
     PREFIX,
     Record,
     RecordNotFound,
@@ -54,7 +55,7 @@ class JobStatus(StrEnum):
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+        return self.value in FINISHED
 
 
 class JobNotFound(RecordNotFound):
@@ -180,7 +181,7 @@ class StartOutcome:
     attempts: int
 
 
-class RedisJobStore(RecordStore[Job]):
+class JobStore(RecordStore[Job]):
     """Jobs: every status change one compare-and-set (``_TRANSITION``, ``_START``), and
     monotonic per-status counters and a duration histogram for /metrics."""
 

@@ -177,3 +177,7 @@ def parse_archive_encoding(raw: object) -> str | None:
             f"known here; one of: {', '.join(ARCHIVE_ENCODINGS)}"
         )
     return name
+
+
+# Every option's default, for the places that show them (the OpenAPI document, the CLI).
+DEFAULTS = JobOptions()

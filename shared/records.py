@@ -24,6 +24,8 @@ from redis.client import Pipeline
 from shared.errors import NotFound
 
 PREFIX = "featuremaps"
+# The statuses a job, a batch and a batch's item end in (each kind's enum spells these three).
+FINISHED = ("succeeded", "failed", "canceled")
 
 
 def new_record_id() -> str:

@@ -21,20 +21,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from stack.commands import answers, api_command, wait_for_api
 from stack.services import (
     ManagedProcess,
     RedisServer,
     SeaweedS3,
     ServiceError,
-    find_executable,
     port_is_free,
     record_is_alive,
     stop_recorded,
-    wait_until,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -209,39 +206,16 @@ class LocalStack:
         self.say(
             f"starting the API (gunicorn) on {self.api_url} and {config.workers} worker(s) ..."
         )
-        api = self._spawn("api", self._api_argv(), env)
+        api = self._spawn("api", api_command(f"127.0.0.1:{config.api_port}"), env)
         launcher = [sys.executable, "-m", "worker.launcher", "--cpu"]
         self.workers = self._spawn("worker", [*launcher, "--replicas", str(config.workers)], env)
-        wait_until(
-            lambda: _http_ok(f"{self.api_url}/healthz"),
-            timeout_s=config.ready_timeout_s,
-            process=api,
-            what=f"the API at {self.api_url}/healthz",
-        )
+        wait_for_api(self.api_url, api, timeout_s=config.ready_timeout_s)
 
     def wait_for_workers(self, timeout_s: float) -> None:
         """Wait until /readyz says a worker answers (the model takes a while to load)."""
-        wait_until(
-            lambda: _http_ok(f"{self.api_url}/readyz"),
-            timeout_s=timeout_s,
-            process=self.workers,
-            what="a worker to report ready (GET /readyz)",
-            interval_s=0.5,
+        wait_for_api(
+            self.api_url, self.workers, timeout_s=timeout_s, path="/readyz", interval_s=0.5
         )
-
-    def _api_argv(self) -> list[str]:
-        gunicorn = find_executable("gunicorn")
-        command = [gunicorn] if gunicorn else [sys.executable, "-m", "gunicorn"]
-        return [
-            *command,
-            "--bind",
-            f"127.0.0.1:{self.config.api_port}",
-            "--workers",
-            "2",
-            "--threads",
-            "4",
-            "api:create_app()",
-        ]
 
     def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> ManagedProcess:
         process = ManagedProcess(
@@ -289,13 +263,6 @@ def service_env(settings: Settings, **also: object) -> dict[str, str]:
     }
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
 def _pid_records(run_dir: Path) -> dict[str, dict]:
     records = {}
     for path in sorted((run_dir / "pids").glob("*.json")):
@@ -326,8 +293,8 @@ def status(run_dir: Path) -> dict:
         "run_dir": str(run_dir),
         "state": state,
         "processes": processes,
-        "healthy": bool(api_url) and _http_ok(f"{api_url}/healthz"),
-        "ready": bool(api_url) and _http_ok(f"{api_url}/readyz"),
+        "healthy": bool(api_url) and answers(f"{api_url}/healthz"),
+        "ready": bool(api_url) and answers(f"{api_url}/readyz"),
     }
 
 

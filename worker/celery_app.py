@@ -1,15 +1,22 @@
 """The one Celery app of the workers and its configuration (docs/design.md "Workers").
 
 This module is the worker's entry point (`celery -A worker.celery_app worker`), so it is
-where the settings are built.
+where the settings are built, and where each worker process is set up: the model is loaded
+after the fork (``worker_process_init``), never in the parent. The task modules are listed in
+``include``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from celery import Celery
+from celery.signals import celeryd_after_setup, worker_process_init
 
 from shared.queue import JOBS_QUEUE, broker_options
 from shared.settings import Settings
+from worker import runtime
+from worker.leasing import LeasedTask
 
 settings = Settings()
 
@@ -52,3 +59,29 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,
 )
+
+_node = {"hostname": "worker"}
+
+
+@celeryd_after_setup.connect
+def _remember_hostname(sender: str, **_kwargs) -> None:
+    # Runs in the parent before the pool forks; the child inherits the name.
+    _node["hostname"] = sender
+
+
+@worker_process_init.connect
+def _load_model(**_kwargs) -> None:
+    runtime.init_process(settings, _node["hostname"])
+
+
+def task(name: str, *, long: bool = False) -> Callable:
+    """Register a featuremaps task: bound, run as a :class:`~worker.leasing.LeasedTask`, and
+    named by its plain ``featuremaps.*`` string (shared/queue.py); ``long`` gives it the time
+    limits expansion has instead of a job's."""
+    limits = {}
+    if long:
+        limits = {
+            "soft_time_limit": settings.expand_limits_s[0],
+            "time_limit": settings.expand_limits_s[1],
+        }
+    return app.task(name=name, bind=True, base=LeasedTask, **limits)

@@ -29,7 +29,7 @@ from typing import Any
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from redis.exceptions import RedisError
 
-from shared.errors import StorageUnavailable
+from shared.errors import INTERNAL_ERROR, TIMEOUT, StorageUnavailable
 from shared.leases import LeaseLost
 from shared.settings import Settings
 
@@ -94,9 +94,9 @@ def _ended(
         raise
     except SoftTimeLimitExceeded:
         limit = task.soft_time_limit or settings.task_soft_time_limit_s
-        give_up("timeout", f"{subject or what} ran past its time limit of {limit}s")
+        give_up(TIMEOUT, f"{subject or what} ran past its time limit of {limit}s")
         return "failed"
     except Exception as exc:
         log.exception("%s failed unexpectedly", what)
-        give_up("internal_error", f"{type(exc).__name__}: {exc}")
+        give_up(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
         return "failed"

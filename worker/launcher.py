@@ -25,6 +25,7 @@ import sys
 from shared.errors import WeightsUnavailable
 from shared.queue import WORKER_QUEUES
 from shared.settings import Settings
+from stack.commands import cpu_worker_env, gpu_worker_env, worker_command
 from worker.supervisor import RestartPolicy, Supervisor, WorkerProcess, WorkerSpec
 
 
@@ -67,39 +68,13 @@ def worker_commands(
 def _worker_specs(
     gpus: list[str], *, replicas: int, loglevel: str, queues: str
 ) -> list[WorkerSpec]:
-    base = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"]
-    common = [
-        "--pool",
-        "prefork",
-        "--concurrency",
-        "1",
-        "-Q",
-        queues,
-        "--loglevel",
-        loglevel,
-        "--without-gossip",
-        "--without-mingle",
-    ]
+    def spec(hostname: str, env: dict[str, str]) -> WorkerSpec:
+        return WorkerSpec(hostname, worker_command(hostname, queues=queues, loglevel=loglevel), env)
+
     if gpus:
-        return [
-            WorkerSpec(
-                f"gpu{g}@%h",
-                [*base, "--hostname", f"gpu{g}@%h", *common],
-                {"CUDA_VISIBLE_DEVICES": g, "FEATUREMAPS_DEVICE": "cuda:0"},
-            )
-            for g in gpus
-        ]
+        return [spec(f"gpu{g}@%h", gpu_worker_env(g)) for g in gpus]
     names = ["cpu"] if replicas == 1 else [f"cpu{i}" for i in range(replicas)]
-    # CPU workers share the cores instead of each starting one torch thread per core.
-    threads = str(max(1, (os.cpu_count() or 1) // len(names)))
-    return [
-        WorkerSpec(
-            f"{n}@%h",
-            [*base, "--hostname", f"{n}@%h", *common],
-            {"CUDA_VISIBLE_DEVICES": "", "FEATUREMAPS_DEVICE": "cpu", "OMP_NUM_THREADS": threads},
-        )
-        for n in names
-    ]
+    return [spec(f"{n}@%h", cpu_worker_env(len(names))) for n in names]
 
 
 # (flag, RestartPolicy field, type, help); defaults come from RestartPolicy itself.

@@ -7,20 +7,28 @@ nothing once its work was handed over. A delivery that finds its lease held by a
 of another node (a copy of a message that is still being run) is deferred: requeued after a
 pause, until the holder has finished (then the delivery is a no-op: the work is done) or its
 heartbeat has expired (then the delivery takes the work over).
+
+:class:`LeasedTask` is the base of every task (Celery's ``base=``): it holds the lease around
+the task's work and ends it through :func:`worker.guard.guarded`, so a task body is its work
+and its give-up.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+from celery import Task
 from celery.exceptions import Reject
 from redis.exceptions import RedisError
 
 from shared.leases import Fence
+from worker import runtime
+from worker.guard import guarded
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -46,3 +54,41 @@ def lease_held(task: Any, ctx: WorkerContext) -> Iterator[Fence]:
         yield acquired.fence
     finally:
         ctx.release_lease(acquired.fence)
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a task's work and give-up get: this process's state and the fence of the lease
+    the delivery holds (for the final status changes it records)."""
+
+    ctx: WorkerContext
+    fence: Fence
+
+
+class LeasedTask(Task):
+    """The base of every featuremaps task: ``self.run_leased(...)`` in a task body."""
+
+    def run_leased(
+        self,
+        what: str,
+        work: Callable[[Held], object],
+        give_up: Callable[[Held, str, str], object],
+        *,
+        retrying: Callable[[Held, str], object] | None = None,
+        subject: str | None = None,
+    ) -> object:
+        """Hold this delivery's lease while ``work(held)`` runs, ended through
+        :func:`worker.guard.guarded` (``what``, ``subject`` and ``retrying`` as there);
+        ``give_up(held, code, message)`` ends the work's record ``failed``."""
+        ctx = runtime.context()
+        with lease_held(self, ctx) as fence:
+            held = Held(ctx, fence)
+            return guarded(
+                self,
+                ctx.settings,
+                lambda: work(held),
+                what=what,
+                subject=subject,
+                give_up=lambda code, message: give_up(held, code, message),
+                retrying=None if retrying is None else lambda reason: retrying(held, reason),
+            )

@@ -15,13 +15,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from redis import Redis
 from redis.exceptions import RedisError
 
+from shared.batches import BatchStore
 from shared.errors import FeatureMapsError
 from shared.heartbeat import HEARTBEAT_EVERY_S, holder_id, write_heartbeat
-from shared.jobs import RedisJobStore
+from shared.jobs import JobStore
 from shared.leases import Fence, LeaseStore
 from shared.settings import Settings
 from shared.storage import ObjectStore, ensure_bucket
@@ -29,6 +31,9 @@ from worker import metrics
 from worker.recovery import RECOVERY_EVERY_S, maybe_recover
 from worker.retention import maybe_sweep, sweep_interval_s
 from worker.webhooks import Deliverer, webhook_loop
+
+if TYPE_CHECKING:  # torch is imported after the fork, not when this module is
+    from worker.compute.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +43,11 @@ class WorkerContext:
     settings: Settings
     hostname: str
     redis: Redis
-    jobs: RedisJobStore
+    jobs: JobStore
+    batches: BatchStore
     leases: LeaseStore
     store: ObjectStore
-    loaded: object  # worker.compute.model.LoadedModel; typed loosely to keep torch out of imports
+    loaded: LoadedModel
     device: str
     jobs_done: int = 0
     started: float = field(default_factory=time.time)
@@ -100,7 +106,8 @@ def init_process(settings: Settings, hostname: str) -> WorkerContext:
         settings=settings,
         hostname=hostname,
         redis=redis,
-        jobs=RedisJobStore(redis, ttl_s=settings.job_ttl_s),
+        jobs=JobStore(redis, ttl_s=settings.job_ttl_s),
+        batches=BatchStore(redis, ttl_s=settings.job_ttl_s),
         leases=LeaseStore(redis, ttl_s=settings.visibility_timeout_s),
         store=ObjectStore.from_settings(settings),
         loaded=loaded,

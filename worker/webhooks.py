@@ -35,7 +35,7 @@ from urllib3.exceptions import HTTPError
 from shared import documents
 from shared.batches import Batch, BatchStore, Item
 from shared.errors import CallbackRefused, NotFound
-from shared.jobs import Job, RedisJobStore
+from shared.jobs import Job, JobStore
 from shared.records import PREFIX, Record, now_iso, parse_iso, text
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -129,8 +129,8 @@ class Deliverer:
         self.sleep = sleep
         self.lease_s = 4 * settings.webhook_timeout_s + 30
         self.batches = BatchStore(redis, ttl_s=settings.job_ttl_s)
-        self.stores: dict[str, RedisJobStore | BatchStore] = {
-            "job": RedisJobStore(redis, ttl_s=settings.job_ttl_s),
+        self.stores: dict[str, JobStore | BatchStore] = {
+            "job": JobStore(redis, ttl_s=settings.job_ttl_s),
             "batch": self.batches,
         }
         self._claim = redis.register_script(_CLAIM)

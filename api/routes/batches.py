@@ -12,7 +12,7 @@ from api.idempotency import Answer, Idempotency, fingerprint, idempotency_key
 from api.services import Services, services
 from api.sources import BatchRequest, read_source_request
 from shared import documents
-from shared.batches import BLOCK_ITEMS, Batch, BatchStatus, BatchStore
+from shared.batches import BLOCK_ITEMS, Batch, BatchStatus
 from shared.errors import InvalidOption, UnsupportedType
 from shared.options import JobOptions
 from shared.queue import BATCH_QUEUE, EXPAND_BATCH, FINALIZE_BATCH
@@ -22,12 +22,6 @@ bp = Blueprint("batches", __name__)
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-
-
-def batch_store(svc: Services) -> BatchStore:
-    # Built per request from the app's Redis client: the store is two dicts and a few
-    # registered script objects, and Services belongs to the jobs code.
-    return BatchStore(svc.redis, ttl_s=svc.settings.job_ttl_s)
 
 
 @bp.post("/batches")
@@ -98,14 +92,14 @@ def _discard_upload(svc: Services, batch_id: str, source: dict) -> None:
 @bp.get("/batches/<batch_id>")
 def get_batch(batch_id: str):
     svc = services()
-    batch = batch_store(svc).get(batch_id, owner=svc.caller(request))
+    batch = svc.batches.get(batch_id, owner=svc.caller(request))
     return batch_document(svc, batch)
 
 
 @bp.get("/batches/<batch_id>/items")
 def list_items(batch_id: str):
     svc = services()
-    store = batch_store(svc)
+    store = svc.batches
     batch = store.get(batch_id, owner=svc.caller(request))
     start = _int_arg("cursor", 0, minimum=0)
     limit = _int_arg("limit", DEFAULT_PAGE, minimum=1, maximum=MAX_PAGE)
@@ -125,7 +119,7 @@ def list_items(batch_id: str):
 @bp.delete("/batches/<batch_id>")
 def cancel_batch(batch_id: str):
     svc = services()
-    batch, finalize = batch_store(svc).cancel(batch_id, owner=svc.caller(request))
+    batch, finalize = svc.batches.cancel(batch_id, owner=svc.caller(request))
     if finalize:
         # Nothing was running: no worker will finish an item, so ask one to write the
         # manifest of what there is.
@@ -144,7 +138,7 @@ def enqueue_batch(
     item_callback_spacing_s: float | None = None,
 ) -> Batch:
     """Write the record and send the expansion task, or undo what was done and 503."""
-    store = batch_store(svc)
+    store = svc.batches
     batch = Batch(
         id=batch_id,
         status=BatchStatus.QUEUED,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from flask import Blueprint, request, url_for
 
 from api.examples import layer_document, read_examples, summary_document
-from api.routes.batches import batch_store
 from api.services import services
 
 bp = Blueprint("examples", __name__)
@@ -15,7 +14,7 @@ bp = Blueprint("examples", __name__)
 @bp.get("/batches/<batch_id>/examples")
 def get_examples(batch_id: str):
     svc = services()
-    batch = batch_store(svc).get(batch_id, owner=svc.caller(request))
+    batch = svc.batches.get(batch_id, owner=svc.caller(request))
     examples = read_examples(svc.store, batch)
     return summary_document(
         svc.store,
@@ -28,6 +27,6 @@ def get_examples(batch_id: str):
 @bp.get("/batches/<batch_id>/examples/<layer>")
 def get_layer(batch_id: str, layer: str):
     svc = services()
-    batch = batch_store(svc).get(batch_id, owner=svc.caller(request))
+    batch = svc.batches.get(batch_id, owner=svc.caller(request))
     examples = read_examples(svc.store, batch)
     return layer_document(svc.store, examples, layer, svc.settings.presign_expiry_s)

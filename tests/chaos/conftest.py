@@ -5,7 +5,6 @@ faults. Every process is stopped when the test ends; every wait is bounded."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,10 +16,10 @@ from shared.settings import Settings
 from shared.storage import ObjectStore
 from stack.services import ManagedProcess, RedisServer, SeaweedS3, wait_until
 from tests.conftest import require_executable
+from tests.helpers import accepted, submit_archive, submit_job, wait_until_finished
 from tests.integration.deployment import Deployment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-FINISHED = ("succeeded", "failed", "canceled")
 # What one successful run leaves under results/<id>/ (docs/design.md "Storage layout"), sorted:
 # exactly these, once each, whatever was killed or retried. Batch items get no input preview.
 JOB_OUTPUTS = ["feature_maps.jpg", "input.jpg", "manifest.json", "thumbnail.jpg"]
@@ -61,46 +60,34 @@ class ChaosStack(Deployment):
     # --- the API -----------------------------------------------------------------------
 
     def submit(self, data: bytes, **options) -> str:
-        response = requests.post(
-            f"{self.api}/jobs", files={"image": ("a.png", data)}, data=options, timeout=30
-        )
-        assert response.status_code == 202, response.text
-        return response.json()["id"]
+        return accepted(submit_job(self.api, data, filename="a.png", **options))
 
     def submit_archive(self, name: str, data: bytes, **options) -> str:
-        response = requests.post(
-            f"{self.api}/batches", files={"archive": (name, data)}, data=options, timeout=60
-        )
-        assert response.status_code == 202, response.text
-        return response.json()["id"]
+        return accepted(submit_archive(self.api, name, data, **options))
 
     def batch(self, batch_id: str) -> dict:
-        response = requests.get(f"{self.api}/batches/{batch_id}", timeout=30)
-        assert response.status_code == 200, response.text
-        return response.json()
+        return self._document(f"batches/{batch_id}")
 
     def wait_batch_finished(self, batch_id: str, timeout_s: float = 240) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            doc = self.batch(batch_id)
-            if doc["status"] in FINISHED and doc["result"]:
-                return doc
-            assert time.monotonic() < deadline, f"batch {batch_id} still {doc['status']}: {doc}"
-            time.sleep(0.2)
+        return wait_until_finished(
+            lambda: self.batch(batch_id),
+            what=f"batch {batch_id}",
+            timeout_s=timeout_s,
+            with_result=True,
+        )
 
     def job(self, job_id: str) -> dict:
-        response = requests.get(f"{self.api}/jobs/{job_id}", timeout=30)
+        return self._document(f"jobs/{job_id}")
+
+    def _document(self, path: str) -> dict:
+        response = requests.get(f"{self.api}/{path}", timeout=30)
         assert response.status_code == 200, response.text
         return response.json()
 
     def wait_finished(self, job_id: str, timeout_s: float = 180) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            doc = self.job(job_id)
-            if doc["status"] in FINISHED:
-                return doc
-            assert time.monotonic() < deadline, f"job {job_id} still {doc['status']}: {doc}"
-            time.sleep(0.2)
+        return wait_until_finished(
+            lambda: self.job(job_id), what=f"job {job_id}", timeout_s=timeout_s
+        )
 
     # --- observing faults --------------------------------------------------------------
 

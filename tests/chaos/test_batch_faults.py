@@ -4,10 +4,8 @@ ends ``succeeded`` with one set of outputs and the batch completes once."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
-import zipfile
 
 import pytest
 import requests
@@ -15,17 +13,10 @@ import requests
 from stack.services import wait_until
 from tests.chaos.conftest import ITEM_OUTPUTS
 from tests.chaos.faults import HOLD, HOLD_UPLOAD, marked_png
+from tests.helpers import zip_of
 
 ITEMS = 8
 CHUNK = 2
-
-
-def _zip(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buf.getvalue()
 
 
 def _items(stack, batch_id: str) -> list[dict]:
@@ -47,7 +38,7 @@ def test_sigkill_mid_batch_every_item_succeeds_with_one_set_of_outputs(make_stac
     first = stack.start_worker("w1")
     files = {f"img_{i}.png": marked_png(color=(30 * i, 5, 5)) for i in range(ITEMS)}
     files["img_5.png"] = marked_png(HOLD_UPLOAD, color=(1, 2, 3))
-    batch_id = stack.submit_archive("photos.zip", _zip(files))
+    batch_id = stack.submit_archive("photos.zip", zip_of(files))
 
     child = stack.wait_event("hold-upload")[0]
     if killed == "pool_process":
@@ -78,7 +69,7 @@ def test_redis_down_when_a_chunk_ends_the_batch_still_completes(make_stack):
     stack.start_worker("w1")
     files = {f"img_{i}.png": marked_png(color=(5, 30 * i, 5)) for i in range(4)}
     files["img_3.png"] = marked_png(HOLD, color=(3, 2, 1))
-    batch_id = stack.submit_archive("photos.zip", _zip(files))
+    batch_id = stack.submit_archive("photos.zip", zip_of(files))
     stack.wait_event("hold")
 
     stack.redis_server.stop()

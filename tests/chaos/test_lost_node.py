@@ -19,7 +19,8 @@ from shared.records import parse_iso
 from stack.services import ManagedProcess, wait_until
 from tests.chaos.conftest import ITEM_OUTPUTS, JOB_OUTPUTS, ChaosStack
 from tests.chaos.faults import HOLD, marked_png
-from tests.chaos.test_batch_faults import _items, _zip
+from tests.chaos.test_batch_faults import _items
+from tests.helpers import zip_of
 
 # The production defaults: a message abandoned by a dead worker would wait 600 s.
 DEFAULT_LIMITS = {
@@ -84,7 +85,7 @@ def test_whole_worker_killed_mid_batch_the_live_worker_finishes_it_within_30s(ma
     workers = _two_workers(stack)
     files = {f"img_{i}.png": marked_png(color=(30 * i, 5, 9)) for i in range(8)}
     files["img_5.png"] = marked_png(HOLD, color=(1, 2, 3))  # held: the chunk img_4, img_5
-    batch_id = stack.submit_archive("photos.zip", _zip(files))
+    batch_id = stack.submit_archive("photos.zip", zip_of(files))
     (pool_pid,) = stack.wait_event("hold")
     lost, live = _holder_and_other(workers, pool_pid)
 

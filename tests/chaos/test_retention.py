@@ -3,16 +3,15 @@ sweep deletes their objects (and those of submissions that never got a record)."
 
 from __future__ import annotations
 
-import io
-import zipfile
 from datetime import UTC, datetime, timedelta
 
 import requests
 
 from shared.batches import batch_key
-from shared.jobs import Job, JobStatus, RedisJobStore, new_job_id
+from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from stack.services import wait_until
 from tests.chaos.faults import marked_png
+from tests.helpers import zip_of
 from worker.retention import owner_record_key, sweep
 
 TTL_S = 3600
@@ -30,7 +29,7 @@ def test_owner_of_each_object_key():
 
 
 def test_sweep_deletes_only_old_objects_whose_record_is_gone(object_store, redis_client):
-    jobs = RedisJobStore(redis_client, ttl_s=TTL_S)
+    jobs = JobStore(redis_client, ttl_s=TTL_S)
     live, gone, live_batch, gone_batch = (new_job_id() for _ in range(4))
     jobs.create(Job(id=live, status=JobStatus.SUCCEEDED, options={}, input_key=""))
     redis_client.hset(batch_key(live_batch), "status", "running")
@@ -62,21 +61,13 @@ def test_sweep_deletes_only_old_objects_whose_record_is_gone(object_store, redis
     assert sweep(object_store, redis_client, ttl_s=TTL_S, now=later) == 0
 
 
-def _zip(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buf.getvalue()
-
-
 def test_records_and_objects_expire_after_the_ttl(make_stack):
     stack = make_stack(job_ttl_hours=0.002)  # 7 s; the worker sweeps every ~2 s
     stack.start_worker("w1")
     store = stack.store()
     job_id = stack.submit(marked_png())
     batch_id = stack.submit_archive(
-        "two.zip", _zip({"a.png": marked_png(color=(1, 1, 1)), "b.png": marked_png()})
+        "two.zip", zip_of({"a.png": marked_png(color=(1, 1, 1)), "b.png": marked_png()})
     )
     # An input whose submission was undone (no record was ever written).
     orphan = new_job_id()

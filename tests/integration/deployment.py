@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import requests
 from redis import Redis
 
 from shared.heartbeat import live_workers
 from shared.queue import WORKER_QUEUES
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from stack.commands import CELERY_APP, api_command, cpu_worker_env, wait_for_api, worker_command
 from stack.local import service_env
 from stack.services import ManagedProcess, free_port, wait_until
-from worker.launcher import worker_commands
 
 
 class Deployment:
@@ -96,32 +93,14 @@ class Deployment:
         port = free_port()
         process = ManagedProcess(
             name,
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "2",
-                "--threads",
-                "4",
-                "--timeout",
-                "60",
-                "api:create_app()",
-            ],
+            api_command(f"127.0.0.1:{port}", timeout_s=60),
             env=self.env(**overrides),
             log_path=self.run_dir / f"{name}.log",
         )
         process.start()
         self.processes.append(process)
         url = f"http://127.0.0.1:{port}"
-        wait_until(
-            lambda: _answers(f"{url}/healthz"),
-            timeout_s=30,
-            process=process,
-            what=f"{name} /healthz",
-        )
+        wait_for_api(url, process, timeout_s=30)
         return url
 
     def start_worker(
@@ -137,13 +116,9 @@ class Deployment:
     ) -> ManagedProcess:
         """A worker started with the launcher's command line (the Celery ``app`` module
         swapped in when given), running until it beats; ``overrides`` are settings."""
-        ((_, argv, extra),) = worker_commands([], replicas=1, loglevel="INFO", queues=queues)
         hostname = f"{name}@{socket.gethostname()}"
-        argv = [*argv]
-        if app is not None:
-            argv[argv.index("-A") + 1] = app
-        argv[argv.index("--hostname") + 1] = hostname
-        env = {**self.env(**overrides), **extra, **(extra_env or {})}
+        argv = worker_command(hostname, queues=queues, app=app or CELERY_APP)
+        env = {**self.env(**overrides), **cpu_worker_env(1), **(extra_env or {})}
         process = ManagedProcess(
             name, argv, env=env, log_path=self.run_dir / f"{name}.log", cwd=cwd
         )
@@ -165,33 +140,3 @@ class Deployment:
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def wait_for_job(api: str, job_id: str, *, timeout_s: float = 120, headers=None) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        doc = requests.get(f"{api}/jobs/{job_id}", headers=headers, timeout=10).json()
-        if doc["status"] in ("succeeded", "failed", "canceled"):
-            return doc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {doc['status']} after {timeout_s}s: {doc}")
-        time.sleep(0.1)
-
-
-def wait_for_batch(api: str, batch_id: str, *, timeout_s: float = 240, headers=None) -> dict:
-    """The batch document once the batch has ended and its result (manifest) is written."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        doc = requests.get(f"{api}/batches/{batch_id}", headers=headers, timeout=10).json()
-        if doc["status"] in ("succeeded", "failed", "canceled") and doc["result"]:
-            return doc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"batch {batch_id} not done after {timeout_s}s: {doc}")
-        time.sleep(0.2)

@@ -12,18 +12,17 @@ import io
 import socket
 import struct
 import tarfile
-import time
 import zipfile
 import zlib
 from urllib.parse import urlsplit
 
 import pytest
 import requests
-from PIL import Image
 
 from shared import imaging
 from shared.errors import UnsupportedType
-from tests.integration.deployment import Deployment, wait_for_job
+from tests.helpers import png, submit_archive, wait_for_batch, wait_for_job
+from tests.integration.deployment import Deployment
 
 MAX_UPLOAD_MB = 1
 MAX_PIXELS = 1_000_000
@@ -31,12 +30,6 @@ MAX_FORM_PARTS = 12
 RATE_LIMIT = 6
 ALICE = {"Authorization": "Bearer alice-token"}
 BOB = {"Authorization": "Bearer bob-token"}
-
-
-def _png(size=(32, 24), color=(10, 200, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -146,12 +139,12 @@ def test_foreign_formats_are_415_without_reaching_a_decoder(
 
 def test_too_many_form_parts_is_413(deployment, nothing_created):
     fields = {f"f{i}": "x" for i in range(MAX_FORM_PARTS + 5)}
-    response = _post(deployment.api, {"image": ("a.png", _png())}, data=fields)
+    response = _post(deployment.api, {"image": ("a.png", png())}, data=fields)
     assert _error(response, 413)["code"] == "too_large"
 
 
 def test_an_oversized_form_field_is_413(deployment, nothing_created):
-    response = _post(deployment.api, {"image": ("a.png", _png())}, data={"mode": "chain" * 40_000})
+    response = _post(deployment.api, {"image": ("a.png", png())}, data={"mode": "chain" * 40_000})
     assert _error(response, 413)["code"] == "too_large"
 
 
@@ -188,8 +181,8 @@ def test_not_multipart_is_400(deployment, nothing_created):
         (_png_header_only(2**31 - 1, 2**31 - 1), "too_many_pixels"),
         (_gif_header_only(65_535, 65_535), "too_many_pixels"),
         (_png_header_only(0, 10), None),
-        (_png()[:60], "truncated_image"),
-        (_png()[:8] + b"\x00" * 200, None),
+        (png()[:60], "truncated_image"),
+        (png()[:8] + b"\x00" * 200, None),
     ],
     ids=["png-10g-pixels", "png-max-dims", "gif-4g-pixels", "png-zero-width", "png-cut", "junk"],
 )
@@ -220,12 +213,12 @@ def test_bombs_and_broken_images_are_422(deployment, nothing_created, data, code
     ids=lambda form: next(iter(form)),
 )
 def test_options_out_of_range_are_400(deployment, nothing_created, form):
-    error = _error(_post(deployment.api, {"image": ("a.png", _png())}, data=form), 400)
+    error = _error(_post(deployment.api, {"image": ("a.png", png())}, data=form), 400)
     assert error["code"] == "invalid_option"
 
 
 def test_client_file_name_is_never_used_as_a_key(deployment, store):
-    response = _post(deployment.api, {"image": ("../../../etc/passwd.png", _png())})
+    response = _post(deployment.api, {"image": ("../../../etc/passwd.png", png())})
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     assert wait_for_job(deployment.api, job_id, headers=ALICE)["status"] == "succeeded"
@@ -243,7 +236,7 @@ def test_client_file_name_is_never_used_as_a_key(deployment, store):
 )
 def test_malformed_or_wrong_authorization_is_401(deployment, nothing_created, header):
     headers = {"Authorization": header} if header else {}
-    response = _post(deployment.api, {"image": ("a.png", _png())}, headers=headers)
+    response = _post(deployment.api, {"image": ("a.png", png())}, headers=headers)
     assert _error(response, 401)["code"] == "unauthorized"
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
@@ -273,7 +266,7 @@ def test_rate_limit_is_per_token_with_retry_after_and_workers_unaffected(deploym
     # A fixed one-minute window: 2·limit+1 requests span at most two windows, so at least
     # one window sees more than the limit whenever the burst starts.
     for i in range(2 * RATE_LIMIT + 1):
-        answers.append(_post(api, {"image": ("a.png", _png(color=(i, 1, 1)))}))
+        answers.append(_post(api, {"image": ("a.png", png(color=(i, 1, 1)))}))
     statuses = [r.status_code for r in answers]
     assert set(statuses) == {202, 429}, statuses
     limited = [r for r in answers if r.status_code == 429]
@@ -320,9 +313,9 @@ def _tar_member(name: str, kind: bytes = tarfile.REGTYPE, **fields) -> tarfile.T
 def _zip_with_bad_members() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr("ok.png", _png())
-        archive.writestr("secret.png", _png(color=(1, 1, 1)))
-        archive.writestr("crc.png", _png(color=(2, 2, 2)))
+        archive.writestr("ok.png", png())
+        archive.writestr("secret.png", png(color=(1, 1, 1)))
+        archive.writestr("crc.png", png(color=(2, 2, 2)))
     data = bytearray(buf.getvalue())
     # zipfile cannot write encrypted members: set the "encrypted" flag bit of secret.png in
     # its local header and its central directory entry.
@@ -345,22 +338,6 @@ def _header_of(data: bytearray, signature: bytes, name: bytes) -> int:
     return at
 
 
-def _submit_archive(api: str, name: str, data: bytes) -> requests.Response:
-    return requests.post(
-        f"{api}/batches", files={"archive": (name, data)}, headers=ALICE, timeout=60
-    )
-
-
-def _wait_batch(api: str, batch_id: str, timeout_s: float = 180) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        doc = requests.get(f"{api}/batches/{batch_id}", headers=ALICE, timeout=30).json()
-        if doc["status"] in ("succeeded", "failed", "canceled") and doc.get("result"):
-            return doc
-        assert time.monotonic() < deadline, doc
-        time.sleep(0.2)
-
-
 def _item_codes(api: str, batch_id: str) -> dict[str, str | None]:
     page = requests.get(
         f"{api}/batches/{batch_id}/items", params={"limit": 100}, headers=ALICE, timeout=30
@@ -373,7 +350,7 @@ def test_archive_members_that_must_never_be_read_fail_alone(deployment, store, k
     if kind == "tar-links-and-devices":
         data = _tar(
             [
-                (_tar_member("ok.png"), _png()),
+                (_tar_member("ok.png"), png()),
                 # A hard link to an earlier member runs on that member's bytes (no copy);
                 # one that leaves the archive, or names nothing before it, is refused.
                 (_tar_member("hard.png", tarfile.LNKTYPE, linkname="ok.png"), b""),
@@ -395,10 +372,10 @@ def test_archive_members_that_must_never_be_read_fail_alone(deployment, store, k
         data, name = _zip_with_bad_members(), "a.zip"
         good = {"ok.png": None}
         expected = {"secret.png": "encrypted", "crc.png": "corrupt_member"}
-    response = _submit_archive(deployment.api, name, data)
+    response = submit_archive(deployment.api, name, data, headers=ALICE)
     assert response.status_code == 202, response.text
     batch_id = response.json()["id"]
-    doc = _wait_batch(deployment.api, batch_id)
+    doc = wait_for_batch(deployment.api, batch_id, headers=ALICE)
     assert doc["status"] == "succeeded", doc
     assert _item_codes(deployment.api, batch_id) == {**good, **expected}
     assert doc["counts"]["succeeded"] == len(good)
@@ -406,7 +383,7 @@ def test_archive_members_that_must_never_be_read_fail_alone(deployment, store, k
     # Refused members never became inputs: the batch's one input pack holds the good image
     # alone; nothing was written outside the batch's keys.
     (pack,) = store.list_keys(f"batches/{batch_id}/inputs/")
-    assert store.get_bytes(pack) == _png()
+    assert store.get_bytes(pack) == png()
     assert not [k for k in store.list_keys("") if "passwd" in k or "/dev" in k]
 
 
@@ -414,11 +391,11 @@ def test_truncated_archive_fails_the_batch_as_corrupt(deployment):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as archive:
         for i in range(4):
-            archive.writestr(f"{i}.png", _png(color=(i, i, i)))
+            archive.writestr(f"{i}.png", png(color=(i, i, i)))
     data = buf.getvalue()[: len(buf.getvalue()) // 2]
     # It starts like a zip, so it is accepted and stored; reading it ends the batch.
-    response = _submit_archive(deployment.api, "a.zip", data)
+    response = submit_archive(deployment.api, "a.zip", data, headers=ALICE)
     assert response.status_code == 202, response.text
-    doc = _wait_batch(deployment.api, response.json()["id"])
+    doc = wait_for_batch(deployment.api, response.json()["id"], headers=ALICE)
     assert doc["status"] == "failed" and doc["error"]["code"] == "corrupt_archive", doc
     assert doc["counts"]["total"] == 0

@@ -12,22 +12,16 @@ from collections.abc import Callable
 import pytest
 import redis
 from flask.testing import FlaskClient
-from PIL import Image
 
 from api import create_app
 from api.services import Services
 from shared.queue import BATCH_QUEUE, JOBS_QUEUE
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from tests.helpers import jpeg
 
 ALICE = {"Authorization": "Bearer tok-alice"}
 BOB = {"Authorization": "Bearer tok-bob"}
-
-
-def _jpeg(size: tuple[int, int] = (48, 40)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (200, 40, 90)).save(buffer, "JPEG")
-    return buffer.getvalue()
 
 
 def _image_form(data: bytes, **fields: str) -> dict:
@@ -61,7 +55,7 @@ def _error(response) -> dict:
 
 
 def test_submit_get_and_cancel_a_job(client, redis_client, object_store):
-    response = client.post("/jobs", data=_image_form(_jpeg(), reduction="max"))
+    response = client.post("/jobs", data=_image_form(jpeg(), reduction="max"))
     assert response.status_code == 202, response.get_json()
     body = response.get_json()
     job_id = body["id"]
@@ -118,7 +112,7 @@ def test_batch_from_an_allowed_source(make_client, redis_client):
 def test_batch_from_an_uploaded_archive(client, redis_client, object_store):
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as bundle:
-        bundle.writestr("a.jpg", _jpeg())
+        bundle.writestr("a.jpg", jpeg())
     form = {"reduction": "l2", "archive": (io.BytesIO(archive.getvalue()), "photos.zip")}
     response = client.post("/batches", data=form)
     assert response.status_code == 202, response.get_json()
@@ -176,7 +170,7 @@ def test_error_bodies(make_client):
         assert error["code"] == code and error["message"]
         return response
 
-    check(client.post("/jobs", data=_image_form(_jpeg(), reduction="bogus")), 400, "invalid_option")
+    check(client.post("/jobs", data=_image_form(jpeg(), reduction="bogus")), 400, "invalid_option")
     check(client.post("/jobs", data={"reduction": "max"}), 400, "missing_field")
     check(client.post("/jobs", data=_image_form(b"")), 400, "empty_image")
     check(client.get("/nowhere"), 404, "not_found")
@@ -190,8 +184,8 @@ def test_error_bodies(make_client):
         client.post("/jobs", data=_image_form(b"plain text, not an image")), 415, "unsupported_type"
     )
     check(client.post("/batches", data="x", content_type="text/plain"), 415, "unsupported_type")
-    check(client.post("/jobs", data=_image_form(_jpeg()[:200])), 422, "truncated_image")
-    check(client.post("/jobs", data=_image_form(_jpeg((60, 60)))), 422, "too_many_pixels")
+    check(client.post("/jobs", data=_image_form(jpeg()[:200])), 422, "truncated_image")
+    check(client.post("/jobs", data=_image_form(jpeg((60, 60)))), 422, "too_many_pixels")
 
 
 def test_tokens(make_client):
@@ -200,10 +194,10 @@ def test_tokens(make_client):
     assert response.status_code == 401
     assert _error(response)["code"] == "unauthorized"
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    wrong = client.post("/jobs", data=_image_form(_jpeg()), headers={"Authorization": "Bearer no"})
+    wrong = client.post("/jobs", data=_image_form(jpeg()), headers={"Authorization": "Bearer no"})
     assert wrong.status_code == 401
 
-    job_id = client.post("/jobs", data=_image_form(_jpeg()), headers=ALICE).get_json()["id"]
+    job_id = client.post("/jobs", data=_image_form(jpeg()), headers=ALICE).get_json()["id"]
     assert client.get(f"/jobs/{job_id}", headers=ALICE).status_code == 200
     # Another token's job looks unknown, whatever is asked of it.
     for response in (
@@ -241,7 +235,7 @@ def _broker_down(settings: Settings) -> Services:
 
 def test_a_failed_send_leaves_nothing_half_created(make_client, redis_client, object_store):
     client = make_client(services=_broker_down, source_allow="s3://photos/incoming/")
-    response = client.post("/jobs", data=_image_form(_jpeg()))
+    response = client.post("/jobs", data=_image_form(jpeg()))
     assert response.status_code == 503
     assert _error(response)["code"] == "unavailable"
     response = client.post("/batches", json={"source": "s3://photos/incoming/"})

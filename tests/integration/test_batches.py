@@ -28,7 +28,11 @@ from tests.archive_makers import (
     photo_folder,
     windows_gbk_zip,
 )
-from tests.integration.deployment import Deployment, wait_for_batch, wait_for_job
+from tests.helpers import png, submit_archive, wait_for_batch, wait_for_job
+from tests.integration.deployment import Deployment
+
+# The colour of this module's generated images.
+DARK = (10, 20, 30)
 
 CHUNK = 4
 MAX_MEMBERS = 80
@@ -59,12 +63,6 @@ def photo(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
     return buffer.getvalue()
 
 
-def _png(size: tuple[int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (10, 20, 30)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _inner_zip() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -77,7 +75,7 @@ BAD_FILES = {
     "bad/truncated.jpg": (photo(1, (320, 240))[:1500], "truncated_image"),
     "bad/notes.jpg": (b"this is a text file, not a photo\n", "unsupported_type"),
     "bad/empty.jpg": (b"", "empty_image"),
-    "bad/bomb.png": (_png((1200, 1000)), "too_many_pixels"),
+    "bad/bomb.png": (png((1200, 1000), DARK), "too_many_pixels"),
     "../escape.jpg": (photo(2), "path_traversal"),
     "/etc/abs.jpg": (photo(3), "absolute_path"),
     "bad/nested.zip": (_inner_zip(), "nested_archive"),
@@ -140,12 +138,6 @@ def deployment(redis_server, s3_server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def store(deployment):
     return deployment.object_store()
-
-
-def submit_archive(api: str, name: str, data: bytes, **options) -> requests.Response:
-    return requests.post(
-        f"{api}/batches", files={"archive": (name, data)}, data=options, timeout=60
-    )
 
 
 def all_items(api: str, batch_id: str, limit: int = 7) -> list[dict]:

@@ -19,7 +19,8 @@ from PIL import Image
 
 from shared.batches import BatchStore
 from stack.services import wait_until
-from tests.integration.deployment import Deployment, wait_for_batch
+from tests.helpers import accepted, submit_archive, wait_for_batch
+from tests.integration.deployment import Deployment
 from worker.batches.checkpoints import expansion_key
 
 MEMBERS = 50_000
@@ -85,11 +86,7 @@ def deployment(redis_server, s3_server, tmp_path_factory):
 
 
 def submit(deployment, name: str, data: bytes) -> str:
-    response = requests.post(
-        f"{deployment.api}/batches", files={"archive": (name, data)}, timeout=120
-    )
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
+    return accepted(submit_archive(deployment.api, name, data, timeout_s=120))
 
 
 def expansion(deployment, batch_id: str) -> dict[str, str]:

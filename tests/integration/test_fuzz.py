@@ -22,7 +22,8 @@ from shared.errors import FeatureMapsError
 from shared.heartbeat import live_workers
 from shared.imaging import decode_image, validate_image
 from shared.options import JobOptions
-from tests.integration.deployment import Deployment, wait_for_job
+from tests.helpers import wait_for_job
+from tests.integration.deployment import Deployment
 
 IN_PROCESS_MUTANTS = 1250
 OVER_HTTP_MUTANTS = 250
@@ -241,12 +242,8 @@ def test_api_and_worker_answer_every_mutant_without_5xx_or_crash(deployment):
 
     # What validation accepts, the worker decodes and renders: every accepted job succeeds.
     for job_id in accepted:
-        doc = _wait(deployment, job_id)
+        doc = wait_for_job(deployment.api, job_id, timeout_s=300)
         assert doc["status"] == "succeeded", doc
     # The same pool process did every job: it never died and was never replaced.
     (after,) = live_workers(deployment.redis)
     assert after["pid"] == beat["pid"] and after["model_loads"] == 1
-
-
-def _wait(deployment, job_id: str, timeout_s: float = 300) -> dict:
-    return wait_for_job(deployment.api, job_id, timeout_s=timeout_s)

@@ -6,39 +6,28 @@ scoped per token, and a bad key or a refused request never pins a key."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import uuid
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import pytest
 import requests
-from PIL import Image
 
 from api.idempotency import WAIT_S, fingerprint
 from client import Client
 from shared.options import JobOptions
-from tests.integration.deployment import Deployment, wait_for_job
+from tests.helpers import png, wait_for_job, zip_of
+from tests.integration.deployment import Deployment
 from tests.integration.dropping_proxy import DroppingProxy
+
+
+def zip_of_images(*images: bytes) -> bytes:
+    return zip_of({f"img{n}.png": data for n, data in enumerate(images)})
+
 
 ALICE = f"alice-{uuid.uuid4().hex}"
 BOB = f"bob-{uuid.uuid4().hex}"
-
-
-def _png(color=(200, 30, 90)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 48), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _zip(*images: bytes) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as archive:
-        for n, data in enumerate(images):
-            archive.writestr(f"img{n}.png", data)
-    return buf.getvalue()
 
 
 def _headers(token: str, key: str | None) -> dict[str, str]:
@@ -77,7 +66,7 @@ def job_count(dep: Deployment) -> int:
 
 def test_a_retry_after_a_dropped_answer_gets_the_same_job(deployment):
     proxy = DroppingProxy(urlsplit(deployment.api).port, drops=1)
-    key, image, before = str(uuid.uuid4()), _png(), job_count(deployment)
+    key, image, before = str(uuid.uuid4()), png(), job_count(deployment)
     try:
         with pytest.raises(requests.ConnectionError):
             post_job(proxy.url, key, image)
@@ -100,7 +89,7 @@ def test_the_client_retries_a_dropped_submission_with_its_key(deployment):
     before = job_count(deployment)
     client = Client(proxy.url, token=ALICE, sleep=lambda _s: None)
     try:
-        job = client.submit(_png((1, 2, 3)))
+        job = client.submit(png(color=(1, 2, 3)))
     finally:
         client.http.close()
         proxy.close()
@@ -110,12 +99,12 @@ def test_the_client_retries_a_dropped_submission_with_its_key(deployment):
 
 
 def test_the_same_key_with_another_request_is_422(deployment):
-    key, image = str(uuid.uuid4()), _png()
+    key, image = str(uuid.uuid4()), png()
     first = post_job(deployment.api, key, image)
     assert first.status_code == 202
     for changed in (
         post_job(deployment.api, key, image, reduction="max"),
-        post_job(deployment.api, key, _png((0, 0, 0))),
+        post_job(deployment.api, key, png(color=(0, 0, 0))),
     ):
         assert changed.status_code == 422
         error = changed.json()["error"]
@@ -127,7 +116,7 @@ def test_the_same_key_with_another_request_is_422(deployment):
 
 
 def test_twenty_concurrent_posts_with_one_key_make_one_job(deployment):
-    key, image, before = str(uuid.uuid4()), _png((10, 200, 10)), job_count(deployment)
+    key, image, before = str(uuid.uuid4()), png(color=(10, 200, 10)), job_count(deployment)
     with ThreadPoolExecutor(max_workers=20) as pool:
         answers = list(pool.map(lambda _: post_job(deployment.api, key, image), range(20)))
     assert [a.status_code for a in answers] == [202] * 20
@@ -137,7 +126,7 @@ def test_twenty_concurrent_posts_with_one_key_make_one_job(deployment):
 
 
 def test_a_batch_retry_gets_the_same_batch_and_its_archive_is_not_kept_twice(deployment):
-    key, archive = str(uuid.uuid4()), _zip(_png(), _png((9, 9, 9)))
+    key, archive = str(uuid.uuid4()), zip_of_images(png(), png(color=(9, 9, 9)))
 
     def post():
         return requests.post(
@@ -156,7 +145,7 @@ def test_a_batch_retry_gets_the_same_batch_and_its_archive_is_not_kept_twice(dep
     assert all(k.startswith(f"batches/{first.json()['id']}/") for k in stored), stored
     changed = requests.post(
         f"{deployment.api}/batches",
-        files={"archive": ("photos.zip", _zip(_png()))},
+        files={"archive": ("photos.zip", zip_of_images(png()))},
         headers=_headers(ALICE, key),
         timeout=30,
     )
@@ -169,7 +158,7 @@ def test_a_key_that_cannot_be_a_key_is_400(deployment, bad):
     headers = _headers(ALICE, None)
     answer = requests.post(
         f"{deployment.api}/jobs",
-        files={"image": ("x.png", _png())},
+        files={"image": ("x.png", png())},
         headers={**headers, "Idempotency-Key": bad.encode()},
         timeout=30,
     )
@@ -180,13 +169,13 @@ def test_a_key_that_cannot_be_a_key_is_400(deployment, bad):
 
 def test_a_refused_request_does_not_use_up_its_key(deployment):
     key = str(uuid.uuid4())
-    refused = post_job(deployment.api, key, _png(), reduction="median")
+    refused = post_job(deployment.api, key, png(), reduction="median")
     assert refused.status_code == 400
-    assert post_job(deployment.api, key, _png()).status_code == 202
+    assert post_job(deployment.api, key, png()).status_code == 202
 
 
 def test_a_request_whose_twin_is_still_being_created_gets_409_with_retry_after(deployment):
-    key, image = str(uuid.uuid4()), _png((5, 6, 7))
+    key, image = str(uuid.uuid4()), png(color=(5, 6, 7))
     meaning = fingerprint(
         "POST /jobs",
         image=hashlib.sha256(image).hexdigest(),

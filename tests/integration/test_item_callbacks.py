@@ -15,12 +15,13 @@ import zipfile
 import pytest
 import requests
 
-from tests.integration.deployment import Deployment, wait_for_batch
+from tests.helpers import png, submit_archive, wait_for_batch
+from tests.integration.deployment import Deployment
 from tests.integration.receiver import Receiver
-from tests.integration.test_webhooks import SECRET, _png, readme_verify
+from tests.integration.test_webhooks import SECRET, readme_verify
 
 RATE = 4.0  # item calls per second per batch: 0.25 s apart
-MEMBERS = {"a.png": _png(), "b.png": _png((1, 2, 3)), "c.png": _png((9, 9, 9))}
+MEMBERS = {"a.png": png(), "b.png": png(color=(1, 2, 3)), "c.png": png(color=(9, 9, 9))}
 BROKEN = "broken.png"
 
 
@@ -57,13 +58,7 @@ def archive() -> bytes:
 
 
 def submit(api: str, data: dict[str, str], headers: dict[str, str] | None = None):
-    return requests.post(
-        f"{api}/batches",
-        files={"archive": ("four.zip", archive())},
-        data=data,
-        headers=headers or {},
-        timeout=30,
-    )
+    return submit_archive(api, "four.zip", archive(), headers=headers, timeout_s=30, **data)
 
 
 def items_when_called_back(api: str, batch_id: str, *, timeout_s: float = 120) -> list[dict]:

@@ -1,16 +1,16 @@
-"""RedisJobStore against a real redis-server: transitions are atomic and guarded."""
+"""JobStore against a real redis-server: transitions are atomic and guarded."""
 
 import threading
 
 import pytest
 
 from shared.errors import Conflict
-from shared.jobs import Job, JobNotFound, JobStatus, RedisJobStore, new_job_id
+from shared.jobs import Job, JobNotFound, JobStatus, JobStore, new_job_id
 
 
 @pytest.fixture
 def jobs(redis_client):
-    return RedisJobStore(redis_client, ttl_s=60)
+    return JobStore(redis_client, ttl_s=60)
 
 
 def _queued(jobs, owner=""):

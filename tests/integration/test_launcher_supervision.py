@@ -4,7 +4,6 @@ under the same hostname; no job is lost."""
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import signal
@@ -15,25 +14,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-import requests
-from PIL import Image
 
 from shared.heartbeat import live_workers
 from shared.queue import WORKER_QUEUES, make_producer
 from stack.services import ManagedProcess, pid_alive, wait_until
-from tests.integration.deployment import Deployment, wait_for_job
-
-
-def _png(color: tuple[int, int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), color).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _submit(api: str, color: tuple[int, int, int]) -> str:
-    response = requests.post(f"{api}/jobs", files={"image": ("a.png", _png(color))}, timeout=30)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
+from tests.helpers import accepted, png, submit_job, wait_for_job
+from tests.integration.deployment import Deployment
 
 
 @pytest.fixture
@@ -80,7 +66,7 @@ def test_a_killed_worker_is_restarted_while_the_other_keeps_serving(deployment, 
     old_pool = pool_pids(cpu0)
     os.kill(killed, signal.SIGKILL)
     killed_at = time.monotonic()
-    during = _submit(deployment.api, (10, 200, 30))
+    during = accepted(submit_job(deployment.api, png(color=(10, 200, 30)), filename="a.png"))
 
     doc = wait_for_job(deployment.api, during, timeout_s=60)
     assert doc["status"] == "succeeded" and doc["worker"] == cpu1, doc
@@ -102,7 +88,10 @@ def test_a_killed_worker_is_restarted_while_the_other_keeps_serving(deployment, 
     print(f"{cpu0} beat again and answered ping {back_after_s:.1f}s after the SIGKILL")
     assert back_after_s < 30
 
-    after = [_submit(deployment.api, (i, 40, 90)) for i in range(4)]
+    after = [
+        accepted(submit_job(deployment.api, png(color=(i, 40, 90)), filename="a.png"))
+        for i in range(4)
+    ]
     for job_id in after:
         assert wait_for_job(deployment.api, job_id, timeout_s=120)["status"] == "succeeded"
     assert launcher.is_running

@@ -15,7 +15,7 @@ from redis.retry import Retry
 
 from shared.batches import Batch, BatchStatus, BatchStore, ItemStatus, NewItem, item_id
 from shared.heartbeat import heartbeat_key
-from shared.jobs import Job, JobStatus, RedisJobStore, new_job_id
+from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.leases import LEASE_INDEX, UNFENCED, LeaseLost, LeaseStore, lease_key
 from shared.queue import PRIORITY_SEP, UNACKED_KEY, find_unacked
 from shared.settings import Settings
@@ -75,7 +75,7 @@ def test_a_holder_of_my_own_node_is_taken_over_while_its_heartbeat_lasts(leases,
 
 
 def test_stale_fences_change_no_job_and_no_item(leases, redis_client):
-    jobs = RedisJobStore(redis_client, ttl_s=60)
+    jobs = JobStore(redis_client, ttl_s=60)
     job = jobs.create(Job(id=new_job_id(), status=JobStatus.QUEUED, options={}, input_key="k"))
     _beat(redis_client, A)
     old = _take(leases, "t1", A).fence
@@ -196,7 +196,8 @@ def _context(redis_client, hostname: str, leases) -> WorkerContext:
         settings=Settings(),
         hostname=hostname,
         redis=redis_client,
-        jobs=RedisJobStore(redis_client, ttl_s=60),
+        jobs=JobStore(redis_client, ttl_s=60),
+        batches=BatchStore(redis_client, ttl_s=60),
         leases=leases,
         store=None,  # type: ignore[arg-type]
         loaded=None,

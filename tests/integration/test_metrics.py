@@ -14,23 +14,17 @@ import zipfile
 
 import pytest
 import requests
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.jobs import Job, JobStatus, RedisJobStore, new_job_id
+from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.options import JobOptions
 from shared.queue import JOBS_QUEUE, PRIORITY_SEP, RENDER_JOB, make_producer
 from stack.services import free_port, wait_until
-from tests.integration.deployment import Deployment, wait_for_batch, wait_for_job
+from tests.helpers import accepted, png, submit_job, wait_for_batch, wait_for_job
+from tests.integration.deployment import Deployment
 
 CHUNK = 2
 PIPELINE_STAGES = ("decode", "model", "reduce", "render", "encode")
-
-
-def _png(color: tuple[int, int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), color).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +59,13 @@ def stage(samples: dict, suffix: str, name: str) -> float:
     return samples[(f"featuremaps_worker_stage_duration_seconds_{suffix}", (("stage", name),))]
 
 
-def submit(api: str, data: bytes) -> str:
-    response = requests.post(f"{api}/jobs", files={"image": ("a.png", data)}, timeout=30)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
 def test_jobs_through_a_real_worker_are_counted_and_timed(deployment):
-    jobs = RedisJobStore(deployment.redis, ttl_s=3600)
+    jobs = JobStore(deployment.redis, ttl_s=3600)
     before = worker_metrics(deployment)
-    ids = [submit(deployment.api, _png((40 * n, 90, 200))) for n in range(3)]
+    ids = [
+        accepted(submit_job(deployment.api, png(color=(40 * n, 90, 200)), filename="a.png"))
+        for n in range(3)
+    ]
     for job_id in ids:
         assert wait_for_job(deployment.api, job_id)["status"] == "succeeded"
     # One the worker fails: bytes that pass as a JPEG by their magic but do not decode.
@@ -119,7 +110,7 @@ def test_a_batch_is_counted_per_image_and_per_chunk(deployment):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for n in range(3):
-            archive.writestr(f"img{n}.png", _png((10, 70 * n, 30)))
+            archive.writestr(f"img{n}.png", png(color=(10, 70 * n, 30)))
         archive.writestr("notes.txt", b"not an image")
     response = requests.post(
         f"{deployment.api}/batches", files={"archive": ("b.zip", buffer.getvalue())}, timeout=30
@@ -171,7 +162,10 @@ def test_the_queue_gauges_follow_a_real_backlog(deployment):
     # With no worker taking them, messages wait.
     for process in deployment.workers:
         process.stop()
-    ids = [submit(deployment.api, _png((0, 0, 50 * n))) for n in range(2)]
+    ids = [
+        accepted(submit_job(deployment.api, png(color=(0, 0, 50 * n)), filename="a.png"))
+        for n in range(2)
+    ]
     # A message with a priority goes to its sub-queue; the gauge counts it too.
     make_producer(deployment.service_settings()).send_task(
         RENDER_JOB, args=[new_job_id()], queue=JOBS_QUEUE, priority=9

@@ -15,7 +15,8 @@ import requests
 
 from shared.options import JobOptions
 from tests import photos
-from tests.integration.deployment import Deployment, wait_for_batch, wait_for_job
+from tests.helpers import accepted, submit_job, wait_for_batch, wait_for_job
+from tests.integration.deployment import Deployment
 
 LIMIT_MB = 20
 LIMIT_BYTES = LIMIT_MB * 2**20
@@ -52,11 +53,8 @@ def model():
 
 
 def _submit(api: str, data: bytes, filename: str = "IMG_0001.JPG", **options) -> dict:
-    response = requests.post(
-        f"{api}/jobs", files={"image": (filename, data)}, data=options, timeout=120
-    )
-    assert response.status_code == 202, response.text
-    return wait_for_job(api, response.json()["id"], timeout_s=240)
+    response = submit_job(api, data, filename=filename, timeout_s=120, **options)
+    return wait_for_job(api, accepted(response), timeout_s=240)
 
 
 def _maps(doc: dict) -> dict[str, np.ndarray]:

@@ -23,7 +23,8 @@ from shared.queue import BATCH_QUEUE, FINALIZE_BATCH_SHARD, make_producer
 from shared.records import new_record_id
 from shared.webhooks import OUTBOX_KEY
 from stack.services import wait_until
-from tests.integration.deployment import Deployment, wait_for_batch
+from tests.helpers import wait_for_batch
+from tests.integration.deployment import Deployment
 from tests.integration.receiver import Receiver
 from tests.integration.test_batches import photo
 from tests.integration.test_webhooks import SECRET
@@ -235,9 +236,7 @@ def test_a_shard_written_again_leaves_the_same_objects_and_one_close(
     producer.send_task(FINALIZE_BATCH_SHARD, args=[batch_id, 3], queue=BATCH_QUEUE)
     wait_until(lambda: store.exists(last), timeout_s=60, what="the redelivered shard rewritten")
     # And run twice more here, with the finalize step that plans them, through the same code.
-    ctx = SimpleNamespace(
-        settings=deployment.service_settings(), redis=deployment.redis, store=store
-    )
+    ctx = _context(deployment, store)
     assert write_shard(ctx, batch_id, 3) == "succeeded"
     assert write_shard(ctx, batch_id, 1) == "succeeded"
     assert finalize_batch(ctx, batch_id, lambda b, shard: pytest.fail("all are written")) == 3
@@ -292,9 +291,7 @@ def test_a_finalize_redelivered_after_the_closer_died_closes_the_batch(
     deployment, store, monkeypatch
 ):
     batch_id = _stored_batch(deployment, store, SHARD_ITEMS + 1)
-    ctx = SimpleNamespace(
-        settings=deployment.service_settings(), redis=deployment.redis, store=store
-    )
+    ctx = _context(deployment, store)
     sent: list[int] = []
     assert finalize_batch(ctx, batch_id, lambda _b, shard: sent.append(shard)) == 2
     assert sent == [1, 2]
@@ -320,3 +317,14 @@ def test_a_finalize_redelivered_after_the_closer_died_closes_the_batch(
     ]
     # KEEP_INPUTS=false: the pack went with the closing, listed by prefix.
     assert list(store.list_keys(f"batches/{batch_id}/inputs/")) == []
+
+
+def _context(deployment, store) -> SimpleNamespace:
+    """What the finalize stage reads of a worker's context."""
+    settings = deployment.service_settings()
+    return SimpleNamespace(
+        settings=settings,
+        redis=deployment.redis,
+        batches=BatchStore(deployment.redis, ttl_s=settings.job_ttl_s),
+        store=store,
+    )

@@ -19,9 +19,10 @@ import pytest
 import requests
 
 from shared.batches import BatchStore
-from shared.jobs import RedisJobStore, job_key
+from shared.jobs import JobStore, job_key
 from stack.services import free_port
-from tests.integration.deployment import Deployment, wait_for_batch, wait_for_job
+from tests.helpers import wait_for_batch, wait_for_job
+from tests.integration.deployment import Deployment
 from tests.integration.test_batches import photo
 from tests.integration.test_metrics import scrape
 from worker.retention import sweep
@@ -228,7 +229,7 @@ def test_an_archive_of_duplicates_runs_each_distinct_photo_once(deployment):
 def dangling_keys(dep: Deployment) -> list[str]:
     """Objects that a job or batch item record names but storage does not hold."""
     store = dep.object_store()
-    jobs = RedisJobStore(dep.redis, ttl_s=TTL_S)
+    jobs = JobStore(dep.redis, ttl_s=TTL_S)
     batches = BatchStore(dep.redis, ttl_s=TTL_S)
     named: list[str] = []
     for key in dep.redis.scan_iter("featuremaps:job:*"):

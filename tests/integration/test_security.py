@@ -5,21 +5,19 @@ logs name them, and inputs are deleted once their job or batch has ended."""
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import subprocess
-import sys
 import time
 import uuid
-import zipfile
 
 import pytest
 import requests
-from PIL import Image
 
 from shared.storage import ObjectStore
+from stack.commands import api_command
 from stack.services import free_port, wait_until
-from tests.integration.deployment import Deployment, wait_for_job
+from tests.helpers import jpeg, submit_archive, submit_source, wait_for_batch, wait_for_job, zip_of
+from tests.integration.deployment import Deployment
 
 UID = uuid.uuid4().hex[:8]
 PHOTOS = f"photos-{UID}"
@@ -33,9 +31,7 @@ BOB = {"Authorization": f"Bearer {BOB_TOKEN}"}
 
 
 def _jpeg(shade: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (48, 40), (shade, 255 - shade, 90)).save(buffer, "JPEG")
-    return buffer.getvalue()
+    return jpeg(color=(shade, 255 - shade, 90))
 
 
 @pytest.fixture(scope="module")
@@ -83,23 +79,6 @@ def buckets(store):
     return made
 
 
-def _submit_source(deployment, url: str, headers: dict) -> requests.Response:
-    return requests.post(
-        f"{deployment.api}/batches", json={"source": url}, headers=headers, timeout=10
-    )
-
-
-def _wait_batch(deployment, batch_id: str, headers: dict, timeout_s: float = 180) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        doc = requests.get(f"{deployment.api}/batches/{batch_id}", headers=headers, timeout=10)
-        doc = doc.json()
-        if doc["status"] in ("succeeded", "failed", "canceled"):
-            return doc
-        assert time.monotonic() < deadline, f"batch {batch_id} still {doc['status']}"
-        time.sleep(0.1)
-
-
 def _wait_gone(store: ObjectStore, keys, timeout_s: float = 30) -> None:
     """The worker deletes inputs right after the terminal transition the API already shows."""
     deadline = time.monotonic() + timeout_s
@@ -125,31 +104,31 @@ def _snapshot(deployment, store) -> tuple[set, set]:
 )
 def test_sources_outside_the_allow_list_are_403_and_leave_nothing(deployment, store, buckets, url):
     before = _snapshot(deployment, store)
-    response = _submit_source(deployment, url, ALICE)
+    response = submit_source(deployment.api, url, headers=ALICE)
     assert response.status_code == 403, response.text
     assert response.json()["error"]["code"] == "forbidden_source"
     assert _snapshot(deployment, store) == before
 
 
 def test_allowed_prefix_runs_and_non_images_fail_alone(deployment, store, buckets):
-    response = _submit_source(deployment, f"s3://{PHOTOS}/set/", BOB)
+    response = submit_source(deployment.api, f"s3://{PHOTOS}/set/", headers=BOB)
     assert response.status_code == 202, response.text
-    doc = _wait_batch(deployment, response.json()["id"], BOB)
+    doc = wait_for_batch(deployment.api, response.json()["id"], headers=BOB)
     assert doc["status"] == "succeeded"
     assert doc["counts"]["succeeded"] == 2 and doc["counts"]["failed"] == 1
 
 
 def test_per_token_entries_allow_one_token_and_not_the_other(deployment, store, buckets):
-    refused = _submit_source(deployment, f"s3://{TEAM}/alice/", BOB)
+    refused = submit_source(deployment.api, f"s3://{TEAM}/alice/", headers=BOB)
     assert refused.status_code == 403, refused.text
-    allowed = _submit_source(deployment, f"s3://{TEAM}/alice/", ALICE)
+    allowed = submit_source(deployment.api, f"s3://{TEAM}/alice/", headers=ALICE)
     assert allowed.status_code == 202, allowed.text
-    doc = _wait_batch(deployment, allowed.json()["id"], ALICE)
+    doc = wait_for_batch(deployment.api, allowed.json()["id"], headers=ALICE)
     assert doc["status"] == "succeeded" and doc["counts"]["succeeded"] == 1
 
 
 def test_service_bucket_stays_refused(deployment, buckets):
-    response = _submit_source(deployment, f"s3://{deployment.bucket}/inputs/", ALICE)
+    response = submit_source(deployment.api, f"s3://{deployment.bucket}/inputs/", headers=ALICE)
     assert response.status_code == 400
 
 
@@ -193,23 +172,15 @@ def test_canceled_job_input_is_deleted(deployment, store):
 
 
 def _submit_zip(deployment, name: str, count: int, headers: dict) -> requests.Response:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for i in range(count):
-            archive.writestr(f"p{i}.jpg", _jpeg(100 + i))
-    return requests.post(
-        f"{deployment.api}/batches",
-        files={"archive": (name, buffer.getvalue())},
-        headers=headers,
-        timeout=30,
-    )
+    archive = zip_of({f"p{i}.jpg": _jpeg(100 + i) for i in range(count)})
+    return submit_archive(deployment.api, name, archive, headers=headers, timeout_s=30)
 
 
 def test_finalized_batch_archive_and_members_are_deleted(deployment, store):
     response = _submit_zip(deployment, "three.zip", 3, ALICE)
     assert response.status_code == 202, response.text
     batch_id = response.json()["id"]
-    doc = _wait_batch(deployment, batch_id, ALICE)
+    doc = wait_for_batch(deployment.api, batch_id, headers=ALICE)
     assert doc["status"] == "succeeded" and doc["counts"]["succeeded"] == 3
 
     def inputs() -> list[str]:
@@ -231,10 +202,10 @@ def test_plaintext_tokens_are_nowhere_in_redis_or_logs(deployment, buckets):
         f"{deployment.api}/jobs", files={"image": ("a.jpg", _jpeg(9))}, headers=ALICE, timeout=30
     ).json()["id"]
     archive = _submit_zip(deployment, "two.zip", 2, BOB).json()["id"]
-    prefix = _submit_source(deployment, f"s3://{TEAM}/alice/", ALICE).json()["id"]
+    prefix = submit_source(deployment.api, f"s3://{TEAM}/alice/", headers=ALICE).json()["id"]
     assert wait_for_job(deployment.api, job, headers=ALICE)["status"] == "succeeded"
-    assert _wait_batch(deployment, archive, BOB)["status"] == "succeeded"
-    assert _wait_batch(deployment, prefix, ALICE)["status"] == "succeeded"
+    assert wait_for_batch(deployment.api, archive, headers=BOB)["status"] == "succeeded"
+    assert wait_for_batch(deployment.api, prefix, headers=ALICE)["status"] == "succeeded"
     secrets = (ALICE_TOKEN.encode(), BOB_TOKEN.encode())
     for key in deployment.redis.scan_iter("*"):
         kind = deployment.redis.type(key).decode()
@@ -267,9 +238,12 @@ def test_api_warns_loudly_without_tokens_beyond_loopback(tmp_path, tokens):
     log_path = tmp_path / "gunicorn.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEATUREMAPS_")}
     env["FEATUREMAPS_API_TOKENS"] = tokens
-    argv = [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf"]
     # A stand-in WSGI app: the warning comes from the master, before any app is loaded.
-    argv += ["--bind", f"0.0.0.0:{free_port()}", "wsgiref.simple_server:demo_app"]
+    argv = api_command(
+        f"0.0.0.0:{free_port()}",
+        config="python:api.gunicorn_conf",
+        app="wsgiref.simple_server:demo_app",
+    )
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:

@@ -12,23 +12,18 @@ import requests
 from PIL import Image
 
 from shared.heartbeat import live_workers
-from shared.jobs import Job, JobStatus, RedisJobStore, new_job_id
+from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.options import JobOptions
 from shared.queue import JOBS_QUEUE, RENDER_JOB, make_producer
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from stack.services import RedisServer, SeaweedS3, wait_until
-from tests.integration.deployment import Deployment, wait_for_job
+from tests.helpers import png, submit_job, wait_for_job
+from tests.integration.deployment import Deployment
 
 GRACE_HOPPER = f"{matplotlib.get_data_path()}/sample_data/grace_hopper.jpg"
 MAX_UPLOAD_MB = 2
 MAX_PIXELS = 4_000_000
-
-
-def _png(size=(64, 48), color=(200, 30, 90)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def _jpeg_bytes() -> bytes:
@@ -57,9 +52,7 @@ def store(deployment):
 
 def _submit(api, data=None, filename="photo.jpg", headers=None, **options):
     data = _jpeg_bytes() if data is None else data
-    return requests.post(
-        f"{api}/jobs", files={"image": (filename, data)}, data=options, headers=headers, timeout=30
-    )
+    return submit_job(api, data, filename=filename, headers=headers, **options)
 
 
 def test_submit_poll_succeed_and_fetch_the_figure(deployment, store):
@@ -106,7 +99,7 @@ def test_submit_poll_succeed_and_fetch_the_figure(deployment, store):
 def test_options_reach_the_worker(deployment):
     response = _submit(
         deployment.api,
-        _png(),
+        png(),
         "x.png",
         format="png",
         reduction="max",
@@ -141,8 +134,8 @@ BAD_UPLOADS = [
     # (description, files, form, status, code)
     ("missing field", {"picture": ("a.jpg", b"x")}, {}, 400, "missing_field"),
     ("empty file", {"image": ("a.jpg", b"")}, {}, 400, "empty_image"),
-    ("bad option", {"image": ("a.png", _png())}, {"mode": "sideways"}, 400, "invalid_option"),
-    ("unknown option", {"image": ("a.png", _png())}, {"dpi": "9"}, 400, "invalid_option"),
+    ("bad option", {"image": ("a.png", png())}, {"mode": "sideways"}, 400, "invalid_option"),
+    ("unknown option", {"image": ("a.png", png())}, {"dpi": "9"}, 400, "invalid_option"),
     ("text named .jpg", {"image": ("a.jpg", b"hello, I am text")}, {}, 415, "unsupported_type"),
     (
         "script named .jpg",
@@ -159,7 +152,7 @@ BAD_UPLOADS = [
         "unsupported_type",
     ),
     ("truncated jpeg", {"image": ("a.jpg", _jpeg_bytes()[:3000])}, {}, 422, "truncated_image"),
-    ("pixel bomb", {"image": ("a.png", _png((2100, 2000)))}, {}, 422, "too_many_pixels"),
+    ("pixel bomb", {"image": ("a.png", png((2100, 2000)))}, {}, 422, "too_many_pixels"),
     (
         "too large",
         {"image": ("a.jpg", b"\xff\xd8\xff" + b"0" * (MAX_UPLOAD_MB * 2**20 + 1))},
@@ -206,7 +199,7 @@ def test_oversized_body_without_content_length_is_413(deployment):
 
 def test_undecodable_input_that_slipped_past_validation_fails_once(deployment, store):
     settings = Settings(redis_url=deployment.redis_url, job_ttl_hours=1)
-    jobs = RedisJobStore(deployment.redis, ttl_s=3600)
+    jobs = JobStore(deployment.redis, ttl_s=3600)
     job_id = new_job_id()
     store.put_bytes(f"inputs/{job_id}/0.jpg", b"\xff\xd8\xff\xe0garbage-after-magic", "image/jpeg")
     jobs.create(
@@ -226,7 +219,7 @@ def test_undecodable_input_that_slipped_past_validation_fails_once(deployment, s
 
 
 def test_cancel_finished_job_is_409(deployment):
-    job_id = _submit(deployment.api, _png(), "a.png").json()["id"]
+    job_id = _submit(deployment.api, png(), "a.png").json()["id"]
     assert wait_for_job(deployment.api, job_id)["status"] == "succeeded"
     response = requests.delete(f"{deployment.api}/jobs/{job_id}", timeout=10)
     assert response.status_code == 409
@@ -239,10 +232,10 @@ def test_tokens_guard_jobs(deployment):
     api = deployment.start_api("api-auth", api_tokens="alice-token,bob-token")
     alice = {"Authorization": "Bearer alice-token"}
     bob = {"Authorization": "Bearer bob-token"}
-    assert _submit(api, _png(), "a.png").status_code == 401
-    bad = _submit(api, _png(), "a.png", headers={"Authorization": "Bearer nope"})
+    assert _submit(api, png(), "a.png").status_code == 401
+    bad = _submit(api, png(), "a.png", headers={"Authorization": "Bearer nope"})
     assert bad.status_code == 401 and bad.json()["error"]["code"] == "unauthorized"
-    job_id = _submit(api, _png(), "a.png", headers=alice).json()["id"]
+    job_id = _submit(api, png(), "a.png", headers=alice).json()["id"]
     assert requests.get(f"{api}/jobs/{job_id}", headers=alice).status_code == 200
     assert requests.get(f"{api}/jobs/{job_id}", timeout=10).status_code == 401
     for method in ("GET", "DELETE"):
@@ -256,7 +249,7 @@ def test_two_workers_share_jobs_and_each_runs_once(deployment):
     second = deployment.start_worker("w2")
     try:
         ids = [
-            _submit(deployment.api, _png(color=(i, 0, 0)), "a.png").json()["id"] for i in range(12)
+            _submit(deployment.api, png(color=(i, 0, 0)), "a.png").json()["id"] for i in range(12)
         ]
         docs = [wait_for_job(deployment.api, job_id) for job_id in ids]
     finally:
@@ -275,7 +268,7 @@ def test_model_is_resident_one_load_per_worker_process(deployment):
         return only
 
     before = beat()
-    ids = [_submit(deployment.api, _png(color=(0, i, 0)), "a.png").json()["id"] for i in range(8)]
+    ids = [_submit(deployment.api, png(color=(0, i, 0)), "a.png").json()["id"] for i in range(8)]
     docs = [wait_for_job(deployment.api, job_id) for job_id in ids]
     assert all(d["status"] == "succeeded" and d["worker"] == hostname for d in docs)
     # Heartbeats are refreshed every few seconds: wait for one written after these jobs.
@@ -321,10 +314,10 @@ def fragile(tmp_path):
 
 def test_cancel_queued_job_never_runs(fragile):
     # No worker yet: the job stays queued.
-    job_id = _submit(fragile.api, _png(), "a.png").json()["id"]
+    job_id = _submit(fragile.api, png(), "a.png").json()["id"]
     response = requests.delete(f"{fragile.api}/jobs/{job_id}", timeout=10)
     assert response.status_code == 202 and response.json()["status"] == "canceled"
-    marker = _submit(fragile.api, _png(), "b.png").json()["id"]
+    marker = _submit(fragile.api, png(), "b.png").json()["id"]
     fragile.start_worker("late")
     assert wait_for_job(fragile.api, marker)["status"] == "succeeded"  # queue drained past it
     doc = requests.get(f"{fragile.api}/jobs/{job_id}", timeout=10).json()
@@ -349,11 +342,11 @@ def test_dependency_down_gives_503_and_nothing_half_made(fragile, down):
         ready = requests.get(f"{fragile.api}/readyz", timeout=30)
         assert ready.status_code == 503
         assert ready.json()["checks"]["redis" if down == "redis" else "storage"]["ok"] is False
-        response = _submit(fragile.api, _png(), "a.png")
+        response = _submit(fragile.api, png(), "a.png")
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] in ("unavailable", "storage_unavailable")
     finally:
         service.start()
     assert set(store.list_keys("")) == keys_before
     assert set(fragile.redis.scan_iter("featuremaps:job:*")) == jobs_before
-    assert _submit(fragile.api, _png(), "a.png").json()["status"] == "queued"  # recovered
+    assert _submit(fragile.api, png(), "a.png").json()["status"] == "queued"  # recovered

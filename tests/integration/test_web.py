@@ -21,7 +21,8 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_play
 from tests import photos
 from tests.archive_makers import NAME, finder_zip
 from tests.conftest import require_executable
-from tests.integration.deployment import Deployment, wait_for_job
+from tests.helpers import wait_for_job
+from tests.integration.deployment import Deployment
 
 TOKEN = "web-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from shared.batches import Batch, BatchStatus, BatchStore, ItemStatus, NewItem, batch_key, item_id
-from shared.jobs import Job, JobStatus, RedisJobStore, job_key, new_job_id
+from shared.jobs import Job, JobStatus, JobStore, job_key, new_job_id
 from shared.records import parse_iso
 from shared.webhooks import OUTBOX_KEY, item_entry
 from tests.integration.receiver import Receiver
@@ -43,7 +43,7 @@ def hook_settings(make_settings):
     return make_settings(webhook_secret="s3cret", webhook_allow_private=True, webhook_timeout_s=5)
 
 
-def ended_job(jobs: RedisJobStore, callback_url: str | None) -> str:
+def ended_job(jobs: JobStore, callback_url: str | None) -> str:
     job = Job(
         id=new_job_id(),
         status=JobStatus.QUEUED,
@@ -57,7 +57,7 @@ def ended_job(jobs: RedisJobStore, callback_url: str | None) -> str:
 
 
 def test_only_an_ended_job_with_a_callback_enters_the_outbox_once(redis_client, hook_settings):
-    jobs = RedisJobStore(redis_client, ttl_s=60)
+    jobs = JobStore(redis_client, ttl_s=60)
     without = ended_job(jobs, None)
     with_hook = Job(id=new_job_id(), status=JobStatus.QUEUED, options={}, input_key="k")
     with_hook.callback_url = "http://127.0.0.1:9/x"
@@ -74,7 +74,7 @@ def test_only_an_ended_job_with_a_callback_enters_the_outbox_once(redis_client, 
 def test_a_dead_deliverers_entry_goes_to_another_after_its_lease(
     redis_client, hook_settings, object_store, receiver
 ):
-    job_id = ended_job(RedisJobStore(redis_client, ttl_s=60), receiver.url("/ok/lease"))
+    job_id = ended_job(JobStore(redis_client, ttl_s=60), receiver.url("/ok/lease"))
     clock = Clock()
     first, second = (
         Deliverer(redis_client, object_store, hook_settings, clock=clock) for _ in range(2)
@@ -85,7 +85,7 @@ def test_a_dead_deliverers_entry_goes_to_another_after_its_lease(
     assert second.deliver_due() is True
     (call,) = receiver.calls_to("/ok/lease")
     assert json.loads(call.body)["status"] == "canceled"
-    job = RedisJobStore(redis_client, ttl_s=60).get(job_id)
+    job = JobStore(redis_client, ttl_s=60).get(job_id)
     assert job.callback_state == "delivered" and job.callbacks[0]["status"] == 200
     assert redis_client.zcard(OUTBOX_KEY) == 0
 
@@ -96,10 +96,10 @@ def test_the_address_is_checked_again_when_sending(
     """Accepted while private targets were allowed (or a name that resolved elsewhere then):
     at delivery the loopback address is refused and nothing is sent."""
     strict = make_settings(webhook_secret="s3cret", webhook_allow_private=False)
-    job_id = ended_job(RedisJobStore(redis_client, ttl_s=60), receiver.url("/ok/rebound"))
+    job_id = ended_job(JobStore(redis_client, ttl_s=60), receiver.url("/ok/rebound"))
     deliverer = Deliverer(redis_client, object_store, strict, clock=Clock())
     assert deliverer.deliver_due() is True
-    job = RedisJobStore(redis_client, ttl_s=60).get(job_id)
+    job = JobStore(redis_client, ttl_s=60).get(job_id)
     (attempt,) = job.callbacks
     assert attempt["status"] is None and "loopback" in attempt["error"]
     assert receiver.calls_to("/ok/rebound") == []
@@ -107,7 +107,7 @@ def test_the_address_is_checked_again_when_sending(
 
 
 def test_an_expired_records_entry_is_dropped(redis_client, hook_settings, object_store):
-    job_id = ended_job(RedisJobStore(redis_client, ttl_s=60), "http://127.0.0.1:9/x")
+    job_id = ended_job(JobStore(redis_client, ttl_s=60), "http://127.0.0.1:9/x")
     deliverer = Deliverer(redis_client, object_store, hook_settings, clock=Clock())
     redis_client.delete(job_key(job_id))
     assert deliverer.deliver_due() is True

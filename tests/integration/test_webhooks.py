@@ -15,19 +15,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from PIL import Image
 
-from tests.integration.deployment import Deployment, wait_for_batch, wait_for_job
+from tests.helpers import png, submit_job, wait_for_batch, wait_for_job
+from tests.integration.deployment import Deployment
 from tests.integration.receiver import Receiver
 
 SECRET = f"whsec-{uuid.uuid4().hex}"
 README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def _png(color=(200, 30, 90)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 48), color).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def readme_verify():
@@ -65,9 +59,7 @@ def receiver():
 
 def submit(api: str, callback_url: str | None, image: bytes | None = None) -> requests.Response:
     data = {"callback_url": callback_url} if callback_url is not None else {}
-    return requests.post(
-        f"{api}/jobs", files={"image": ("x.png", image or _png())}, data=data, timeout=30
-    )
+    return submit_job(api, image or png(), filename="x.png", **data)
 
 
 def wait_for_callback_state(api: str, path: str, *, timeout_s: float = 120) -> dict:
@@ -109,8 +101,8 @@ def test_a_canceled_job_and_a_batch_are_called_back_with_their_final_state(deplo
     final = wait_for_job(deployment.api, job_id)["status"]
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("a.png", _png())
-        zf.writestr("b.png", _png((1, 2, 3)))
+        zf.writestr("a.png", png())
+        zf.writestr("b.png", png(color=(1, 2, 3)))
     batch = requests.post(
         f"{deployment.api}/batches",
         files={"archive": ("two.zip", archive.getvalue())},
@@ -134,7 +126,7 @@ def test_the_command_line_passes_its_callback_url(deployment, receiver, tmp_path
     from client.cli import main
 
     image = tmp_path / "photo.png"
-    image.write_bytes(_png((40, 40, 40)))
+    image.write_bytes(png(color=(40, 40, 40)))
     path = f"/ok/{uuid.uuid4().hex}"
     argv = ["submit", str(image), "--callback-url", receiver.url(path), "--api", deployment.api]
     assert main(argv) == 0
@@ -144,7 +136,7 @@ def test_the_command_line_passes_its_callback_url(deployment, receiver, tmp_path
 
 
 def test_an_idempotency_key_covers_the_callback_url(deployment, receiver):
-    key, image = str(uuid.uuid4()), _png((7, 7, 7))
+    key, image = str(uuid.uuid4()), png(color=(7, 7, 7))
 
     def post(callback_url: str):
         return requests.post(
@@ -237,7 +229,7 @@ def test_a_slow_receiver_never_delays_the_next_job(deployment, receiver):
     first = submit(deployment.api, receiver.url(path)).json()["id"]
     wait_for_job(deployment.api, first)
     receiver.wait_for(path, 1)  # the callback is in flight, and its receiver is not answering
-    second = submit(deployment.api, None, _png((0, 99, 0))).json()["id"]
+    second = submit(deployment.api, None, png(color=(0, 99, 0))).json()["id"]
     assert wait_for_job(deployment.api, second)["status"] == "succeeded"
     assert receiver.in_flight == 1  # still held when the next job had already succeeded
     receiver.release()

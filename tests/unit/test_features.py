@@ -15,7 +15,7 @@ from shared.options import JobOptions
 from worker.compute.features import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    chain_convs,
+    chain_layers,
     conv_chain,
     forward_activations,
     preprocess,
@@ -81,9 +81,9 @@ def article_feature_maps(model: nn.Module, image: Image.Image) -> list[np.ndarra
 
 
 def test_chain_is_the_articles_17_layers_in_order(random_model):
-    assert [name for name, _ in chain_convs(random_model.model)] == CHAIN_NAMES
+    assert [name for name, _ in chain_layers(random_model.model)] == CHAIN_NAMES
     modules = dict(random_model.model.named_modules())
-    assert all(conv is modules[name] for name, conv in chain_convs(random_model.model))
+    assert all(conv is modules[name] for name, conv in chain_layers(random_model.model))
 
 
 def test_faithful_to_the_article(random_model, grace_hopper, grace_hopper_path):

@@ -27,7 +27,7 @@ class _Store:
 @pytest.mark.parametrize(("requires_worker", "status"), [(True, 503), (False, 200)])
 def test_readyz_without_workers(requires_worker: bool, status: int) -> None:
     settings = Settings(readyz_requires_worker=requires_worker)
-    services = Services(settings, _Redis(), jobs=None, store=_Store(), producer=None)
+    services = Services(settings, _Redis(), jobs=None, batches=None, store=_Store(), producer=None)
     response = create_app(settings, services).test_client().get("/readyz")
     assert response.status_code == status
     assert response.json["checks"]["workers"] == {"ok": False, "count": 0, "hostnames": []}

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.batches import ItemStatus
-from shared.errors import FeatureMapsError, NotFound, StorageUnavailable
+from shared.errors import INTERNAL_ERROR, LOST, FeatureMapsError, NotFound, StorageUnavailable
 from shared.leases import UNFENCED, Fence
 from shared.options import JobOptions
 from worker import metrics
-from worker.batches import IO_THREADS, Finalize, batch_store
+from worker.batches import IO_THREADS, Finalize
 from worker.execute import upload_outputs
 from worker.reuse import ChunkReuse, Reused
 from worker.runtime import WorkerContext
@@ -45,7 +45,7 @@ class Delivery:
 def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Delivery) -> int:
     """Process the chunk's items that are still queued (or were started by this same
     delivery); returns how many were processed. Storage errors propagate for a retry."""
-    store = batch_store(ctx)
+    store = ctx.batches
     started = store.start_items(batch_id, ids, token=delivery.token, fence=delivery.fence)
     if len(started) < len(ids) and store.settle_canceled(batch_id, ids):
         delivery.finalize(batch_id)  # a canceled batch whose last queued items were these
@@ -86,7 +86,7 @@ def fail_chunk(
 ) -> None:
     """End the chunk's items that this delivery holds as failed (retries exhausted, time
     limit, a bug): one broken chunk must not leave its batch running for ever."""
-    store = batch_store(ctx)
+    store = ctx.batches
     started = store.start_items(batch_id, ids, token=delivery.token, fence=delivery.fence)
     items = store.get_items(batch_id, started)
     error = {"code": code, "message": message}
@@ -110,7 +110,7 @@ def _download(ctx: WorkerContext, info: dict[str, Any]) -> bytes | FeatureMapsEr
         with metrics.timed("fetch"):
             return ctx.store.get_range(info["input_key"], offset, length)
     except NotFound as exc:
-        return FeatureMapsError(f"the input is gone from storage: {exc.message}", code="lost")
+        return FeatureMapsError(f"the input is gone from storage: {exc.message}", code=LOST)
 
 
 def _process(
@@ -147,7 +147,7 @@ def _process_one(ctx: WorkerContext, data: Any, options: JobOptions) -> Any:
         )
     except Exception as exc:
         log.exception("image failed on its own")
-        return FeatureMapsError(f"{type(exc).__name__}: {exc}", code="internal_error")
+        return FeatureMapsError(f"{type(exc).__name__}: {exc}", code=INTERNAL_ERROR)
     return result
 
 

@@ -21,7 +21,7 @@ from shared import keys
 from shared.batches import Batch, Item, ItemStatus
 from shared.item_codec import item_id, member_index
 from shared.options import JobOptions
-from worker.batches import IO_THREADS, batch_store
+from worker.batches import IO_THREADS
 from worker.batches.result_shards import ResultShards
 from worker.batches.streams import pages
 from worker.runtime import WorkerContext
@@ -204,7 +204,7 @@ def render_slice(ctx: WorkerContext, batch_id: str, n: int) -> str | None:
     from worker.compute.examples import draw_tile
     from worker.compute.render import lut
 
-    batch = batch_store(ctx).get(batch_id)
+    batch = ctx.batches.get(batch_id)
     options = JobOptions.from_mapping(batch.options)
     winners = TopLists.from_bytes(
         ctx.store.get_bytes(keys.examples_part_key(batch_id, "winners.npz"))
@@ -265,7 +265,7 @@ def _example_images(
     from worker.compute.pipeline import CPU_MODEL_BATCH
 
     ids = [item_id(batch.id, int(m)) for m in members]
-    items = batch_store(ctx).get_items(batch.id, ids)
+    items = ctx.batches.get_items(batch.id, ids)
     with ThreadPoolExecutor(IO_THREADS) as pool:
         for start in range(0, len(ids), CPU_MODEL_BATCH):
             part = ids[start : start + CPU_MODEL_BATCH]
@@ -288,7 +288,7 @@ def assemble(ctx: WorkerContext, batch_id: str) -> str:
     key. Slices that recorded no tiles (they gave up) are listed as ``missing``."""
     from worker.compute.examples import TILE
 
-    batch = batch_store(ctx).get(batch_id)
+    batch = ctx.batches.get(batch_id)
     options = JobOptions.from_mapping(batch.options)
     winners = TopLists.from_bytes(
         ctx.store.get_bytes(keys.examples_part_key(batch_id, "winners.npz"))
@@ -394,7 +394,7 @@ def _layer_entry(
 
 def _member_names(ctx: WorkerContext, batch: Batch, members: np.ndarray) -> dict[int, str]:
     wanted = sorted({int(m) for m in members.ravel() if m != NO_ITEM})
-    items = batch_store(ctx).get_items(batch.id, [item_id(batch.id, m) for m in wanted])
+    items = ctx.batches.get_items(batch.id, [item_id(batch.id, m) for m in wanted])
     return {m: items[item_id(batch.id, m)].name for m in wanted}
 
 
@@ -403,7 +403,7 @@ def _first_weights(ctx: WorkerContext, batch: Batch, winners: TopLists) -> Any:
     members = winners.items[winners.items != NO_ITEM]
     if not len(members):
         return None
-    item = batch_store(ctx).get_items(batch.id, [item_id(batch.id, int(members.min()))])
+    item = ctx.batches.get_items(batch.id, [item_id(batch.id, int(members.min()))])
     manifest = json.loads(ctx.store.get_bytes(next(iter(item.values())).info["manifest_key"]))
     return manifest.get("weights")
 

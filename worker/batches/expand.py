@@ -46,7 +46,9 @@ from shared.archives import (
 )
 from shared.batches import BLOCK_ITEMS, Batch, BatchStore, NewItem, item_id
 from shared.errors import (
+    BAD_NAME,
     HARDLINK,
+    SOURCE_MISSING,
     ArchiveLimitExceeded,
     CorruptArchive,
     FeatureMapsError,
@@ -58,7 +60,7 @@ from shared.item_codec import member_index
 from shared.member_names import skip_reason
 from shared.storage import RANGED_READ_AHEAD, ObjectStore, RangedReader
 from shared.zipdir import PAGE_BYTES, Directory, iter_entries
-from worker.batches import IO_THREADS, Dispatch, ExpandShard, Finalize, batch_store
+from worker.batches import IO_THREADS, Dispatch, ExpandShard, Finalize
 from worker.batches.checkpoints import ExpansionState
 from worker.runtime import WorkerContext
 
@@ -86,7 +88,7 @@ def expand_batch(
     """Plan the batch's expansion and dispatch its shards; returns the batch's status.
     A redelivery finds the plan and dispatches the shards that have not ended again (with a
     newer generation, so that an older copy still running stops)."""
-    store = batch_store(ctx)
+    store = ctx.batches
     outcome = store.begin_expansion(batch_id)
     if outcome != "ok":
         log.info("batch %s not expanded: %s", batch_id, outcome)
@@ -148,7 +150,7 @@ def expand_shard(
     """Expand one shard from its checkpoint, block by block, until its end, the slice's end
     (then a continuation is sent) or a limit; returns what became of the shard."""
     dispatch, expand_shard_task, finalize = handoff
-    store = batch_store(ctx)
+    store = ctx.batches
     state = _state(ctx, batch_id)
     claim = state.claim(shard, gen)
     if claim.outcome == "done":
@@ -206,7 +208,7 @@ def fail_shard(
     once the other shards have ended."""
     error = {"code": code, "message": message}
     state = _state(ctx, batch_id)
-    return _finish_shard(batch_store(ctx), state, batch_id, shard, None, error, finalize)
+    return _finish_shard(ctx.batches, state, batch_id, shard, None, error, finalize)
 
 
 def fail_expansion(
@@ -214,7 +216,7 @@ def fail_expansion(
 ) -> str:
     """End an expansion that cannot be planned (storage gone for good, time limit, a bug)."""
     error = {"code": code, "message": message}
-    return _end_expansion(batch_store(ctx), batch_id, error, finalize)
+    return _end_expansion(ctx.batches, batch_id, error, finalize)
 
 
 def _hand_on(
@@ -256,7 +258,7 @@ def _state(ctx: WorkerContext, batch_id: str) -> ExpansionState:
 
 
 def _missing(exc: NotFound) -> dict[str, str]:
-    return {"code": "source_missing", "message": exc.message}
+    return {"code": SOURCE_MISSING, "message": exc.message}
 
 
 class _BlockWriter:
@@ -368,7 +370,7 @@ def _block_items(
         elif member.link is not None:
             here[member.index] = links.resolve(member, here)
         elif member.error is not None or member.data is None:
-            error = member.error or RefusedMember("no data", code="bad_name")
+            error = member.error or RefusedMember("no data", code=BAD_NAME)
             here[member.index] = NewItem(new_id, member.name, error=error.to_dict())
         else:
             try:

@@ -23,7 +23,7 @@ from shared.archives import safe_name
 from shared.batches import Batch, BatchStore, Item, ItemStatus
 from shared.errors import FeatureMapsError, RefusedMember
 from shared.storage import MIN_PART_SIZE
-from worker.batches import IO_THREADS, batch_store
+from worker.batches import IO_THREADS
 from worker.batches.examples import (
     DispatchSlice,
     plan_examples,
@@ -59,7 +59,7 @@ def finalize_batch(
     shards = result_shards(ctx)
     plan = shards.plan(
         batch_id,
-        total=batch_store(ctx).item_count(batch_id),
+        total=ctx.batches.item_count(batch_id),
         size=ctx.settings.result_shard_items,
     )
     written = {s["index"] for s in shards.written(batch_id)}
@@ -78,7 +78,7 @@ def write_shard(
     """Write shard ``shard``'s manifest lines, zip of figures and (with dataset examples)
     partial top lists; the writer of the last shard goes on to the examples or closes the
     batch. Returns the batch's status, ``written``, or ``examples`` while those run."""
-    store, shards = batch_store(ctx), result_shards(ctx)
+    store, shards = ctx.batches, result_shards(ctx)
     plan = shards.planned(batch_id)
     first, count = plan.span(shard)
     batch = store.get(batch_id)
@@ -114,7 +114,7 @@ def results_written(
 ) -> str:
     """Every result shard is written: gather the dataset examples (when the batch has them
     and is not closed yet), or close the batch."""
-    batch = batch_store(ctx).get(batch_id)
+    batch = ctx.batches.get(batch_id)
     if batch.result is not None or not batch.options.get("examples"):
         return close_batch(ctx, batch_id)
     examples_key = plan_examples(ctx, batch_id, shards, dispatch_slice)
@@ -144,7 +144,7 @@ def fail_examples(ctx: WorkerContext, batch_id: str, n: int, code: str, message:
 def close_batch(ctx: WorkerContext, batch_id: str, *, examples_key: str | None = None) -> str:
     """Complete the batch with every shard's keys (and its examples'), once: a batch with a
     result is closed already. Returns its final status."""
-    store = batch_store(ctx)
+    store = ctx.batches
     batch = store.get(batch_id)
     if batch.result is not None:
         return batch.status.value

@@ -2,16 +2,14 @@
 (``expand``, ``chunks``, ``finalize`` in this package: finalizing plans the result shards, and
 each shard is a task of its own).
 
-Every task holds its lease while it runs (:func:`worker.leasing.lease_held`; a chunk's item
-changes are fenced by it) and ends through :func:`worker.guard.guarded`, as jobs do: storage
+Every task is a :class:`worker.leasing.LeasedTask`: it holds its lease while it runs (a
+chunk's item changes are fenced by it) and ends through :func:`worker.guard.guarded`: storage
 errors are retried with backoff (the same delivery token is kept across retries, so a chunk
 resumes the items it started); when retries run out, or the time limit or a bug ends a task,
 its items (or the expansion) end ``failed`` so the batch still completes.
 """
 
 from __future__ import annotations
-
-from celery import Task
 
 from shared.queue import (
     BATCH_QUEUE,
@@ -23,14 +21,11 @@ from shared.queue import (
     RENDER_EXAMPLES,
     RUN_BATCH_CHUNK,
 )
-from worker import runtime
-from worker.batches import batch_store
 from worker.batches.chunks import Delivery, fail_chunk, run_chunk
 from worker.batches.expand import expand_batch, expand_shard, fail_expansion, fail_shard
 from worker.batches.finalize import fail_examples, finalize_batch, render_examples, write_shard
-from worker.celery_app import app, settings
-from worker.guard import guarded
-from worker.leasing import lease_held
+from worker.celery_app import app, task
+from worker.leasing import Held, LeasedTask
 
 
 def _dispatch(batch_id: str, item_ids: list[str]) -> None:
@@ -56,117 +51,72 @@ def _render_examples(batch_id: str, n: int) -> None:
     app.send_task(RENDER_EXAMPLES, args=[batch_id, n], queue=BATCH_QUEUE)
 
 
-@app.task(
-    name=EXPAND_BATCH,
-    bind=True,
-    soft_time_limit=settings.expand_limits_s[0],
-    time_limit=settings.expand_limits_s[1],
-)
-def expand_batch_task(self: Task, batch_id: str) -> object:
-    ctx = runtime.context()
-    with lease_held(self, ctx):
-        return guarded(
-            self,
-            ctx.settings,
-            lambda: expand_batch(ctx, batch_id, _expand_shard, _finalize),
-            what=f"expansion of batch {batch_id}",
-            give_up=lambda code, message: fail_expansion(ctx, batch_id, code, message, _finalize),
-        )
+@task(EXPAND_BATCH, long=True)
+def expand_batch_task(self: LeasedTask, batch_id: str) -> object:
+    return self.run_leased(
+        f"expansion of batch {batch_id}",
+        lambda held: expand_batch(held.ctx, batch_id, _expand_shard, _finalize),
+        lambda held, code, message: fail_expansion(held.ctx, batch_id, code, message, _finalize),
+    )
 
 
-@app.task(
-    name=EXPAND_BATCH_SHARD,
-    bind=True,
-    soft_time_limit=settings.expand_limits_s[0],
-    time_limit=settings.expand_limits_s[1],
-)
-def expand_shard_task(self: Task, batch_id: str, shard: int, gen: int) -> object:
-    ctx = runtime.context()
-    with lease_held(self, ctx):
-        return guarded(
-            self,
-            ctx.settings,
-            lambda: expand_shard(ctx, batch_id, shard, gen, (_dispatch, _expand_shard, _finalize)),
-            what=f"expansion of batch {batch_id}, shard {shard}",
-            give_up=lambda code, message: fail_shard(
-                ctx, batch_id, shard, code, message, _finalize
-            ),
-        )
+@task(EXPAND_BATCH_SHARD, long=True)
+def expand_shard_task(self: LeasedTask, batch_id: str, shard: int, gen: int) -> object:
+    handing_on = (_dispatch, _expand_shard, _finalize)
+    return self.run_leased(
+        f"expansion of batch {batch_id}, shard {shard}",
+        lambda held: expand_shard(held.ctx, batch_id, shard, gen, handing_on),
+        lambda held, code, message: fail_shard(held.ctx, batch_id, shard, code, message, _finalize),
+    )
 
 
-@app.task(name=RUN_BATCH_CHUNK, bind=True)
-def run_chunk_task(self: Task, batch_id: str, item_ids: list[str]) -> object:
-    ctx = runtime.context()
-    # The task id: a redelivery, or the same message handed over, resumes the items it started.
-    token = self.request.id
-    with lease_held(self, ctx) as fence:
-        delivery = Delivery(token=token, finalize=_finalize, fence=fence)
-        return guarded(
-            self,
-            ctx.settings,
-            lambda: run_chunk(ctx, batch_id, item_ids, delivery),
-            what=f"chunk of batch {batch_id}",
-            give_up=lambda code, message: fail_chunk(
-                ctx, batch_id, item_ids, delivery, code, message
-            ),
-        )
+@task(RUN_BATCH_CHUNK)
+def run_chunk_task(self: LeasedTask, batch_id: str, item_ids: list[str]) -> object:
+    def delivery(held: Held) -> Delivery:
+        # The task id: a redelivery, or the same message handed over, resumes the items it
+        # started.
+        return Delivery(token=self.request.id, finalize=_finalize, fence=held.fence)
+
+    return self.run_leased(
+        f"chunk of batch {batch_id}",
+        lambda held: run_chunk(held.ctx, batch_id, item_ids, delivery(held)),
+        lambda held, code, message: fail_chunk(
+            held.ctx, batch_id, item_ids, delivery(held), code, message
+        ),
+    )
 
 
-@app.task(name=FINALIZE_BATCH, bind=True)
-def finalize_batch_task(self: Task, batch_id: str) -> object:
-    ctx = runtime.context()
-    with lease_held(self, ctx):
-        return guarded(
-            self,
-            ctx.settings,
-            lambda: finalize_batch(ctx, batch_id, _write_shard, _render_examples),
-            what=f"finalizing batch {batch_id}",
-            give_up=lambda code, message: batch_store(ctx).fail(
-                batch_id,
-                code=code,
-                message=f"the batch's results could not be planned: {message}",
-            ),
-        )
+@task(FINALIZE_BATCH)
+def finalize_batch_task(self: LeasedTask, batch_id: str) -> object:
+    return self.run_leased(
+        f"finalizing batch {batch_id}",
+        lambda held: finalize_batch(held.ctx, batch_id, _write_shard, _render_examples),
+        lambda held, code, message: held.ctx.batches.fail(
+            batch_id, code=code, message=f"the batch's results could not be planned: {message}"
+        ),
+    )
 
 
 # A shard copies up to RESULT_SHARD_ITEMS figures: it gets the long limits expansion has.
-@app.task(
-    name=FINALIZE_BATCH_SHARD,
-    bind=True,
-    soft_time_limit=settings.expand_limits_s[0],
-    time_limit=settings.expand_limits_s[1],
-)
-def finalize_batch_shard_task(self: Task, batch_id: str, shard: int) -> object:
-    ctx = runtime.context()
-    with lease_held(self, ctx):
-        return guarded(
-            self,
-            ctx.settings,
-            lambda: write_shard(ctx, batch_id, shard, _render_examples),
-            what=f"result shard {shard} of batch {batch_id}",
-            give_up=lambda code, message: batch_store(ctx).fail(
-                batch_id,
-                code=code,
-                message=f"the batch's result shard {shard} could not be written: {message}",
-            ),
-        )
+@task(FINALIZE_BATCH_SHARD, long=True)
+def finalize_batch_shard_task(self: LeasedTask, batch_id: str, shard: int) -> object:
+    return self.run_leased(
+        f"result shard {shard} of batch {batch_id}",
+        lambda held: write_shard(held.ctx, batch_id, shard, _render_examples),
+        lambda held, code, message: held.ctx.batches.fail(
+            batch_id,
+            code=code,
+            message=f"the batch's result shard {shard} could not be written: {message}",
+        ),
+    )
 
 
 # A slice runs up to EXAMPLE_SLICE_ITEMS images through the model again and draws their
 # tiles; the last one assembles every sheet: it gets the long limits expansion has.
-@app.task(
-    name=RENDER_EXAMPLES,
-    bind=True,
-    soft_time_limit=settings.expand_limits_s[0],
-    time_limit=settings.expand_limits_s[1],
-)
-def render_examples_task(self: Task, batch_id: str, n: int) -> object:
-    ctx = runtime.context()
-    with lease_held(self, ctx):
-        return guarded(
-            self,
-            ctx.settings,
-            lambda: render_examples(ctx, batch_id, n),
-            what=f"example slice {n} of batch {batch_id}",
-            give_up=lambda code, message: fail_examples(ctx, batch_id, n, code, message),
-        )
+@task(RENDER_EXAMPLES, long=True)
+def render_examples_task(self: LeasedTask, batch_id: str, n: int) -> object:
+    return self.run_leased(
+        f"example slice {n} of batch {batch_id}",
+        lambda held: render_examples(held.ctx, batch_id, n),
+        lambda held, code, message: fail_examples(held.ctx, batch_id, n, code, message),
+    )

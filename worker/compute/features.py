@@ -19,7 +19,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_SIDE = 224
 
 
-def chain_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+def chain_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     """The article's walk: top-level Conv2d children, then the Conv2d children of each block
     of each top-level Sequential. Downsample convs sit one level deeper and are not included,
     which for ResNet-18 gives 17 layers, ``conv1`` … ``layer4.1.conv2``."""
@@ -89,7 +89,7 @@ def conv_chain(
     outputs: list[tuple[str, Tensor]] = []
     with torch.inference_mode():
         x = batch.to(_device_of(model))
-        for name, conv in chain_convs(model):
+        for name, conv in chain_layers(model):
             x = conv(x)
             outputs.append((name, keep(x) if keep else x))
     return outputs

@@ -289,9 +289,8 @@ def _forward(loaded: LoadedModel, batch: torch.Tensor, options: JobOptions) -> _
         return reduced
 
     started = time.perf_counter()
-    # On the CPU a chunk goes through the model in slices: activations of 8 images keep the
-    # conv working set small enough to run ~10% faster per image than 16 at once (measured,
-    # docs/benchmarks.md). A GPU takes the whole chunk.
+    # On the CPU a chunk goes through the model in slices: a few images' activations keep the
+    # conv working set in cache (docs/benchmarks.md "Bulk"). A GPU takes the whole chunk.
     count = len(batch)
     step = count if loaded.device.type == "cuda" else CPU_MODEL_BATCH
     parts = []

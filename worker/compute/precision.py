@@ -5,10 +5,9 @@
   are bit for bit those of the article's code.
 - ``fast`` on the CPU: JPEGs are decoded with libjpeg's DCT scaling (Pillow's draft mode) to
   the smallest 1/2, 1/4 or 1/8 scale that keeps both sides at least ``DRAFT_SIDE`` pixels,
-  then resized as in ``exact``. Other formats decode as in ``exact``. Measured on camera-size
-  photos (docs/benchmarks.md "Precision"): the 224×224 input differs from the exact one by at
-  most a few levels, and each map by well under 2 % of its range (correlation above 0.9999),
-  for 2-3× less decode time on 12 MP photos.
+  then resized as in ``exact``. Other formats decode as in ``exact``. The maps stay within
+  the tolerance tests/unit/test_precision.py holds them to; docs/benchmarks.md "Precision"
+  has what was measured.
 - ``fast`` on CUDA: TF32 allowed, and decode, resize and the JPEG figure run on the GPU
   (``worker/compute/device_stages.py``: nvJPEG, torch's antialiased resize, the torch renderer and
   the GPU JPEG encoder).

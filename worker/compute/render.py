@@ -26,6 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from shared.options import DEFAULTS, FORMATS, RENDERERS
+
 COLUMNS = 4
 TILE = 224  # tile side in pixels; every map is scaled (nearest) to it
 PAD = 12
@@ -41,7 +43,6 @@ THUMBNAIL_PAD = 2
 # The input as analysed (upright, RGB), for a page to show beside the figure.
 INPUT_PREVIEW_SIDE = 640
 
-_MATPLOTLIB_FORMATS = ("jpg", "png", "webp", "svg", "pdf")
 _PIL_SAVE = {
     "jpg": ("JPEG", {"quality": 90}),
     # compress_level 1: several times faster than the default 6, files ~20% bigger.
@@ -86,9 +87,9 @@ def grid_layout(n_layers: int) -> GridLayout:
 def render_grid(
     layers: Sequence[LayerMap],
     *,
-    fmt: str = "jpg",
-    colormap: str = "viridis",
-    renderer: str = "fast",
+    fmt: str = DEFAULTS.format,
+    colormap: str = DEFAULTS.colormap,
+    renderer: str = DEFAULTS.renderer,
     caption: str,
 ) -> bytes:
     """Draw the grid of ``layers`` and encode it as ``fmt``: :func:`encode_grid` of
@@ -100,16 +101,16 @@ def render_grid(
 def draw_grid(
     layers: Sequence[LayerMap],
     *,
-    fmt: str = "jpg",
-    colormap: str = "viridis",
-    renderer: str = "fast",
+    fmt: str = DEFAULTS.format,
+    colormap: str = DEFAULTS.colormap,
+    renderer: str = DEFAULTS.renderer,
     caption: str,
 ) -> Image.Image | Figure:
     """Draw the grid of ``layers`` for :func:`encode_grid`: a Pillow image (the ``fast``
     renderer, raster formats) or a matplotlib figure (``matplotlib``, SVG and PDF)."""
     if renderer == "fast" and fmt in _PIL_SAVE:
         return _draw_fast(layers, colormap, caption)
-    if renderer not in ("fast", "matplotlib") or fmt not in _MATPLOTLIB_FORMATS:
+    if renderer not in RENDERERS or fmt not in FORMATS:
         raise ValueError(f"cannot render format {fmt!r} with renderer {renderer!r}")
     return _draw_matplotlib(layers, colormap, caption)
 
@@ -125,7 +126,7 @@ def encode_grid(drawn: Image.Image | Figure, fmt: str) -> bytes:
         drawn.clear()
 
 
-def render_layer_png(array: np.ndarray, colormap: str = "viridis") -> bytes:
+def render_layer_png(array: np.ndarray, colormap: str = DEFAULTS.colormap) -> bytes:
     """One map as a colormapped PNG, scaled up by a whole factor (nearest) so small maps are
     visible; pixels stay square and unblended."""
     height, width = array.shape
@@ -134,7 +135,7 @@ def render_layer_png(array: np.ndarray, colormap: str = "viridis") -> bytes:
     return _encode_pil(_colormapped(array, (width * factor, height * factor), colormap), "png")
 
 
-def render_thumbnail(layers: Sequence[LayerMap], colormap: str = "viridis") -> bytes:
+def render_thumbnail(layers: Sequence[LayerMap], colormap: str = DEFAULTS.colormap) -> bytes:
     """A small JPEG of the grid (4 columns of untitled tiles) for galleries, whatever the
     figure's format: a browser should never scale a full figure down to show a thumbnail."""
     rows = max(1, math.ceil(len(layers) / COLUMNS))
