@@ -14,7 +14,12 @@ from shared import queue
 from worker import celery_app
 from worker.leasing import LeasedTask
 
-LONG = {queue.EXPAND_BATCH, queue.EXPAND_BATCH_SHARD, queue.FINALIZE_BATCH_SHARD}
+LONG = {
+    queue.EXPAND_BATCH,
+    queue.EXPAND_BATCH_SHARD,
+    queue.FINALIZE_BATCH_SHARD,
+    queue.RENDER_EXAMPLES,
+}
 SHORT = {queue.RENDER_JOB, queue.RUN_BATCH_CHUNK, queue.FINALIZE_BATCH}
 
 
