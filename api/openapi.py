@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from api.routes.batches import DEFAULT_PAGE, MAX_PAGE
 from shared.batches import COUNTERS, BatchStatus, ItemStatus
 from shared.imaging import ACCEPTED_NAMES
 from shared.jobs import JobStatus
@@ -158,6 +159,7 @@ _ARCHIVE_ENCODING = {
 _CALLBACK_ATTEMPT = {
     "type": "object",
     "required": ["at", "status", "error"],
+    "additionalProperties": False,
     "properties": {
         "at": {"type": "string"},
         "status": {"type": ["integer", "null"], "description": "the receiver's"},
@@ -234,45 +236,152 @@ _REUSED_FROM = {
     "type": ["string", "null"],
     "description": "the job or batch item whose result was copied",
 }
+# Every document's error: a stable code (shared/errors.py, docs/design.md "Failure codes").
+_ERROR_BODY = {
+    "type": "object",
+    "required": ["code", "message"],
+    "additionalProperties": False,
+    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+}
+_NULLABLE_ERROR = {**_ERROR_BODY, "type": ["object", "null"]}
+_TIMESTAMP = {"type": "string", "format": "date-time"}
+_TIMESTAMPS = {
+    "created_at": _TIMESTAMP,
+    "started_at": {**_TIMESTAMP, "type": ["string", "null"]},
+    "finished_at": {**_TIMESTAMP, "type": ["string", "null"]},
+}
+# The options as resolved (shared/options.py JobOptions): every one, defaults filled in.
+# Records written before dataset examples existed lack the two examples fields.
+_OPTIONS_DOC = {
+    "type": "object",
+    "required": [
+        "mode",
+        "reduction",
+        "normalize",
+        "format",
+        "colormap",
+        "renderer",
+        "precision",
+        "per_layer",
+        "arrays",
+    ],
+    "additionalProperties": False,
+    "properties": {
+        "mode": {"type": "string", "enum": list(MODES)},
+        "reduction": {"type": "string", "enum": list(REDUCTIONS)},
+        "normalize": {"type": "string", "enum": list(NORMALIZATIONS)},
+        "format": {"type": "string", "enum": list(FORMATS)},
+        "colormap": {"type": "string", "enum": list(COLORMAPS)},
+        "renderer": {"type": "string", "enum": list(RENDERERS)},
+        "precision": {"type": "string", "enum": list(PRECISIONS)},
+        "per_layer": {"type": "boolean"},
+        "arrays": {"type": "boolean"},
+        "examples": {"type": "integer", "minimum": 0, "maximum": MAX_EXAMPLES},
+        "examples_score": {"type": "string", "enum": list(EXAMPLE_SCORES)},
+    },
+}
+_URL = {"type": "string"}
+_LAYER_STATS = {
+    "type": "object",
+    "required": ["name", "shape", "min", "max", "mean"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 3},
+        "min": {"type": "number"},
+        "max": {"type": "number"},
+        "mean": {"type": "number"},
+    },
+}
+_JOB_RESULT = {
+    "type": "object",
+    "required": ["figure_url", "manifest_url", "layers", "weights", "reused"],
+    "additionalProperties": False,
+    "properties": {
+        "figure_url": _URL,
+        "manifest_url": _URL,
+        "thumbnail_url": _URL,
+        "input_url": {**_URL, "description": "the input as analysed: upright RGB JPEG"},
+        "arrays_url": {**_URL, "description": "maps.npz (with arrays=true)"},
+        "layer_urls": {
+            "type": "array",
+            "items": _URL,
+            "description": "a PNG per layer (with per_layer=true)",
+        },
+        "layers": {"type": "array", "items": _LAYER_STATS},
+        "weights": {
+            "type": ["object", "null"],
+            "description": "which weights ran: {name: imagenet, ...}, {name: random, seed}, or "
+            "a file's name and sha256",
+        },
+        "precision": {
+            "type": ["object", "null"],
+            "description": "the computation that ran: mode (exact or fast, the "
+            "precision option resolved on the worker's device), decoder, tf32, on_device",
+        },
+        "predictions": {
+            "type": "array",
+            "description": "with the ImageNet weights only: the top classes",
+            "items": {
+                "type": "object",
+                "required": ["label", "probability"],
+                "additionalProperties": False,
+                "properties": {
+                    "label": {"type": "string"},
+                    "probability": {"type": "number", "minimum": 0, "maximum": 1},
+                },
+            },
+        },
+        "reused": _REUSED,
+        "reused_from": _REUSED_FROM,
+    },
+}
+_JOB_LINKS = {
+    "type": "object",
+    "required": ["self", "figure", "page"],
+    "additionalProperties": False,
+    "properties": {
+        "self": {"type": "string"},
+        "figure": {"type": "string", "description": "GET: a redirect to the figure"},
+        "page": {"type": "string", "description": "the job's web page"},
+    },
+}
 _JOB_DOC = {
     "type": "object",
-    "required": ["id", "status", "created_at", "options", "attempts"],
+    "required": [
+        "id",
+        "status",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "options",
+        "attempts",
+        "worker",
+        "device",
+        "timings",
+        "result",
+        "error",
+        "callback_url",
+        "callback_state",
+        "callbacks",
+        "links",
+    ],
+    "additionalProperties": False,
     "properties": {
         "id": {"type": "string"},
         "status": {
             "type": "string",
             "enum": [status.value for status in JobStatus],
         },
-        "created_at": {"type": "string"},
-        "started_at": {"type": ["string", "null"]},
-        "finished_at": {"type": ["string", "null"]},
-        "options": {"type": "object"},
+        **_TIMESTAMPS,
+        "options": _OPTIONS_DOC,
         "attempts": {"type": "integer"},
         "worker": {"type": ["string", "null"]},
         "device": {"type": ["string", "null"]},
         "timings": {"type": "object", "additionalProperties": {"type": "number"}},
-        "result": {
-            "type": ["object", "null"],
-            "properties": {
-                "reused": _REUSED,
-                "reused_from": _REUSED_FROM,
-                "precision": {
-                    "type": ["object", "null"],
-                    "description": "the computation that ran: mode (exact or fast, the "
-                    "precision option resolved on the worker's device), decoder, tf32, on_device",
-                },
-            },
-        },
-        "error": {
-            "oneOf": [
-                {"type": "null"},
-                {
-                    "type": "object",
-                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-                },
-            ]
-        },
-        "links": {"type": "object"},
+        "result": {**_JOB_RESULT, "type": ["object", "null"]},
+        "error": _NULLABLE_ERROR,
+        "links": _JOB_LINKS,
         **_CALLBACK_FIELDS,
     },
 }
@@ -282,6 +391,8 @@ _BATCH_ID = {**_JOB_ID, "name": "batch_id"}
 _COUNTS = ("total", *COUNTERS)
 _RESULT_SHARD = {
     "type": "object",
+    "required": ["index", "first", "items", "manifest_url", "archive_url"],
+    "additionalProperties": False,
     "properties": {
         "index": {"type": "integer", "minimum": 1},
         "first": {"type": "integer", "minimum": 0, "description": "position of its first member"},
@@ -293,18 +404,66 @@ _RESULT_SHARD = {
         },
     },
 }
+_BATCH_LINKS = {
+    "type": "object",
+    "required": ["self", "items", "page", "examples", "examples_page"],
+    "additionalProperties": False,
+    "properties": {
+        "self": {"type": "string"},
+        "items": {"type": "string"},
+        "page": {"type": "string", "description": "the batch's web page"},
+        "examples": {"type": "string", "description": "GET its dataset examples"},
+        "examples_page": {"type": "string", "description": "their web page"},
+    },
+}
 _BATCH_DOC = {
     "type": "object",
-    "required": ["id", "status", "counts", "progress"],
+    "required": [
+        "id",
+        "status",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "options",
+        "source",
+        "counts",
+        "progress",
+        "rate",
+        "eta_s",
+        "error",
+        "result",
+        "callback_url",
+        "callback_state",
+        "callbacks",
+        "item_callbacks",
+        "links",
+    ],
+    "additionalProperties": False,
     "properties": {
         "id": {"type": "string"},
         "status": {
             "type": "string",
             "enum": [status.value for status in BatchStatus],
         },
+        **_TIMESTAMPS,
+        "options": _OPTIONS_DOC,
+        "source": {
+            "type": "object",
+            "required": ["kind", "name"],
+            "additionalProperties": False,
+            "properties": {
+                "kind": {"type": "string", "enum": ["archive", "s3"]},
+                "name": {
+                    "type": ["string", "null"],
+                    "description": "the uploaded archive's file name, or the s3:// prefix",
+                },
+            },
+        },
         "counts": {
             "type": "object",
-            "properties": {name: {"type": "integer"} for name in _COUNTS},
+            "required": list(_COUNTS),
+            "additionalProperties": False,
+            "properties": {name: {"type": "integer", "minimum": 0} for name in _COUNTS},
         },
         "progress": {"type": "number", "minimum": 0, "maximum": 1},
         "rate": {"type": ["number", "null"], "description": "images/s while running"},
@@ -312,6 +471,8 @@ _BATCH_DOC = {
         "result": {
             "type": ["object", "null"],
             "description": "once ended: the results in shards of RESULT_SHARD_ITEMS members",
+            "required": ["manifest_url", "archive_url", "examples_url", "shards"],
+            "additionalProperties": False,
             "properties": {
                 "manifest_url": {
                     "type": ["string", "null"],
@@ -329,32 +490,36 @@ _BATCH_DOC = {
                 "shards": {"type": "array", "items": _RESULT_SHARD},
             },
         },
-        "error": {"type": ["object", "null"]},
-        "links": {
-            "type": "object",
-            "properties": {
-                "self": {"type": "string"},
-                "items": {"type": "string"},
-                "page": {"type": "string", "description": "the batch's web page"},
-                "examples": {"type": "string", "description": "GET its dataset examples"},
-                "examples_page": {"type": "string", "description": "their web page"},
-            },
-        },
+        "error": _NULLABLE_ERROR,
+        "links": _BATCH_LINKS,
         **_CALLBACK_FIELDS,
         "item_callbacks": {"type": "boolean", "description": "each item is called back too"},
     },
 }
 _ITEM_DOC = {
     "type": "object",
+    "required": [
+        "id",
+        "name",
+        "status",
+        "figure_url",
+        "thumbnail_url",
+        "error",
+        "skip_reason",
+        "reused",
+        "reused_from",
+        "attempts",
+    ],
+    "additionalProperties": False,
     "properties": {
         "id": {"type": "string"},
         "name": {"type": "string"},
         "status": {"type": "string", "enum": [status.value for status in ItemStatus]},
         "figure_url": {"type": ["string", "null"]},
         "thumbnail_url": {"type": ["string", "null"], "description": "a small JPEG of the grid"},
-        "error": {"type": ["object", "null"]},
+        "error": _NULLABLE_ERROR,
         "skip_reason": {
-            "type": ["object", "null"],
+            **_NULLABLE_ERROR,
             "description": "why a skipped member was not processed ({code, message}: "
             "macos_metadata, windows_metadata); skipped is not failed",
         },
@@ -485,10 +650,11 @@ def openapi_document() -> dict:
                 "Accepted": {
                     "type": "object",
                     "required": ["id", "status", "links"],
+                    "additionalProperties": False,
                     "properties": {
                         "id": {"type": "string"},
-                        "status": {"type": "string"},
-                        "links": {"type": "object"},
+                        "status": {"type": "string", "enum": ["queued"]},
+                        "links": {"oneOf": [_JOB_LINKS, _BATCH_LINKS]},
                     },
                 },
             },
@@ -684,11 +850,21 @@ def openapi_document() -> dict:
             "/batches/{batch_id}/items": {
                 "parameters": [
                     _BATCH_ID,
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "description": "the next_cursor of the page before (a member position)",
+                        "schema": {"type": "string", "pattern": "^[0-9]*$"},
+                    },
                     {
                         "name": "limit",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_PAGE,
+                            "default": DEFAULT_PAGE,
+                        },
                     },
                 ],
                 "get": {
@@ -701,9 +877,13 @@ def openapi_document() -> dict:
                                     "schema": {
                                         "type": "object",
                                         "required": ["items", "next_cursor"],
+                                        "additionalProperties": False,
                                         "properties": {
                                             "items": {"type": "array", "items": _ITEM_DOC},
-                                            "next_cursor": {"type": ["string", "null"]},
+                                            "next_cursor": {
+                                                "type": ["string", "null"],
+                                                "pattern": "^[0-9]+$",
+                                            },
                                         },
                                     }
                                 }
@@ -776,7 +956,10 @@ def openapi_document() -> dict:
                 "get": {
                     "summary": "Prometheus metrics",
                     "security": [{}],
-                    "responses": {"200": {"description": "text", "content": {"text/plain": {}}}},
+                    "responses": {
+                        "200": {"description": "text", "content": {"text/plain": {}}},
+                        "503": _error("Redis is down: the job and queue figures cannot be read"),
+                    },
                 }
             },
             "/openapi.json": {

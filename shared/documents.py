@@ -14,7 +14,8 @@ def job_document(store: ObjectStore, job: Job, expiry_s: int) -> dict:
     doc = job.to_dict()
     result = job.result
     if result:
-        public = {k: v for k, v in result.items() if not k.endswith("_key")}
+        # Storage keys stay private: each has its presigned *_url below.
+        public = {k: v for k, v in result.items() if not k.endswith(("_key", "_keys"))}
         public["figure_url"] = store.presigned_get(result["figure_key"], expiry_s)
         public["manifest_url"] = store.presigned_get(result["manifest_key"], expiry_s)
         if result.get("input_preview_key"):
