@@ -113,6 +113,14 @@ def wait_for_batch(
     )
 
 
+def worker_caught_up(api: str, *, headers: Mapping[str, str] | None = None) -> None:
+    """Returns once a one-worker deployment has done what it was doing: its worker runs one
+    task at a time, so a tiny job sent now ends after the task in hand, and what that task
+    does after its record's final transition (deleting inputs) is done by then."""
+    job_id = accepted(submit_job(api, png((8, 8), (1, 2, 3)), headers=headers))
+    wait_for_job(api, job_id, headers=headers)
+
+
 def _wait_for(
     url: str,
     what: str,

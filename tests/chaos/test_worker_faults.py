@@ -90,6 +90,9 @@ def test_task_over_its_time_limit_fails_timeout_and_worker_keeps_serving(make_st
     assert stack.result_keys(slow) == []
     doc = stack.wait_finished(after)
     assert doc["status"] == "succeeded" and doc["worker"] == worker.hostname
+    # A failed job's input goes too (KEEP_INPUTS=false): the one worker ran `after` once the
+    # failed job's task, which deletes it, had returned.
+    assert not list(stack.store().list_keys(f"inputs/{slow}/"))
     # The soft limit interrupted the sleep: it never ran to its end.
     assert "slow-not-interrupted" not in [event for event, _ in stack.events()]
     assert worker.is_running

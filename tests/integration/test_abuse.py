@@ -21,7 +21,7 @@ import requests
 
 from shared import imaging
 from shared.errors import UnsupportedType
-from tests.helpers import png, submit_archive, wait_for_batch, wait_for_job
+from tests.helpers import png, submit_archive, wait_for_batch, wait_for_job, worker_caught_up
 from tests.integration.deployment import Deployment
 
 MAX_UPLOAD_MB = 1
@@ -222,7 +222,8 @@ def test_client_file_name_is_never_used_as_a_key(deployment, store):
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     assert wait_for_job(deployment.api, job_id, headers=ALICE)["status"] == "succeeded"
-    # KEEP_INPUTS=true: the input outlives its job.
+    # KEEP_INPUTS=true: the input outlives its job, after the point where it would be deleted.
+    worker_caught_up(deployment.api, headers=ALICE)
     assert list(store.list_keys(f"inputs/{job_id}/")) == [f"inputs/{job_id}/0.png"]
     assert not [k for k in store.list_keys("") if "passwd" in k or ".." in k]
 

@@ -28,7 +28,7 @@ from tests.archive_makers import (
     photo_folder,
     windows_gbk_zip,
 )
-from tests.helpers import png, submit_archive, wait_for_batch, wait_for_job
+from tests.helpers import png, submit_archive, wait_for_batch, wait_for_job, worker_caught_up
 from tests.integration.deployment import Deployment
 
 # The colour of this module's generated images.
@@ -165,6 +165,8 @@ def test_archive_with_planted_bad_members(deployment, store, kind):
     assert response.headers["Location"] == f"/batches/{batch_id}"
 
     doc = wait_for_batch(deployment.api, batch_id)
+    # Past the point where the closer deletes inputs unless KEEP_INPUTS (checked below).
+    worker_caught_up(deployment.api)
     expected_bad = {name: code for name, (_d, code) in BAD_FILES.items()}
     expected_bad[SYMLINK[0]] = SYMLINK[1]
     members = len(good) + len(expected_bad)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -16,7 +17,17 @@ import requests
 from shared.storage import ObjectStore
 from stack.commands import api_command
 from stack.services import free_port, wait_until
-from tests.helpers import jpeg, submit_archive, submit_source, wait_for_batch, wait_for_job, zip_of
+from tests.helpers import (
+    accepted,
+    jpeg,
+    submit_archive,
+    submit_job,
+    submit_source,
+    wait_for_batch,
+    wait_for_job,
+    worker_caught_up,
+    zip_of,
+)
 from tests.integration.deployment import Deployment
 
 UID = uuid.uuid4().hex[:8]
@@ -162,13 +173,21 @@ def test_finished_job_input_is_deleted_and_figure_kept(deployment, store):
 
 
 def test_canceled_job_input_is_deleted(deployment, store):
-    response = requests.post(
-        f"{deployment.api}/jobs", files={"image": ("c.jpg", _jpeg(70))}, headers=BOB, timeout=30
-    )
-    job_id = response.json()["id"]
-    requests.delete(f"{deployment.api}/jobs/{job_id}", headers=BOB, timeout=10)
-    assert wait_for_job(deployment.api, job_id, headers=BOB)["status"] in ("canceled", "succeeded")
-    _wait_gone(store, lambda: list(store.list_keys(f"inputs/{job_id}/")))
+    # The worker stopped, so the job is surely still queued when it is canceled.
+    worker = deployment.workers[0]
+    os.killpg(worker.pid, signal.SIGSTOP)
+    try:
+        job_id = accepted(submit_job(deployment.api, _jpeg(70), filename="c.jpg", headers=BOB))
+        assert list(store.list_keys(f"inputs/{job_id}/"))
+        canceled = requests.delete(f"{deployment.api}/jobs/{job_id}", headers=BOB, timeout=10)
+        assert canceled.status_code == 202 and canceled.json()["status"] == "canceled"
+        # The API deletes it as it cancels: no worker will read it.
+        assert not list(store.list_keys(f"inputs/{job_id}/"))
+    finally:
+        os.killpg(worker.pid, signal.SIGCONT)
+    worker_caught_up(deployment.api, headers=BOB)
+    assert wait_for_job(deployment.api, job_id, headers=BOB)["status"] == "canceled"
+    assert not list(store.list_keys(f"results/{job_id}/"))
 
 
 def _submit_zip(deployment, name: str, count: int, headers: dict) -> requests.Response:
