@@ -62,10 +62,13 @@ _PIL_FORMATS = {
     "avif": "AVIF",
 }
 
-# ISO-BMFF ftyp brands. MP4, MOV and 3GP use the same container with other brands, and the
-# generic still-image brands (mif1, msf1, miaf) say nothing of the codec: only these do.
+# ISO-BMFF ftyp brands. MP4, MOV and 3GP use the same container with other brands. The AVIF
+# and HEIC brands name the codec; the generic HEIF brands (mif1 for images, msf1 for image
+# sequences) do not, and go to libheif (pillow-heif), which decodes what it has a codec for
+# and answers undecodable_image for the rest.
 _AVIF_BRANDS = frozenset({b"avif", b"avis"})
 _HEIC_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"})
+_HEIF_BRANDS = frozenset({b"mif1", b"msf1"})
 # Far more than any real ftyp box; a longer one is not read.
 _FTYP_MAX_BYTES = 4096
 
@@ -220,7 +223,8 @@ def validate_image(data: bytes, *, max_pixels: int) -> ImageInfo:
 
 def _sniff_bmff(data: bytes) -> str | None:
     """``heic`` or ``avif`` from an ISO-BMFF ``ftyp`` box, judged by the major brand first,
-    then by the compatible ones; None for anything else (MP4, MOV, bare ``mif1``...)."""
+    then by the compatible ones, then by a generic HEIF brand (``heic``: libheif reads it);
+    None for anything else (MP4, MOV, CR3...)."""
     if data[4:8] != b"ftyp":
         return None
     size = int.from_bytes(data[:4], "big")
@@ -233,7 +237,7 @@ def _sniff_bmff(data: bytes) -> str | None:
             return "avif"
         if _HEIC_BRANDS.intersection(group):
             return "heic"
-    return None
+    return "heic" if _HEIF_BRANDS.intersection(brands) else None
 
 
 def _decode(data: bytes, ext: str, max_pixels: int, draft_side: int | None) -> DecodedImage:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 
 import pytest
 from pydantic import ValidationError
 
 from api.audit import exposure_warning, record_submission
+from shared import access
 from shared.access import source_allowed, token_name
 from shared.settings import Settings
 
@@ -24,6 +26,25 @@ def test_plain_tokens_get_stable_names_and_only_hashes_are_kept():
     assert token_name(table, "tokA") == "token1"
     assert token_name(table, "tokB ") is None
     assert token_name(table, "nope") is None
+
+
+@pytest.mark.parametrize("token", ["tokA", "tokC", "nope"])
+def test_every_entry_is_compared_with_compare_digest(monkeypatch, token):
+    """A match on the first entry does not end the search early, and no entry is compared
+    with ``==``: how long a check takes says nothing about which entry matched, or how much
+    of a digest."""
+    table = Settings(api_tokens="tokA,tokB,tokC").token_table
+    compared = []
+    real = hmac.compare_digest
+
+    def compare_digest(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(access.hmac, "compare_digest", compare_digest)
+    found = token_name(table, token)
+    assert compared == [(_sha(token), digest) for digest in table.values()]
+    assert found == {"tokA": "token1", "tokC": "token3"}.get(token)
 
 
 def test_token_file_holds_name_and_sha256_lines(tmp_path):

@@ -190,10 +190,27 @@ def _ftyp(major: bytes, *compatible: bytes) -> bytes:
         (_ftyp(b"avif", b"avif", b"mif1", b"miaf"), "avif"),
         (_ftyp(b"avis", b"avif", b"avis", b"msf1"), "avif"),  # AVIF sequence
         (_ftyp(b"mif1", b"mif1", b"avif"), "avif"),
+        # Plain HEIF: the codec is in the file's items, libheif's to read.
+        (_ftyp(b"mif1", b"mif1", b"miaf"), "heic"),
+        (_ftyp(b"msf1", b"msf1", b"iso8"), "heic"),
     ],
 )
 def test_heic_and_avif_are_sniffed_by_their_brands(header, ext):
     assert sniff_format(header) == ext
+
+
+def test_plain_heif_branded_mif1_decodes():
+    """A HEIF whose ftyp names only the generic brands (mif1, miaf), as some cameras and
+    converters write it: the same HEVC image as an iPhone's, decoded by pillow-heif."""
+    heic = encode(shapes_photo(), ACCEPTED["heic"], quality=90)
+    size = int.from_bytes(heic[:4], "big")
+    compatible = ([b"mif1", b"miaf"] * size)[: (size - 16) // 4]
+    plain = heic[:8] + b"mif1" + b"\x00\x00\x00\x00" + b"".join(compatible) + heic[size:]
+    assert b"heic" not in plain[:size] and sniff_format(plain) == "heic"
+    assert (
+        decode(plain, max_pixels=LIMIT).image.tobytes()
+        == decode(heic, max_pixels=LIMIT).image.tobytes()
+    )
 
 
 @pytest.mark.parametrize(
@@ -204,7 +221,6 @@ def test_heic_and_avif_are_sniffed_by_their_brands(header, ext):
         _ftyp(b"mp42", b"mp42", b"isom"),
         _ftyp(b"3gp5", b"3gp5", b"isom"),
         _ftyp(b"M4A ", b"M4A ", b"mp42"),
-        _ftyp(b"mif1", b"mif1", b"miaf"),  # a HEIF of unknown codec (JPEG, AV2, ...)
         _ftyp(b"crx ", b"crx "),  # Canon CR3 raw
         b"\x00\x00\x00\x08ftyp",  # a box too short for a major brand
         b"\xff\xff\xff\xffftypheic",  # a size no real ftyp has
