@@ -5,6 +5,7 @@ API's ``{"error": {"code", "message"}}``) and HTTP ``status``; the class says wh
     ├── ApiError                 + status (an HTTP answer from the API)
     │   ├── BadRequest           400  invalid_option, missing_field, empty_image, bad_request
     │   ├── Unauthorized         401  unauthorized
+    │   ├── Forbidden            403  forbidden_source (an s3:// source not allowed)
     │   ├── NotFound             404  not_found
     │   ├── Conflict             409  conflict
     │   ├── TooLarge             413  too_large
@@ -49,6 +50,10 @@ class Unauthorized(ApiError):
     pass
 
 
+class Forbidden(ApiError):
+    pass
+
+
 class NotFound(ApiError):
     pass
 
@@ -90,6 +95,7 @@ class JobFailed(ClientError):
 _BY_STATUS: dict[int, type[ApiError]] = {
     400: BadRequest,
     401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     409: Conflict,
     413: TooLarge,

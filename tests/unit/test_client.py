@@ -9,7 +9,7 @@ import json
 import pytest
 import requests
 
-from client import Client, RateLimited, Unavailable, UnsupportedType
+from client import Client, Forbidden, RateLimited, Unavailable, UnsupportedType
 
 
 class ScriptedSession(requests.Session):
@@ -28,7 +28,12 @@ class ScriptedSession(requests.Session):
         response = requests.Response()
         response.status_code = status
         response.headers.update(headers)
-        code = {429: "rate_limited", 503: "unavailable", 415: "unsupported_type"}.get(status)
+        code = {
+            403: "forbidden_source",
+            415: "unsupported_type",
+            429: "rate_limited",
+            503: "unavailable",
+        }.get(status)
         body = (
             {"error": {"code": code, "message": "m"}} if code else {"id": "j", "status": "queued"}
         )
@@ -60,11 +65,13 @@ def test_a_long_retry_after_is_capped_and_the_last_error_raised():
     assert raised.value.retry_after == 3600
 
 
-def test_other_errors_are_not_retried():
-    client, slept, session = client_for([(415, {}), (200, {})])
-    with pytest.raises(UnsupportedType):
-        client.request("POST", "/jobs")
+@pytest.mark.parametrize(("status", "error"), [(403, Forbidden), (415, UnsupportedType)])
+def test_other_errors_are_not_retried(status, error):
+    client, slept, session = client_for([(status, {}), (200, {})])
+    with pytest.raises(error) as raised:
+        client.request("POST", "/batches")
     assert slept == [] and session.calls == 1
+    assert raised.value.status == status
 
 
 def test_a_dropped_submission_is_retried_with_the_same_idempotency_key():
