@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: setup demo test test-unit test-integration chaos lint format bench up down clean
+.PHONY: setup demo test test-unit test-integration chaos lint format bench bench-long up down clean
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -48,6 +48,9 @@ format: setup
 
 bench: setup
 	$(PY) -m bench
+
+bench-long: setup
+	$(PY) -m bench --long
 
 clean:
 	rm -rf .venv run out .pytest_cache .ruff_cache
