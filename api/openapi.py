@@ -52,7 +52,8 @@ _ACCEPTED = {
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
 }
 
-# api/idempotency.py: printable ASCII, no leading or trailing blank (HTTP trims those).
+# api/idempotency.py: printable ASCII; blanks around it are stripped, as HTTP trims them, so
+# the key itself neither starts nor ends with one.
 _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",

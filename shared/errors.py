@@ -16,13 +16,16 @@ the same code in the failed job's document.
     ├── UnsupportedType       415  unsupported_type
     ├── Unprocessable         422  truncated_image, undecodable_image, too_many_pixels,
     │   │                          corrupt_archive, idempotency_mismatch
-    │   ├── RefusedMember          refused_member, or the member's own code (below)
+    │   ├── RefusedMember          the member's own code (below)
     │   └── ArchiveLimitExceeded   archive_too_many_members, archive_too_large,
     │                              archive_member_too_large, archive_bomb
     ├── RateLimited           429  rate_limited
     ├── ServiceUnavailable    503  unavailable, storage_unavailable
     ├── WeightsUnavailable    500  weights_unavailable (worker start-up)
     └── DeviceUnavailable     500  device_unavailable (worker start-up)
+
+The base classes' own codes (forbidden, unprocessable, archive_limit, refused_member) are
+never sent: every raise is a subclass or names its code.
 
 Codes that are never raised to a caller, named here so that every code has one spelling:
 
@@ -37,9 +40,10 @@ Codes that are never raised to a caller, named here so that every code has one s
         INTERNAL_ERROR   a bug ended it (also FeatureMapsError's own code, and the API's 500)
         TIMEOUT          it ran past its time limit
         WORKER_LOST      its worker died while running it MAX_ATTEMPTS times
-        LOST             its input vanished from storage
+        LOST             a batch item's input vanished from storage (a job's: not_found)
         SOURCE_MISSING   a batch's source vanished before it was read
-        RETRYING         not a failure: a storage error is being retried (job is queued)
+        RETRYING         not a failure: a storage error is being retried (a queued job's
+                         error; items never show it)
     an HTTP error Werkzeug raises before a view runs
         METHOD_NOT_ALLOWED   405
 """
