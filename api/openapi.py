@@ -205,11 +205,25 @@ _EXAMPLE_SCORE = {
     "default": "mean",
     "description": "a channel's score in an image: its activation's mean or max over (h, w)",
 }
+
+
+def _whole_number_up_to(limit: int) -> str:
+    """A pattern of the decimal numbers 0 to ``limit`` (below 100), leading zeros allowed."""
+    tens, ones = divmod(limit, 10)
+    parts = ["[0-9]"]
+    if tens > 1:
+        parts.append(f"[1-{tens - 1}][0-9]")
+    if tens:
+        parts.append(f"{tens}[0-{ones}]")
+    return f"^0*({'|'.join(parts)})$"
+
+
+_EXAMPLES_TEXT = _whole_number_up_to(MAX_EXAMPLES)
 _BATCH_OPTION_PROPERTIES = {
     **_OPTION_PROPERTIES,
     "examples": {
         "type": "string",
-        "pattern": "^[0-9]+$",
+        "pattern": _EXAMPLES_TEXT,
         "default": str(BATCH_EXAMPLES),
         "description": f"{_EXAMPLES_DESCRIPTION}; 0 to {MAX_EXAMPLES}",
     },
@@ -220,7 +234,7 @@ _BATCH_JSON_OPTION_PROPERTIES = {
     "examples": {
         "anyOf": [
             {"type": "integer", "minimum": 0, "maximum": MAX_EXAMPLES},
-            {"type": "string", "pattern": "^[0-9]+$"},
+            {"type": "string", "pattern": _EXAMPLES_TEXT},
         ],
         "default": BATCH_EXAMPLES,
         "description": _EXAMPLES_DESCRIPTION,
