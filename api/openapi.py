@@ -821,7 +821,10 @@ def openapi_document() -> dict:
                         "202": _ACCEPTED,
                         **_pick("400", "401", "429", "503"),
                         "403": _error("an s3:// source not in FEATUREMAPS_SOURCE_ALLOW"),
-                        "413": _error("archive over MAX_ARCHIVE_BYTES or too many form parts"),
+                        "413": _error(
+                            "archive over MAX_ARCHIVE_BYTES, a form field over 4 KiB, or too "
+                            "many form parts"
+                        ),
                         "415": _error("not a .zip, .tar or .tar.gz archive"),
                         **_IDEMPOTENCY_ERRORS,
                         "422": _error(
