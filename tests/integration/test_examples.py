@@ -21,7 +21,8 @@ from torchvision import transforms
 
 from stack.services import wait_until
 from tests import photos
-from tests.integration.deployment import Deployment, wait_for_batch
+from tests.helpers import wait_for_batch
+from tests.integration.deployment import Deployment
 from tests.integration.test_batches import photo
 
 K = 3
