@@ -120,9 +120,15 @@ def test_ten_members_make_three_shards_each_member_in_exactly_one(deployment, st
         (2, 4, 4),
         (3, 8, 2),
     ]
-    assert sorted(_shard_objects(store, batch_id)) == [
+    objects = sorted(_shard_objects(store, batch_id))
+    examples = f"batches/{batch_id}/examples"
+    assert [key for key in objects if not key.startswith(examples)] == [
         f"batches/{batch_id}/manifest-0000{n}.jsonl" for n in (1, 2, 3)
     ] + [f"batches/{batch_id}/results-0000{n}.zip" for n in (1, 2, 3)]
+    # Dataset examples (on by default): one partial top K per result shard, merged once.
+    assert {f"{examples}/partial-0000{n}.npz" for n in (1, 2, 3)} <= set(objects)
+    assert {f"{examples}/winners.npz", f"{examples}.json"} <= set(objects)
+    assert result["examples_url"]
 
     lines, figures = [], []
     for shard in shards:
