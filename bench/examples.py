@@ -24,6 +24,7 @@ from pathlib import Path
 import requests
 
 from bench import bulk, scale
+from client.api import Client
 from shared.options import BATCH_EXAMPLES
 
 IMAGES = 200
@@ -85,7 +86,7 @@ def _one_run(stack: bulk._Stack, archive: bytes, count: int, examples: int) -> d
         response.raise_for_status()
         batch_id = response.json()["id"]
         items_done = _wait_items(stack, batch_id, count)
-        doc = stack._wait(batch_id)
+        doc = Client(stack.api_url).get_batch(batch_id).wait(timeout=3600).doc
         ended = time.perf_counter()
         rss = scale._peak_rss_mib(processes)
     finally:
