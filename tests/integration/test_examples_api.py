@@ -30,6 +30,7 @@ from shared import keys
 from shared.batches import Batch as BatchRecord
 from shared.batches import BatchStatus, BatchStore, ItemStatus, NewItem
 from shared.item_codec import item_id
+from shared.options import JobOptions
 from shared.records import new_record_id
 from shared.storage import ObjectStore
 from tests.conftest import require_executable
@@ -101,7 +102,8 @@ def make_batch(
     left running."""
     records = BatchStore(deployment.redis, ttl_s=3600)
     batch_id = new_record_id()
-    options = {"mode": "chain", "examples": k if examples else 0, "examples_score": "mean"}
+    # A batch's options as the API stores them (every option, examples as asked).
+    options = JobOptions.for_batch({"examples": str(k if examples else 0)}).to_dict()
     records.create(
         BatchRecord(
             id=batch_id,
