@@ -23,7 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # What one successful run leaves under results/<id>/ (docs/design.md "Storage layout"), sorted:
 # exactly these, once each, whatever was killed or retried. Batch items get no input preview.
 JOB_OUTPUTS = ["feature_maps.jpg", "input.jpg", "manifest.json", "thumbnail.jpg"]
-ITEM_OUTPUTS = ["feature_maps.jpg", "manifest.json", "thumbnail.jpg"]
+# A batch item's outputs (batches gather dataset examples by default: its channel scores too).
+ITEM_OUTPUTS = ["feature_maps.jpg", "manifest.json", "scores.npy", "thumbnail.jpg"]
 # Time limits for fault tests, kept in the order the worker insists on (soft < hard <
 # visibility) and short, so that a message abandoned by a killed worker comes back quickly.
 LIMITS = {"task_soft_time_limit_s": 20, "task_time_limit_s": 25, "visibility_timeout_s": 30}

@@ -85,7 +85,8 @@ def test_whole_worker_killed_mid_batch_the_live_worker_finishes_it_within_30s(ma
     workers = _two_workers(stack)
     files = {f"img_{i}.png": marked_png(color=(30 * i, 5, 9)) for i in range(8)}
     files["img_5.png"] = marked_png(HOLD, color=(1, 2, 3))  # held: the chunk img_4, img_5
-    batch_id = stack.submit_archive("photos.zip", zip_of(files))
+    # Without dataset examples: the bound is for the hand-over, not for a second model pass.
+    batch_id = stack.submit_archive("photos.zip", zip_of(files), examples="0")
     (pool_pid,) = stack.wait_event("hold")
     lost, live = _holder_and_other(workers, pool_pid)
 
@@ -100,7 +101,7 @@ def test_whole_worker_killed_mid_batch_the_live_worker_finishes_it_within_30s(ma
     items = _items(stack, batch_id)
     for item in items:
         assert item["status"] == "succeeded", item
-        assert stack.outputs(item["id"]) == ITEM_OUTPUTS, item
+        assert stack.outputs(item["id"]) == [o for o in ITEM_OUTPUTS if o != "scores.npy"], item
     attempts = {item["name"]: item["attempts"] for item in items}
     assert attempts == {name: 2 if name in ("img_4.png", "img_5.png") else 1 for name in files}
     # The held chunk's pipeline ran twice: once in the lost worker, once in the live one.
