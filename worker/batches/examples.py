@@ -35,6 +35,7 @@ SHEET_CHANNELS = 64
 # Index of "no item" in a top list: sorts after every real member index.
 NO_ITEM = np.iinfo(np.int64).max
 SCORE_ROWS = {"mean": 0, "max": 1}
+WINNERS = "winners.npz"
 _SHEET_BACKGROUND = (128, 128, 128)
 
 
@@ -174,9 +175,9 @@ def plan_examples(
 
 
 def _winners(ctx: WorkerContext, batch_id: str, shards: int) -> TopLists:
-    key = keys.examples_part_key(batch_id, "winners.npz")
+    key = keys.examples_part_key(batch_id, WINNERS)
     if ctx.store.exists(key):
-        return TopLists.from_bytes(ctx.store.get_bytes(key))
+        return read_winners(ctx, batch_id)
     partials = [
         TopLists.from_bytes(ctx.store.get_bytes(keys.examples_part_key(batch_id, partial_name(n))))
         for n in range(1, shards + 1)
@@ -187,6 +188,11 @@ def _winners(ctx: WorkerContext, batch_id: str, shards: int) -> TopLists:
         winners.merge(partial)
     ctx.store.put_bytes(key, winners.to_bytes(), "application/octet-stream")
     return winners
+
+
+def read_winners(ctx: WorkerContext, batch_id: str) -> TopLists:
+    """The final top lists, once :func:`plan_examples` has merged them."""
+    return TopLists.from_bytes(ctx.store.get_bytes(keys.examples_part_key(batch_id, WINNERS)))
 
 
 def _distinct(winners: TopLists) -> np.ndarray:
@@ -206,9 +212,7 @@ def render_slice(ctx: WorkerContext, batch_id: str, n: int) -> str | None:
 
     batch = ctx.batches.get(batch_id)
     options = JobOptions.from_mapping(batch.options)
-    winners = TopLists.from_bytes(
-        ctx.store.get_bytes(keys.examples_part_key(batch_id, "winners.npz"))
-    )
+    winners = read_winners(ctx, batch_id)
     slices = example_slices(ctx)
     first, count = slices.planned(batch_id).span(n)
     members = _distinct(winners)[first : first + count]
@@ -290,12 +294,11 @@ def assemble(ctx: WorkerContext, batch_id: str) -> str:
 
     batch = ctx.batches.get(batch_id)
     options = JobOptions.from_mapping(batch.options)
-    winners = TopLists.from_bytes(
-        ctx.store.get_bytes(keys.examples_part_key(batch_id, "winners.npz"))
-    )
+    winners = read_winners(ctx, batch_id)
     written = example_slices(ctx).written(batch_id)
     tiles = _all_tiles(ctx, batch_id, [s["index"] for s in written if not s.get("missing")])
     _names, starts = _channel_starts(winners.layout)
+    names = _member_names(ctx, batch, winners.items)
     layers = []
     for index, layer in enumerate(winners.layout):
         channels = layer["shape"][0]
@@ -308,7 +311,7 @@ def assemble(ctx: WorkerContext, batch_id: str) -> str:
             key = keys.examples_part_key(batch_id, f"sheets/{index:02d}-{group:03d}.jpg")
             ctx.store.put_bytes(key, sheet, "image/jpeg")
             sheets.append(key)
-        layers.append(_layer_entry(ctx, batch, winners, index, start, sheets))
+        layers.append(_layer_entry(batch, winners, names, index, start, sheets))
     document = {
         "k": options.examples,
         "score": options.examples_score,
@@ -358,12 +361,17 @@ def _jpeg(pixels: np.ndarray, *, quality: int) -> bytes:
 
 
 def _layer_entry(
-    ctx: WorkerContext, batch: Batch, winners: TopLists, index: int, start: int, sheets: list
+    batch: Batch,
+    winners: TopLists,
+    names: dict[int, str],
+    index: int,
+    start: int,
+    sheets: list,
 ) -> dict[str, Any]:
+    """Layer ``index``'s entry of examples.json; ``names`` by member index, of every winner."""
     layer = winners.layout[index]
     channels = layer["shape"][0]
     end = start + channels
-    names = _member_names(ctx, batch, winners.items[:, start:end])
     top = []
     for channel in range(start, end):
         entries = []
@@ -393,6 +401,7 @@ def _layer_entry(
 
 
 def _member_names(ctx: WorkerContext, batch: Batch, members: np.ndarray) -> dict[int, str]:
+    """The member name of each item in ``members`` (read once, in one pipelined call)."""
     wanted = sorted({int(m) for m in members.ravel() if m != NO_ITEM})
     items = ctx.batches.get_items(batch.id, [item_id(batch.id, m) for m in wanted])
     return {m: items[item_id(batch.id, m)].name for m in wanted}
