@@ -485,7 +485,12 @@ def test_512_channels_of_9_build_at_once_and_load_one_request_per_sheet(open_pag
     shown_s = time.monotonic() - started
     assert page.locator("#channels .example").count() == 512 * 9
     # Only the first screens have their sheet yet; scrolling through loads the rest, each
-    # sheet once however many of its tiles are shown.
+    # sheet once however many of its tiles are shown. The observer reveals cells after the
+    # grid is built and the request event follows, so wait for the first one.
+    expect(page.locator("#channels li[data-channel='0'][data-shown]")).to_have_count(1)
+    deadline = time.monotonic() + 30
+    while not sheets and time.monotonic() < deadline:
+        page.wait_for_timeout(50)
     assert 0 < len(sheets) < 8
     for channel in range(0, 512, 32):
         page.locator(f"#channels li[data-channel='{channel}']").scroll_into_view_if_needed()
