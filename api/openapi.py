@@ -332,7 +332,9 @@ _JOB_RESULT = {
         "precision": {
             "type": ["object", "null"],
             "description": "the computation that ran: mode (exact or fast, the "
-            "precision option resolved on the worker's device), decoder, tf32, on_device",
+            "precision option resolved on the worker's device), decoder, tf32, on_device, "
+            "dtype (float32 or bfloat16: the model's weights and activations) and "
+            "memory_format (contiguous or channels_last)",
         },
         "predictions": {
             "type": "array",

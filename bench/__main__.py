@@ -1,5 +1,7 @@
 """``python -m bench [--long] [--only SECTION]... [--repeat N]``: run benchmark sections, print
-their tables and write each section's numbers to ``out/bench/<section>.json``.
+their tables and write each section's numbers to ``out/bench/<section>.json`` and all of them
+to ``out/bench/all.json``. ``python -m bench compare OLD.json NEW.json`` prints two results
+side by side with their ratios (bench/compare.py).
 
 Without options (``make bench``) the quick sections run (:data:`QUICK`); ``--long``
 (``make bench-long``) adds the ones sized for datasets (:data:`LONG`: the data path over
@@ -18,13 +20,25 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import bookkeeping, bulk, core, datapath, examples, reuse, scale, service
+from bench import (
+    bookkeeping,
+    bulk,
+    compare,
+    core,
+    cpu_fast,
+    datapath,
+    examples,
+    reuse,
+    scale,
+    service,
+)
 
 # docs/benchmarks.md and README.md say what each costs.
-QUICK = ("core", "service", "bulk", "examples", "reuse")
+QUICK = ("core", "fast", "service", "bulk", "examples", "reuse")
 LONG = ("datapath", "bookkeeping", "scale")
 SECTIONS: dict[str, Callable[[int], dict]] = {
     "core": core.run,
+    "fast": cpu_fast.run,
     "service": service.run,
     "bulk": bulk.run,
     "examples": examples.run,
@@ -42,6 +56,9 @@ def selected(only: list[str] | None, long: bool) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        return compare.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=__doc__,
@@ -57,11 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    every: dict[str, dict] = {}
     for name in selected(args.only, args.long):
         numbers = SECTIONS[name](max(1, args.repeat))
+        every[name] = numbers
         path = args.out / f"{name}.json"
         path.write_text(json.dumps(numbers, indent=2) + "\n")
         print(f"wrote {path}")
+    # Written after each run as a whole, for ``python -m bench compare``.
+    (args.out / "all.json").write_text(json.dumps(every, indent=2) + "\n")
+    print(f"wrote {args.out / 'all.json'}; compare with: python -m bench compare OLD.json NEW.json")
     return 0
 
 

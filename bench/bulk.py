@@ -201,12 +201,19 @@ class _Stack:
             )
         return started_workers
 
-    def throughput(self, archive: bytes, count: int, *, workers: int) -> dict:
+    def throughput(
+        self, archive: bytes, count: int, *, workers: int, form: dict | None = None
+    ) -> dict:
+        """Submit → succeeded for ``archive`` with ``workers`` fresh workers; ``form`` is the
+        batch's options (the service's defaults without it)."""
         started_workers = self.start_workers(workers)
         try:
             started = time.perf_counter()
             response = requests.post(
-                f"{self.api_url}/batches", files={"archive": ("photos.zip", archive)}, timeout=120
+                f"{self.api_url}/batches",
+                files={"archive": ("photos.zip", archive)},
+                data=form or {},
+                timeout=120,
             )
             response.raise_for_status()
             batch_id = response.json()["id"]

@@ -51,7 +51,10 @@
     document.getElementById("figure-link").href = result.figure_url;
     // The precision that ran (exact or fast), never the option as sent: "auto" resolves on
     // the worker's device. A reused result names the record it was copied from.
-    const precision = result.precision ? ` · precision=${result.precision.mode}` : "";
+    // A model that did not compute in float32 says so (fast on a CPU with native bfloat16).
+    const dtype = result.precision && result.precision.dtype && result.precision.dtype !== "float32"
+      ? ` (${result.precision.dtype})` : "";
+    const precision = result.precision ? ` · precision=${result.precision.mode}${dtype}` : "";
     const reused = result.reused ? ` · reused from ${result.reused_from}` : "";
     document.getElementById("weights").textContent =
       `${describeWeights(result.weights)} · mode=${doc.options.mode} · ` +

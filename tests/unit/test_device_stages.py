@@ -71,6 +71,8 @@ def test_inputs_are_described_as_in_the_host_path(results):
             "decoder": "torchvision",
             "tf32": False,
             "on_device": True,
+            "dtype": "float32",
+            "memory_format": "contiguous",
         }
     assert fast["camera_rotated"].manifest["input"]["width"] == 3000  # upright
 

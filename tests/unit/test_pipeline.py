@@ -39,6 +39,8 @@ def test_manifest_describes_everything(chain_result):
         "decoder": "pillow",
         "tf32": False,
         "on_device": False,
+        "dtype": "float32",
+        "memory_format": "contiguous",
     }
     assert manifest["input"] == {
         "format": "jpg",

@@ -17,7 +17,7 @@ from shared.imaging import decode
 from shared.options import JobOptions
 from worker.compute.features import conv_chain, forward_activations, resize_input, to_batch
 from worker.compute.model import LoadedModel
-from worker.compute.precision import resolve, tf32
+from worker.compute.precision import Precision, model_and_input, resolve, tf32
 
 TILE = 64
 # Maps are average-pooled to at most this side as the hook sees them: a 64-pixel tile shows
@@ -54,7 +54,7 @@ def example_images(
     if pictures:
         batch = to_batch([picture for _, picture in pictures], options.normalize)
         with tf32(precision.tf32):
-            layers = pooled_layers(loaded, batch, options.mode)
+            layers = pooled_layers(loaded, batch, options.mode, precision)
         for row, (position, picture) in enumerate(pictures):
             small = picture.resize((TILE, TILE), Image.Resampling.BILINEAR)
             maps = {name: maps[row].numpy() for name, maps in layers}
@@ -63,18 +63,20 @@ def example_images(
 
 
 def pooled_layers(
-    loaded: LoadedModel, batch: torch.Tensor, mode: str
+    loaded: LoadedModel, batch: torch.Tensor, mode: str, precision: Precision
 ) -> list[tuple[str, torch.Tensor]]:
-    """Every layer of ``mode`` as float32 [N, C, h, w] on the CPU, pooled in the hook."""
+    """Every layer of ``mode`` as float32 [N, C, h, w] on the CPU, pooled in the hook, computed
+    as the batch's ``precision`` computed its scores."""
 
     def keep(activation: torch.Tensor) -> torch.Tensor:
         height, width = activation.shape[-2:]
         side = (min(height, MAP_SIDE), min(width, MAP_SIDE))
         return F.adaptive_avg_pool2d(activation.float(), side).cpu()
 
+    model, batch = model_and_input(loaded, batch, precision)
     if mode == "chain":
-        return conv_chain(loaded.model, batch, keep=keep)
-    outputs, _logits = forward_activations(loaded.model, batch, keep=keep)
+        return conv_chain(model, batch, keep=keep)
+    outputs, _logits = forward_activations(model, batch, keep=keep)
     return outputs
 
 

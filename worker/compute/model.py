@@ -9,10 +9,11 @@ every manifest and figure.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,6 +36,24 @@ class LoadedModel:
     weights: dict
     # ImageNet class names for the imagenet weights; None when the classes mean nothing.
     categories: list[str] | None
+    # copies of ``model`` in another dtype / memory format, made on first use
+    _variants: dict[tuple[torch.dtype, bool], nn.Module] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def variant(self, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+        """The model with its weights in ``dtype`` and, with ``channels_last``, in NHWC
+        layout (``precision=fast`` on the CPU): a copy made once and kept beside ``model``,
+        which stays float32 NCHW for ``exact``."""
+        if dtype == torch.float32 and not channels_last:
+            return self.model
+        key = (dtype, channels_last)
+        if key not in self._variants:
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            self._variants[key] = (
+                copy.deepcopy(self.model).to(dtype=dtype, memory_format=memory_format).eval()
+            )
+        return self._variants[key]
 
 
 def load_count() -> int:

@@ -30,7 +30,7 @@ from worker.compute.features import (
     to_model_input,
 )
 from worker.compute.model import LoadedModel
-from worker.compute.precision import Precision, resolve, tf32
+from worker.compute.precision import Precision, model_and_input, resolve, tf32
 from worker.compute.render import (
     LayerMap,
     draw_grid,
@@ -207,7 +207,7 @@ def _run_batch(
     batch = _model_input(decoded, options)
     preprocess_ms = _ms_since(started)
     with tf32(precision.tf32):
-        forward = _forward(loaded, batch, options)
+        forward = _forward(loaded, batch, options, precision)
     arrays = _batch_arrays(loaded, forward)
     caption = _caption(loaded, options, precision)
     figures = _device_figures(forward, arrays, options, caption) if precision.on_device else None
@@ -269,7 +269,9 @@ class _Forward:
     scores: torch.Tensor | None = None
 
 
-def _forward(loaded: LoadedModel, batch: torch.Tensor, options: JobOptions) -> _Forward:
+def _forward(
+    loaded: LoadedModel, batch: torch.Tensor, options: JobOptions, precision: Precision
+) -> _Forward:
     # Each layer is reduced as soon as it is computed, so the full activations never all
     # stay alive at once; the time spent reducing is taken out of the model's (on CUDA, which
     # runs kernels asynchronously, that split is approximate; the sum is exact).
@@ -295,11 +297,12 @@ def _forward(loaded: LoadedModel, batch: torch.Tensor, options: JobOptions) -> _
     step = count if loaded.device.type == "cuda" else CPU_MODEL_BATCH
     parts = []
     for start in range(0, count, step):
-        part = batch[start : start + step]
+        model, part = model_and_input(loaded, batch[start : start + step], precision)
         if options.mode == "chain":
-            parts.append((conv_chain(loaded.model, part, keep=reduce), None))
+            parts.append((conv_chain(model, part, keep=reduce), None))
         else:
-            parts.append(forward_activations(loaded.model, part, keep=reduce))
+            layers, logits = forward_activations(model, part, keep=reduce)
+            parts.append((layers, logits.float()))
     _synchronize(loaded.device)
     model_ms = _ms_since(started) - reduce_s * 1000
     outputs = [
@@ -405,8 +408,15 @@ def _caption(loaded: LoadedModel, options: JobOptions, precision: Precision) -> 
     return (
         f"ResNet-18 feature maps · weights: {describe_weights(loaded.weights)} · "
         f"mode={options.mode} · reduction={options.reduction} · normalize={options.normalize}"
-        f" · precision={precision.mode}"
+        f" · precision={precision.mode}{_compute(precision)}"
     )
+
+
+def _compute(precision: Precision) -> str:
+    """How the model computed, where it is not the article's float32 NCHW."""
+    if precision.dtype == "float32" and not precision.channels_last:
+        return ""
+    return f" ({precision.dtype}, {precision.memory_format.replace('_', '-')})"
 
 
 @dataclass

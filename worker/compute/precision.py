@@ -5,17 +5,21 @@
   are bit for bit those of the article's code.
 - ``fast`` on the CPU: JPEGs are decoded with libjpeg's DCT scaling (Pillow's draft mode) to
   the smallest 1/2, 1/4 or 1/8 scale that keeps both sides at least ``DRAFT_SIDE`` pixels,
-  then resized as in ``exact``. Other formats decode as in ``exact``. The maps stay within
-  the tolerance tests/unit/test_precision.py holds them to; docs/benchmarks.md "Precision"
-  has what was measured.
+  then resized as in ``exact``. Other formats decode as in ``exact``. The model runs on a
+  channels-last copy of its weights, in bfloat16 where the CPU computes bfloat16 natively
+  (AVX-512 BF16 or AMX, :func:`native_bf16`; emulated bfloat16 is slower than float32, so
+  other CPUs stay float32, channels-last). The channel reductions and scores are computed
+  in float32 from the bfloat16 activations. The maps stay within the tolerance
+  tests/unit/test_precision.py holds them to; docs/benchmarks.md "Precision" has what was
+  measured.
 - ``fast`` on CUDA: TF32 allowed, and decode, resize and the JPEG figure run on the GPU
   (``worker/compute/device_stages.py``: nvJPEG, torch's antialiased resize, the torch renderer and
   the GPU JPEG encoder).
 - ``auto`` (the default): ``exact`` on the CPU, ``fast`` on CUDA.
 
-Every manifest records the resolved precision, the decoder, whether TF32 was allowed and
-whether the stages ran on the device (:meth:`Precision.describe`), so no output is
-approximate without saying so.
+Every manifest records the resolved precision, the decoder, whether TF32 was allowed, whether
+the stages ran on the device, and the model's compute dtype and memory format
+(:meth:`Precision.describe`), so no output is approximate without saying so.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from worker.compute.model import LoadedModel
 
 # Twice the model's 224-pixel input: the draft keeps at least 2 source pixels per input pixel
 # on each axis, so the bilinear resize that follows still averages over several samples.
@@ -40,6 +49,18 @@ class Precision:
     tf32: bool
     # decode, resize, and JPEG figures run on the model's device (worker/compute/device_stages.py)
     on_device: bool = False
+    # the model's weights and activations: "float32" or "bfloat16"
+    dtype: str = "float32"
+    # "contiguous" (NCHW, as the article) or "channels_last" (NHWC weights and inputs)
+    memory_format: str = "contiguous"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+
+    @property
+    def channels_last(self) -> bool:
+        return self.memory_format == "channels_last"
 
     @property
     def decoder(self) -> str:
@@ -54,6 +75,8 @@ class Precision:
             "decoder": self.decoder,
             "tf32": self.tf32,
             "on_device": self.on_device,
+            "dtype": self.dtype,
+            "memory_format": self.memory_format,
         }
 
 
@@ -67,7 +90,31 @@ def resolve(option: str, device: torch.device, *, on_device: bool | None = None)
     cuda = device.type == "cuda"
     if cuda if on_device is None else on_device:
         return Precision("fast", draft_side=None, tf32=cuda, on_device=True)
-    return Precision("fast", draft_side=DRAFT_SIDE, tf32=cuda)
+    if cuda:
+        return Precision("fast", draft_side=DRAFT_SIDE, tf32=True)
+    dtype = "bfloat16" if native_bf16() else "float32"
+    return Precision(
+        "fast", draft_side=DRAFT_SIDE, tf32=False, dtype=dtype, memory_format="channels_last"
+    )
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware: AVX-512 BF16 or AMX on x86 (as
+    detected by torch's cpuinfo). Elsewhere oneDNN emulates bfloat16 convolutions, slower
+    than float32, so ``fast`` keeps float32 there."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def model_and_input(
+    loaded: LoadedModel, batch: torch.Tensor, precision: Precision
+) -> tuple[nn.Module, torch.Tensor]:
+    """The copy of the model ``precision`` computes with and ``batch`` (float32 NCHW) in its
+    dtype and memory format; for ``exact`` the resident model and ``batch`` unchanged."""
+    model = loaded.variant(precision.torch_dtype, precision.channels_last)
+    if precision.channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return model, batch.to(precision.torch_dtype)
 
 
 @contextlib.contextmanager
