@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -37,6 +38,30 @@ COLORMAPS = (
     "bone",
     "twilight",
 )
+# The torchvision classification networks a worker can load (docs/design.md "Models"); the
+# operator enables some of them with FEATUREMAPS_MODELS. ResNet-18 is the default, always on.
+DEFAULT_MODEL = "resnet18"
+ARCHITECTURES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "vgg16",
+    "vgg16_bn",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "densenet121",
+    "convnext_tiny",
+    "regnet_y_400mf",
+)
+# Where the article's conv chain is channel-consistent: the ResNet family's main path.
+CHAIN_ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
+CHAIN_NOT_DEFINED = "mode=chain is defined for ResNet-style networks; use mode=forward"
+# An uploaded model's id (POST /models, shared/models.py): 24 hex digits.
+_UPLOAD_ID = re.compile(r"[0-9a-f]{24}")
+# ``layers``: a comma list of layer names or fnmatch patterns (``layer4.*``).
+_LAYER_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
+MAX_LAYERS_OPTION = 1024
+
 # Dataset examples (docs/design.md "Dataset examples"): batches only.
 EXAMPLE_SCORES = ("mean", "max")
 MAX_EXAMPLES = 64
@@ -69,6 +94,11 @@ class JobOptions:
     colormap: str = "viridis"
     renderer: str = "fast"
     precision: str = "auto"
+    # an architecture of ARCHITECTURES or the id of an uploaded model
+    model: str = DEFAULT_MODEL
+    # which layers become tiles: comma list of names or fnmatch patterns; "" = the default
+    # selection (worker/compute/features.py select_layers)
+    layers: str = ""
     per_layer: bool = False
     arrays: bool = False
     # Dataset examples: the top ``examples`` items per channel (0 = off), by ``examples_score``.
@@ -89,6 +119,14 @@ class JobOptions:
             value = getattr(self, name)
             if value not in allowed:
                 raise InvalidOption(f"option {name}={value!r} is not one of: {', '.join(allowed)}")
+        if self.model not in ARCHITECTURES and not is_upload_id(self.model):
+            raise InvalidOption(
+                f"option model={self.model!r} is not one of: {', '.join(ARCHITECTURES)}, nor "
+                "the id of a model uploaded with POST /models"
+            )
+        if self.model in ARCHITECTURES:
+            self.check_architecture(self.model)
+        layer_patterns(self.layers)
         if not 0 <= self.examples <= MAX_EXAMPLES:
             raise InvalidOption(
                 f"option examples={self.examples} must be between 0 and {MAX_EXAMPLES} "
@@ -97,6 +135,20 @@ class JobOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check_architecture(self, architecture: str) -> None:
+        """Refuse what ``architecture`` cannot do with these options: the conv chain is
+        defined only where each main-path conv takes the previous one's channels."""
+        if self.mode == "chain" and architecture not in CHAIN_ARCHITECTURES:
+            raise InvalidOption(CHAIN_NOT_DEFINED)
+
+    def check_enabled(self, enabled: tuple[str, ...]) -> None:
+        """Refuse an architecture the operator did not enable (FEATUREMAPS_MODELS)."""
+        if self.model in ARCHITECTURES and self.model not in enabled:
+            raise InvalidOption(
+                f"option model={self.model!r} is not enabled here; enabled: "
+                f"{', '.join(enabled)} (or the id of a model you uploaded with POST /models)"
+            )
 
     def output_identity(self) -> str:
         """Canonical JSON of the options that change an image's outputs, for result reuse's
@@ -142,6 +194,26 @@ class JobOptions:
             else:
                 raise InvalidOption(f"option {name} must be a string")
         return cls(**values)
+
+
+def is_upload_id(model: str) -> bool:
+    """Whether ``model`` names an uploaded model rather than an architecture."""
+    return bool(_UPLOAD_ID.fullmatch(model))
+
+
+def layer_patterns(layers: str) -> list[str]:
+    """The ``layers`` option as its list of names or patterns (empty: the default choice);
+    :class:`InvalidOption` for anything that cannot name a layer."""
+    if len(layers) > MAX_LAYERS_OPTION:
+        raise InvalidOption(f"option layers is longer than {MAX_LAYERS_OPTION} characters")
+    patterns = [part.strip() for part in layers.split(",")] if layers.strip() else []
+    for pattern in patterns:
+        if not _LAYER_PATTERN.fullmatch(pattern):
+            raise InvalidOption(
+                f"option layers: {pattern!r} is not a layer name or pattern (a comma list of "
+                "names such as layer1.0.conv1, or fnmatch patterns such as layer4.*)"
+            )
+    return patterns
 
 
 def parse_bool(name: str, raw: object) -> bool:

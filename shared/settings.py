@@ -12,6 +12,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.access import SourceRule, parse_source_allow, parse_tokens
+from shared.options import ARCHITECTURES, DEFAULT_MODEL
 
 
 class Settings(BaseSettings):
@@ -34,6 +35,15 @@ class Settings(BaseSettings):
     weights_seed: int = 0
     # auto | cpu | cuda | cuda:N
     device: str = "auto"
+    # The architectures jobs may ask for (option `model`), a comma list of
+    # shared.options.ARCHITECTURES; resnet18 is always enabled. WEIGHTS imagenet|random apply
+    # to each; a state_dict path is ResNet-18's only (docs/design.md "Models").
+    models: str = DEFAULT_MODEL
+    # Models a worker keeps loaded besides ResNet-18 (which always stays), least recently
+    # used evicted first.
+    resident_models: int = Field(2, ge=1)
+    # An uploaded weights file (POST /models) may be at most this large.
+    max_model_bytes: int = Field(1024**3, gt=0)
 
     # Bearer tokens (shared/access.py): `name:token,…` here, or `name:sha256hex` lines in the
     # file; neither means no auth.
@@ -120,6 +130,33 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("FEATUREMAPS_WEIGHTS must be imagenet, random or a state_dict path")
         return value.strip()
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in ARCHITECTURES]
+        if unknown:
+            raise ValueError(
+                f"FEATUREMAPS_MODELS names {', '.join(unknown)}, not among the supported "
+                f"architectures: {', '.join(ARCHITECTURES)}"
+            )
+        return ",".join(dict.fromkeys([DEFAULT_MODEL, *names]))
+
+    @model_validator(mode="after")
+    def _weights_for_every_model(self) -> Settings:
+        if self.weights not in ("imagenet", "random") and self.enabled_models != (DEFAULT_MODEL,):
+            raise ValueError(
+                "FEATUREMAPS_WEIGHTS as a state_dict path holds ResNet-18's weights only; with "
+                "other FEATUREMAPS_MODELS enabled use imagenet or random, and upload other "
+                "weights with POST /models"
+            )
+        return self
+
+    @property
+    def enabled_models(self) -> tuple[str, ...]:
+        """The architectures jobs may ask for, ResNet-18 first."""
+        return tuple(self.models.split(","))
 
     @model_validator(mode="after")
     def _parse_access(self) -> Settings:

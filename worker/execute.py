@@ -62,7 +62,7 @@ def run_job(ctx: WorkerContext, job_id: str, fence: Fence = UNFENCED) -> str:
         options = JobOptions.from_mapping(job.options)
         digest = reuse.digest_of(ctx, data, options, job.owner)
         stored = _reused(ctx, job_id, digest, data, timings) or _computed(
-            ctx, job_id, data, options, timings, fence
+            ctx, job_id, data, options, timings, fence, job.owner
         )
     except StorageUnavailable:
         raise
@@ -82,13 +82,20 @@ def run_job(ctx: WorkerContext, job_id: str, fence: Fence = UNFENCED) -> str:
 
 
 def _computed(
-    ctx: WorkerContext, job_id: str, data: bytes, options: JobOptions, timings: dict, fence: Fence
+    ctx: WorkerContext,
+    job_id: str,
+    data: bytes,
+    options: JobOptions,
+    timings: dict,
+    fence: Fence,
+    owner: str,
 ) -> dict:
     """The job's outputs from a model pass, stored under its keys unless the job was handed
     over meanwhile (:class:`shared.leases.LeaseLost`)."""
     from worker.compute.pipeline import process_image
 
-    result = process_image(ctx.loaded, data, options, max_pixels=ctx.settings.max_image_pixels)
+    loaded = ctx.model_for(options, owner)
+    result = process_image(loaded, data, options, max_pixels=ctx.settings.max_image_pixels)
     metrics.model_pass([result])
     timings.update(result.timings)
     ctx.leases.check(fence, f"job {job_id}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -150,13 +150,35 @@ def timed(stage: str) -> Iterator[None]:
 
 
 class ModelLoads(Collector):
-    """How many times this process loaded the model (a resident model shows 1)."""
+    """How many times this process loaded a model (ResNet-18 once, plus each load of another
+    model, docs/design.md "Models"), how many it evicted, and which are resident besides
+    ResNet-18: ``resident()`` is the process's ``worker.compute.resident.ResidentModels`` or
+    None before the first other model was asked for."""
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def __init__(self, resident: Callable[[], object] = lambda: None) -> None:
+        self.resident = resident
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         from worker.compute.model import load_count
 
         yield CounterMetricFamily(
             "featuremaps_worker_model_loads", "Models loaded by this process.", value=load_count()
+        )
+        models = self.resident()
+        yield CounterMetricFamily(
+            "featuremaps_worker_model_evictions",
+            "Models this process unloaded to stay within FEATUREMAPS_RESIDENT_MODELS.",
+            value=getattr(models, "evictions", 0),
+        )
+        yield GaugeMetricFamily(
+            "featuremaps_worker_resident_models",
+            "Models loaded now besides ResNet-18 (which always is).",
+            value=len(models.resident()) if models is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "featuremaps_worker_resident_models_peak",
+            "The most models ever loaded at once besides ResNet-18, since the process started.",
+            value=getattr(models, "peak", 0),
         )
 
 
@@ -203,9 +225,10 @@ class GpuStats(Collector):
             )
 
 
-def start_server(port: int, device) -> None:
-    """Serve this process's metrics on ``port`` (called once, after the fork)."""
-    REGISTRY.register(ModelLoads())
+def start_server(port: int, device, resident: Callable[[], object] = lambda: None) -> None:
+    """Serve this process's metrics on ``port`` (called once, after the fork); ``resident``
+    gives the process's resident models (:class:`ModelLoads`)."""
+    REGISTRY.register(ModelLoads(resident))
     if device.type == "cuda":
         REGISTRY.register(GpuStats(device))
     start_http_server(port, registry=REGISTRY)

@@ -120,12 +120,16 @@ def result_index(ctx: WorkerContext) -> ResultIndex:
     return ResultIndex(ctx.redis, ttl_s=ctx.settings.job_ttl_s)
 
 
-def digest_of(ctx: WorkerContext, data: Any, options: JobOptions, owner: str) -> str | None:
-    """The input's digest, or None when reuse is off or there are no bytes (a lost input)."""
+def digest_of(
+    ctx: WorkerContext, data: Any, options: JobOptions, owner: str, loaded: Any = None
+) -> str | None:
+    """The input's digest, or None when reuse is off or there are no bytes (a lost input).
+    ``loaded``: the model the options name, when the caller has it already."""
     if not ctx.settings.reuse_results or not isinstance(data, bytes):
         return None
-    precision = resolve(options.precision, ctx.loaded.device)
-    return result_digest(ctx.loaded.weights, options, data, owner=owner, precision=precision)
+    loaded = loaded or ctx.model_for(options, owner)
+    precision = resolve(options.precision, loaded.device)
+    return result_digest(loaded.weights, options, data, owner=owner, precision=precision)
 
 
 def copy_result(
@@ -196,6 +200,8 @@ class ChunkReuse:
     ctx: WorkerContext
     options: JobOptions
     owner: str
+    # the model the options name (worker.runtime.WorkerContext.model_for)
+    loaded: Any = None
     digests: dict[str, str] = field(default_factory=dict)
     computed: dict[str, tuple[str, Any]] = field(default_factory=dict)
     stored: dict[str, dict] = field(default_factory=dict)
@@ -204,7 +210,7 @@ class ChunkReuse:
         """One slice's results, in order: copied from the index, shared with the same bytes
         computed earlier in this chunk, or ``compute(inputs)`` for the rest."""
         for item, data in zip(ids, inputs, strict=True):
-            digest = digest_of(self.ctx, data, self.options, self.owner)
+            digest = digest_of(self.ctx, data, self.options, self.owner, self.loaded)
             if digest:
                 self.digests[item] = digest
         results: list[Any] = self._copied(ids)

@@ -1,10 +1,12 @@
-"""Per-process worker state: the resident model, clients, a heartbeat, the leases of the task
+"""Per-process worker state: the resident models, clients, a heartbeat, the leases of the task
 it runs, retention sweeps, the recovery of lost nodes' work, webhook delivery and the metrics
 endpoint.
 
 The model is loaded once in each worker process, after the fork (Celery's
 ``worker_process_init``), never in the parent: CUDA cannot be re-initialised in a forked
-child, and one resident copy per GPU is the point. Tasks get the state with :func:`context`.
+child, and one resident copy per GPU is the point. ResNet-18 stays loaded; the other models a
+job may name are loaded on first use and kept in a bounded set (``model_for``,
+worker/compute/resident.py). Tasks get the state with :func:`context`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from shared.errors import FeatureMapsError
 from shared.heartbeat import HEARTBEAT_EVERY_S, holder_id, write_heartbeat
 from shared.jobs import JobStore
 from shared.leases import Fence, LeaseStore
+from shared.options import JobOptions
 from shared.settings import Settings
 from shared.storage import ObjectStore, ensure_bucket
 from worker import metrics
@@ -34,6 +37,7 @@ from worker.webhooks import Deliverer, webhook_loop
 
 if TYPE_CHECKING:  # torch is imported after the fork, not when this module is
     from worker.compute.model import LoadedModel
+    from worker.compute.resident import ResidentModels
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +51,11 @@ class WorkerContext:
     batches: BatchStore
     leases: LeaseStore
     store: ObjectStore
+    # ResNet-18, always resident
     loaded: LoadedModel
     device: str
+    # the other models, loaded on first use (model_for); made then
+    models: ResidentModels | None = None
     jobs_done: int = 0
     started: float = field(default_factory=time.time)
     # Leases whose task ended while Redis was down: given back by the heartbeat thread once
@@ -59,6 +66,27 @@ class WorkerContext:
     def holder(self) -> str:
         """This process as its heartbeat key and its leases name it."""
         return holder_id(self.hostname, os.getpid())
+
+    def model_for(self, options: JobOptions, owner: str) -> LoadedModel:
+        """The model ``options.model`` names, for a record of ``owner``: an enabled
+        architecture, loaded now if it is not resident (docs/design.md "Models")."""
+        from worker.compute.resident import ResidentModels
+
+        if self.models is None:
+            self.models = ResidentModels(
+                self.loaded, self._load, capacity=self.settings.resident_models
+            )
+        options.check_enabled(self.settings.enabled_models)
+        return self.models.get(options.model)
+
+    def _load(self, key: str) -> LoadedModel:
+        from worker.compute.model import load_model
+
+        settings = self.settings
+        log.info("loading model %s", key)
+        return load_model(
+            settings.weights, device=settings.device, seed=settings.weights_seed, architecture=key
+        )
 
     def release_lease(self, fence: Fence) -> None:
         try:
@@ -87,6 +115,7 @@ class WorkerContext:
             "weights": getattr(self.loaded, "weights", None),
             # Counted inside load_model itself: proof that the model stays resident.
             "model_loads": load_count(),
+            "resident_models": self.models.resident() if self.models else [],
             "jobs_done": self.jobs_done,
             "started": self.started,
         }
@@ -116,7 +145,9 @@ def init_process(settings: Settings, hostname: str) -> WorkerContext:
     log.info("model loaded on %s with weights %s", _context.device, loaded.weights)
     ensure_bucket(_context.store, log)
     if settings.worker_metrics_port:
-        metrics.start_server(settings.worker_metrics_port, loaded.device)
+        metrics.start_server(
+            settings.worker_metrics_port, loaded.device, lambda: _context and _context.models
+        )
     _start_threads(_context)
     return _context
 

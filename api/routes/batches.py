@@ -9,11 +9,12 @@ from api.archive_uploads import stream_archive_upload
 from api.audit import record_submission
 from api.enqueue import best_effort, enqueue
 from api.idempotency import Answer, Idempotency, fingerprint, idempotency_key
+from api.models import check_model
 from api.services import Services, services
 from api.sources import BatchRequest, read_source_request
 from shared import documents
 from shared.batches import BLOCK_ITEMS, Batch, BatchStatus
-from shared.errors import InvalidOption, UnsupportedType
+from shared.errors import FeatureMapsError, InvalidOption, UnsupportedType
 from shared.options import JobOptions
 from shared.queue import BATCH_QUEUE, EXPAND_BATCH, FINALIZE_BATCH
 from shared.records import new_record_id
@@ -32,6 +33,11 @@ def submit_batch():
     batch_id = new_record_id()
     batch_request = _read_batch_request(svc, owner, batch_id)
     source = batch_request.source
+    try:
+        check_model(svc, batch_request.options, owner)
+    except FeatureMapsError:
+        _discard_upload(svc, batch_id, source)
+        raise
     meaning = fingerprint(
         "POST /batches",
         source={k: source.get(k) for k in ("kind", "name", "sha256")},

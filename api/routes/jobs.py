@@ -8,6 +8,7 @@ from api.audit import record_submission
 from api.enqueue import best_effort, enqueue
 from api.idempotency import Answer, Idempotency, file_digest, fingerprint, idempotency_key
 from api.layers import RAW_MEDIA_TYPE, layer_json, layer_raw, read_layer_map
+from api.models import check_model
 from api.services import Services, services
 from api.uploads import Upload, read_image_upload
 from shared import documents, keys
@@ -30,6 +31,7 @@ def submit_job():
         max_pixels=svc.settings.max_image_pixels,
         max_bytes=svc.settings.max_upload_bytes,
     )
+    check_model(svc, upload.options, owner)
     callback_url = accepted_callback_url(upload.callback_url, svc.settings)
     meaning = fingerprint(
         "POST /jobs",

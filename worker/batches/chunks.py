@@ -53,9 +53,18 @@ def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Deliv
         return 0
     batch = store.get(batch_id)
     options = JobOptions.from_mapping(batch.options)
+    try:
+        loaded = ctx.model_for(options, batch.owner)
+    except StorageUnavailable:
+        raise
+    except FeatureMapsError as exc:
+        # The model is not to be had (a deleted upload, weights not available): every item
+        # fails with that code.
+        _fail_started(ctx, batch_id, started, delivery, exc.code, exc.message)
+        return len(started)
     items = store.get_items(batch_id, started)
     step = _model_slice(ctx, len(started))
-    reuse = ChunkReuse(ctx, options, batch.owner)
+    reuse = ChunkReuse(ctx, options, batch.owner, loaded)
     with ThreadPoolExecutor(IO_THREADS) as pool:
         # Every input is requested at once; a slice goes through the model as soon as its
         # own inputs are in, and its outputs upload while the next slice computes.
@@ -64,7 +73,9 @@ def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Deliv
         for start in range(0, len(started), step):
             part = started[start : start + step]
             inputs = [download.result() for download in downloads[start : start + step]]
-            part_results = reuse.results(part, inputs, lambda todo: _process(ctx, todo, options))
+            part_results = reuse.results(
+                part, inputs, lambda todo: _process(ctx, loaded, todo, options)
+            )
             ctx.leases.check(delivery.fence, f"chunk of batch {batch_id}")
             results += part_results
             uploads += [
@@ -86,8 +97,19 @@ def fail_chunk(
 ) -> None:
     """End the chunk's items that this delivery holds as failed (retries exhausted, time
     limit, a bug): one broken chunk must not leave its batch running for ever."""
+    started = ctx.batches.start_items(batch_id, ids, token=delivery.token, fence=delivery.fence)
+    _fail_started(ctx, batch_id, started, delivery, code, message)
+
+
+def _fail_started(
+    ctx: WorkerContext,
+    batch_id: str,
+    started: list[str],
+    delivery: Delivery,
+    code: str,
+    message: str,
+) -> None:
     store = ctx.batches
-    started = store.start_items(batch_id, ids, token=delivery.token, fence=delivery.fence)
     items = store.get_items(batch_id, started)
     error = {"code": code, "message": message}
     outcomes = [(i, ItemStatus.FAILED, {**items[i].info, "error": error}) for i in started]
@@ -114,7 +136,7 @@ def _download(ctx: WorkerContext, info: dict[str, Any]) -> bytes | FeatureMapsEr
 
 
 def _process(
-    ctx: WorkerContext, inputs: list[bytes | FeatureMapsError], options: JobOptions
+    ctx: WorkerContext, loaded: Any, inputs: list[bytes | FeatureMapsError], options: JobOptions
 ) -> list[Any]:
     from worker.compute.pipeline import process_images
 
@@ -123,27 +145,30 @@ def _process(
     results: list[Any] = list(inputs)
     try:
         batch_results = process_images(
-            ctx.loaded, [inputs[i] for i in present], options, max_pixels=max_pixels
+            loaded, [inputs[i] for i in present], options, max_pixels=max_pixels
         )
     except (StorageUnavailable, MemoryError):
         raise
+    except FeatureMapsError as exc:
+        # Options this model cannot do: every image fails with that code.
+        batch_results = [exc for _ in present]
     except Exception:
         # One image that breaks the batched pass must not fail the others: run them one by
         # one so only the culprit fails.
         log.exception("batched pass failed; running the chunk's images one at a time")
-        batch_results = [_process_one(ctx, inputs[i], options) for i in present]
+        batch_results = [_process_one(ctx, loaded, inputs[i], options) for i in present]
     metrics.model_pass(batch_results)
     for position, result in zip(present, batch_results, strict=True):
         results[position] = result
     return results
 
 
-def _process_one(ctx: WorkerContext, data: Any, options: JobOptions) -> Any:
+def _process_one(ctx: WorkerContext, loaded: Any, data: Any, options: JobOptions) -> Any:
     from worker.compute.pipeline import process_images
 
     try:
         (result,) = process_images(
-            ctx.loaded, [data], options, max_pixels=ctx.settings.max_image_pixels
+            loaded, [data], options, max_pixels=ctx.settings.max_image_pixels
         )
     except Exception as exc:
         log.exception("image failed on its own")

@@ -275,7 +275,10 @@ def _example_images(
             part = ids[start : start + CPU_MODEL_BATCH]
             datas = list(pool.map(lambda i: _input(ctx, items[i]), part))
             images = example_images(
-                ctx.loaded, datas, options, max_pixels=ctx.settings.max_image_pixels
+                ctx.model_for(options, batch.owner),
+                datas,
+                options,
+                max_pixels=ctx.settings.max_image_pixels,
             )
             for member, image in zip(members[start : start + len(part)], images, strict=True):
                 ok = not isinstance(image, Exception)

@@ -54,7 +54,7 @@ def example_images(
     if pictures:
         batch = to_batch([picture for _, picture in pictures], options.normalize)
         with tf32(precision.tf32):
-            layers = pooled_layers(loaded, batch, options.mode, precision)
+            layers = pooled_layers(loaded, batch, options, precision)
         for row, (position, picture) in enumerate(pictures):
             small = picture.resize((TILE, TILE), Image.Resampling.BILINEAR)
             maps = {name: maps[row].numpy() for name, maps in layers}
@@ -63,10 +63,14 @@ def example_images(
 
 
 def pooled_layers(
-    loaded: LoadedModel, batch: torch.Tensor, mode: str, precision: Precision
+    loaded: LoadedModel, batch: torch.Tensor, options: JobOptions, precision: Precision
 ) -> list[tuple[str, torch.Tensor]]:
-    """Every layer of ``mode`` as float32 [N, C, h, w] on the CPU, pooled in the hook, computed
-    as the batch's ``precision`` computed its scores."""
+    """The batch's layers (its ``mode``'s, as its ``layers`` chose them) as float32
+    [N, C, h, w] on the CPU, pooled in the hook, computed as the batch's ``precision``
+    computed its scores."""
+    from worker.compute.pipeline import tiled_layers
+
+    names = set(tiled_layers(loaded, options))
 
     def keep(activation: torch.Tensor) -> torch.Tensor:
         height, width = activation.shape[-2:]
@@ -74,9 +78,9 @@ def pooled_layers(
         return F.adaptive_avg_pool2d(activation.float(), side).cpu()
 
     model, batch = model_and_input(loaded, batch, precision)
-    if mode == "chain":
-        return conv_chain(model, batch, keep=keep)
-    outputs, _logits = forward_activations(model, batch, keep=keep)
+    if options.mode == "chain":
+        return conv_chain(model, batch, keep=keep, names=names)
+    outputs, _logits = forward_activations(model, batch, keep=keep, names=names)
     return outputs
 
 

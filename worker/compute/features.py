@@ -6,17 +6,23 @@ All functions take a batch: several images go through the model as one tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from fnmatch import fnmatchcase
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from shared.errors import InvalidOption
+from shared.options import CHAIN_ARCHITECTURES, CHAIN_NOT_DEFINED, layer_patterns
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 INPUT_SIDE = 224
+# The default choice of tiles when a network has more layers than a figure shows readably.
+MAX_DEFAULT_TILES = 32
 
 
 def chain_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
@@ -34,6 +40,44 @@ def chain_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
                     if type(conv) is nn.Conv2d:
                         convs.append((f"{name}.{block_name}.{conv_name}", conv))
     return convs
+
+
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """Every Conv2d module, by qualified name, in module order (``mode=forward``'s layers)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def mode_layers(model: nn.Module, architecture: str, mode: str) -> list[str]:
+    """The names of every layer ``mode`` yields for ``architecture``; the chain is refused
+    where it is not defined (outside the ResNet family)."""
+    if mode == "chain":
+        if architecture not in CHAIN_ARCHITECTURES:
+            raise InvalidOption(CHAIN_NOT_DEFINED)
+        return [name for name, _ in chain_layers(model)]
+    return [name for name, _ in conv_layers(model)]
+
+
+def select_layers(names: Sequence[str], layers: str) -> list[str]:
+    """The layers that become tiles, in model order. ``layers`` is the option: a comma list
+    of names or fnmatch patterns, each of which must match a layer; empty, every layer when
+    there are at most ``MAX_DEFAULT_TILES``, else that many evenly spaced ones, the first
+    and the last included (docs/design.md "Models")."""
+    patterns = layer_patterns(layers)
+    if not patterns:
+        if len(names) <= MAX_DEFAULT_TILES:
+            return list(names)
+        last = len(names) - 1
+        picks = sorted(
+            {round(i * last / (MAX_DEFAULT_TILES - 1)) for i in range(MAX_DEFAULT_TILES)}
+        )
+        return [names[i] for i in picks]
+    missing = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
+    if missing:
+        raise InvalidOption(
+            f"option layers: {', '.join(missing)} matches no layer of this model; its layers "
+            f"are {', '.join(names[:8])}{', …' if len(names) > 8 else ''} ({len(names)} in all)"
+        )
+    return [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
 
 
 def preprocess(images: Sequence[Image.Image], normalize: str) -> Tensor:
@@ -78,10 +122,15 @@ def to_model_input(pixels: Tensor, normalize: str) -> Tensor:
 
 
 def conv_chain(
-    model: nn.Module, batch: Tensor, *, keep: Callable[[Tensor], Tensor] | None = None
+    model: nn.Module,
+    batch: Tensor,
+    *,
+    keep: Callable[[Tensor], Tensor] | None = None,
+    names: Collection[str] | None = None,
 ) -> list[tuple[str, Tensor]]:
     """Pass ``batch`` through the chain convs one after another (conv only: no BN, ReLU,
-    pooling or residual), keeping every output. Outputs stay on the model's device.
+    pooling or residual), keeping every output (those in ``names`` when given). Outputs stay
+    on the model's device.
 
     ``keep`` maps each output before it is kept (e.g. the channel reduction), so the full
     activations need not all stay alive at once.
@@ -91,17 +140,24 @@ def conv_chain(
         x = batch.to(_device_of(model))
         for name, conv in chain_layers(model):
             x = conv(x)
-            outputs.append((name, keep(x) if keep else x))
+            if names is None or name in names:
+                outputs.append((name, keep(x) if keep else x))
     return outputs
 
 
 def forward_activations(
-    model: nn.Module, batch: Tensor, *, keep: Callable[[Tensor], Tensor] | None = None
+    model: nn.Module,
+    batch: Tensor,
+    *,
+    keep: Callable[[Tensor], Tensor] | None = None,
+    names: Collection[str] | None = None,
 ) -> tuple[list[tuple[str, Tensor]], Tensor]:
     """One real forward pass in eval mode; returns every Conv2d's output (20 for ResNet-18,
-    downsample included, in module order), each mapped by ``keep`` if given, and the logits.
+    downsample included, in module order; those in ``names`` when given), each mapped by
+    ``keep`` inside its hook (else copied there: an in-place op after the conv, as VGG's
+    ``ReLU(inplace=True)``, would change a kept reference), and the logits.
     """
-    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    convs = [(name, m) for name, m in conv_layers(model) if names is None or name in names]
     captured: dict[str, Tensor] = {}
     handles = []
     was_training = model.training
@@ -152,7 +208,7 @@ def channel_scores(t: Tensor) -> Tensor:
 
 def _capture(store: dict[str, Tensor], name: str, keep: Callable[[Tensor], Tensor] | None):
     def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-        store[name] = keep(output) if keep else output
+        store[name] = keep(output) if keep else output.clone()
 
     return hook
 

@@ -1,8 +1,11 @@
-"""Loading the ResNet-18 a worker keeps resident, and saying exactly which weights it has.
+"""Loading the networks a worker runs, and saying exactly which weights each has.
 
-``FEATUREMAPS_WEIGHTS`` selects the weights: ``imagenet`` (torchvision's IMAGENET1K_V1 through
-its normal cache under ``TORCH_HOME``), ``random`` (seeded, deterministic) or a path to a
-``state_dict`` file. Nothing falls back silently: when the asked-for weights cannot be had,
+Any architecture of ``shared.options.ARCHITECTURES`` (torchvision's classification models);
+ResNet-18 is the one every worker keeps resident. ``FEATUREMAPS_WEIGHTS`` selects the
+weights: ``imagenet`` (torchvision's IMAGENET1K_V1 of the architecture through its normal
+cache under ``TORCH_HOME``), ``random`` (seeded, deterministic) or, for ResNet-18 only, a path
+to a ``state_dict`` file. Uploaded weights (POST /models) load with :func:`load_uploaded`.
+Nothing falls back silently: when the asked-for weights cannot be had,
 :class:`WeightsUnavailable` says how to fix it, and :attr:`LoadedModel.weights` travels into
 every manifest and figure.
 """
@@ -19,11 +22,25 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
+from torchvision.models import ResNet18_Weights, get_model, get_model_weights
 
 from shared.errors import DeviceUnavailable, WeightsUnavailable
+from shared.options import DEFAULT_MODEL
 
 IMAGENET_WEIGHTS = ResNet18_Weights.IMAGENET1K_V1
+# How figures' captions name each architecture.
+DISPLAY_NAMES = {
+    "resnet18": "ResNet-18",
+    "resnet34": "ResNet-34",
+    "resnet50": "ResNet-50",
+    "vgg16": "VGG-16",
+    "vgg16_bn": "VGG-16-BN",
+    "mobilenet_v3_large": "MobileNetV3-Large",
+    "efficientnet_b0": "EfficientNet-B0",
+    "densenet121": "DenseNet-121",
+    "convnext_tiny": "ConvNeXt-Tiny",
+    "regnet_y_400mf": "RegNetY-400MF",
+}
 
 _load_count = 0
 
@@ -36,6 +53,8 @@ class LoadedModel:
     weights: dict
     # ImageNet class names for the imagenet weights; None when the classes mean nothing.
     categories: list[str] | None
+    # the torchvision architecture (shared.options.ARCHITECTURES)
+    architecture: str = DEFAULT_MODEL
     # copies of ``model`` in another dtype / memory format, made on first use
     _variants: dict[tuple[torch.dtype, bool], nn.Module] = field(
         default_factory=dict, repr=False, compare=False
@@ -85,65 +104,117 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def load_model(weights: str, *, device: str = "auto", seed: int = 0) -> LoadedModel:
-    """Build ResNet-18 with the selected weights, in eval mode, on the resolved device."""
-    global _load_count
-    target = resolve_device(device)
+def load_model(
+    weights: str, *, device: str = "auto", seed: int = 0, architecture: str = DEFAULT_MODEL
+) -> LoadedModel:
+    """Build ``architecture`` with the selected weights, in eval mode, on the resolved
+    device."""
     categories = None
     if weights == "imagenet":
-        state_dict, identity = _imagenet_state_dict()
-        categories = list(IMAGENET_WEIGHTS.meta["categories"])
+        state_dict, identity = _imagenet_state_dict(architecture)
+        categories = list(imagenet_weights(architecture).meta["categories"])
     elif weights == "random":
         state_dict, identity = None, {"name": "random", "seed": seed}
     else:
         state_dict, identity = _file_state_dict(Path(weights))
+    return _built(architecture, state_dict, identity, categories, device=device, seed=seed)
 
+
+def load_uploaded(
+    architecture: str, path: Path, identity: dict, *, device: str = "auto"
+) -> LoadedModel:
+    """``architecture`` with the weights of an uploaded file (safetensors, or a state_dict
+    read with ``torch.load(weights_only=True)``: no code in it can run), loaded strictly."""
+    return _built(architecture, read_weights_file(path), identity, None, device=device, seed=0)
+
+
+def read_weights_file(path: Path) -> Mapping[str, torch.Tensor]:
+    """The tensors of a safetensors file or of a ``torch.save`` state_dict, never unpickling
+    anything but tensors and containers."""
+    with path.open("rb") as stream:
+        head = stream.read(8)
+    try:
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            from safetensors.torch import load_file
+
+            state_dict = load_file(path, device="cpu")
+    except Exception as exc:
+        raise WeightsUnavailable(f"weights file {path.name} cannot be read: {exc}") from exc
+    if not isinstance(state_dict, Mapping):
+        raise WeightsUnavailable(
+            f"weights file {path.name} holds a {type(state_dict).__name__}, not a state_dict"
+        )
+    return state_dict
+
+
+def _built(
+    architecture: str,
+    state_dict: Mapping[str, torch.Tensor] | None,
+    identity: dict,
+    categories: list[str] | None,
+    *,
+    device: str,
+    seed: int,
+) -> LoadedModel:
+    global _load_count
+    target = resolve_device(device)
     # A private RNG stream: seeding must not disturb the caller's global torch RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = resnet18(weights=None)
+        model = get_model(architecture, weights=None)
     if state_dict is not None:
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as exc:
             raise WeightsUnavailable(
-                f"the {identity['name']} weights do not fit torchvision's resnet18: {exc}"
+                f"the {identity['name']} weights do not fit torchvision's {architecture}: {exc}"
             ) from exc
     model.eval().to(target)
     _load_count += 1
-    return LoadedModel(model=model, device=target, weights=identity, categories=categories)
+    return LoadedModel(
+        model=model,
+        device=target,
+        weights=identity,
+        categories=categories,
+        architecture=architecture,
+    )
 
 
-def imagenet_checkpoint_path() -> Path:
+def imagenet_weights(architecture: str = DEFAULT_MODEL):
+    """torchvision's IMAGENET1K_V1 weights enum of ``architecture``."""
+    return get_model_weights(architecture)["IMAGENET1K_V1"]
+
+
+def imagenet_checkpoint_path(architecture: str = DEFAULT_MODEL) -> Path:
     """Where torchvision's cache keeps the IMAGENET1K_V1 checkpoint (follows TORCH_HOME)."""
-    file_name = os.path.basename(urlparse(IMAGENET_WEIGHTS.url).path)
+    file_name = os.path.basename(urlparse(imagenet_weights(architecture).url).path)
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
-def _imagenet_state_dict() -> tuple[Mapping[str, torch.Tensor], dict]:
-    path = imagenet_checkpoint_path()
+def _imagenet_state_dict(architecture: str) -> tuple[Mapping[str, torch.Tensor], dict]:
+    enum = imagenet_weights(architecture)
+    path = imagenet_checkpoint_path(architecture)
     try:
         # Loads the cached file, or downloads it into the cache (hash-checked) when missing.
-        state_dict = IMAGENET_WEIGHTS.get_state_dict(
-            progress=False, check_hash=True, weights_only=True
-        )
+        state_dict = enum.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as exc:
         if path.is_file():
             raise WeightsUnavailable(
                 f"the cached ImageNet checkpoint {path} cannot be read ({exc}); delete it and "
-                f"place a good copy of {IMAGENET_WEIGHTS.url} there, or set "
-                "FEATUREMAPS_WEIGHTS=random"
+                f"place a good copy of {enum.url} there, or set FEATUREMAPS_WEIGHTS=random"
             ) from exc
         raise WeightsUnavailable(
-            f"ResNet-18 ImageNet weights are not in torchvision's cache and could not be "
-            f"downloaded ({type(exc).__name__}: {exc}). Download {IMAGENET_WEIGHTS.url} and "
-            f"place it at {path} (file name {path.name}, under TORCH_HOME="
+            f"{DISPLAY_NAMES[architecture]} ImageNet weights are not in torchvision's cache "
+            f"and could not be downloaded ({type(exc).__name__}: {exc}). Download {enum.url} "
+            f"and place it at {path} (file name {path.name}, under TORCH_HOME="
             f"{Path(torch.hub.get_dir()).parent}), or set FEATUREMAPS_WEIGHTS=random for "
             "offline work"
         ) from exc
     identity = {
         "name": "imagenet",
-        "id": IMAGENET_WEIGHTS.name,
+        "id": enum.name,
         "file": path.name,
         "sha256": _sha256(path),
     }

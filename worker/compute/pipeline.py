@@ -24,12 +24,14 @@ from worker.compute.features import (
     channel_scores,
     conv_chain,
     forward_activations,
+    mode_layers,
     reduce_channels,
     resize_input,
+    select_layers,
     to_batch,
     to_model_input,
 )
-from worker.compute.model import LoadedModel
+from worker.compute.model import DISPLAY_NAMES, LoadedModel
 from worker.compute.precision import Precision, model_and_input, resolve, tf32
 from worker.compute.render import (
     LayerMap,
@@ -40,7 +42,6 @@ from worker.compute.render import (
     render_thumbnail,
 )
 
-MODEL_NAME = "resnet18"
 TOP_K = 5
 CPU_MODEL_BATCH = 8
 
@@ -111,16 +112,27 @@ def process_images(
     order: its result, or the error that its bytes caused (the others still go through).
     ``input_previews`` adds each upright input as a small JPEG (single jobs' pages show it;
     batch items do not, and a chunk of camera photos would pay ~tens of ms each for it).
-    ``on_device`` forces where ``precision=fast`` runs its stages (worker/compute/precision.py)."""
+    ``on_device`` forces where ``precision=fast`` runs its stages (worker/compute/precision.py).
+    Options the model cannot do (``mode=chain`` outside the ResNet family, ``layers`` naming
+    none of its layers) raise :class:`InvalidOption` for all of them."""
+    layers = tiled_layers(loaded, options)
     results: list[ImageResult | FeatureMapsError | None] = [None] * len(images)
     precision = resolve(options.precision, loaded.device, on_device=on_device)
     stage = _decode_on_device if precision.on_device else _decode_on_host
     decoded = stage(loaded, images, results, precision, max_pixels, input_previews)
     if decoded:
-        batch_results = _run_batch(loaded, decoded, options, precision)
+        batch_results = _run_batch(loaded, decoded, options, precision, layers)
         for item, result in zip(decoded, batch_results, strict=True):
             results[item.position] = result
     return results  # type: ignore[return-value]  # every slot is filled by now
+
+
+def tiled_layers(loaded: LoadedModel, options: JobOptions) -> list[str]:
+    """The layers of ``options.mode`` that ``options.layers`` chooses, in model order: the
+    figure's tiles, the maps and the dataset examples' scores."""
+    return select_layers(
+        mode_layers(loaded.model, loaded.architecture, options.mode), options.layers
+    )
 
 
 def _decode_on_host(
@@ -196,18 +208,25 @@ def describe_weights(weights: dict) -> str:
         return f"random, seed {weights['seed']} (untrained)"
     if name == "state_dict":
         return f"state_dict {weights['path']} (sha256 {weights['sha256'][:12]})"
+    if name == "upload":
+        label = weights.get("label") or weights["id"]
+        return f"uploaded {label} (sha256 {weights['sha256'][:12]})"
     return str(weights)
 
 
 def _run_batch(
-    loaded: LoadedModel, decoded: list[_Decoded], options: JobOptions, precision: Precision
+    loaded: LoadedModel,
+    decoded: list[_Decoded],
+    options: JobOptions,
+    precision: Precision,
+    layers: list[str],
 ) -> list[ImageResult]:
     count = len(decoded)
     started = time.perf_counter()
     batch = _model_input(decoded, options)
     preprocess_ms = _ms_since(started)
     with tf32(precision.tf32):
-        forward = _forward(loaded, batch, options, precision)
+        forward = _forward(loaded, batch, options, precision, layers)
     arrays = _batch_arrays(loaded, forward)
     caption = _caption(loaded, options, precision)
     figures = _device_figures(forward, arrays, options, caption) if precision.on_device else None
@@ -270,7 +289,11 @@ class _Forward:
 
 
 def _forward(
-    loaded: LoadedModel, batch: torch.Tensor, options: JobOptions, precision: Precision
+    loaded: LoadedModel,
+    batch: torch.Tensor,
+    options: JobOptions,
+    precision: Precision,
+    layers: list[str],
 ) -> _Forward:
     # Each layer is reduced as soon as it is computed, so the full activations never all
     # stay alive at once; the time spent reducing is taken out of the model's (on CUDA, which
@@ -296,13 +319,14 @@ def _forward(
     count = len(batch)
     step = count if loaded.device.type == "cuda" else CPU_MODEL_BATCH
     parts = []
+    names = set(layers)
     for start in range(0, count, step):
         model, part = model_and_input(loaded, batch[start : start + step], precision)
         if options.mode == "chain":
-            parts.append((conv_chain(model, part, keep=reduce), None))
+            parts.append((conv_chain(model, part, keep=reduce, names=names), None))
         else:
-            layers, logits = forward_activations(model, part, keep=reduce)
-            parts.append((layers, logits.float()))
+            outputs, logits = forward_activations(model, part, keep=reduce, names=names)
+            parts.append((outputs, logits.float()))
     _synchronize(loaded.device)
     model_ms = _ms_since(started) - reduce_s * 1000
     outputs = [
@@ -406,7 +430,8 @@ def _finish(
 
 def _caption(loaded: LoadedModel, options: JobOptions, precision: Precision) -> str:
     return (
-        f"ResNet-18 feature maps · weights: {describe_weights(loaded.weights)} · "
+        f"{DISPLAY_NAMES[loaded.architecture]} feature maps · weights: "
+        f"{describe_weights(loaded.weights)} · "
         f"mode={options.mode} · reduction={options.reduction} · normalize={options.normalize}"
         f" · precision={precision.mode}{_compute(precision)}"
     )
@@ -490,7 +515,7 @@ def _manifest(
     timings: dict[str, float],
 ) -> dict:
     return {
-        "model": MODEL_NAME,
+        "model": loaded.architecture,
         "weights": loaded.weights,
         "options": options.to_dict(),
         "input": item.input,
