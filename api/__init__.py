@@ -8,7 +8,7 @@ from flask import Flask
 from api.audit import init_audit_log
 from api.errors import register_error_handlers
 from api.metrics import init_metrics
-from api.routes import batches, examples, health, jobs, ui
+from api.routes import batches, examples, health, jobs, models, ui
 from api.services import Services
 from shared.settings import Settings
 from shared.storage import ensure_bucket
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.register_blueprint(jobs.bp)
     app.register_blueprint(batches.bp)
     app.register_blueprint(examples.bp)
+    app.register_blueprint(models.bp)
     app.register_blueprint(ui.bp)
     return app
 

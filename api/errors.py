@@ -78,7 +78,13 @@ def register_error_handlers(app: Flask) -> None:
 
 def _too_large_message(app: Flask) -> str:
     """Say which limit a 413 from Werkzeug's body reader hit, in the units people use."""
-    limit_mb = app.extensions["featuremaps"].settings.max_upload_mb
+    settings = app.extensions["featuremaps"].settings
+    if request.path == "/models":
+        return (
+            f"the upload is over the weights file limit of {settings.max_model_bytes} bytes "
+            "(FEATUREMAPS_MAX_MODEL_BYTES)"
+        )
+    limit_mb = settings.max_upload_mb
     declared = request.content_length
     if declared is not None and declared > (app.config["MAX_CONTENT_LENGTH"] or declared):
         return (

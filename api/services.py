@@ -11,6 +11,7 @@ from redis import Redis
 from api.auth import caller
 from shared.batches import BatchStore
 from shared.jobs import JobStore
+from shared.models import ModelStore
 from shared.queue import make_producer
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -24,6 +25,11 @@ class Services:
     batches: BatchStore
     store: ObjectStore
     producer: Celery
+    models: ModelStore | None = None
+
+    def __post_init__(self) -> None:
+        if self.models is None:
+            self.models = ModelStore(self.redis)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:

@@ -15,7 +15,8 @@ the same code in the failed job's document.
     ├── PayloadTooLarge       413  too_large
     ├── UnsupportedType       415  unsupported_type
     ├── Unprocessable         422  truncated_image, undecodable_image, too_many_pixels,
-    │   │                          corrupt_archive, idempotency_mismatch
+    │   │                          corrupt_archive, idempotency_mismatch, unsafe_weights,
+    │   │                          not_a_state_dict, weights_mismatch (shared/weights_files.py)
     │   ├── RefusedMember          the member's own code (below)
     │   └── ArchiveLimitExceeded   archive_too_many_members, archive_too_large,
     │                              archive_member_too_large, archive_bomb
@@ -44,6 +45,7 @@ Codes that are never raised to a caller, named here so that every code has one s
         SOURCE_MISSING   a batch's source vanished before it was read
         RETRYING         not a failure: a storage error is being retried (a queued job's
                          error; items never show it)
+        MODEL_DELETED    the uploaded model it names was deleted before it ran
     an HTTP error Werkzeug raises before a view runs
         METHOD_NOT_ALLOWED   405
 """
@@ -65,6 +67,7 @@ WORKER_LOST = "worker_lost"
 LOST = "lost"
 SOURCE_MISSING = "source_missing"
 RETRYING = "retrying"
+MODEL_DELETED = "model_deleted"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 
 

@@ -1,7 +1,8 @@
 """Retention: deleting the objects of jobs and batches whose records have expired.
 
 Job and batch records expire in Redis by themselves, ``JOB_TTL_HOURS`` after their last
-change. Their objects (``inputs/<id>/``, ``results/<id>/``, ``batches/<id>/``) are deleted by
+change. Their objects (``inputs/<id>/``, ``results/<id>/``, ``batches/<id>/``; and
+``models/<id>/``, whose records do not expire but are deleted) are deleted by
 :func:`sweep`: an object goes when the record that owns it no longer exists *and* it is older
 than the TTL. Every object of a job is written before the job's last change, so by the time a
 record expires all its objects are past the TTL too; the age check spares an upload whose
@@ -22,11 +23,12 @@ from redis import Redis
 
 from shared.batches import batch_key
 from shared.jobs import PREFIX, job_key
+from shared.models import ModelStore
 from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-OWNED_PREFIXES = ("inputs/", "results/", "batches/")
+OWNED_PREFIXES = ("inputs/", "results/", "batches/", "models/")
 LOCK_KEY = f"{PREFIX}:retention:lock"
 _ITEM_INDEX_DIGITS = 6  # batch item ids are <batch_id>-NNNNNN (shared.batches.item_id)
 
@@ -39,6 +41,10 @@ def owner_record_key(key: str) -> str | None:
         return None
     if top == "batches":
         return batch_key(owner)
+    if top == "models":
+        # An uploaded model's record never expires: only a deleted model's weights (or an
+        # upload whose record was never written) are left without one.
+        return ModelStore.key(owner)
     batch_id, dash, index = owner.rpartition("-")
     if dash and batch_id and len(index) == _ITEM_INDEX_DIGITS and index.isdigit():
         return batch_key(batch_id)

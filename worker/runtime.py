@@ -11,23 +11,27 @@ worker/compute/resident.py). Tasks get the state with :func:`context`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from redis import Redis
 from redis.exceptions import RedisError
 
 from shared.batches import BatchStore
-from shared.errors import FeatureMapsError
+from shared.errors import MODEL_DELETED, FeatureMapsError, NotFound
 from shared.heartbeat import HEARTBEAT_EVERY_S, holder_id, write_heartbeat
 from shared.jobs import JobStore
 from shared.leases import Fence, LeaseStore
-from shared.options import JobOptions
+from shared.models import ModelNotFound, ModelStore, UploadedModel
+from shared.options import JobOptions, is_upload_id
 from shared.settings import Settings
 from shared.storage import ObjectStore, ensure_bucket
 from worker import metrics
@@ -69,7 +73,9 @@ class WorkerContext:
 
     def model_for(self, options: JobOptions, owner: str) -> LoadedModel:
         """The model ``options.model`` names, for a record of ``owner``: an enabled
-        architecture, loaded now if it is not resident (docs/design.md "Models")."""
+        architecture or one of the owner's uploads, loaded now if it is not resident
+        (docs/design.md "Models"). An upload deleted since submission fails
+        ``model_deleted``."""
         from worker.compute.resident import ResidentModels
 
         if self.models is None:
@@ -77,16 +83,63 @@ class WorkerContext:
                 self.loaded, self._load, capacity=self.settings.resident_models
             )
         options.check_enabled(self.settings.enabled_models)
+        if is_upload_id(options.model):
+            # Read every time, resident or not: a deleted upload is not used again.
+            self._uploaded(options.model, owner)
         return self.models.get(options.model)
+
+    def _uploaded(self, model: str, owner: str | None) -> UploadedModel:
+        try:
+            return ModelStore(self.redis).get(model, owner=owner)
+        except ModelNotFound as exc:
+            if self.models is not None:
+                self.models.discard(model)
+            raise FeatureMapsError(
+                f"the uploaded model {model} was deleted (or is not this token's); upload it "
+                "again and resubmit",
+                code=MODEL_DELETED,
+            ) from exc
 
     def _load(self, key: str) -> LoadedModel:
         from worker.compute.model import load_model
 
         settings = self.settings
         log.info("loading model %s", key)
+        if is_upload_id(key):
+            return self._load_upload(self._uploaded(key, None))
         return load_model(
             settings.weights, device=settings.device, seed=settings.weights_seed, architecture=key
         )
+
+    def _load_upload(self, uploaded: UploadedModel) -> LoadedModel:
+        """Copy the weights from storage to a temporary file (never whole in memory), check
+        their digest, and load them strictly (worker/compute/model.py)."""
+        from worker.compute.model import load_uploaded
+
+        suffix = Path(uploaded.key).suffix
+        with tempfile.NamedTemporaryFile(suffix=suffix) as copy:
+            digest = hashlib.sha256()
+            try:
+                with self.store.open(uploaded.key) as source:
+                    for block in iter(lambda: source.read(1 << 20), b""):
+                        digest.update(block)
+                        copy.write(block)
+            except NotFound as exc:
+                raise FeatureMapsError(
+                    f"the weights of uploaded model {uploaded.id} are gone from storage",
+                    code=MODEL_DELETED,
+                ) from exc
+            copy.flush()
+            if digest.hexdigest() != uploaded.sha256:
+                raise FeatureMapsError(
+                    f"the stored weights of model {uploaded.id} do not match their SHA-256"
+                )
+            return load_uploaded(
+                uploaded.architecture,
+                Path(copy.name),
+                uploaded.weights_identity(),
+                device=self.settings.device,
+            )
 
     def release_lease(self, fence: Fence) -> None:
         try:
