@@ -4,6 +4,8 @@ command (which uses it, so there is one HTTP layer).
     from client import Client
     client = Client("http://127.0.0.1:8000", token=None)
     job = client.submit("photo.jpg", reduction="max", arrays=True).wait(progress=True)
+    client.submit("photo.jpg", model="vgg16", mode="forward")    # FEATUREMAPS_MODELS
+    mine = client.upload_model("tuned.safetensors", architecture="resnet18")["id"]
     job.figure()                  # PIL.Image: shows inline in Jupyter
     job.maps()["layer4.1.conv2"]  # numpy float32 H×W (needs arrays=True)
     batch = client.batch("photos.zip").wait(progress=True)
@@ -148,6 +150,31 @@ class Client:
     def job(self, job_id: str) -> Job:
         """An existing job, with its current document."""
         return Job(self, {"id": job_id}).refresh()
+
+    # -- models ----------------------------------------------------------------------------
+
+    def upload_model(self, path: str | Path, *, architecture: str, name: str | None = None) -> dict:
+        """Upload weights (a safetensors file or a ``torch.save`` state_dict) for an enabled
+        ``architecture``, streamed from disk; the model's document, whose ``id`` is what
+        ``submit(..., model=...)`` and ``batch(..., model=...)`` take. Uploading the same
+        file again gives the same id."""
+        fields = form_fields({"architecture": architecture, "name": name})
+        with MultipartFile("weights", Path(path), fields) as body:
+            response = self.request(
+                "POST",
+                "/models",
+                data=body,
+                headers={"Content-Type": body.content_type},
+                timeout=max(self.timeout, 600),
+            )
+        return response.json()
+
+    def models(self) -> dict:
+        """``{"architectures": [enabled], "uploads": [this token's uploaded models]}``."""
+        return self.request("GET", "/models").json()
+
+    def delete_model(self, model_id: str) -> None:
+        self.request("DELETE", f"/models/{model_id}")
 
     # -- batches ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from client.api import unique_name
 from shared.options import (
+    ARCHITECTURES,
     COLORMAPS,
     DEFAULTS,
     FORMATS,
@@ -43,6 +44,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     parser.add_argument("-o", "--output", type=Path, default=Path("out"), metavar="DIR")
     parser.add_argument("--mode", choices=MODES, default=DEFAULTS.mode)
+    parser.add_argument("--model", choices=ARCHITECTURES, default=DEFAULTS.model)
+    parser.add_argument(
+        "--layers", default="", help="layer names or patterns, comma separated (layer4.*)"
+    )
     parser.add_argument("--reduction", choices=REDUCTIONS, default=DEFAULTS.reduction)
     parser.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULTS.normalize)
     parser.add_argument("--format", choices=FORMATS, default=DEFAULTS.format)
@@ -77,26 +82,31 @@ def run(args: argparse.Namespace) -> int:
     from shared.options import JobOptions
     from shared.settings import Settings
     from worker.compute.model import load_model
+    from worker.compute.pipeline import tiled_layers
 
     settings = Settings()
-    options = JobOptions(
-        mode=args.mode,
-        reduction=args.reduction,
-        normalize=args.normalize,
-        format=args.format,
-        colormap=args.colormap,
-        renderer=args.renderer,
-        precision=args.precision,
-        per_layer=args.per_layer,
-        arrays=args.arrays,
-    )
     max_pixels = args.max_pixels or settings.max_image_pixels
     try:
+        options = JobOptions(
+            mode=args.mode,
+            reduction=args.reduction,
+            normalize=args.normalize,
+            format=args.format,
+            colormap=args.colormap,
+            renderer=args.renderer,
+            precision=args.precision,
+            model=args.model,
+            layers=args.layers,
+            per_layer=args.per_layer,
+            arrays=args.arrays,
+        )
         loaded = load_model(
             args.weights or settings.weights,
             device=args.device or settings.device,
             seed=settings.weights_seed,
+            architecture=args.model,
         )
+        tiled_layers(loaded, options)  # a layers pattern that matches nothing, said once
     except FeatureMapsError as exc:
         print(f"featuremaps: {exc.code}: {exc.message}", file=sys.stderr)
         return 2

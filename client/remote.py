@@ -13,7 +13,10 @@ from pathlib import Path
 from client.api import DEFAULT_URL, Client
 from client.errors import ApiError
 
-OPTION_FLAGS = ("mode", "reduction", "normalize", "format", "colormap", "renderer", "precision")
+OPTION_FLAGS = (
+    *("mode", "reduction", "normalize", "format", "colormap", "renderer", "precision"),
+    *("model", "layers"),
+)
 
 
 def client_for(args: argparse.Namespace, **kwargs) -> Client:

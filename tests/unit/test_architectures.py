@@ -8,6 +8,8 @@ computed once (``_cache``)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -148,6 +150,14 @@ def test_default_tiles_stay_readable():
     positions = [every.index(name) for name in shown]
     gaps = np.diff(positions)
     assert positions == sorted(positions) and gaps.max() - gaps.min() <= 1
+    # Squeeze-and-excitation convs (1×1 maps) are left out of the default, not of "*".
+    efficientnet = loaded("efficientnet_b0")
+    options = JobOptions(mode="forward", model="efficientnet_b0")
+    assert not any(name.endswith((".fc1", ".fc2")) for name in tiled_layers(efficientnet, options))
+    every = tiled_layers(
+        efficientnet, JobOptions(mode="forward", model="efficientnet_b0", layers="*")
+    )
+    assert len(every) == len(conv_layers(efficientnet.model))
     # ResNet-18 keeps every layer, as before: 17 in the chain, 20 in a forward pass.
     resnet = loaded("resnet18")
     assert len(tiled_layers(resnet, JobOptions())) == 17
@@ -181,3 +191,4 @@ def test_caption_names_the_architecture_and_weights(images, captions):
     )
     assert captions[-1].startswith(f"{DISPLAY_NAMES['mobilenet_v3_large']} feature maps")
     assert "random, seed 0" in captions[-1]
+    assert re.search(r" · layers: 32 of \d+$", captions[-1]), "the tiles are a choice"

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from torchvision.ops import SqueezeExcitation
 
 from shared.errors import InvalidOption
 from shared.options import CHAIN_ARCHITECTURES, CHAIN_NOT_DEFINED, layer_patterns
@@ -57,20 +58,36 @@ def mode_layers(model: nn.Module, architecture: str, mode: str) -> list[str]:
     return [name for name, _ in conv_layers(model)]
 
 
-def select_layers(names: Sequence[str], layers: str) -> list[str]:
+def gating_layers(model: nn.Module) -> set[str]:
+    """The convs of squeeze-and-excitation blocks (EfficientNet, MobileNetV3, RegNetY): they
+    compute per-channel weights from a 1×1 pooled input, so their maps are 1×1 — nothing to
+    see in a tile. The default choice of tiles leaves them out."""
+    return {
+        f"{block_name}.{name}"
+        for block_name, block in model.named_modules()
+        if isinstance(block, SqueezeExcitation)
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Conv2d)
+    }
+
+
+def select_layers(
+    names: Sequence[str], layers: str, *, left_out: Collection[str] = ()
+) -> list[str]:
     """The layers that become tiles, in model order. ``layers`` is the option: a comma list
-    of names or fnmatch patterns, each of which must match a layer; empty, every layer when
-    there are at most ``MAX_DEFAULT_TILES``, else that many evenly spaced ones, the first
-    and the last included (docs/design.md "Models")."""
+    of names or fnmatch patterns, each of which must match a layer; empty, the layers not
+    ``left_out``, all of them when there are at most ``MAX_DEFAULT_TILES``, else that many
+    evenly spaced ones, the first and the last included (docs/design.md "Models")."""
     patterns = layer_patterns(layers)
     if not patterns:
-        if len(names) <= MAX_DEFAULT_TILES:
-            return list(names)
-        last = len(names) - 1
+        shown = [name for name in names if name not in left_out]
+        if len(shown) <= MAX_DEFAULT_TILES:
+            return shown
+        last = len(shown) - 1
         picks = sorted(
             {round(i * last / (MAX_DEFAULT_TILES - 1)) for i in range(MAX_DEFAULT_TILES)}
         )
-        return [names[i] for i in picks]
+        return [shown[i] for i in picks]
     missing = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
     if missing:
         raise InvalidOption(

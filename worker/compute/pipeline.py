@@ -24,6 +24,7 @@ from worker.compute.features import (
     channel_scores,
     conv_chain,
     forward_activations,
+    gating_layers,
     mode_layers,
     reduce_channels,
     resize_input,
@@ -130,9 +131,8 @@ def process_images(
 def tiled_layers(loaded: LoadedModel, options: JobOptions) -> list[str]:
     """The layers of ``options.mode`` that ``options.layers`` chooses, in model order: the
     figure's tiles, the maps and the dataset examples' scores."""
-    return select_layers(
-        mode_layers(loaded.model, loaded.architecture, options.mode), options.layers
-    )
+    names = mode_layers(loaded.model, loaded.architecture, options.mode)
+    return select_layers(names, options.layers, left_out=gating_layers(loaded.model))
 
 
 def _decode_on_host(
@@ -228,7 +228,7 @@ def _run_batch(
     with tf32(precision.tf32):
         forward = _forward(loaded, batch, options, precision, layers)
     arrays = _batch_arrays(loaded, forward)
-    caption = _caption(loaded, options, precision)
+    caption = _caption(loaded, options, precision, len(layers))
     figures = _device_figures(forward, arrays, options, caption) if precision.on_device else None
     # Batch-wide stages are split evenly between the images.
     model_ms = forward.model_ms / count
@@ -428,12 +428,15 @@ def _finish(
     )
 
 
-def _caption(loaded: LoadedModel, options: JobOptions, precision: Precision) -> str:
+def _caption(loaded: LoadedModel, options: JobOptions, precision: Precision, shown: int) -> str:
+    every = len(mode_layers(loaded.model, loaded.architecture, options.mode))
     return (
         f"{DISPLAY_NAMES[loaded.architecture]} feature maps · weights: "
         f"{describe_weights(loaded.weights)} · "
         f"mode={options.mode} · reduction={options.reduction} · normalize={options.normalize}"
         f" · precision={precision.mode}{_compute(precision)}"
+        # Say when the tiles are a choice of the layers (the option's, or the default's).
+        + (f" · layers: {shown} of {every}" if shown < every else "")
     )
 
 

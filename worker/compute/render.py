@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +36,8 @@ FONT_SIZE = 15
 CAPTION_FONT_SIZE = 16
 CAPTION_LINE_HEIGHT = 22
 LAYER_PNG_MIN_SIDE = 224
+# What fits above a tile of the matplotlib grid at its title's font size.
+MATPLOTLIB_TITLE_CHARS = 32
 # Thumbnails: the grid's tiles without titles or caption, small enough that a gallery page of
 # them costs what one figure does.
 THUMBNAIL_TILE = 56
@@ -222,9 +224,22 @@ def _title(name: str, shape: tuple[int, int, int]) -> Image.Image:
     image = Image.new("RGB", (TILE + PAD, TITLE_HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     font = _font(FONT_SIZE)
-    draw.text((0, 2), name, fill=(0, 0, 0), font=font)
+    shown = elide(name, lambda text: draw.textlength(text, font=font) <= TILE)
+    draw.text((0, 2), shown, fill=(0, 0, 0), font=font)
     draw.text((0, TITLE_HEIGHT // 2), f"{channels}×{rows}×{cols}", fill=(90, 90, 90), font=font)
     return image
+
+
+def elide(name: str, fits: Callable[[str], bool]) -> str:
+    """``name``, or its longest tail that ``fits`` after an ellipsis: a deep network's
+    qualified names (``features.denseblock4.denselayer16.conv2``) would run into the next
+    tile, and their end says which layer it is."""
+    if fits(name):
+        return name
+    for start in range(1, len(name)):
+        if fits("…" + name[start:]):
+            return "…" + name[start:]
+    return "…"
 
 
 @lru_cache(maxsize=64)
@@ -283,7 +298,8 @@ def _draw_matplotlib(layers: Sequence[LayerMap], colormap: str, caption: str) ->
         axes.imshow(layer.map, cmap=colormap, interpolation="nearest")
         axes.axis("off")
         channels, rows, cols = layer.shape
-        axes.set_title(f"{layer.name}\n{channels}×{rows}×{cols}", fontsize=10)
+        title = elide(layer.name, lambda text: len(text) <= MATPLOTLIB_TITLE_CHARS)
+        axes.set_title(f"{title}\n{channels}×{rows}×{cols}", fontsize=10)
     figure.text(0.01, 0.005, caption, fontsize=10, wrap=True, va="bottom")
     figure.tight_layout(rect=(0.0, 0.04, 1.0, 1.0))
     return figure
