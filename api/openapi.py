@@ -7,13 +7,17 @@ from shared.batches import COUNTERS, BatchStatus, ItemStatus
 from shared.imaging import ACCEPTED_NAMES
 from shared.jobs import JobStatus
 from shared.options import (
+    ARCHITECTURES,
     ARCHIVE_ENCODINGS,
     BATCH_EXAMPLES,
+    CHAIN_ARCHITECTURES,
     COLORMAPS,
+    DEFAULT_MODEL,
     DEFAULTS,
     EXAMPLE_SCORES,
     FORMATS,
     MAX_EXAMPLES,
+    MAX_LAYERS_OPTION,
     MODES,
     NORMALIZATIONS,
     PRECISIONS,
@@ -131,6 +135,37 @@ _OPTION_PROPERTIES = {
     "per_layer": _BOOLEAN_TEXT,
     "arrays": _BOOLEAN_TEXT,
 }
+# shared/options.py layer_patterns: comma-separated names or fnmatch patterns, blanks around
+# each; empty parts are ignored.
+_LAYER_TOKEN = r"[A-Za-z0-9_.*?\[\]!-]*"
+_LAYERS_OPTION = {
+    "type": "string",
+    "maxLength": MAX_LAYERS_OPTION,
+    "pattern": f"^ *{_LAYER_TOKEN} *(, *{_LAYER_TOKEN} *)*$",
+    "default": "",
+    "description": "which layers become tiles: a comma list of layer names or fnmatch "
+    "patterns (layer4.*; * for all), each of which must match a layer of the model (else "
+    "the job fails invalid_option); empty: every layer, or 32 evenly spaced ones of a "
+    "network with more",
+}
+_UPLOAD_ID = {"type": "string", "pattern": "^[0-9a-f]{24}$"}
+_UNKNOWN_UPLOAD = _error("model= names an uploaded model that is unknown, deleted, or not yours")
+
+
+def _model_option(enabled: tuple[str, ...]) -> dict:
+    """The ``model`` option: an architecture this deployment enables, or an upload's id."""
+    return {
+        "anyOf": [
+            {"type": "string", "enum": list(enabled)},
+            {**_UPLOAD_ID, "description": "the id of a model you uploaded (POST /models)"},
+        ],
+        "default": DEFAULT_MODEL,
+        "description": "the network: an architecture the operator enabled "
+        f"(FEATUREMAPS_MODELS; supported: {', '.join(ARCHITECTURES)}) or one of your "
+        f"uploads; mode=chain only for {', '.join(CHAIN_ARCHITECTURES)} (else 400)",
+    }
+
+
 # Not an option (it does not change the output): shared/webhooks.py.
 _CALLBACK_PROPERTY = {
     "callback_url": {
@@ -289,6 +324,8 @@ _OPTIONS_DOC = {
         "colormap": {"type": "string", "enum": list(COLORMAPS)},
         "renderer": {"type": "string", "enum": list(RENDERERS)},
         "precision": {"type": "string", "enum": list(PRECISIONS)},
+        "model": {"type": "string", "description": "an architecture or an upload's id"},
+        "layers": {"type": "string"},
         "per_layer": {"type": "boolean"},
         "arrays": {"type": "boolean"},
         "examples": {"type": "integer", "minimum": 0, "maximum": MAX_EXAMPLES},
@@ -634,14 +671,128 @@ _EXAMPLES_ERRORS = {
 }
 
 
-def openapi_document() -> dict:
+_MODEL_DOC = {
+    "type": "object",
+    "required": ["id", "architecture", "sha256", "bytes", "name", "format", "created_at"],
+    "additionalProperties": False,
+    "properties": {
+        "id": {**_UPLOAD_ID, "description": "what model= takes"},
+        "architecture": {"type": "string", "enum": list(ARCHITECTURES)},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "bytes": {"type": "integer", "minimum": 1},
+        "name": {"type": "string"},
+        "format": {"type": "string", "enum": ["safetensors", "pytorch"]},
+        "created_at": _TIMESTAMP,
+    },
+}
+_MODEL_ID = {"name": "model_id", "in": "path", "required": True, "schema": _UPLOAD_ID}
+
+
+def _models_paths(enabled: tuple[str, ...]) -> dict:
+    model = {"application/json": {"schema": {"$ref": "#/components/schemas/Model"}}}
+    return {
+        "/models": {
+            "post": {
+                "summary": "Upload weights for an enabled architecture",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["weights", "architecture"],
+                                "properties": {
+                                    "weights": {
+                                        "type": "string",
+                                        "format": "binary",
+                                        "minLength": 1,
+                                        "description": "a safetensors file or a torch.save "
+                                        "state_dict (read without running any code in it)",
+                                    },
+                                    "architecture": {"type": "string", "enum": list(enabled)},
+                                    "name": {"type": "string", "pattern": "^[ -~]{0,200}$"},
+                                },
+                                "additionalProperties": False,
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "201": {
+                        "description": "stored; the same file uploaded again is the same model",
+                        "headers": {"Location": {"schema": {"type": "string"}}},
+                        "content": model,
+                    },
+                    **_pick("400", "401", "429", "503"),
+                    "413": _error("over FEATUREMAPS_MAX_MODEL_BYTES"),
+                    "422": _error(
+                        "unsafe_weights (the file would run code when loaded), not_a_state_dict, "
+                        "or weights_mismatch (names or shapes that do not fit the architecture; "
+                        "the message names the first ones)"
+                    ),
+                },
+            },
+            "get": {
+                "summary": "The enabled architectures and your uploaded models",
+                "responses": {
+                    "200": {
+                        "description": "architectures and uploads",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["architectures", "uploads"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "architectures": {
+                                            "type": "array",
+                                            "items": {"type": "string", "enum": list(enabled)},
+                                        },
+                                        "uploads": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/Model"},
+                                        },
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    **_pick("401", "429", "503"),
+                },
+            },
+        },
+        "/models/{model_id}": {
+            "parameters": [_MODEL_ID],
+            "get": {
+                "summary": "One of your uploaded models",
+                "responses": {
+                    "200": {"description": "the model", "content": model},
+                    **_pick("401", "404", "429", "503"),
+                },
+            },
+            "delete": {
+                "summary": "Delete one of your uploaded models (jobs still queued on it fail "
+                "model_deleted)",
+                "responses": {
+                    "204": {"description": "deleted"},
+                    **_pick("401", "404", "429", "503"),
+                },
+            },
+        },
+    }
+
+
+def openapi_document(enabled: tuple[str, ...] = (DEFAULT_MODEL,)) -> dict:
+    """The document of a deployment whose FEATUREMAPS_MODELS enables ``enabled``."""
+    models = {"model": _model_option(enabled), "layers": _LAYERS_OPTION}
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "featuremaps",
             "version": "0.1.0",
-            "description": "ResNet-18 feature-map figures as a service. Submit an image, "
-            "poll the job, fetch the figure from object storage.",
+            "description": "Feature-map figures of convolutional networks as a service "
+            "(ResNet-18 by default; more torchvision networks and uploaded weights with "
+            "model=). Submit an image, poll the job, fetch the figure from object storage.",
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -663,6 +814,7 @@ def openapi_document() -> dict:
                 "Job": _JOB_DOC,
                 "Batch": _BATCH_DOC,
                 "Examples": _EXAMPLES,
+                "Model": _MODEL_DOC,
                 "ExamplesLayer": _EXAMPLES_LAYER,
                 "Accepted": {
                     "type": "object",
@@ -696,6 +848,7 @@ def openapi_document() -> dict:
                                             "minLength": 1,
                                         },
                                         **_OPTION_PROPERTIES,
+                                        **models,
                                         **_CALLBACK_PROPERTY,
                                     },
                                     "additionalProperties": False,
@@ -706,6 +859,7 @@ def openapi_document() -> dict:
                     "responses": {
                         "202": _ACCEPTED,
                         **_pick("400", "401", "429", "503"),
+                        "404": _UNKNOWN_UPLOAD,
                         "413": _error("upload too large or too many form parts"),
                         "415": _error(
                             f"not an accepted image type ({ACCEPTED_NAMES}, judged by content)"
@@ -797,6 +951,7 @@ def openapi_document() -> dict:
                                             "minLength": 1,
                                         },
                                         **_BATCH_OPTION_PROPERTIES,
+                                        **models,
                                         **_CALLBACK_PROPERTY,
                                         "item_callbacks": _ITEM_CALLBACKS_TEXT,
                                         "archive_encoding": _ARCHIVE_ENCODING,
@@ -811,6 +966,7 @@ def openapi_document() -> dict:
                                     "properties": {
                                         "source": {"type": "string", "pattern": _S3_SOURCE},
                                         **_BATCH_JSON_OPTION_PROPERTIES,
+                                        **models,
                                         **_CALLBACK_PROPERTY,
                                         "item_callbacks": _ITEM_CALLBACKS_JSON,
                                     },
@@ -822,6 +978,7 @@ def openapi_document() -> dict:
                     "responses": {
                         "202": _ACCEPTED,
                         **_pick("400", "401", "429", "503"),
+                        "404": _UNKNOWN_UPLOAD,
                         "403": _error("an s3:// source not in FEATUREMAPS_SOURCE_ALLOW"),
                         "413": _error(
                             "archive over MAX_ARCHIVE_BYTES, a form field over 4 KiB, or too "
@@ -955,6 +1112,7 @@ def openapi_document() -> dict:
                     },
                 },
             },
+            **_models_paths(enabled),
             "/healthz": {
                 "get": {
                     "summary": "Liveness",

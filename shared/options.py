@@ -206,7 +206,7 @@ def layer_patterns(layers: str) -> list[str]:
     :class:`InvalidOption` for anything that cannot name a layer."""
     if len(layers) > MAX_LAYERS_OPTION:
         raise InvalidOption(f"option layers is longer than {MAX_LAYERS_OPTION} characters")
-    patterns = [part.strip() for part in layers.split(",")] if layers.strip() else []
+    patterns = [part.strip() for part in layers.split(",") if part.strip()]
     for pattern in patterns:
         if not _LAYER_PATTERN.fullmatch(pattern):
             raise InvalidOption(

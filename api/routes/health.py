@@ -53,4 +53,4 @@ def metrics():
 
 @bp.get("/openapi.json")
 def openapi():
-    return openapi_document()
+    return openapi_document(services().settings.enabled_models)
