@@ -132,15 +132,11 @@ def test_refused_uploads(make_client, object_store, tmp_path):
     assert list(object_store.list_keys("models/")) == []
 
 
-def test_the_worker_loads_an_upload_and_fails_a_job_whose_model_was_deleted(
-    make_settings, client, redis_client, object_store
-):
-    from worker.execute import run_job
-
-    state_dict = seeded_state_dict()
-    model_id = upload(client, saved(state_dict)).get_json()["id"]
+@pytest.fixture
+def worker_context(make_settings, redis_client, object_store) -> WorkerContext:
+    """The worker's per-process state on this test's Redis and bucket, without Celery."""
     settings: Settings = make_settings(api_tokens=TOKENS, models="resnet18,resnet34,vgg16")
-    ctx = WorkerContext(
+    return WorkerContext(
         settings=settings,
         hostname="w@test",
         redis=redis_client,
@@ -151,17 +147,59 @@ def test_the_worker_loads_an_upload_and_fails_a_job_whose_model_was_deleted(
         loaded=load_model("random", device="cpu"),
         device="cpu",
     )
+
+
+def test_the_worker_loads_an_upload_and_fails_a_job_whose_model_was_deleted(client, worker_context):
+    from worker.execute import run_job
+
+    ctx = worker_context
+    state_dict = seeded_state_dict()
+    model_id = upload(client, saved(state_dict)).get_json()["id"]
     loaded = ctx.model_for(JobOptions(model=model_id), "alice")
     assert loaded.weights["name"] == "upload" and loaded.weights["label"] == model_id
     assert torch.equal(loaded.model.conv1.weight, state_dict["conv1.weight"])
 
     done = submit(client, model=model_id, arrays="true").get_json()["id"]
     assert run_job(ctx, done) == "succeeded"
-    manifest = ctx.jobs.get(done).result
-    assert manifest["weights"]["id"] == model_id
+    assert ctx.jobs.get(done).result["weights"]["id"] == model_id
 
     queued = submit(client, model=model_id).get_json()["id"]
     assert client.delete(f"/models/{model_id}", headers=ALICE).status_code == 204
     assert run_job(ctx, queued) == "failed"
     assert ctx.jobs.get(queued).error["code"] == "model_deleted"
     assert ctx.models is not None and model_id not in ctx.models.resident()
+
+
+def test_a_chunk_whose_model_was_deleted_fails_its_items(client, worker_context):
+    from shared.batches import Batch, BatchStatus, ItemStatus, NewItem, item_id
+    from shared.records import new_record_id
+    from worker.batches.chunks import Delivery, run_chunk
+
+    ctx = worker_context
+    model_id = upload(client, saved(seeded_state_dict())).get_json()["id"]
+    batch_id = new_record_id()
+    options = JobOptions.for_batch({"model": model_id}).to_dict()
+    ctx.batches.create(
+        Batch(id=batch_id, status=BatchStatus.QUEUED, options=options, source={}, owner="alice")
+    )
+    ctx.batches.begin_expansion(batch_id)
+    ids = [item_id(batch_id, n) for n in range(3)]
+    pack = f"batches/{batch_id}/inputs/000000.pack"
+    ctx.store.put_bytes(pack, jpeg() * 3)
+    size = len(jpeg())
+    ctx.batches.add_items(
+        batch_id,
+        [
+            NewItem(i, f"{n}.jpg", input_key=pack, input_range=(n * size, size))
+            for n, i in enumerate(ids)
+        ],
+    )
+    ctx.batches.end_expansion(batch_id)
+    assert client.delete(f"/models/{model_id}", headers=ALICE).status_code == 204
+
+    finalized: list[str] = []
+    assert run_chunk(ctx, batch_id, ids, Delivery("chunk-1", finalized.append)) == 3
+    items = ctx.batches.get_items(batch_id, ids)
+    assert {items[i].status for i in ids} == {ItemStatus.FAILED}
+    assert {items[i].info["error"]["code"] for i in ids} == {"model_deleted"}
+    assert finalized == [batch_id]

@@ -14,7 +14,7 @@ import pytest
 from client import Client
 from shared.options import JobOptions
 from stack.services import free_port
-from tests.helpers import png
+from tests.helpers import png, zip_of
 from tests.integration.deployment import Deployment
 from tests.integration.test_metrics import scrape
 from tests.unit.test_weights_files import saved, seeded_state_dict
@@ -103,3 +103,22 @@ def test_alternating_models_stay_within_the_resident_bound(client, deployment):
         "featuremaps_worker_model_loads_total"
     ] == 2 * len(ALTERNATING)
     assert after["featuremaps_worker_model_evictions_total"] >= 2 * len(ALTERNATING) - 2
+
+
+def test_a_batch_with_dataset_examples_on_another_model(client, tmp_path):
+    """A batch uses one model: its items' figures and its examples' layers are the
+    network's default tiles (MobileNetV3: no squeeze-and-excitation convs among them)."""
+    archive = tmp_path / "photos.zip"
+    archive.write_bytes(
+        zip_of({f"{n}.png": png((48, 48), (40 * n, 90, 200 - 40 * n)) for n in range(3)})
+    )
+    batch = client.batch(archive, model="mobilenet_v3_large", mode="forward", examples=2)
+    batch.wait(timeout=240)
+    assert batch.status == "succeeded", batch.doc
+    assert batch.counts["succeeded"] == 3
+    examples = batch.examples()
+    names = [layer.name for layer in examples.layers]
+    assert len(names) == 32 and names[0] == "features.0.0"
+    assert not any(name.endswith((".fc1", ".fc2")) for name in names)
+    item = next(iter(batch))
+    assert item.figure().width > 500
