@@ -137,11 +137,11 @@ _OPTION_PROPERTIES = {
 }
 # shared/options.py layer_patterns: comma-separated names or fnmatch patterns, blanks around
 # each; empty parts are ignored.
-_LAYER_TOKEN = r"[A-Za-z0-9_.*?\[\]!-]*"
+_LAYER_PATTERN = r"[A-Za-z0-9_.*?\[\]!-]*"
 _LAYERS_OPTION = {
     "type": "string",
     "maxLength": MAX_LAYERS_OPTION,
-    "pattern": f"^ *{_LAYER_TOKEN} *(, *{_LAYER_TOKEN} *)*$",
+    "pattern": f"^ *{_LAYER_PATTERN} *(, *{_LAYER_PATTERN} *)*$",
     "default": "",
     "description": "which layers become tiles: a comma list of layer names or fnmatch "
     "patterns (layer4.*; * for all), each of which must match a layer of the model (else "

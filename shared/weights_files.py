@@ -4,21 +4,21 @@ Two forms are accepted: safetensors (a JSON header, then raw tensor bytes) and a
 ``state_dict`` written by ``torch.save`` (a zip whose ``data.pkl`` is a pickle). A pickle is
 a program: unpickling calls whatever its GLOBAL/REDUCE opcodes name, so a file can run
 ``os.system`` the moment it is loaded. The API never imports torch, so it reads the pickle
-with :class:`_TensorsOnly`, an unpickler that resolves only the names a state_dict needs
-(``collections.OrderedDict``, torch's tensor and storage rebuilders) to inert stand-ins that
-record each tensor's dtype and shape, and refuses any other name before anything is called.
-The worker later loads the same bytes with ``torch.load(weights_only=True)``, torch's own
-restricted unpickler. Then :func:`check_fits` compares names and shapes with the
-architecture's ``state_dict`` (``shared/architectures.json``), as a strict
-``load_state_dict`` would. Each refusal is a 422 naming what is wrong (docs/design.md
-"Uploaded models").
+with :class:`_TensorsOnly` (this module's only use of ``pickle``), an unpickler that
+resolves only the names a state_dict needs (``collections.OrderedDict``, torch's tensor and
+storage rebuilders) to inert stand-ins that record each tensor's shape, and refuses any other
+name before anything is called. The worker later loads the same bytes with
+``torch.load(weights_only=True)``, torch's own restricted unpickler. :func:`check_fits`
+compares names and shapes with the architecture's ``state_dict``
+(``shared/architectures.json``), as a strict ``load_state_dict`` would. Each refusal is a
+422 naming what is wrong (docs/design.md "Uploaded models").
 """
 
 from __future__ import annotations
 
 import io
 import json
-import pickle
+import pickle  # nosec B403
 import struct
 import zipfile
 from collections import OrderedDict
