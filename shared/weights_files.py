@@ -23,10 +23,9 @@ import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 from typing import IO, Any
 
+from shared.architectures import expected_shapes
 from shared.errors import Unprocessable
 
 # The safetensors header is JSON of a few hundred bytes per tensor.
@@ -125,17 +124,6 @@ def check_fits(weights: WeightsFile, architecture: str) -> None:
 def _first(names: list[str]) -> str:
     more = f" (+{len(names) - SHOWN} more)" if len(names) > SHOWN else ""
     return ", ".join(names[:SHOWN]) + more
-
-
-@cache
-def _table() -> dict[str, dict[str, tuple[int, ...]]]:
-    raw = json.loads((Path(__file__).with_name("architectures.json")).read_text())
-    return {arch: {name: tuple(shape) for name, shape in entries} for arch, entries in raw.items()}
-
-
-def expected_shapes(architecture: str) -> dict[str, tuple[int, ...]]:
-    """``architecture``'s state_dict as torchvision builds it: tensor name -> shape."""
-    return _table()[architecture]
 
 
 def _safetensors(stream: IO[bytes]) -> dict[str, tuple[int, ...]]:

@@ -71,6 +71,9 @@ def test_the_model_option_at_submission(client):
     assert error(chain)["message"] == (
         "mode=chain is defined for ResNet-style networks; use mode=forward"
     )
+    layers = submit(client, model="resnet34", layers="layer9.*, layer4.*")
+    assert layers.status_code == 400 and "layer9.* matches no layer" in error(layers)["message"]
+    assert submit(client, model="resnet34", layers="layer4.*").status_code == 202
     listed = client.get("/models", headers=ALICE).get_json()
     assert listed == {"architectures": ["resnet18", "resnet34", "vgg16"], "uploads": []}
 
@@ -98,8 +101,10 @@ def test_upload_list_use_and_delete(client, object_store):
     assert client.get(f"/models/{model_id}", headers=BOB).status_code == 404
     assert client.delete(f"/models/{model_id}", headers=BOB).status_code == 404
     assert submit(client, headers=BOB, model=model_id).status_code == 404
-    # mode=chain on an upload follows its architecture.
+    # mode=chain and layers on an upload follow its architecture.
     assert submit(client, model=model_id, mode="forward").status_code == 202
+    assert submit(client, model=model_id, layers="layer3.*").status_code == 202
+    assert submit(client, model=model_id, layers="features.*").status_code == 400
 
     assert client.delete(f"/models/{model_id}", headers=ALICE).status_code == 204
     assert client.get(f"/models/{model_id}", headers=ALICE).status_code == 404

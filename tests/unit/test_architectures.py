@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch import nn
 
+from shared.architectures import MAX_DEFAULT_TILES, layer_names
 from shared.errors import InvalidOption
-from shared.options import ARCHITECTURES, CHAIN_NOT_DEFINED, JobOptions
+from shared.options import ARCHITECTURES, CHAIN_ARCHITECTURES, CHAIN_NOT_DEFINED, JobOptions
 from tests.unit.conftest import encode, gradient_photo, shapes_photo
-from worker.compute.features import MAX_DEFAULT_TILES, conv_layers, preprocess
+from worker.compute.features import conv_layers, mode_layers, preprocess
 from worker.compute.model import DISPLAY_NAMES, LoadedModel, load_model
 from worker.compute.pipeline import process_images, tiled_layers
 
@@ -126,6 +127,15 @@ def test_resnet50_chain_is_the_articles_loop_over_its_main_path(images):
             np.testing.assert_allclose(
                 result.maps[name], reference[row], rtol=1e-5, atol=1e-6, err_msg=name
             )
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_apis_layer_names_are_the_workers(architecture):
+    """The API checks ``layers`` against names read from shared/architectures.json; the
+    worker walks the built network. They agree, in order."""
+    model = loaded(architecture).model
+    for mode in ("forward", "chain") if architecture in CHAIN_ARCHITECTURES else ("forward",):
+        assert layer_names(architecture, mode) == mode_layers(model, architecture, mode)
 
 
 @pytest.mark.parametrize("architecture", ["vgg16", "densenet121", "convnext_tiny"])

@@ -7,7 +7,6 @@ All functions take a batch: several images go through the model as one tensor.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from fnmatch import fnmatchcase
 
 import numpy as np
 import torch
@@ -16,14 +15,12 @@ from torch import Tensor, nn
 from torchvision.ops import SqueezeExcitation
 
 from shared.errors import InvalidOption
-from shared.options import CHAIN_ARCHITECTURES, CHAIN_NOT_DEFINED, layer_patterns
+from shared.options import CHAIN_ARCHITECTURES, CHAIN_NOT_DEFINED
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 INPUT_SIDE = 224
-# The default choice of tiles when a network has more layers than a figure shows readably.
-MAX_DEFAULT_TILES = 32
 
 
 def chain_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
@@ -69,32 +66,6 @@ def gating_layers(model: nn.Module) -> set[str]:
         for name, module in block.named_modules()
         if isinstance(module, nn.Conv2d)
     }
-
-
-def select_layers(
-    names: Sequence[str], layers: str, *, left_out: Collection[str] = ()
-) -> list[str]:
-    """The layers that become tiles, in model order. ``layers`` is the option: a comma list
-    of names or fnmatch patterns, each of which must match a layer; empty, the layers not
-    ``left_out``, all of them when there are at most ``MAX_DEFAULT_TILES``, else that many
-    evenly spaced ones, the first and the last included (docs/design.md "Models")."""
-    patterns = layer_patterns(layers)
-    if not patterns:
-        shown = [name for name in names if name not in left_out]
-        if len(shown) <= MAX_DEFAULT_TILES:
-            return shown
-        last = len(shown) - 1
-        picks = sorted(
-            {round(i * last / (MAX_DEFAULT_TILES - 1)) for i in range(MAX_DEFAULT_TILES)}
-        )
-        return [shown[i] for i in picks]
-    missing = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
-    if missing:
-        raise InvalidOption(
-            f"option layers: {', '.join(missing)} matches no layer of this model; its layers "
-            f"are {', '.join(names[:8])}{', …' if len(names) > 8 else ''} ({len(names)} in all)"
-        )
-    return [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
 
 
 def preprocess(images: Sequence[Image.Image], normalize: str) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from shared.architectures import select_layers
 from shared.errors import FeatureMapsError
 from shared.imaging import decode
 from shared.options import JobOptions
@@ -28,7 +29,6 @@ from worker.compute.features import (
     mode_layers,
     reduce_channels,
     resize_input,
-    select_layers,
     to_batch,
     to_model_input,
 )
