@@ -1,5 +1,5 @@
 // The job page: live status, then the input beside the figure, one tile per layer (open it,
-// read values under the cursor), top-5 labels, downloads, and the weights that made it.
+// read values under the cursor), top-5 labels, downloads, and the model and weights that made it.
 "use strict";
 
 (() => {
@@ -15,6 +15,9 @@
     if (weights.name === "imagenet") return `weights: ImageNet ${weights.id || ""}`;
     if (weights.name === "random") return `weights: random, seed ${weights.seed} (untrained)`;
     if (weights.name === "state_dict") return `weights: state_dict ${weights.path || ""}`;
+    if (weights.name === "upload") {
+      return `weights: uploaded ${weights.label} (sha256 ${weights.sha256.slice(0, 12)})`;
+    }
     return `weights: ${JSON.stringify(weights)}`;
   }
 
@@ -56,8 +59,10 @@
       ? ` (${result.precision.dtype})` : "";
     const precision = result.precision ? ` · precision=${result.precision.mode}${dtype}` : "";
     const reused = result.reused ? ` · reused from ${result.reused_from}` : "";
+    // Records made before the model option existed ran ResNet-18.
+    const model = doc.options.model || "resnet18";
     document.getElementById("weights").textContent =
-      `${describeWeights(result.weights)} · mode=${doc.options.mode} · ` +
+      `model=${model} · ${describeWeights(result.weights)} · mode=${doc.options.mode} · ` +
       `reduction=${doc.options.reduction}${precision}${reused}`;
 
     const downloads = document.getElementById("downloads");

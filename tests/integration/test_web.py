@@ -164,7 +164,7 @@ def test_one_photo_opens_its_job_page_and_the_figure_loads(open_page, photo):
     wait_for_image(page, "#figure")
     wait_for_image(page, "#input")
     assert natural_width(page, "#figure") > 0 and natural_width(page, "#input") > 0
-    expect(page.locator("#weights")).to_contain_text("random, seed 0")
+    expect(page.locator("#weights")).to_contain_text("model=resnet18 · weights: random, seed 0")
     expect(page.locator("#weights")).to_contain_text("precision=exact")
     expect(page.locator("#layers li")).to_have_count(17)
     expect(page.get_by_role("link", name="maps.npz")).to_be_visible()
