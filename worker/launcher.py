@@ -107,9 +107,15 @@ def _add_restart_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def check_weights(settings: Settings) -> None:
-    from worker.compute.model import load_model
+    """The workers' weights can be had: ResNet-18's load, and with ``imagenet`` every other
+    enabled architecture's checkpoint is in torchvision's cache (downloaded now if not), so
+    a worker refuses to start rather than fail jobs later (docs/design.md "Models")."""
+    from worker.compute.model import check_imagenet_checkpoint, load_model
 
     load_model(settings.weights, device="cpu", seed=settings.weights_seed)
+    if settings.weights == "imagenet":
+        for architecture in settings.enabled_models[1:]:
+            check_imagenet_checkpoint(architecture)
 
 
 def main(argv: list[str] | None = None) -> int:

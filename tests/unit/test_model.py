@@ -120,6 +120,24 @@ def test_imagenet_corrupt_cache_file(torch_home, no_network):
         load_model("imagenet", device="cpu")
 
 
+def test_every_enabled_architectures_checkpoint_is_checked_before_workers_start(
+    random_model, torch_home, no_network
+):
+    from shared.settings import Settings
+    from worker.launcher import check_weights
+
+    path = imagenet_checkpoint_path()
+    path.parent.mkdir(parents=True)
+    torch.save(random_model.model.state_dict(), path)
+    check_weights(Settings(weights="imagenet"))
+    with pytest.raises(WeightsUnavailable) as caught:
+        check_weights(Settings(weights="imagenet", models="vgg16"))
+    message = caught.value.message
+    assert "VGG-16 ImageNet weights are not in torchvision's cache" in message
+    assert str(imagenet_checkpoint_path("vgg16")) in message
+    check_weights(Settings(weights="random", models="vgg16"))
+
+
 def test_every_load_is_counted():
     before = load_count()
     load_model("random", device="cpu")

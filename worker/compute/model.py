@@ -182,6 +182,15 @@ def _built(
     )
 
 
+def check_imagenet_checkpoint(architecture: str) -> dict:
+    """Read ``architecture``'s ImageNet checkpoint from torchvision's cache, downloading it
+    there when missing (the launcher does this for every enabled architecture before any
+    worker starts, so no job waits for a download); :class:`WeightsUnavailable` says how to
+    fix it. Returns the weights' identity."""
+    _state_dict, identity = _imagenet_state_dict(architecture)
+    return identity
+
+
 def imagenet_weights(architecture: str = DEFAULT_MODEL):
     """torchvision's IMAGENET1K_V1 weights enum of ``architecture``."""
     return get_model_weights(architecture)["IMAGENET1K_V1"]
