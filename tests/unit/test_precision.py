@@ -23,10 +23,11 @@ from worker.compute.precision import DRAFT_SIDE, compare_maps, native_bf16, reso
 
 LIMIT = 10**8
 # What docs/benchmarks.md "Precision" reports as measured for fast (draft decode and
-# bfloat16) against exact on camera photos, with a margin for other photos: chain mode
-# ≤ 1.3 % of a map's range, correlation ≥ 0.9997; forward mode (batch norm, ReLU and the
-# residual adds in bfloat16 too) ≤ 3.2 %, ≥ 0.999.
-TOLERANCE = {"chain": (0.02, 0.9995), "forward": (0.045, 0.998)}
+# bfloat16) against exact, with a margin for other photos: chain mode within 2.0 % of a
+# map's range over bench/datapath.py's photos (1.2 % on these two), correlation ≥ 0.9996;
+# forward mode (batch norm, ReLU and the residual adds in bfloat16 too) within 3.2 %,
+# correlation ≥ 0.999.
+TOLERANCE = {"chain": (0.03, 0.999), "forward": (0.045, 0.998)}
 
 
 @pytest.fixture(scope="module")
