@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from shared.batches import BatchStore
 from shared.errors import FeatureMapsError
-from shared.heartbeat import HEARTBEAT_EVERY_S, holder_id, write_heartbeat
+from shared.heartbeat import HEARTBEAT_EVERY_S, holder_id, process_nonce, write_heartbeat
 from shared.jobs import JobStore
 from shared.leases import Fence, LeaseStore
 from shared.settings import Settings
@@ -58,7 +58,7 @@ class WorkerContext:
     @property
     def holder(self) -> str:
         """This process as its heartbeat key and its leases name it."""
-        return holder_id(self.hostname, os.getpid())
+        return holder_id(self.hostname, os.getpid(), process_nonce())
 
     def release_lease(self, fence: Fence) -> None:
         try:
@@ -83,6 +83,7 @@ class WorkerContext:
         return {
             "hostname": self.hostname,
             "pid": os.getpid(),
+            "nonce": process_nonce(),
             "device": self.device,
             "weights": getattr(self.loaded, "weights", None),
             # Counted inside load_model itself: proof that the model stays resident.
