@@ -3,7 +3,9 @@
 - Storage unavailable: retried with exponential backoff (``STORAGE_RETRY_BACKOFF_S · 2^n``,
   ``STORAGE_RETRIES`` times); once retries run out the work is given up on as
   ``storage_unavailable``.
-- Redis unavailable: the message is rejected *with requeue*. A plain failure would make Celery
+- Redis unavailable, as a Redis client error or as the broker's (kombu's
+  ``OperationalError``, which a ``send_task`` that cannot publish raises and which is not a
+  ``RedisError``): the message is rejected *with requeue*. A plain failure would make Celery
   reject it without requeueing (``acks_on_failure_or_timeout`` is off) and the record would stay
   ``running`` for ever once Redis is back; with Redis still down the message stays
   unacknowledged and comes back after the visibility timeout. The stores count the redelivery.
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import Reject, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError as BrokerUnavailable
 from redis.exceptions import RedisError
 
 from shared.errors import INTERNAL_ERROR, TIMEOUT, StorageUnavailable
@@ -88,7 +91,9 @@ def _ended(
         # Celery's own limit (3 unless told) would end the ladder early and leave the work
         # waiting for ever; the count above is the limit.
         raise task.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
-    except RedisError as exc:
+    except (RedisError, BrokerUnavailable) as exc:
+        # A publish that failed mid-work (a chunk's next message, a finalize) is not a bug:
+        # the work is done again from its last recorded step once the broker answers.
         raise Reject(exc, requeue=True) from exc
     except LeaseLost:
         raise

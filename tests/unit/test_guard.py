@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.errors import StorageUnavailable
@@ -72,6 +73,20 @@ def test_redis_errors_reject_with_requeue():
     with pytest.raises(Reject) as raised:
         _run(_Task(), _raise(RedisConnectionError("gone")))
     assert raised.value.requeue is True
+
+
+def test_a_publish_the_broker_refused_rejects_with_requeue_and_gives_nothing_up():
+    # What celery's send_task raises when kombu cannot publish (not a RedisError).
+    ended: list = []
+    with pytest.raises(Reject) as raised:
+        guarded(
+            _Task(),
+            SETTINGS,
+            _raise(OperationalError("Error 111 connecting to 127.0.0.1:6379")),
+            what="chunk c1",
+            give_up=lambda code, message: ended.append(code),
+        )
+    assert raised.value.requeue is True and ended == []
 
 
 def test_time_limit_gives_up_as_timeout_naming_the_subject_and_the_limit():
