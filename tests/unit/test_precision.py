@@ -178,7 +178,8 @@ def test_fast_computes_the_articles_chain_in_its_dtype_and_layout(
     with torch.inference_mode():
         for conv in convs:
             x = conv(x)
-            expected.append(reduce_channels(x, "mean").numpy())
+            # The article's reduction, written out: sum over channels / C, in float32.
+            expected.append((torch.sum(x.float(), 1) / x.shape[1]).numpy())
     for row, result in enumerate(got):
         assert result.manifest["precision"]["dtype"] == str(dtype).removeprefix("torch.")
         maps = list(result.maps.values())
@@ -206,3 +207,14 @@ def test_compare_maps_on_constant_and_equal_maps():
     assert compare_maps({"a": flat}, {"a": flat})["min_correlation"] == 1.0
     assert compare_maps({"a": flat}, {"a": ramp})["min_correlation"] == 0.0
     assert compare_maps({"a": ramp}, {"a": ramp + 1.5})["max_abs_difference_over_range"] == 0.1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "max", "std", "l2"])
+def test_bfloat16_channels_last_activations_reduce_as_their_float32_copy(reduction):
+    generator = torch.Generator().manual_seed(3)
+    activation = torch.randn(3, 64, 17, 13, generator=generator).to(torch.bfloat16)
+    activation = activation.contiguous(memory_format=torch.channels_last)
+    got = reduce_channels(activation, reduction)
+    expected = reduce_channels(activation.float().contiguous(), reduction)
+    assert got.dtype == torch.float32 and got.shape == (3, 17, 13)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
