@@ -35,6 +35,36 @@ def test_a_batch_whose_manifest_cannot_be_written_ends_failed(redis_client):
     assert failed.finished_at
 
 
+def test_the_step_that_ends_a_batch_queues_its_callback(redis_client, monkeypatch):
+    """A worker that dies right after the closing script, before anything else, leaves the
+    batch with its callback queued: a redelivered close finds the result set and returns
+    early, so a callback queued after the script would be lost."""
+    store = BatchStore(redis_client, ttl_s=60)
+    monkeypatch.setattr(store, "_ended", lambda batch_id: None)  # the worker dies here
+    for status, end in (
+        ("running", lambda i: store.complete(i, {"shards": []})),
+        ("expanding", lambda i: store.fail(i, code="storage_unavailable", message="S3 down")),
+    ):
+        batch_id = f"cb-{status}"
+        store.create(
+            Batch(
+                id=batch_id,
+                status=BatchStatus(status),
+                options={},
+                source={},
+                callback_url="http://example.org/hook",
+            )
+        )
+        redis_client.zrem(OUTBOX_KEY, batch_key(batch_id))
+        end(batch_id)
+        assert redis_client.zscore(OUTBOX_KEY, batch_key(batch_id)) is not None, status
+        assert text(redis_client.hget(batch_key(batch_id), "callback_state")) == "pending"
+    # Once: ending it again queues nothing more.
+    redis_client.zrem(OUTBOX_KEY, batch_key("cb-running"))
+    store.complete("cb-running", {"shards": []})
+    assert redis_client.zscore(OUTBOX_KEY, batch_key("cb-running")) is None
+
+
 def test_fail_leaves_a_finished_batch_alone(redis_client):
     store = BatchStore(redis_client, ttl_s=60)
     _batch(store, BatchStatus.CANCELED)
