@@ -115,3 +115,25 @@ def test_a_member_that_kills_its_worker_every_time_fails_worker_lost_and_the_res
     # own), and nothing is left to deliver.
     assert [event for event, _ in stack.events()].count("kill") == 3
     wait_until(stack.queue_is_drained, timeout_s=60, what="empty queues")
+
+
+def test_a_worker_killed_between_the_last_outcome_and_the_finalize_still_closes_the_batch(
+    make_stack,
+):
+    """The step that records a batch's last outcome says 'finalize' once; the chunk then sends
+    the finalize task. Killed in between, the chunk's redelivery finds its items final:
+    before, it returned and the batch stayed open for ever (no manifest, no webhook); now it
+    sends the finalize again."""
+    stack = make_stack(batch_chunk=2)
+    (stack.gate / "kill-before-finalize").touch()
+    stack.start_worker("w1")
+    files = {f"img_{i}.png": marked_png(color=(9, 40 * i, 90)) for i in range(4)}
+    batch_id = stack.submit_archive("photos.zip", zip_of(files), examples="0")
+
+    doc = stack.wait_batch_finished(batch_id)
+    assert doc["status"] == "succeeded" and doc["counts"]["succeeded"] == 4, doc
+    assert doc["result"]["manifest_url"], doc
+    assert [event for event, _ in stack.events()].count("kill-before-finalize") == 1
+    for item in _items(stack, batch_id):
+        assert item["status"] == "succeeded", item
+    wait_until(stack.queue_is_drained, timeout_s=60, what="empty queues")

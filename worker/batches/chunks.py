@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from shared.batches import ItemStatus
+from shared.batches import ItemStatus, batch_key
 from shared.errors import (
     INTERNAL_ERROR,
     LOST,
@@ -67,6 +67,7 @@ def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Deliv
     if len(started) < len(ids) and store.settle_canceled(batch_id, ids):
         delivery.finalize(batch_id)  # a canceled batch whose last queued items were these
     if not started:
+        _finalize_if_lost(ctx, batch_id, delivery)
         return 0
     batch = store.get(batch_id)
     options = JobOptions.from_mapping(batch.options)
@@ -99,6 +100,27 @@ def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Deliv
         delivery.finalize(batch_id)
     ctx.jobs_done += len(started)
     return len(started)
+
+
+# At most one finalize re-sent per batch per this many seconds by chunks that find their
+# items final (a canceled batch's queued chunks all do).
+REFINALIZE_EVERY_S = 60
+
+
+def _finalize_if_lost(ctx: WorkerContext, batch_id: str, delivery: Delivery) -> None:
+    """None of the chunk's items could start: they are final. If the batch was to be
+    finalized (``finalizing`` is set by the step that recorded its last outcome) and is not
+    closed, the delivery that recorded it may have died, or failed to publish, before
+    sending the finalize: send it again. Finalizing twice writes the same objects and closes
+    the batch once; the Redis key bounds it to one re-send per ``REFINALIZE_EVERY_S``."""
+    batch = ctx.batches.get(batch_id)
+    if not batch.finalizing or batch.result is not None:
+        return
+    key = f"{batch_key(batch_id)}:refinalize"
+    if ctx.redis.set(key, "1", nx=True, ex=REFINALIZE_EVERY_S):
+        log.warning("batch %s: finalizing but not closed; finalize sent again", batch_id)
+        metrics.repaired("finalize")
+        delivery.finalize(batch_id)
 
 
 def _one_at_a_time(
