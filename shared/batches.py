@@ -241,8 +241,15 @@ local function place(k, pos, it)
   write(k, pos, it)
 end
 local function touch()
+  -- An ended batch's keys expire ARGV[1] s from now; one still to run never expires (a
+  -- batch queued for days behind others must not vanish), so its keys are made persistent.
+  local st = redis.call('HGET', KEYS[1], 'status')
+  local ended = st == 'succeeded' or st == 'failed' or st == 'canceled'
   for i = 1, #KEYS do
-    if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1])) end
+    if i ~= 2 and i ~= 3 then
+      if ended then redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1]))
+      else redis.call('PERSIST', KEYS[i]) end
+    end
   end
 end
 local function complete_if_done()
