@@ -112,3 +112,15 @@ def test_a_give_up_refused_by_the_fence_ends_as_handed_over():
 
     result = guarded(_Task(), SETTINGS, _raise(KeyError("x")), what="job j1", give_up=give_up)
     assert result == HANDED_OVER
+
+
+def test_a_give_up_that_cannot_be_recorded_requeues_instead_of_dropping_the_message():
+    # Redis down just as a bug (or the time limit) is being recorded: before, the RedisError
+    # escaped the task and Celery dropped the message, leaving the record running for ever.
+    def give_up(code: str, message: str) -> None:
+        raise RedisConnectionError("gone")
+
+    for fault in (KeyError("x"), SoftTimeLimitExceeded(), StorageUnavailable("S3 is down")):
+        with pytest.raises(Reject) as raised:
+            guarded(_Task(retries=5), SETTINGS, _raise(fault), what="job j1", give_up=give_up)
+        assert raised.value.requeue is True, fault
