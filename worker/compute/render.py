@@ -208,7 +208,7 @@ def _colored(layer: LayerMap, colormap: str) -> Image.Image:
     """
     colored = layer._colored.get(colormap)
     if colored is None:
-        colored = Image.fromarray(lut(colormap)[_colormap_index(layer.map)], "RGB")
+        colored = Image.fromarray(lut(colormap)[_colormap_index(layer.map)])
         layer._colored[colormap] = colored
     return colored
 
