@@ -8,7 +8,10 @@ the callback URL. The key lives in Redis at ``featuremaps:idempotency:<owner>:<k
 ``anonymous`` without tokens), first as a short-lived *pending* claim taken with ``SET NX``
 (so concurrent requests race on one key and one wins), then as the remembered answer for
 ``JOB_TTL_HOURS``. A request that finds a pending claim waits up to ``WAIT_S`` for the
-winner's answer, then gives up with 409 ``idempotency_in_progress`` and Retry-After.
+winner's answer, then gives up with 409 ``idempotency_in_progress`` and Retry-After. The
+claim is renewed every third of its TTL while its creation runs (a 20 MB upload to a slow S3
+can outlast any fixed TTL, and a retry that found the key free would create a second
+record); one left by an API process that died is free again after ``PENDING_TTL_S``.
 
 Only a 202 is remembered: the body is validated before the key is claimed, so a 4xx never
 uses a key up, and a failure while creating (503) releases it.
@@ -19,20 +22,22 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from flask import Request
 from redis import Redis
+from redis.exceptions import RedisError
 
 from shared.errors import IdempotencyInProgress, IdempotencyMismatch, InvalidIdempotencyKey
 from shared.records import PREFIX
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
-# A claim outlives any creation (the body is already read when it is taken); a claim left
-# by an API process that died is free again after this.
+# A pending claim's TTL, renewed while its creation runs: a claim left by an API process
+# that died is free again after this.
 PENDING_TTL_S = 60
 # How long a request that lost the race waits for the winner's answer.
 WAIT_S = 10.0
@@ -46,6 +51,13 @@ if not raw or cjson.decode(raw).claim ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else
   redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3])) end
 return 1
+"""
+
+# Extend the claim while it is still this request's. KEYS[1] key. ARGV: claim token, ttl.
+_RENEW = """
+local raw = redis.call('GET', KEYS[1])
+if not raw or cjson.decode(raw).claim ~= ARGV[1] then return 0 end
+return redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 """
 
 
@@ -96,6 +108,7 @@ class Idempotency:
         self.redis = redis
         self.ttl_s = ttl_s
         self._settle = redis.register_script(_SETTLE)
+        self._renew = redis.register_script(_RENEW)
 
     def once(
         self,
@@ -150,11 +163,29 @@ class Idempotency:
     def _create(
         self, redis_key: str, claim: str, meaning: str, create: Callable[[], Answer]
     ) -> Answer:
+        stop = threading.Event()
+        renewer = threading.Thread(
+            target=self._keep_claim, args=(redis_key, claim, stop), daemon=True
+        )
+        renewer.start()
         try:
             answer = create()
         except Exception:
             self._settle(keys=[redis_key], args=[claim, "", 0])  # a failed creation frees the key
             raise
+        finally:
+            stop.set()
+            renewer.join()
         done = {"claim": claim, "meaning": meaning, "answer": asdict(answer)}
         self._settle(keys=[redis_key], args=[claim, json.dumps(done), self.ttl_s])
         return answer
+
+    def _keep_claim(self, redis_key: str, claim: str, stop: threading.Event) -> None:
+        """Renew the pending claim every third of its TTL until ``stop``."""
+        ttl = PENDING_TTL_S
+        while not stop.wait(ttl / 3):
+            try:
+                if not self._renew(keys=[redis_key], args=[claim, ttl]):
+                    return  # no longer ours (expired while Redis was away): nothing to keep
+            except RedisError:
+                continue  # Redis away: try again at the next tick

@@ -73,7 +73,11 @@ def parse_source_url(url: str, *, service_bucket: str) -> tuple[str, str]:
         raise InvalidOption(f"source {url!r} is not an s3://bucket/prefix/ URL") from exc
     if ".." in prefix.split("/"):
         raise InvalidOption(f"source prefix {prefix!r} may not contain '..'")
-    if bucket == service_bucket and (not prefix or prefix.startswith(PRIVATE_PREFIXES)):
+    # A listing by prefix reaches every key that starts with it: "inputs" or "in" reach
+    # "inputs/…" as surely as "inputs/" does, so a prefix is refused when it starts with a
+    # private prefix or a private prefix starts with it ("" included).
+    private = any(prefix.startswith(p) or p.startswith(prefix) for p in PRIVATE_PREFIXES)
+    if bucket == service_bucket and private:
         raise InvalidOption(
             f"source {url!r} points into the service's own data; use a prefix of your own"
         )

@@ -73,9 +73,10 @@ def run(repeat: int) -> dict:
     return measure(COUNT, repeat=repeat)
 
 
-def measure(count: int, *, repeat: int = 1, stack: bool = True) -> dict:
+def measure(count: int, *, repeat: int = 1, stack: bool = True, examples: int = 0) -> dict:
     """``repeat`` is accepted for ``python -m bench``; every chunk is measured once, the
-    paths taking turns chunk by chunk so that a change in the machine's load hits all."""
+    paths taking turns chunk by chunk so that a change in the machine's load hits all.
+    ``examples`` is the chunk path's batch option (0: off; a batch's default is on)."""
     count = max(1, -(-count // CHUNK)) * CHUNK  # whole chunks
     photos = distinct_photos()
     sequence = [photos[i % len(photos)] for i in range(count)]
@@ -87,6 +88,7 @@ def measure(count: int, *, repeat: int = 1, stack: bool = True) -> dict:
         "sizes": [[w, h, n] for w, h, n in SIZES],
         "input_bytes_mean": round(sum(len(p) for p in sequence) / count),
         "chunk": CHUNK,
+        "chunk_path_examples": examples,
         "machine": _machine(),
         "decode_by_size": _decode_by_size(photos),
         "decode_by_size_draft": _decode_by_size(photos, draft_side=DRAFT_SIDE),
@@ -95,7 +97,7 @@ def measure(count: int, *, repeat: int = 1, stack: bool = True) -> dict:
     }
     with contextlib.ExitStack() as services:
         ctx = services.enter_context(_services(loaded)) if stack else None
-        numbers.update(_interleaved(loaded, photos, sequence, ctx))
+        numbers.update(_interleaved(loaded, photos, sequence, ctx, examples))
     numbers["ratios"] = {
         f"{path}_vs_model_only": _ratio(numbers[path], numbers["model_only"])
         for path in ("data_path", "fast_path", "chunk_path")
@@ -245,6 +247,7 @@ def _take_turns(
         wrapped.enter_context(_pipeline_stages(meter))
         if ctx:
             wrapped.enter_context(meter.wrapping(ctx.store, "get_bytes", "download"))
+            wrapped.enter_context(meter.wrapping(ctx.store, "get_range", "download"))
             wrapped.enter_context(meter.wrapping(ctx.store, "put_bytes", "upload"))
             for name in ("start_items", "get", "get_items", "finish_items"):
                 wrapped.enter_context(meter.wrapping(BatchStore, name, "redis"))
@@ -259,7 +262,11 @@ def _take_turns(
 
 
 def _interleaved(
-    loaded: LoadedModel, photos: list[bytes], sequence: list[bytes], ctx: WorkerContext | None
+    loaded: LoadedModel,
+    photos: list[bytes],
+    sequence: list[bytes],
+    ctx: WorkerContext | None,
+    examples: int = 0,
 ) -> dict:
     """Chunk by chunk: the model alone on a preloaded chunk, then the data path on the chunk's
     bytes, then (with ``ctx``) the chunk path on the same items."""
@@ -271,7 +278,7 @@ def _interleaved(
     ]
     chunks = [sequence[s : s + CHUNK] for s in range(0, len(sequence), CHUNK)]
     count = len(chunks) * CHUNK
-    batch_id, item_chunks = _seed_batch(ctx, photos, count) if ctx else ("", [])
+    batch_id, item_chunks = _seed_batch(ctx, photos, count, examples) if ctx else ("", [])
     finalized: list[str] = []
 
     def keep(activation: torch.Tensor) -> torch.Tensor:
@@ -365,24 +372,33 @@ def _context(settings: Settings, loaded: LoadedModel) -> WorkerContext:
     )
 
 
-def _seed_batch(ctx: WorkerContext, photos: list[bytes], count: int) -> tuple[str, list]:
-    """A running batch of ``count`` queued items. Items share the distinct inputs' keys (so
-    seeding uploads a few dozen objects), but each chunk still downloads every item's."""
+def _seed_batch(
+    ctx: WorkerContext, photos: list[bytes], count: int, examples: int = 0
+) -> tuple[str, list]:
+    """A running batch of ``count`` queued items. Items share one pack of the distinct inputs
+    (so seeding uploads one object), but each chunk still downloads every item's range."""
     store = ctx.batches
     batch_id = uuid.uuid4().hex
     store.create(
         Batch(
             id=batch_id,
             status=BatchStatus.RUNNING,
-            options=JobOptions().to_dict(),
+            options=JobOptions(examples=examples).to_dict(),
             source={"kind": "bench"},
         )
     )
-    input_keys = [keys.input_key(f"{batch_id}-src{i:03d}", "jpg") for i in range(len(photos))]
-    for key, data in zip(input_keys, photos, strict=True):
-        ctx.store.put_bytes(key, data)
+    # One input pack of the distinct photos, as expansion stores a block's members; each
+    # item names its photo's range in it (one ranged GET per item, as in a worker).
+    pack_key = keys.batch_input_pack_key(batch_id, 0)
+    ctx.store.put_bytes(pack_key, b"".join(photos))
+    offsets = np.cumsum([0] + [len(p) for p in photos]).tolist()
     items = [
-        NewItem(item_id(batch_id, i), f"{i:05d}.jpg", input_key=input_keys[i % len(photos)])
+        NewItem(
+            item_id(batch_id, i),
+            f"{i:05d}.jpg",
+            input_key=pack_key,
+            input_range=(offsets[i % len(photos)], len(photos[i % len(photos)])),
+        )
         for i in range(count)
     ]
     _, queued = store.add_items(batch_id, items)
@@ -501,9 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=COUNT, help="images per run")
     parser.add_argument("--repeat", type=int, default=1, help="model-only runs (best kept)")
     parser.add_argument("--no-stack", action="store_true", help="skip the chunk path")
+    parser.add_argument(
+        "--examples", type=int, default=0, help="the chunk path's examples option (0: off)"
+    )
     parser.add_argument("--out", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
-    numbers = measure(args.count, repeat=args.repeat, stack=not args.no_stack)
+    numbers = measure(
+        args.count, repeat=args.repeat, stack=not args.no_stack, examples=args.examples
+    )
     if args.out:
         args.out.write_text(json.dumps(numbers, indent=2) + "\n")
     return 0

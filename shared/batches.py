@@ -32,7 +32,7 @@ from shared.records import (
     record_key,
     text,
 )
-from shared.webhooks import ENQUEUE_SCRIPT, ITEM_ENQUEUE_LUA, OUTBOX_KEY
+from shared.webhooks import ENQUEUE_LUA, ENQUEUE_SCRIPT, ITEM_ENQUEUE_LUA, OUTBOX_KEY
 
 COUNTERS = ("queued", "running", "succeeded", "failed", "canceled", "skipped")
 # Consecutive member indexes that share one input pack and one Redis list of entries.
@@ -241,8 +241,15 @@ local function place(k, pos, it)
   write(k, pos, it)
 end
 local function touch()
+  -- An ended batch's keys expire ARGV[1] s from now; one still to run never expires (a
+  -- batch queued for days behind others must not vanish), so its keys are made persistent.
+  local st = redis.call('HGET', KEYS[1], 'status')
+  local ended = st == 'succeeded' or st == 'failed' or st == 'canceled'
   for i = 1, #KEYS do
-    if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1])) end
+    if i ~= 2 and i ~= 3 then
+      if ended then redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1]))
+      else redis.call('PERSIST', KEYS[i]) end
+    end
   end
 end
 local function complete_if_done()
@@ -437,8 +444,11 @@ return {'ok', complete_if_done(), tonumber(redis.call('HGET', KEYS[1], 'blocks')
 )
 
 # ARGV: ttl, now, result JSON. A running batch succeeds; failed and canceled stay as they are.
+# The batch's callback is queued in the same step (a redelivered close returns early once
+# the result is set, so a callback queued after it could be lost with its worker).
 _COMPLETE = (
     _PRELUDE
+    + ENQUEUE_LUA
     + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return 'missing' end
@@ -449,6 +459,7 @@ redis.call('HSET', KEYS[1], 'result', ARGV[3])
 if not redis.call('HGET', KEYS[1], 'finished_at') then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[2])
 end
+enqueue_callback(KEYS[1], KEYS[3])
 touch()
 return redis.call('HGET', KEYS[1], 'status')
 """
@@ -458,12 +469,14 @@ return redis.call('HGET', KEYS[1], 'status')
 # written): a batch still open ends failed with that error, so it never waits forever.
 _FAIL = (
     _PRELUDE
+    + ENQUEUE_LUA
     + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return 'missing' end
 if cur == 'queued' or cur == 'expanding' or cur == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[3], 'finished_at', ARGV[2])
 end
+enqueue_callback(KEYS[1], KEYS[3])
 touch()
 return redis.call('HGET', KEYS[1], 'status')
 """
@@ -725,10 +738,11 @@ class BatchStore(RecordStore[Batch]):
         self._record_item_call(keys=keys, args=args)
 
     def _ended(self, batch_id: str) -> None:
-        """Queue the batch's callback, if it has one, once, and give every block the TTL
-        from now. Not inside the closing script: those touch every key they name, and a
-        large batch has thousands of blocks. The finalize task that closes a batch is
-        acknowledged only after this, so a worker dying in between closes it again."""
+        """Give every block the TTL from now (not inside the closing script: those touch
+        every key they name, and a large batch has thousands of blocks), and queue the
+        batch's callback once — the closing script queued it already; this covers a batch
+        ended by other means. The finalize task that closes a batch is acknowledged only
+        after this, so a worker dying in between renews the blocks again."""
         self._enqueue_callback(keys=[batch_key(batch_id), OUTBOX_KEY])
         self._renew(batch_id, range(self.blocks(batch_id)))
 

@@ -2,9 +2,9 @@
 
 A job is one Redis hash, ``featuremaps:job:<id>``. Every change of status happens inside a
 short Lua script that checks the current status first, so two workers (or a worker and a
-cancelling user) can never both move the same job forward. Records expire after
-``JOB_TTL_HOURS``; an id that is not there is :class:`JobNotFound` (a 404), never a fake
-"pending".
+cancelling user) can never both move the same job forward. Records expire
+``JOB_TTL_HOURS`` after they end (never while they wait or run); an id that is not there
+is :class:`JobNotFound` (a 404), never a fake "pending".
 
     queued → running → succeeded | failed
     queued | running → canceled
@@ -126,10 +126,13 @@ for s in string.gmatch(ARGV[1], '[^,]+') do if s == cur then allowed = true end 
 if not allowed then return cur end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
 for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 if cur ~= ARGV[2] then redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
+-- Only an ended job expires (JOB_TTL after it ended); one still to run never does.
 if ARGV[2] == 'succeeded' or ARGV[2] == 'failed' or ARGV[2] == 'canceled' then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
   enqueue_callback(KEYS[1], KEYS[3])
+else
+  redis.call('PERSIST', KEYS[1])
 end
 return 'ok'
 """
@@ -168,7 +171,7 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'device', AR
 -- A retry's reason ('retrying') was for the wait in the queue; this run starts clean.
 redis.call('HDEL', KEYS[1], 'error')
 if cur == 'queued' then redis.call('HINCRBY', KEYS[2], 'running', 1) end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+redis.call('PERSIST', KEYS[1])
 return {'ok', attempts}
 """
 )

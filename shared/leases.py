@@ -5,7 +5,7 @@ cannot record a result over the one that took its work over.
 A lease is the hash ``featuremaps:lease:<task_id>`` (the Celery task id, which a message keeps
 when it is handed over), listed in the sorted set ``featuremaps:leases``:
 
-    holder     ``<hostname>:<pid>`` of the pool process running it: the suffix of its
+    holder     ``<hostname>:<pid>.<nonce>`` of the pool process running it: the suffix of its
                heartbeat key (shared/heartbeat.py); '' once handed over or released
     node       the Celery node (hostname) of the holder
     gen        this delivery's generation, unique for ever (``INCR featuremaps:leases:gen``);

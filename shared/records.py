@@ -155,11 +155,14 @@ class RecordStore(Generic[R]):
         return [self.key(record_id)]
 
     def create(self, record: R) -> R:
-        """The hash and its TTL in one transaction, with the kind's extra ops."""
+        """The hash in one transaction with the kind's extra ops; a record created final gets
+        its TTL now, others none: a record expires only ``ttl_s`` after it ends, never while
+        it waits (a batch queued for days behind others must not vanish)."""
         key = self.key(record.id)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=record.to_redis())
-            pipe.expire(key, self.ttl_s)
+            if record.status.value in FINISHED:
+                pipe.expire(key, self.ttl_s)
             self.on_create(pipe, record)
             pipe.execute()
         return record

@@ -3,7 +3,9 @@
 - Storage unavailable: retried with exponential backoff (``STORAGE_RETRY_BACKOFF_S · 2^n``,
   ``STORAGE_RETRIES`` times); once retries run out the work is given up on as
   ``storage_unavailable``.
-- Redis unavailable: the message is rejected *with requeue*. A plain failure would make Celery
+- Redis unavailable, as a Redis client error or as the broker's (kombu's
+  ``OperationalError``, which a ``send_task`` that cannot publish raises and which is not a
+  ``RedisError``): the message is rejected *with requeue*. A plain failure would make Celery
   reject it without requeueing (``acks_on_failure_or_timeout`` is off) and the record would stay
   ``running`` for ever once Redis is back; with Redis still down the message stays
   unacknowledged and comes back after the visibility timeout. The stores count the redelivery.
@@ -12,6 +14,9 @@
 
 "Given up on" means the caller's ``give_up(code, message)`` ends the work's record ``failed``
 (a job, a chunk's items, a batch's expansion or manifest), so nothing waits for it for ever.
+A give-up that cannot be recorded (Redis down at that moment) rejects the message *with
+requeue* too: an exception escaping the task would make Celery drop the message
+(``reject(requeue=False)``) and leave the record running for ever.
 
 Whatever happens, a delivery whose work was handed over to another worker (its record's move
 raised :class:`LeaseLost`, worker/leasing.py) records nothing more: it returns
@@ -27,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import Reject, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError as BrokerUnavailable
 from redis.exceptions import RedisError
 
 from shared.errors import INTERNAL_ERROR, TIMEOUT, StorageUnavailable
@@ -79,8 +85,7 @@ def _ended(
     except StorageUnavailable as exc:
         retries = task.request.retries
         if retries >= settings.storage_retries:
-            give_up(exc.code, f"{exc.message} (gave up after {retries} retries)")
-            return "failed"
+            return _give_up(give_up, exc.code, f"{exc.message} (gave up after {retries} retries)")
         delay = settings.storage_retry_backoff_s * 2**retries
         log.warning("%s: storage unavailable, retry %d in %.1fs", what, retries + 1, delay)
         if retrying is not None:
@@ -88,15 +93,28 @@ def _ended(
         # Celery's own limit (3 unless told) would end the ladder early and leave the work
         # waiting for ever; the count above is the limit.
         raise task.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
-    except RedisError as exc:
+    except (RedisError, BrokerUnavailable) as exc:
+        # A publish that failed mid-work (a chunk's next message, a finalize) is not a bug:
+        # the work is done again from its last recorded step once the broker answers.
         raise Reject(exc, requeue=True) from exc
     except LeaseLost:
         raise
     except SoftTimeLimitExceeded:
         limit = task.soft_time_limit or settings.task_soft_time_limit_s
-        give_up(TIMEOUT, f"{subject or what} ran past its time limit of {limit}s")
-        return "failed"
+        return _give_up(give_up, TIMEOUT, f"{subject or what} ran past its time limit of {limit}s")
     except Exception as exc:
         log.exception("%s failed unexpectedly", what)
-        give_up(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-        return "failed"
+        return _give_up(give_up, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def _give_up(give_up: GiveUp, code: str, message: str) -> str:
+    """``give_up(code, message)``; when that cannot be recorded, the message goes back to its
+    queue instead of being dropped with the record left open."""
+    try:
+        give_up(code, message)
+    except LeaseLost:
+        raise
+    except Exception as exc:
+        log.exception("could not record giving up (%s); the message goes back to its queue", code)
+        raise Reject(exc, requeue=True) from exc
+    return "failed"

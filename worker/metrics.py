@@ -87,6 +87,13 @@ HANDOVERS = Counter(
     ["task"],
     registry=REGISTRY,
 )
+REPAIRS = Counter(
+    "featuremaps_reconciler_repairs",
+    "Lost signals repaired, by kind: finalize (a batch finalizing but never closed, its "
+    "finalize sent again by a redelivered chunk).",
+    ["kind"],
+    registry=REGISTRY,
+)
 HANDOVER_TASKS = (
     "render_job",
     "run_batch_chunk",
@@ -104,6 +111,7 @@ for _kind in ("job", "batch"):
     IMAGES_REUSED.labels(_kind)
 for _task in HANDOVER_TASKS:
     HANDOVERS.labels(_task)
+REPAIRS.labels("finalize")
 
 
 def image_succeeded(kind: str, timings: Mapping[str, float], *, reused: bool = False) -> None:
@@ -119,6 +127,10 @@ def image_succeeded(kind: str, timings: Mapping[str, float], *, reused: bool = F
 
 def images_failed(kind: str, code: str, count: int = 1) -> None:
     IMAGES_FAILED.labels(kind, code).inc(count)
+
+
+def repaired(kind: str) -> None:
+    REPAIRS.labels(kind).inc()
 
 
 def handed_over(task_name: str) -> None:

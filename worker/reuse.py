@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import cache
 from importlib.metadata import version
 from typing import Any
 
@@ -69,8 +70,8 @@ def result_digest(
     identity = {
         "owner": owner,
         "computation": COMPUTATION_VERSION,
-        "torch": version("torch"),
-        "torchvision": version("torchvision"),
+        "torch": _installed("torch"),
+        "torchvision": _installed("torchvision"),
         "weights": weights,
         "options": resolved.output_identity(),
         "precision": precision.describe(),
@@ -78,6 +79,14 @@ def result_digest(
     }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@cache
+def _installed(package: str) -> str:
+    """The installed version of ``package``, read once per process: importlib.metadata scans
+    the environment's distributions on every call (~0.5 ms), and every item's digest names
+    two of them."""
+    return version(package)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from shared.batches import BatchStore
 from shared.errors import MODEL_DELETED, FeatureMapsError, NotFound
-from shared.heartbeat import HEARTBEAT_EVERY_S, holder_id, write_heartbeat
+from shared.heartbeat import HEARTBEAT_EVERY_S, holder_id, process_nonce, write_heartbeat
 from shared.jobs import JobStore
 from shared.leases import Fence, LeaseStore
 from shared.models import ModelNotFound, ModelStore, UploadedModel
@@ -69,7 +69,7 @@ class WorkerContext:
     @property
     def holder(self) -> str:
         """This process as its heartbeat key and its leases name it."""
-        return holder_id(self.hostname, os.getpid())
+        return holder_id(self.hostname, os.getpid(), process_nonce())
 
     def model_for(self, options: JobOptions, owner: str) -> LoadedModel:
         """The model ``options.model`` names, for a record of ``owner``: an enabled
@@ -164,6 +164,7 @@ class WorkerContext:
         return {
             "hostname": self.hostname,
             "pid": os.getpid(),
+            "nonce": process_nonce(),
             "device": self.device,
             "weights": getattr(self.loaded, "weights", None),
             # Counted inside load_model itself: proof that the model stays resident.

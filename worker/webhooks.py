@@ -16,16 +16,28 @@ the batch's previous item call started (waiting out the rest when it is under
 take the batch's next free slots instead of going at once, so a backlog never bursts. An
 item's attempts are kept in its info (the first and the latest, :data:`ITEM_ATTEMPTS_KEPT`
 in all, with ``callback_attempts`` counting them all).
+
+One slow receiver cannot stall the others: a call has a total deadline of
+``DEADLINE_TIMEOUTS · WEBHOOK_TIMEOUT_S`` (the timeout alone bounds each read, and a
+receiver dripping a byte every few seconds would hold a deliverer for ever; past the
+deadline the socket is shut), and at most :data:`HOST_CALLS` calls to one host run at once
+across all deliverers (:data:`_HOST_SLOT`): a deliverer that finds a host's slots taken puts
+the entry back :data:`HOST_BUSY_RETRY_S` later, unrecorded, and goes on with the next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from http.client import HTTPException
 from typing import Any
+from urllib.parse import urlsplit
 
 import urllib3
 from redis import Redis
@@ -56,6 +68,11 @@ from shared.webhooks import (
 log = logging.getLogger(__name__)
 
 IDLE_S = 0.5  # between looks at an outbox with nothing due
+# A call's whole duration (connect, send, the answer's headers and body) is bounded by this
+# many WEBHOOK_TIMEOUT_S; within the entry's lease of 4·WEBHOOK_TIMEOUT_S + 30 s.
+DEADLINE_TIMEOUTS = 3
+HOST_CALLS = 2  # calls to one receiver host at once, across every deliverer
+HOST_BUSY_RETRY_S = 1.0
 MAX_RESPONSE_BYTES = 64 * 1024  # read of a receiver's answer, for the attempt's error
 MAX_BACKOFF_S = 600.0
 USER_AGENT = "featuremaps-webhook/1"
@@ -94,6 +111,17 @@ return tostring(at - now)
 
 # Append an attempt and settle the entry. KEYS[1] record, KEYS[2] outbox.
 # ARGV: attempt JSON, callback_state, next attempt time ('' removes the entry).
+# Take one of a host's call slots. KEYS[1] the host's slots (a sorted set of call ids by the
+# time they free themselves, so a deliverer that died frees its slot). ARGV: call id, now,
+# the slot's end, how many. Returns 1 when taken, 0 when the host has that many calls.
+_HOST_SLOT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) - tonumber(ARGV[2])) + 1)
+return 1
+"""
+
 _RECORD = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], KEYS[1])
@@ -136,6 +164,8 @@ class Deliverer:
         self._claim = redis.register_script(_CLAIM)
         self._record = redis.register_script(_RECORD)
         self._pace = redis.register_script(_PACE)
+        self._host_slot = redis.register_script(_HOST_SLOT)
+        self.deadline_s = DEADLINE_TIMEOUTS * settings.webhook_timeout_s
 
     def deliver_due(self) -> bool:
         """Make one due delivery attempt; False when nothing was due."""
@@ -170,7 +200,14 @@ class Deliverer:
             return
         event = "batch" if isinstance(record, Batch) else "job"
         attempt = len(record.callbacks or []) + 1
-        status, error = self._attempt(record.callback_url, self._document(record), event, attempt)
+        slot = self._take_host_slot(key, record.callback_url)
+        if slot is None:
+            return
+        try:
+            document = self._document(record)
+            status, error = self._attempt(record.callback_url, document, event, attempt)
+        finally:
+            self._free_host_slot(slot)
         self._settle(key, record, status, error)
 
     def _deliver_item(self, key: str, batch_key: str, item_id: str) -> None:
@@ -190,7 +227,13 @@ class Deliverer:
             return
         self.sleep(float(wait))
         attempt = int(item.info.get("callback_attempts", 0)) + 1
-        status, error = self._attempt(batch.callback_url, document, "item", attempt)
+        slot = self._take_host_slot(key, batch.callback_url)
+        if slot is None:
+            return
+        try:
+            status, error = self._attempt(batch.callback_url, document, "item", attempt)
+        finally:
+            self._free_host_slot(slot)
         first = (item.info.get("callbacks") or [{}])[0].get("at")
         state, next_at = self._next_try(attempt - 1, first, error)
         self.batches.record_item_call(
@@ -203,6 +246,22 @@ class Deliverer:
             keep=ITEM_ATTEMPTS_KEPT,
         )
         log.info("webhook %s attempt %d: %s", key, attempt, error or status)
+
+    def _take_host_slot(self, key: str, url: str | None) -> tuple[str, str] | None:
+        """One of the URL's host's call slots, or None when all are taken: the entry is then
+        put back ``HOST_BUSY_RETRY_S`` later, without an attempt recorded."""
+        host = (urlsplit(url or "").hostname or "").lower()
+        slots = f"{PREFIX}:webhook:calls:{host}"
+        call = uuid.uuid4().hex
+        now = self.clock()
+        if self._host_slot(keys=[slots], args=[call, now, now + self.deadline_s + 5, HOST_CALLS]):
+            return slots, call
+        log.info("webhook %s: %s has %d calls running; later", key, host, HOST_CALLS)
+        self.redis.zadd(OUTBOX_KEY, {key: now + HOST_BUSY_RETRY_S})
+        return None
+
+    def _free_host_slot(self, slot: tuple[str, str]) -> None:
+        self.redis.zrem(*slot)
 
     def _load(self, key: str) -> Job | Batch | None:
         kind, _, record_id = key.removeprefix(f"{PREFIX}:").partition(":")
@@ -227,7 +286,8 @@ class Deliverer:
             target = check_callback_url(
                 url or "", allow_private=self.settings.webhook_allow_private
             )
-            status, answer = post(target, body, self._headers(body, event, attempt), self.settings)
+            headers = self._headers(body, event, attempt)
+            status, answer = post(target, body, headers, self.settings, deadline_s=self.deadline_s)
         except CallbackRefused as exc:
             return None, exc.message
         except (HTTPError, HTTPException, OSError) as exc:  # the receiver's side failed
@@ -282,9 +342,17 @@ def _attempt_json(status: int | None, error: str | None) -> str:
     return json.dumps({"at": now_iso(), "status": status, "error": error})
 
 
-def post(target: Target, body: bytes, headers: dict[str, str], settings: Settings):
+def post(
+    target: Target,
+    body: bytes,
+    headers: dict[str, str],
+    settings: Settings,
+    *,
+    deadline_s: float | None = None,
+):
     """POST ``body`` to the checked address, never following a redirect; returns the status
-    and at most MAX_RESPONSE_BYTES of the answer."""
+    and at most MAX_RESPONSE_BYTES of the answer. Each connect and read waits at most
+    ``WEBHOOK_TIMEOUT_S``; the whole call at most ``deadline_s`` (``TimeoutError`` past it)."""
     timeout = urllib3.Timeout(connect=settings.webhook_timeout_s, read=settings.webhook_timeout_s)
     options: dict[str, Any] = {"timeout": timeout, "retries": False, "maxsize": 1}
     if target.scheme == "https":
@@ -295,6 +363,8 @@ def post(target: Target, body: bytes, headers: dict[str, str], settings: Setting
         )
     else:
         pool = urllib3.HTTPConnectionPool(target.address, target.port, **options)
+    deadline = _Deadline(deadline_s or DEADLINE_TIMEOUTS * settings.webhook_timeout_s)
+    pool.ConnectionCls = deadline.watching(pool.ConnectionCls)
     default_port = 443 if target.scheme == "https" else 80
     host = f"[{target.host}]" if ":" in target.host else target.host
     host_header = host if target.port == default_port else f"{host}:{target.port}"
@@ -310,9 +380,53 @@ def post(target: Target, body: bytes, headers: dict[str, str], settings: Setting
         )
         answer = response.read(MAX_RESPONSE_BYTES)
         response.close()
+        if deadline.expired:
+            raise TimeoutError(f"the call took longer than its deadline of {deadline.seconds:g}s")
         return response.status, answer
+    except (HTTPError, HTTPException, OSError) as exc:
+        if deadline.expired:
+            raise TimeoutError(
+                f"the call took longer than its deadline of {deadline.seconds:g}s "
+                "(a receiver answering too slowly)"
+            ) from exc
+        raise
     finally:
+        deadline.cancel()
         pool.close()
+
+
+class _Deadline:
+    """Shuts the call's socket ``seconds`` after it connected, wherever the call is waiting
+    (the answer's headers or body): the read timeout alone restarts at every byte."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._timer: threading.Timer | None = None
+
+    def watching(self, base: type) -> type:
+        deadline = self
+
+        class Watched(base):  # type: ignore[misc, valid-type]
+            def connect(self) -> None:
+                super().connect()
+                deadline.start(self.sock)
+
+        return Watched
+
+    def start(self, sock: socket.socket) -> None:
+        def expire() -> None:
+            self.expired = True
+            with contextlib.suppress(OSError):  # closed already
+                sock.shutdown(socket.SHUT_RDWR)
+
+        self._timer = threading.Timer(self.seconds, expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def _idle_for(deliverer: Deliverer) -> float:

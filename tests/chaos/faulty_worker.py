@@ -9,6 +9,12 @@ misbehave deterministically, the way a decoder crash, a hung computation or a de
     chaos:hold         block inside the pipeline until the test releases the gate
     chaos:hold-upload  block after the figure is uploaded, before the manifest
 
+And a file in the gate directory, for faults that no input can carry:
+
+    kill-before-finalize   SIGKILL the pool process once, right after a chunk recorded its
+                           batch's last outcome and before it sends the finalize (the file
+                           is removed first, so the redelivery goes through)
+
 Whatever the input, a job or chunk task that raises records ``task-raised`` (e.g. Redis down
 at its end).
 
@@ -92,7 +98,20 @@ def _recording_raise(real):
     return run
 
 
+_real_finalize = worker.batches.tasks._finalize
+
+
+def finalize(batch_id: str) -> None:
+    armed = _gate() / "kill-before-finalize"
+    if armed.exists():
+        armed.unlink()
+        _record("kill-before-finalize")
+        os.kill(os.getpid(), signal.SIGKILL)
+    _real_finalize(batch_id)
+
+
 worker.compute.pipeline.process_images = process_images
+worker.batches.tasks._finalize = finalize
 ObjectStore.put_bytes = put_bytes
 worker.tasks.run_job = _recording_raise(worker.tasks.run_job)
 worker.batches.tasks.run_chunk = _recording_raise(worker.batches.tasks.run_chunk)

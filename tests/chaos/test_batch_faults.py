@@ -12,7 +12,7 @@ import requests
 
 from stack.services import wait_until
 from tests.chaos.conftest import ITEM_OUTPUTS
-from tests.chaos.faults import HOLD, HOLD_UPLOAD, marked_png
+from tests.chaos.faults import HOLD, HOLD_UPLOAD, KILL, marked_png
 from tests.helpers import zip_of
 
 ITEMS = 8
@@ -85,4 +85,55 @@ def test_redis_down_when_a_chunk_ends_the_batch_still_completes(make_stack):
     for item in _items(stack, batch_id):
         outputs = stack.outputs(item["id"])
         assert outputs == ITEM_OUTPUTS, (item, outputs)
+    wait_until(stack.queue_is_drained, timeout_s=60, what="empty queues")
+
+
+def test_a_member_that_kills_its_worker_every_time_fails_worker_lost_and_the_rest_succeed(
+    make_stack,
+):
+    """Before, a chunk holding such a member was delivered again without end (jobs had an
+    attempt cap, chunks none) and its batch never finished."""
+    stack = make_stack(batch_chunk=4, max_attempts=3)
+    stack.start_worker("w1")
+    files = {f"img_{i}.png": marked_png(color=(20 * i, 90, 5)) for i in range(6)}
+    files["img_1.png"] = marked_png(KILL, color=(7, 7, 7))
+    batch_id = stack.submit_archive("photos.zip", zip_of(files), examples="0")
+
+    doc = stack.wait_batch_finished(batch_id)
+    assert doc["counts"]["total"] == 6
+    assert doc["counts"]["succeeded"] == 5 and doc["counts"]["failed"] == 1, doc
+    for item in _items(stack, batch_id):
+        if item["name"] == "img_1.png":
+            assert item["status"] == "failed", item
+            assert item["error"]["code"] == "worker_lost", item
+            assert "lost 3 times" in item["error"]["message"], item
+            assert stack.outputs(item["id"]) == []
+        else:
+            assert item["status"] == "succeeded", item
+            assert "feature_maps.jpg" in stack.outputs(item["id"]), item
+    # The killing member ran MAX_ATTEMPTS times (once in its chunk's batched pass, then on its
+    # own), and nothing is left to deliver.
+    assert [event for event, _ in stack.events()].count("kill") == 3
+    wait_until(stack.queue_is_drained, timeout_s=60, what="empty queues")
+
+
+def test_a_worker_killed_between_the_last_outcome_and_the_finalize_still_closes_the_batch(
+    make_stack,
+):
+    """The step that records a batch's last outcome says 'finalize' once; the chunk then sends
+    the finalize task. Killed in between, the chunk's redelivery finds its items final:
+    before, it returned and the batch stayed open for ever (no manifest, no webhook); now it
+    sends the finalize again."""
+    stack = make_stack(batch_chunk=2)
+    (stack.gate / "kill-before-finalize").touch()
+    stack.start_worker("w1")
+    files = {f"img_{i}.png": marked_png(color=(9, 40 * i, 90)) for i in range(4)}
+    batch_id = stack.submit_archive("photos.zip", zip_of(files), examples="0")
+
+    doc = stack.wait_batch_finished(batch_id)
+    assert doc["status"] == "succeeded" and doc["counts"]["succeeded"] == 4, doc
+    assert doc["result"]["manifest_url"], doc
+    assert [event for event, _ in stack.events()].count("kill-before-finalize") == 1
+    for item in _items(stack, batch_id):
+        assert item["status"] == "succeeded", item
     wait_until(stack.queue_is_drained, timeout_s=60, what="empty queues")

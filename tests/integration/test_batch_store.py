@@ -35,6 +35,36 @@ def test_a_batch_whose_manifest_cannot_be_written_ends_failed(redis_client):
     assert failed.finished_at
 
 
+def test_the_step_that_ends_a_batch_queues_its_callback(redis_client, monkeypatch):
+    """A worker that dies right after the closing script, before anything else, leaves the
+    batch with its callback queued: a redelivered close finds the result set and returns
+    early, so a callback queued after the script would be lost."""
+    store = BatchStore(redis_client, ttl_s=60)
+    monkeypatch.setattr(store, "_ended", lambda batch_id: None)  # the worker dies here
+    for status, end in (
+        ("running", lambda i: store.complete(i, {"shards": []})),
+        ("expanding", lambda i: store.fail(i, code="storage_unavailable", message="S3 down")),
+    ):
+        batch_id = f"cb-{status}"
+        store.create(
+            Batch(
+                id=batch_id,
+                status=BatchStatus(status),
+                options={},
+                source={},
+                callback_url="http://example.org/hook",
+            )
+        )
+        redis_client.zrem(OUTBOX_KEY, batch_key(batch_id))
+        end(batch_id)
+        assert redis_client.zscore(OUTBOX_KEY, batch_key(batch_id)) is not None, status
+        assert text(redis_client.hget(batch_key(batch_id), "callback_state")) == "pending"
+    # Once: ending it again queues nothing more.
+    redis_client.zrem(OUTBOX_KEY, batch_key("cb-running"))
+    store.complete("cb-running", {"shards": []})
+    assert redis_client.zscore(OUTBOX_KEY, batch_key("cb-running")) is None
+
+
 def test_fail_leaves_a_finished_batch_alone(redis_client):
     store = BatchStore(redis_client, ttl_s=60)
     _batch(store, BatchStatus.CANCELED)
@@ -245,21 +275,26 @@ def test_a_chunk_after_the_cancel_runs_nothing_and_settles_its_blocks(redis_clie
     _adds_up(store.get("late"))
 
 
-def test_blocks_are_renewed_round_the_batch_and_when_it_ends(redis_client):
+def test_a_running_batch_never_expires_and_an_ended_one_does(redis_client):
+    """A batch waiting a day behind others must not vanish: its hash and blocks have no TTL
+    while it runs (a block that got one — from an older version — is made persistent again
+    by the rotating window); once it ends every key expires JOB_TTL later."""
     store = BatchStore(redis_client, ttl_s=600)
     ids = _expanded(store, "ttl", 1000)  # 8 blocks
+    assert redis_client.ttl(batch_key("ttl")) == -1
+    assert {redis_client.ttl(block_key("ttl", block)) for block in range(8)} == {-1}
     for block in range(8):
         redis_client.expire(block_key("ttl", block), 5)
     chunk = ids[:4]
     store.start_items("ttl", chunk, token="t")
     store.finish_items("ttl", [(i, ItemStatus.FAILED, {"name": i}) for i in chunk])
     ttls = [redis_client.ttl(block_key("ttl", block)) for block in range(8)]
-    # Block 0 (its items) and the window 0-3 are renewed; the others not yet.
-    assert [t > 5 for t in ttls] == [True] * 4 + [False] * 4
+    # Block 0 (its items) and the window 0-3 are persistent again; the others not yet.
+    assert [t == -1 for t in ttls] == [True] * 4 + [False] * 4
     store.start_items("ttl", ids[4:8], token="t")
     store.finish_items("ttl", [(i, ItemStatus.FAILED, {"name": i}) for i in ids[4:8]])
-    assert all(redis_client.ttl(block_key("ttl", block)) > 5 for block in range(8))
-    for block in range(8):
-        redis_client.expire(block_key("ttl", block), 5)
+    assert all(redis_client.ttl(block_key("ttl", block)) == -1 for block in range(8))
+    assert redis_client.ttl(batch_key("ttl")) == -1
     store.complete("ttl", {})
-    assert all(redis_client.ttl(block_key("ttl", block)) > 5 for block in range(8))
+    assert all(0 < redis_client.ttl(block_key("ttl", block)) <= 600 for block in range(8))
+    assert 0 < redis_client.ttl(batch_key("ttl")) <= 600

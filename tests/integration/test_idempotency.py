@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
@@ -188,3 +189,31 @@ def test_a_request_whose_twin_is_still_being_created_gets_409_with_retry_after(d
     assert answer.status_code == 409 and answer.headers["Retry-After"] == "1"
     assert answer.json()["error"]["code"] == "idempotency_in_progress"
     assert answer.elapsed.total_seconds() >= WAIT_S  # it waited for the twin before giving up
+
+
+def test_a_creation_that_outlasts_the_pending_claims_ttl_keeps_its_key(deployment, monkeypatch):
+    """A 20 MB upload to a slow S3 can take longer than the pending claim lives: the claim is
+    renewed while the creation runs, so a retry waits for the first answer and creates
+    nothing (before, the claim expired and the retry made a second record)."""
+    from api import idempotency
+
+    monkeypatch.setattr(idempotency, "PENDING_TTL_S", 1)
+    keys = idempotency.Idempotency(deployment.redis, ttl_s=60)
+    key, created = str(uuid.uuid4()), []
+
+    def create(label: str, seconds: float):
+        def make() -> idempotency.Answer:
+            created.append(label)
+            time.sleep(seconds)
+            return idempotency.Answer({"id": label}, 202, f"/jobs/{label}")
+
+        return make
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(keys.once, "alice", key, "meaning", create("first", 3.5))
+        time.sleep(2.0)  # twice the claim's TTL: without renewal the key is free again
+        retry = pool.submit(keys.once, "alice", key, "meaning", create("retry", 0))
+        assert first.result(timeout=30)[0] == {"id": "first"}
+        body, status, headers = retry.result(timeout=30)
+    assert created == ["first"]
+    assert body == {"id": "first"} and status == 202 and headers["Idempotent-Replayed"] == "true"

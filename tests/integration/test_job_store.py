@@ -28,10 +28,15 @@ def test_unknown_id_is_not_found(jobs):
 
 def test_lifecycle_and_ttl(jobs, redis_client):
     job = _queued(jobs)
-    assert 0 < redis_client.ttl(f"featuremaps:job:{job.id}") <= 60
+    key = f"featuremaps:job:{job.id}"
+    # A job that waits or runs never expires (a long backlog must not make it vanish);
+    # it expires JOB_TTL after it ends.
+    assert redis_client.ttl(key) == -1
     outcome = jobs.start(job.id, worker="w@h", device="cpu", max_attempts=3)
     assert outcome.started and outcome.attempts == 1
+    assert redis_client.ttl(key) == -1
     assert jobs.succeed(job.id, result={"figure_key": "f"}, timings={"model_ms": 1.0})
+    assert 0 < redis_client.ttl(key) <= 60
     done = jobs.get(job.id)
     assert done.status is JobStatus.SUCCEEDED and done.worker == "w@h"
     assert done.result == {"figure_key": "f"} and done.finished_at

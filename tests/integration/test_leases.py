@@ -238,3 +238,26 @@ def test_a_lease_that_could_not_be_given_back_is_given_back_once_redis_answers(
     ctx.leases = leases
     ctx.release_pending()
     assert ctx.unreleased == [] and leases.get("t1") is None
+
+
+def test_a_holder_from_before_a_restart_in_place_is_not_taken_for_the_new_process(
+    leases, redis_client, monkeypatch
+):
+    """A container restarted in place runs its worker under the same hostname and often the
+    same pid: the new process's heartbeat must not keep the dead one's lease held."""
+    from shared import heartbeat
+
+    monkeypatch.setattr(heartbeat, "_nonce", (0, ""))
+    before = heartbeat.holder_id("a@host", 11, heartbeat.process_nonce())
+    first = _take(leases, "t1", before).fence
+    monkeypatch.setattr(heartbeat, "_nonce", (0, ""))  # the restarted process
+    after = heartbeat.holder_id("a@host", 11, heartbeat.process_nonce())
+    assert after != before and after.startswith("a@host:11.")
+    heartbeat.write_heartbeat(redis_client, {"hostname": "a@host", "pid": 11, "nonce": after[-8:]})
+    assert redis_client.exists(heartbeat_key(after)) and not redis_client.exists(
+        heartbeat_key(before)
+    )
+    # Node b gets the redelivered message: the old holder has no heartbeat, so b takes over
+    # at once instead of waiting out the lease's TTL.
+    taken = _take(leases, "t1", "b@host:22").fence
+    assert taken is not None and taken.gen != first.gen

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 import uuid
 
@@ -218,3 +219,44 @@ def test_an_items_attempts_are_recorded_in_its_info_and_kept_bounded(
     assert [c.headers["X-Featuremaps-Attempt"] for c in calls] == [
         str(n) for n in range(1, ITEM_ATTEMPTS_KEPT + 3)
     ]
+
+
+def test_a_slow_receiver_takes_at_most_two_deliverers_and_the_others_go_on(
+    redis_client, make_settings, object_store, receiver
+):
+    """Three calls to a receiver that does not answer and one to a healthy host, three
+    deliverers: two calls to the slow host run, the third deliverer puts its slow call back
+    and delivers the healthy one meanwhile (before, all three deliverers waited on the slow
+    host and every other tenant's webhooks with them)."""
+    settings = make_settings(
+        webhook_secret="s3cret", webhook_allow_private=True, webhook_timeout_s=30
+    )
+    jobs = JobStore(redis_client, ttl_s=60)
+    redis_client.delete(OUTBOX_KEY)
+    slow = [ended_job(jobs, receiver.url(f"/slow/{n}")) for n in range(3)]
+    time.sleep(0.01)
+    healthy = ended_job(jobs, receiver.url("/ok/healthy").replace("127.0.0.1", "localhost"))
+    stop = threading.Event()
+
+    def deliver() -> None:
+        deliverer = Deliverer(redis_client, object_store, settings)
+        while not stop.is_set():
+            if not deliverer.deliver_due():
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=deliver, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        receiver.wait_for("/ok/healthy", 1, timeout_s=60)
+        assert receiver.in_flight == 2
+        assert sum(len(receiver.calls_to(f"/slow/{n}")) for n in range(3)) == 2
+        assert jobs.get(healthy).callback_state == "delivered"
+    finally:
+        receiver.release()
+        for n in range(3):
+            receiver.wait_for(f"/slow/{n}", 1, timeout_s=60)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert {jobs.get(job_id).callback_state for job_id in slow} == {"delivered"}

@@ -145,3 +145,27 @@ def test_an_address_that_never_accepts_is_given_up_after_the_connect_timeout():
         filler.close()
         server.close()
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + 2
+
+
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_a_receiver_dripping_its_answer_is_cut_at_the_call_s_deadline(where):
+    """A byte every 0.3 s keeps every read under the 0.5 s timeout: only the call's total
+    deadline ends it (before, one such receiver held a deliverer as long as it liked)."""
+    finished = threading.Event()
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\nX-Padding: " + b"p" * 40 + b"\r\n\r\n"
+
+    def answer(connection: socket.socket) -> None:
+        read_request(connection)
+        if where == "body":
+            connection.sendall(head)
+        try:
+            for byte in head if where == "headers" else b"b" * 40:
+                connection.sendall(bytes([byte]))
+                time.sleep(0.3)
+        except OSError:
+            return  # the client shut the call
+        finished.set()
+
+    with listener(answer) as port, pytest.raises(TimeoutError, match=r"deadline of 1\.5s"):
+        post(target(port), b"{}", {}, SETTINGS, deadline_s=3 * TIMEOUT_S)
+    assert not finished.is_set(), "the whole answer was read: no deadline"

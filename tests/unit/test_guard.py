@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.errors import StorageUnavailable
@@ -74,6 +75,20 @@ def test_redis_errors_reject_with_requeue():
     assert raised.value.requeue is True
 
 
+def test_a_publish_the_broker_refused_rejects_with_requeue_and_gives_nothing_up():
+    # What celery's send_task raises when kombu cannot publish (not a RedisError).
+    ended: list = []
+    with pytest.raises(Reject) as raised:
+        guarded(
+            _Task(),
+            SETTINGS,
+            _raise(OperationalError("Error 111 connecting to 127.0.0.1:6379")),
+            what="chunk c1",
+            give_up=lambda code, message: ended.append(code),
+        )
+    assert raised.value.requeue is True and ended == []
+
+
 def test_time_limit_gives_up_as_timeout_naming_the_subject_and_the_limit():
     _, ended, _ = _run(_Task(), _raise(SoftTimeLimitExceeded()), subject="the job")
     assert ended == [("timeout", "the job ran past its time limit of 7s")]
@@ -97,3 +112,15 @@ def test_a_give_up_refused_by_the_fence_ends_as_handed_over():
 
     result = guarded(_Task(), SETTINGS, _raise(KeyError("x")), what="job j1", give_up=give_up)
     assert result == HANDED_OVER
+
+
+def test_a_give_up_that_cannot_be_recorded_requeues_instead_of_dropping_the_message():
+    # Redis down just as a bug (or the time limit) is being recorded: before, the RedisError
+    # escaped the task and Celery dropped the message, leaving the record running for ever.
+    def give_up(code: str, message: str) -> None:
+        raise RedisConnectionError("gone")
+
+    for fault in (KeyError("x"), SoftTimeLimitExceeded(), StorageUnavailable("S3 is down")):
+        with pytest.raises(Reject) as raised:
+            guarded(_Task(retries=5), SETTINGS, _raise(fault), what="job j1", give_up=give_up)
+        assert raised.value.requeue is True, fault

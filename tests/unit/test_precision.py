@@ -23,10 +23,11 @@ from worker.compute.precision import DRAFT_SIDE, compare_maps, native_bf16, reso
 
 LIMIT = 10**8
 # What docs/benchmarks.md "Precision" reports as measured for fast (draft decode and
-# bfloat16) against exact on camera photos, with a margin for other photos: chain mode
-# ≤ 1.3 % of a map's range, correlation ≥ 0.9997; forward mode (batch norm, ReLU and the
-# residual adds in bfloat16 too) ≤ 3.2 %, ≥ 0.999.
-TOLERANCE = {"chain": (0.02, 0.9995), "forward": (0.045, 0.998)}
+# bfloat16) against exact, with a margin for other photos: chain mode within 2.0 % of a
+# map's range over bench/datapath.py's photos (1.2 % on these two), correlation ≥ 0.9996;
+# forward mode (batch norm, ReLU and the residual adds in bfloat16 too) within 3.2 %,
+# correlation ≥ 0.999.
+TOLERANCE = {"chain": (0.03, 0.999), "forward": (0.045, 0.998)}
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,8 @@ def test_fast_computes_the_articles_chain_in_its_dtype_and_layout(
     with torch.inference_mode():
         for conv in convs:
             x = conv(x)
-            expected.append(reduce_channels(x, "mean").numpy())
+            # The article's reduction, written out: sum over channels / C, in float32.
+            expected.append((torch.sum(x.float(), 1) / x.shape[1]).numpy())
     for row, result in enumerate(got):
         assert result.manifest["precision"]["dtype"] == str(dtype).removeprefix("torch.")
         maps = list(result.maps.values())
@@ -205,3 +207,14 @@ def test_compare_maps_on_constant_and_equal_maps():
     assert compare_maps({"a": flat}, {"a": flat})["min_correlation"] == 1.0
     assert compare_maps({"a": flat}, {"a": ramp})["min_correlation"] == 0.0
     assert compare_maps({"a": ramp}, {"a": ramp + 1.5})["max_abs_difference_over_range"] == 0.1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "max", "std", "l2"])
+def test_bfloat16_channels_last_activations_reduce_as_their_float32_copy(reduction):
+    generator = torch.Generator().manual_seed(3)
+    activation = torch.randn(3, 64, 17, 13, generator=generator).to(torch.bfloat16)
+    activation = activation.contiguous(memory_format=torch.channels_last)
+    got = reduce_channels(activation, reduction)
+    expected = reduce_channels(activation.float().contiguous(), reduction)
+    assert got.dtype == torch.float32 and got.shape == (3, 17, 13)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)

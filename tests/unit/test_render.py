@@ -14,13 +14,19 @@ from PIL import Image
 
 from worker.compute.render import (
     PAD,
+    THUMBNAIL_PAD,
+    THUMBNAIL_TILE,
     TILE,
     LayerMap,
+    _colormap_index,
     draw_grid,
+    draw_template,
     encode_grid,
     grid_layout,
+    lut,
     render_grid,
     render_layer_png,
+    render_thumbnail,
 )
 
 CAPTION = "ResNet-18 feature maps · weights: random, seed 0 (untrained)"
@@ -148,3 +154,53 @@ def test_matplotlib_figures_do_not_outlive_the_call():
     for fmt in ("png", "svg"):
         render_grid(fake_layers(2), fmt=fmt, renderer="matplotlib", caption=CAPTION)
     assert live_figures() == before
+
+
+def _palette_tile(array: np.ndarray, side: int, colormap: str) -> Image.Image:
+    """A tile as the renderers drew it before colouring moved ahead of scaling: the 1-byte
+    index scaled (nearest), then coloured through the LUT as a palette."""
+    index = Image.fromarray(_colormap_index(array)).resize((side, side), Image.Resampling.NEAREST)
+    tile = Image.frombytes("P", (side, side), index.tobytes())
+    tile.putpalette(lut(colormap).tobytes())
+    return tile.convert("RGB")
+
+
+def _odd_layers() -> list[LayerMap]:
+    """Maps that need care: NaN, both infinities, a constant map, float64, sizes that do
+    not divide the tile, a map larger than the tile."""
+    rng = np.random.default_rng(7)
+    holes = rng.random((9, 11)).astype(np.float32)
+    holes[rng.random((9, 11)) < 0.2] = np.nan
+    infinite = rng.random((5, 5)).astype(np.float32)
+    infinite[0, 0], infinite[4, 4] = np.inf, -np.inf
+    return [
+        *fake_layers(17),
+        LayerMap("nan", (3, 9, 11), holes),
+        LayerMap("inf", (3, 5, 5), infinite),
+        LayerMap("flat", (1, 7, 7), np.full((7, 7), 3.0, np.float32)),
+        LayerMap("f64", (1, 13, 17), rng.random((13, 17))),
+        LayerMap("big", (1, 300, 250), rng.normal(size=(300, 250)).astype(np.float32)),
+    ]
+
+
+@pytest.mark.parametrize("colormap", ["viridis", "magma", "gray"])
+def test_figure_and_thumbnail_pixels_are_the_palette_tiles(colormap):
+    layers = _odd_layers()
+    figure = draw_grid(layers, fmt="png", colormap=colormap, caption=CAPTION)
+    expected = draw_template(tuple((layer.name, layer.shape) for layer in layers), CAPTION).copy()
+    layout = grid_layout(len(layers))
+    for index, layer in enumerate(layers):
+        expected.paste(_palette_tile(layer.map, TILE, colormap), layout.tile_origin(index))
+    assert np.array_equal(np.asarray(figure), np.asarray(expected))
+
+    # The thumbnail's JPEG is byte for byte the one of the palette tiles on white.
+    step = THUMBNAIL_TILE + THUMBNAIL_PAD
+    rows = -(-len(layers) // 4)
+    thumbnail = Image.new("RGB", (THUMBNAIL_PAD + 4 * step, THUMBNAIL_PAD + rows * step), "white")
+    for index, layer in enumerate(layers):
+        row, col = divmod(index, 4)
+        tile = _palette_tile(layer.map, THUMBNAIL_TILE, colormap)
+        thumbnail.paste(tile, (THUMBNAIL_PAD + col * step, THUMBNAIL_PAD + row * step))
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, "JPEG", quality=90)
+    assert render_thumbnail(layers, colormap) == buffer.getvalue()

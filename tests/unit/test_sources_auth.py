@@ -22,6 +22,7 @@ SERVICE_BUCKET = "featuremaps"
         ("s3://photos", ("photos", "")),
         ("s3://photos/a/b/c.jpg", ("photos", "a/b/c.jpg")),
         (f"s3://{SERVICE_BUCKET}/mine/", (SERVICE_BUCKET, "mine/")),
+        (f"s3://{SERVICE_BUCKET}/inputs-of-mine/", (SERVICE_BUCKET, "inputs-of-mine/")),
     ],
 )
 def test_source_urls_that_parse(url, expected):
@@ -42,6 +43,10 @@ def test_source_urls_that_parse(url, expected):
         f"s3://{SERVICE_BUCKET}/inputs/",
         f"s3://{SERVICE_BUCKET}/results/abc/",
         f"s3://{SERVICE_BUCKET}/batches/",
+        # A prefix without its slash, or shorter, lists the same private keys.
+        f"s3://{SERVICE_BUCKET}/inputs",
+        f"s3://{SERVICE_BUCKET}/result",
+        f"s3://{SERVICE_BUCKET}/b",
     ],
 )
 def test_source_urls_refused(url):

@@ -9,6 +9,13 @@ Before a slice's model pass, :class:`worker.reuse.ChunkReuse` takes out the item
 can be copied from an earlier one or shared with the same bytes earlier in the chunk.
 Storage errors propagate for the task to retry; the delivery token lets a retry resume the
 items it started, and the delivery's fence drops its outcomes once it was handed over.
+
+A chunk delivered again after its worker was lost (a crash, a SIGKILL, the hard time limit,
+a lost node: more starts than storage retries explain) runs *one item at a time*, recording
+each outcome as soon as it has it, so the item that was running when a worker died is the
+first one left the next time. That item is failed ``worker_lost`` without running once it
+has been first in line when its chunk's worker was lost ``MAX_ATTEMPTS`` times: an input that
+kills its worker every time ends, and the rest of its chunk goes on.
 """
 
 from __future__ import annotations
@@ -18,8 +25,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from shared.batches import ItemStatus
-from shared.errors import INTERNAL_ERROR, LOST, FeatureMapsError, NotFound, StorageUnavailable
+from shared.batches import ItemStatus, batch_key
+from shared.errors import (
+    INTERNAL_ERROR,
+    LOST,
+    WORKER_LOST,
+    FeatureMapsError,
+    NotFound,
+    StorageUnavailable,
+)
 from shared.leases import UNFENCED, Fence
 from shared.options import JobOptions
 from worker import metrics
@@ -40,6 +54,9 @@ class Delivery:
     token: str
     finalize: Finalize
     fence: Fence = UNFENCED
+    # how many times this message was retried for storage (Celery's request.retries): starts
+    # beyond these and the first are deliveries whose worker was lost
+    retries: int = 0
 
 
 def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Delivery) -> int:
@@ -50,6 +67,7 @@ def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Deliv
     if len(started) < len(ids) and store.settle_canceled(batch_id, ids):
         delivery.finalize(batch_id)  # a canceled batch whose last queued items were these
     if not started:
+        _finalize_if_lost(ctx, batch_id, delivery)
         return 0
     batch = store.get(batch_id)
     options = JobOptions.from_mapping(batch.options)
@@ -63,8 +81,11 @@ def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Deliv
         _fail_started(ctx, batch_id, started, delivery, exc.code, exc.message)
         return len(started)
     items = store.get_items(batch_id, started)
-    step = _model_slice(ctx, len(started))
     reuse = ChunkReuse(ctx, options, batch.owner, loaded)
+    lost = items[started[0]].attempts - 1 - delivery.retries if started[0] in items else 0
+    if lost > 0:
+        return _one_at_a_time(ctx, batch_id, started, items, options, reuse, delivery, lost, loaded)
+    step = _model_slice(ctx, len(started))
     with ThreadPoolExecutor(IO_THREADS) as pool:
         # Every input is requested at once; a slice goes through the model as soon as its
         # own inputs are in, and its outputs upload while the next slice computes.
@@ -88,6 +109,75 @@ def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Deliv
     reuse.remember([i for i, status, _ in outcomes if status == ItemStatus.SUCCEEDED])
     if finished:
         delivery.finalize(batch_id)
+    ctx.jobs_done += len(started)
+    return len(started)
+
+
+# At most one finalize re-sent per batch per this many seconds by chunks that find their
+# items final (a canceled batch's queued chunks all do).
+REFINALIZE_EVERY_S = 60
+
+
+def _finalize_if_lost(ctx: WorkerContext, batch_id: str, delivery: Delivery) -> None:
+    """None of the chunk's items could start: they are final. If the batch was to be
+    finalized (``finalizing`` is set by the step that recorded its last outcome) and is not
+    closed, the delivery that recorded it may have died, or failed to publish, before
+    sending the finalize: send it again. Finalizing twice writes the same objects and closes
+    the batch once; the Redis key bounds it to one re-send per ``REFINALIZE_EVERY_S``."""
+    batch = ctx.batches.get(batch_id)
+    if not batch.finalizing or batch.result is not None:
+        return
+    key = f"{batch_key(batch_id)}:refinalize"
+    if ctx.redis.set(key, "1", nx=True, ex=REFINALIZE_EVERY_S):
+        log.warning("batch %s: finalizing but not closed; finalize sent again", batch_id)
+        metrics.repaired("finalize")
+        delivery.finalize(batch_id)
+
+
+def _one_at_a_time(
+    ctx: WorkerContext,
+    batch_id: str,
+    started: list[str],
+    items: dict,
+    options: JobOptions,
+    reuse: ChunkReuse,
+    delivery: Delivery,
+    lost: int,
+    loaded: Any,
+) -> int:
+    """A chunk whose worker was lost ``lost`` times before: each item is computed, stored and
+    recorded before the next starts; the first is failed ``worker_lost`` instead once it
+    was in line when the worker was lost ``MAX_ATTEMPTS`` times."""
+    store, results = ctx.batches, []
+    log.warning(
+        "chunk of batch %s: its worker was lost %d time(s); running its %d item(s) one at a time",
+        batch_id,
+        lost,
+        len(started),
+    )
+    for position, item in enumerate(started):
+        info = items[item].info
+        if position == 0 and lost >= ctx.settings.max_attempts:
+            message = (
+                f"its worker was lost {lost} times while this item was being processed "
+                "(an input that crashes the worker, or a node lost each time)"
+            )
+            error = {"code": WORKER_LOST, "message": message}
+            outcome = (item, ItemStatus.FAILED, {**info, "error": error})
+            metrics.images_failed("batch", WORKER_LOST, 1)
+        else:
+            inputs = [_download(ctx, info)]
+            (result,) = reuse.results(
+                [item], inputs, lambda todo: _process(ctx, loaded, todo, options)
+            )
+            ctx.leases.check(delivery.fence, f"chunk of batch {batch_id}")
+            results.append(result)
+            outcome = _store_outcome(ctx, reuse, item, info, result)
+        if store.finish_items(batch_id, [outcome], fence=delivery.fence):
+            delivery.finalize(batch_id)
+        if outcome[1] == ItemStatus.SUCCEEDED:
+            reuse.remember([item])
+    metrics.chunk_done(results)
     ctx.jobs_done += len(started)
     return len(started)
 

@@ -75,7 +75,12 @@ def run_chunk_task(self: LeasedTask, batch_id: str, item_ids: list[str]) -> obje
     def delivery(held: Held) -> Delivery:
         # The task id: a redelivery, or the same message handed over, resumes the items it
         # started.
-        return Delivery(token=self.request.id, finalize=_finalize, fence=held.fence)
+        return Delivery(
+            token=self.request.id,
+            finalize=_finalize,
+            fence=held.fence,
+            retries=self.request.retries or 0,
+        )
 
     return self.run_leased(
         f"chunk of batch {batch_id}",

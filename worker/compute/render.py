@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -60,6 +60,11 @@ class LayerMap:
     name: str
     shape: tuple[int, int, int]
     map: np.ndarray
+    # colormap name -> the map coloured at its own size (:func:`_colored`): the figure and the
+    # thumbnail both scale the same one.
+    _colored: dict[str, Image.Image] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
 
 @dataclass(frozen=True)
@@ -146,8 +151,10 @@ def render_thumbnail(layers: Sequence[LayerMap], colormap: str = DEFAULTS.colorm
     image = Image.new("RGB", size, (255, 255, 255))
     for index, layer in enumerate(layers):
         row, col = divmod(index, COLUMNS)
-        tile = _colormapped(layer.map, (THUMBNAIL_TILE, THUMBNAIL_TILE), colormap)
-        image.paste(tile.convert("RGB"), (THUMBNAIL_PAD + col * step, THUMBNAIL_PAD + row * step))
+        tile = _colored(layer, colormap).resize(
+            (THUMBNAIL_TILE, THUMBNAIL_TILE), Image.Resampling.NEAREST
+        )
+        image.paste(tile, (THUMBNAIL_PAD + col * step, THUMBNAIL_PAD + row * step))
     return _encode_pil(image, "jpg")
 
 
@@ -168,8 +175,13 @@ def lut(name: str) -> np.ndarray:
 
 def _colormap_index(array: np.ndarray) -> np.ndarray:
     """Min-max scale a map onto 0..255 (uint8), as imshow's default autoscaling does."""
-    values = np.nan_to_num(np.asarray(array, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    values = np.asarray(array, dtype=np.float32)
     low, high = float(values.min()), float(values.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        # A NaN or an infinity makes the minimum or the maximum one: only then is a cleaned
+        # copy needed (three more passes over the map).
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
     index = (values - low) * (256.0 / (high - low))
@@ -188,14 +200,27 @@ def _colormapped(array: np.ndarray, size: tuple[int, int], colormap: str) -> Ima
     return tile
 
 
+def _colored(layer: LayerMap, colormap: str) -> Image.Image:
+    """The map coloured through the LUT at its own size (RGB), kept on ``layer``.
+
+    Colouring the small map and then scaling it (nearest) gives the pixels of scaling the
+    1-byte index and colouring the tile (nearest only picks pixels), for a fraction of the
+    pixels: the largest map is 112×112 against a 224×224 tile, and the thumbnail scales the
+    same coloured map instead of indexing the map again.
+    """
+    colored = layer._colored.get(colormap)
+    if colored is None:
+        colored = Image.fromarray(lut(colormap)[_colormap_index(layer.map)])
+        layer._colored[colormap] = colored
+    return colored
+
+
 def _draw_fast(layers: Sequence[LayerMap], colormap: str, caption: str) -> Image.Image:
     image = draw_template(tuple((layer.name, layer.shape) for layer in layers), caption).copy()
     layout = grid_layout(len(layers))
     for index, layer in enumerate(layers):
-        image.paste(
-            _colormapped(layer.map, (TILE, TILE), colormap).convert("RGB"),
-            layout.tile_origin(index),
-        )
+        tile = _colored(layer, colormap).resize((TILE, TILE), Image.Resampling.NEAREST)
+        image.paste(tile, layout.tile_origin(index))
     return image
 
 
