@@ -24,6 +24,8 @@ def test_owner_of_each_object_key():
     assert owner_record_key("batches/b0b1/results.zip") == "featuremaps:batch:b0b1"
     assert owner_record_key("batches/b0b1/results-00002.zip") == "featuremaps:batch:b0b1"
     assert owner_record_key("batches/b0b1/inputs/000003.pack") == "featuremaps:batch:b0b1"
+    model = "ab" * 12
+    assert owner_record_key(f"models/{model}/{'0' * 64}.pt") == f"featuremaps:model:{model}"
     assert owner_record_key("elsewhere/b0b1/x") is None
     assert owner_record_key("inputs/") is None
 
