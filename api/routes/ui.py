@@ -36,6 +36,9 @@ def submit_page():
     return _page(
         "submit.html",
         choices={
+            # The architectures this deployment enables (uploads need a token to list: the
+            # API and the client take them).
+            "model": services().settings.enabled_models,
             "mode": MODES,
             "reduction": REDUCTIONS,
             "normalize": NORMALIZATIONS,

@@ -10,10 +10,20 @@
   const button = document.getElementById("submit");
   const tokenInput = document.getElementById("token");
   const ARCHIVE = /\.(zip|tar|tgz|tar\.gz)$/i;
-  const OPTIONS = ["mode", "reduction", "normalize", "colormap", "format"];
+  const OPTIONS = ["model", "mode", "reduction", "normalize", "colormap", "format"];
+  // The conv chain is defined for the ResNet family only (docs/design.md "Models").
+  const CHAIN_MODELS = /^resnet(18|34|50)$/;
+  const modelSelect = document.getElementById("opt-model");
+  const modeSelect = document.getElementById("opt-mode");
   let files = [];
 
   if (tokenInput) tokenInput.value = FM.token();
+
+  modelSelect.addEventListener("change", () => {
+    if (!CHAIN_MODELS.test(modelSelect.value) && modeSelect.value === "chain") {
+      modeSelect.value = "forward";
+    }
+  });
 
   function choose(list) {
     files = Array.from(list);

@@ -45,6 +45,7 @@ def deployment(redis_server, s3_server, tmp_path_factory) -> Iterator[Deployment
         name="web",
         db=10,
         api_tokens=TOKEN,
+        models="resnet18,vgg16",
         # The 7-member archive below makes one result shard, a 9-member one two.
         result_shard_items=str(SHARD_ITEMS),
     ) as dep:
@@ -170,6 +171,24 @@ def test_one_photo_opens_its_job_page_and_the_figure_loads(open_page, photo):
     expect(page.get_by_role("link", name="maps.npz")).to_be_visible()
     expect(page.get_by_role("link", name="manifest.json")).to_be_visible()
     screenshot(page, "job")
+    assert console == []
+
+
+def test_another_model_is_chosen_with_a_mode_it_can_do(open_page, photo):
+    page, console = open_page()
+    page.goto("/")
+    expect(page.locator("#opt-model option")).to_have_text(["resnet18", "vgg16"])
+    expect(page.locator("#opt-mode")).to_have_value("chain")
+    page.select_option("#opt-model", "vgg16")
+    # VGG has no conv chain: the page switches to the true activations.
+    expect(page.locator("#opt-mode")).to_have_value("forward")
+    page.get_by_label("API token").fill(TOKEN)
+    page.set_input_files("#files", [_file("IMG_0001.JPG", photo)])
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_url(re.compile(r"/ui/jobs/[A-Za-z0-9_-]+$"))
+    expect(page.locator("#status")).to_have_text(re.compile("succeeded"), timeout=JOB_DONE_MS)
+    expect(page.locator("#weights")).to_contain_text("model=vgg16 · weights: random, seed 0")
+    expect(page.locator("#layers li")).to_have_count(13)
     assert console == []
 
 
