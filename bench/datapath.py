@@ -315,16 +315,19 @@ def _interleaved(
         done = ctx.batches.get(batch_id)
         if done.succeeded != count or finalized != [batch_id]:
             raise RuntimeError(f"bench batch did not process every image: {done.counts()}")
-    stages = {
-        "model_only": (),
-        "data_path": STAGES,
-        "fast_path": STAGES,
-        "chunk_path": (*STAGES, *STACK_STAGES),
-    }
     return {
-        path: _summary(total["stages"], count, total["wall"], total["cpu"], stages[path])
+        path: _summary(total["stages"], count, total["wall"], total["cpu"], _STAGES_OF[path])
         for path, total in totals.items()
     }
+
+
+# The stages each path reports (model-only has none but its total).
+_STAGES_OF = {
+    "model_only": (),
+    "data_path": STAGES,
+    "fast_path": STAGES,
+    "chunk_path": (*STAGES, *STACK_STAGES),
+}
 
 
 @contextlib.contextmanager
