@@ -196,6 +196,15 @@ class JobOptions:
         return cls(**values)
 
 
+def check_upload_enabled(model: str, architecture: str, enabled: tuple[str, ...]) -> None:
+    """Refuse an uploaded model whose architecture the operator no longer enables."""
+    if architecture not in enabled:
+        raise InvalidOption(
+            f"uploaded model {model} is a {architecture}, which is not enabled here; enabled: "
+            f"{', '.join(enabled)}"
+        )
+
+
 def is_upload_id(model: str) -> bool:
     """Whether ``model`` names an uploaded model rather than an architecture."""
     return bool(_UPLOAD_ID.fullmatch(model))

@@ -31,7 +31,7 @@ from shared.heartbeat import HEARTBEAT_EVERY_S, holder_id, process_nonce, write_
 from shared.jobs import JobStore
 from shared.leases import Fence, LeaseStore
 from shared.models import ModelNotFound, ModelStore, UploadedModel
-from shared.options import JobOptions, is_upload_id
+from shared.options import JobOptions, check_upload_enabled, is_upload_id
 from shared.settings import Settings
 from shared.storage import ObjectStore, ensure_bucket
 from worker import metrics
@@ -85,7 +85,8 @@ class WorkerContext:
         options.check_enabled(self.settings.enabled_models)
         if is_upload_id(options.model):
             # Read every time, resident or not: a deleted upload is not used again.
-            self._uploaded(options.model, owner)
+            uploaded = self._uploaded(options.model, owner)
+            check_upload_enabled(uploaded.id, uploaded.architecture, self.settings.enabled_models)
         return self.models.get(options.model)
 
     def _uploaded(self, model: str, owner: str | None) -> UploadedModel:

@@ -78,7 +78,7 @@ def test_the_model_option_at_submission(client):
     assert listed == {"architectures": ["resnet18", "resnet34", "vgg16"], "uploads": []}
 
 
-def test_upload_list_use_and_delete(client, object_store):
+def test_upload_list_use_and_delete(client, make_client, object_store):
     data = saved(seeded_state_dict())
     response = upload(client, data, name="my resnet")
     assert response.status_code == 201, response.get_json()
@@ -106,10 +106,16 @@ def test_upload_list_use_and_delete(client, object_store):
     assert submit(client, model=model_id, layers="layer3.*").status_code == 202
     assert submit(client, model=model_id, layers="features.*").status_code == 400
 
+    # An upload whose architecture the operator no longer enables is refused.
+    resnet34 = upload(client, saved(seeded_state_dict("resnet34")), architecture="resnet34")
+    narrower = make_client(models="vgg16")
+    disabled = submit(narrower, model=resnet34.get_json()["id"])
+    assert disabled.status_code == 400 and "not enabled here" in error(disabled)["message"]
+
     assert client.delete(f"/models/{model_id}", headers=ALICE).status_code == 204
     assert client.get(f"/models/{model_id}", headers=ALICE).status_code == 404
     assert submit(client, model=model_id).status_code == 404
-    assert list(object_store.list_keys("models/")) == []
+    assert not any(key.startswith(f"models/{model_id}/") for key in object_store.list_keys())
 
 
 def test_refused_uploads(make_client, object_store, tmp_path):
