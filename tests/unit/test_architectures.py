@@ -202,3 +202,17 @@ def test_caption_names_the_architecture_and_weights(images, captions):
     assert captions[-1].startswith(f"{DISPLAY_NAMES['mobilenet_v3_large']} feature maps")
     assert "random, seed 0" in captions[-1]
     assert re.search(r" · layers: 32 of \d+$", captions[-1]), "the tiles are a choice"
+
+
+def test_precision_fast_runs_on_another_architecture(images):
+    """precision=fast computes on a channels-last (bfloat16 where native) copy of whichever
+    model the job names (LoadedModel.variant); its maps are finite and named alike."""
+    model = loaded("mobilenet_v3_large")
+    options = JobOptions(mode="forward", model="mobilenet_v3_large", precision="fast")
+    (fast,) = process_images(model, images[:1], options, max_pixels=10**8)
+    exact_options = JobOptions(mode="forward", model="mobilenet_v3_large")
+    (exact,) = process_images(model, images[:1], exact_options, max_pixels=10**8)
+    assert fast.manifest["precision"]["mode"] == "fast"
+    assert fast.manifest["precision"]["memory_format"] == "channels_last"
+    assert list(fast.maps) == list(exact.maps)
+    assert all(np.isfinite(m).all() for m in fast.maps.values())
