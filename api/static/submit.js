@@ -10,7 +10,6 @@
   const button = document.getElementById("submit");
   const tokenInput = document.getElementById("token");
   const ARCHIVE = /\.(zip|tar|tgz|tar\.gz)$/i;
-  const OPTIONS = ["model", "mode", "reduction", "normalize", "colormap", "format"];
   // The conv chain is defined for the ResNet family only (docs/design.md "Models").
   const CHAIN_MODELS = /^resnet(18|34|50)$/;
   const modelSelect = document.getElementById("opt-model");
@@ -48,7 +47,10 @@
   });
 
   function optionFields(data) {
-    for (const name of OPTIONS) data.append(name, document.getElementById(`opt-${name}`).value);
+    // Every choice the page draws is sent (the list comes from the server's options).
+    for (const select of document.querySelectorAll(".options select")) {
+      data.append(select.name, select.value);
+    }
     for (const name of ["per_layer", "arrays"]) {
       data.append(name, document.getElementById(`opt-${name}`).checked ? "true" : "false");
     }

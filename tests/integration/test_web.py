@@ -182,12 +182,15 @@ def test_another_model_is_chosen_with_a_mode_it_can_do(open_page, photo):
     page.select_option("#opt-model", "vgg16")
     # VGG has no conv chain: the page switches to the true activations.
     expect(page.locator("#opt-mode")).to_have_value("forward")
+    # Every choice the page draws is sent with the image, precision included.
+    page.select_option("#opt-precision", "fast")
     page.get_by_label("API token").fill(TOKEN)
     page.set_input_files("#files", [_file("IMG_0001.JPG", photo)])
     page.get_by_role("button", name="Submit").click()
     page.wait_for_url(re.compile(r"/ui/jobs/[A-Za-z0-9_-]+$"))
     expect(page.locator("#status")).to_have_text(re.compile("succeeded"), timeout=JOB_DONE_MS)
     expect(page.locator("#weights")).to_contain_text("model=vgg16 · weights: random, seed 0")
+    expect(page.locator("#weights")).to_contain_text("precision=fast")
     expect(page.locator("#layers li")).to_have_count(13)
     assert console == []
 
