@@ -37,7 +37,14 @@ import numpy as np
 import requests
 from PIL import Image
 
-from client.errors import ApiError, JobFailed, RateLimited, Unavailable, error_from_response
+from client.errors import (
+    ApiError,
+    JobFailed,
+    OutputNotMade,
+    RateLimited,
+    Unavailable,
+    error_from_response,
+)
 from client.examples import Examples, download_examples
 from shared.records import FINISHED
 
@@ -307,8 +314,12 @@ class Job(_Record):
         """Every layer's float32 map from maps.npz (the job needs ``arrays=True``)."""
         url = self._succeeded().get("arrays_url")
         if not url:
-            raise JobFailed(
-                self.id, self.status, "no_arrays", "submit the job with arrays=True to get maps"
+            raise OutputNotMade(
+                self.id,
+                "maps.npz",
+                "the job succeeded but was submitted without arrays=True, so its float32 maps "
+                "were not kept; submit the image again with arrays=True "
+                "(client.submit(image, arrays=True)), or read the figure (job.figure_bytes())",
             )
         with np.load(io.BytesIO(self.client.fetch(url)), allow_pickle=False) as arrays:
             return {name: arrays[name] for name in arrays.files}

@@ -13,7 +13,9 @@ API's ``{"error": {"code", "message"}}``) and HTTP ``status``; the class says wh
     │   ├── Unprocessable        422  truncated_image, too_many_pixels, corrupt_archive, …
     │   ├── RateLimited          429  rate_limited (+ retry_after)
     │   └── Unavailable          503  unavailable, storage_unavailable (+ retry_after)
-    └── JobFailed                a job that ended failed or canceled; code is the job's own
+    ├── JobFailed                a job that ended failed or canceled; code is the job's own
+    └── OutputNotMade            a job that succeeded without the output asked for (maps.npz
+                                 without arrays=True); code ``not_requested``
 """
 
 from __future__ import annotations
@@ -90,6 +92,18 @@ class JobFailed(ClientError):
 
     def __str__(self) -> str:
         return f"job {self.job_id} {self.status}: {self.code}: {self.message}"
+
+
+class OutputNotMade(ClientError):
+    """The job succeeded, but was submitted without the option that makes this output."""
+
+    def __init__(self, job_id: str, output: str, message: str) -> None:
+        super().__init__("not_requested", message)
+        self.job_id = job_id
+        self.output = output
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} has no {self.output}: {self.message}"
 
 
 _BY_STATUS: dict[int, type[ApiError]] = {

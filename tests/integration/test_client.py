@@ -18,6 +18,7 @@ from client import (
     Conflict,
     JobFailed,
     NotFound,
+    OutputNotMade,
     RateLimited,
     Unauthorized,
     UnsupportedType,
@@ -76,9 +77,10 @@ def test_bytes_and_pil_images_are_accepted(client):
     from_pil = client.submit(Image.new("RGB", (320, 240), (200, 120, 40))).wait(timeout=120)
     assert from_bytes.status == from_pil.status == "succeeded"
     assert from_pil.manifest["input"]["format"] == "png"
-    with pytest.raises(JobFailed) as raised:
+    # A job that succeeded without arrays=True: not a failure, and the error says what to do.
+    with pytest.raises(OutputNotMade, match=r"submitted without arrays=True") as raised:
         from_pil.maps()
-    assert raised.value.code == "no_arrays"
+    assert raised.value.code == "not_requested" and not isinstance(raised.value, JobFailed)
 
 
 def test_the_input_as_analysed_and_a_layer_are_served(client, camera_photo):
