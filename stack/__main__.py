@@ -20,6 +20,7 @@ Configuration (environment, read only here):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -166,15 +167,26 @@ def cmd_demo(config: StackConfig, notice: str | None) -> int:
     say(f"submitting {photo} to {api_url} ...")
     from client.cli import main as client_main
 
-    # The client prints the finished job's document on stdout.
-    code = client_main(
-        ["submit", str(photo), "--wait", "--download", str(DEMO_OUTPUT), "--api", api_url]
-    )
+    # The client prints the finished job's document (long presigned URLs included): kept in
+    # a file, and what a newcomer wants said instead (the job's page, the figure's path).
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = client_main(
+            ["submit", str(photo), "--wait", "--download", str(DEMO_OUTPUT), "--api", api_url]
+        )
     figures = sorted(DEMO_OUTPUT.glob("feature_maps.*"))
     if code or not figures:
+        print(printed.getvalue(), end="")
         print("featuremaps-stack: the demo job did not succeed (see above)", file=sys.stderr)
         return code or 1
+    text = printed.getvalue()
+    job = json.loads(text[text.index("{") : text.rindex("}") + 1])
+    document = DEMO_OUTPUT / "job.json"
+    document.write_text(json.dumps(job, indent=2) + "\n")
+    job_id = job.get("id", "")
+    say(f"job page: {api_url}/ui/jobs/{job_id}")
     say(f"figure:   {figures[0].resolve()}")
+    say(f"job:      {document.resolve()} (the job's document)")
     manifest = DEMO_OUTPUT / "manifest.json"
     if manifest.is_file():
         layers = json.loads(manifest.read_text()).get("layers") or []

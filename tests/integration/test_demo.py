@@ -50,5 +50,9 @@ def test_demo_renders_the_sample_photo_through_the_stack(tmp_path, redis_server,
         assert image.format == "JPEG"
     manifest = json.loads((tmp_path / "out" / "demo" / "manifest.json").read_text())
     assert len(manifest["layers"]) == 17 and manifest["weights"]["name"] == "random"
-    document = json.loads(demo.stdout[demo.stdout.index("{") : demo.stdout.rindex("}") + 1])
+    # The demo ends with the job's page and the figure's path; the job's document, with its
+    # long presigned URLs, is in a file beside the figure.
+    document = json.loads((tmp_path / "out" / "demo" / "job.json").read_text())
     assert document["status"] == "succeeded" and document["worker"]
+    assert f"/ui/jobs/{document['id']}" in demo.stdout.split("job page: ", 1)[1].split()[0]
+    assert "X-Amz-" not in demo.stdout
