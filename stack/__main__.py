@@ -35,8 +35,11 @@ DEFAULT_RUN_DIR = "run"
 DEMO_OUTPUT = Path("out/demo")
 
 
-def config_from_env(environ: Mapping[str, str]) -> tuple[StackConfig, str | None]:
-    """The stack's configuration from the environment, and the weights notice (if any)."""
+def config_from_env(
+    environ: Mapping[str, str], *, fetch: bool = False
+) -> tuple[StackConfig, str | None]:
+    """The stack's configuration from the environment, and the weights notice (if any);
+    ``fetch`` downloads missing ImageNet checkpoints first (``up`` and ``demo``)."""
 
     def port(name: str, default: int | None) -> int | None:
         value = environ.get(name, "").strip()
@@ -46,7 +49,7 @@ def config_from_env(environ: Mapping[str, str]) -> tuple[StackConfig, str | None
             raise SystemExit(f"{name} must be a TCP port number, not {value!r}")
         return int(value)
 
-    weights, notice = resolve_weights(environ)
+    weights, notice = resolve_weights(environ, fetch=fetch)
     workers = environ.get("FEATUREMAPS_STACK_WORKERS", "1").strip() or "1"
     if not workers.isdigit() or int(workers) < 1:
         raise SystemExit(f"FEATUREMAPS_STACK_WORKERS must be a positive integer, not {workers!r}")
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="up, then submit a sample photo and download its figure")
     args = parser.parse_args(argv)
 
-    config, notice = config_from_env(os.environ)
+    config, notice = config_from_env(os.environ, fetch=args.command in ("up", "demo"))
     if args.command == "up":
         return cmd_up(config, notice, wait_workers_s=args.wait_workers)
     if args.command == "down":

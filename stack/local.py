@@ -37,6 +37,10 @@ from stack.services import (
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RESNET18_CHECKPOINT = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
 STATE_FILE = "stack.json"
+# Where torchvision publishes its checkpoints (FEATUREMAPS_WEIGHTS_BASE_URL overrides it: a
+# mirror, or a test's local server).
+WEIGHTS_BASE_URL = "https://download.pytorch.org/models/"
+FETCH_TIMEOUT_S = 30.0
 
 
 def torch_home(environ: Mapping[str, str]) -> Path:
@@ -47,12 +51,16 @@ def torch_home(environ: Mapping[str, str]) -> Path:
     return Path(cache) / "torch"
 
 
-def resolve_weights(environ: Mapping[str, str]) -> tuple[str, str | None]:
+def resolve_weights(environ: Mapping[str, str], *, fetch: bool = False) -> tuple[str, str | None]:
     """The weights the stack's workers should load, and a notice to show when it is not the
     ImageNet default (the design forbids silent fallbacks, so the choice is always said).
 
-    FEATUREMAPS_WEIGHTS wins; otherwise ``imagenet`` where torchvision's checkpoint is already
-    cached (the stack never downloads), else seeded ``random`` weights.
+    FEATUREMAPS_WEIGHTS wins; otherwise ``imagenet`` where torchvision's checkpoints of every
+    enabled architecture (``FEATUREMAPS_MODELS``, ResNet-18 always) are cached. With
+    ``fetch`` (``stack up`` and ``demo``, as the article's ``pretrained=True`` did on first
+    use) missing ones are downloaded into that cache first, with a progress bar, from
+    ``FEATUREMAPS_WEIGHTS_BASE_URL`` (torchvision's own by default), each checked against the
+    hash in its file name. Else seeded ``random`` weights, said in one notice.
     """
     explicit = environ.get("FEATUREMAPS_WEIGHTS", "").strip()
     if explicit:
@@ -60,15 +68,92 @@ def resolve_weights(environ: Mapping[str, str]) -> tuple[str, str | None]:
             return explicit, None
         # A state_dict path: absolute, because the workers run from the project root.
         return str(Path(explicit).expanduser().resolve()), None
-    checkpoint = torch_home(environ) / "hub" / "checkpoints" / RESNET18_CHECKPOINT
-    if checkpoint.is_file():
+    checkpoints = torch_home(environ) / "hub" / "checkpoints"
+    missing = [name for name in checkpoint_files(environ) if not (checkpoints / name).is_file()]
+    if not missing:
         return "imagenet", None
+    problem = "not fetched (this command does not download)"
+    if fetch:
+        base = environ.get("FEATUREMAPS_WEIGHTS_BASE_URL", "").strip() or WEIGHTS_BASE_URL
+        problem = fetch_checkpoints(base, missing, checkpoints)
+        if problem is None:
+            return "imagenet", None
     return "random", (
-        f"no ImageNet checkpoint found at {checkpoint}; using seeded random weights "
-        "(figures will show untrained filters). To use ImageNet weights, fetch them once "
-        "with `python -c 'import torchvision; torchvision.models.resnet18(weights=\"DEFAULT\")'`"
-        " or set FEATUREMAPS_WEIGHTS."
+        f"no ImageNet checkpoint found at {checkpoints / missing[0]}, and it could not be "
+        f"fetched ({problem}); using seeded random weights (figures will show untrained "
+        "filters). Place torchvision's checkpoint there (offline: copy it from a machine "
+        "with internet), or set FEATUREMAPS_WEIGHTS."
     )
+
+
+def checkpoint_files(environ: Mapping[str, str]) -> list[str]:
+    """The file names of the ImageNet checkpoints of the enabled architectures."""
+    from urllib.parse import urlparse
+
+    from torchvision.models import get_model_weights
+
+    names = [n.strip() for n in environ.get("FEATUREMAPS_MODELS", "").split(",") if n.strip()]
+    files = [RESNET18_CHECKPOINT]
+    for name in names:
+        if name == "resnet18":
+            continue
+        try:
+            url = get_model_weights(name)["IMAGENET1K_V1"].url
+        except (KeyError, ValueError):
+            continue  # not an architecture: the workers refuse it with the reason
+        files.append(Path(urlparse(url).path).name)
+    return files
+
+
+def fetch_checkpoints(base_url: str, names: list[str], directory: Path) -> str | None:
+    """Download each of ``names`` from ``base_url`` into ``directory``; None when all came,
+    else why the first one did not (nothing half-written is left)."""
+    for name in names:
+        try:
+            fetch_checkpoint(base_url.rstrip("/") + "/" + name, directory / name)
+        except (OSError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def fetch_checkpoint(url: str, destination: Path, *, hash_prefix: str | None = None) -> None:
+    """``url`` into ``destination`` with a progress bar on stderr, checked against the
+    sha256 prefix torchvision puts in its file names (``resnet18-f37072fd.pth``) or
+    ``hash_prefix``; written to a temporary name and renamed, so a failure leaves nothing.
+    Raises OSError (unreachable, HTTP error) or ValueError (hash mismatch)."""
+    import hashlib
+    import re
+    import urllib.request
+
+    from tqdm import tqdm
+
+    expected = hash_prefix or re.search(r"-([a-f0-9]{6,})\.", destination.name).group(1)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".partial")
+    digest = hashlib.sha256()
+    if not url.startswith(("https://", "http://")):
+        raise ValueError(f"{url!r} is not an http(s) URL (FEATUREMAPS_WEIGHTS_BASE_URL)")
+    print(f"fetching {url} into {destination}", file=sys.stderr, flush=True)
+    try:
+        # The scheme is checked just above (http or https only).
+        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as answer:  # nosec B310
+            total = int(answer.headers.get("Content-Length") or 0) or None
+            with (
+                partial.open("wb") as out,
+                tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr) as bar,
+            ):
+                while block := answer.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+        if not digest.hexdigest().startswith(expected):
+            raise ValueError(
+                f"{url} does not match its published hash (sha256 {expected}…, got "
+                f"{digest.hexdigest()[:12]}…)"
+            )
+        partial.replace(destination)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @dataclass

@@ -23,6 +23,8 @@ def test_demo_renders_the_sample_photo_through_the_stack(tmp_path, redis_server,
         FEATUREMAPS_STACK_RUN_DIR=str(tmp_path / "run"),
         FEATUREMAPS_API_PORT=str(free_port()),
         TORCH_HOME=str(tmp_path / "torch"),  # no ImageNet checkpoint here: random, said so
+        # ... after trying to fetch it from a port where nothing listens (offline)
+        FEATUREMAPS_WEIGHTS_BASE_URL=f"http://127.0.0.1:{free_port()}/models/",
         PYTHONPATH=str(ROOT),
     )
 

@@ -4,18 +4,21 @@ two SeaweedFS servers run side by side without a port clash, stop() leaves nothi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
-from stack.local import resolve_weights
+from stack.local import fetch_checkpoint, resolve_weights
 from stack.services import (
     WEED_MINI_PORT_FLAGS,
     ManagedProcess,
@@ -142,7 +145,7 @@ def test_pid_records_stop_only_the_recorded_process(tmp_path: Path) -> None:
 
 def test_weights_choice_is_explicit_and_said(tmp_path: Path) -> None:
     assert resolve_weights({"FEATUREMAPS_WEIGHTS": "random"}) == ("random", None)
-    weights, notice = resolve_weights({"TORCH_HOME": str(tmp_path)})
+    weights, notice = resolve_weights({"TORCH_HOME": str(tmp_path)})  # status, down: no fetch
     assert weights == "random"
     assert notice and "no ImageNet checkpoint found at" in notice and str(tmp_path) in notice
     checkpoint = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
@@ -244,3 +247,87 @@ def test_stack_down_then_up_at_once_with_a_keep_alive_client_on_the_api_port(
         session.close()
         assert stack("down").returncode == 0
     assert not port_is_listening(port)
+
+
+class _Checkpoints(ThreadingHTTPServer):
+    """A local stand-in for torchvision's download server: ``files`` by name."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.requests.append(self.path)
+                data = server.files.get(self.path.rsplit("/", 1)[-1])
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}/models/"
+
+
+def test_the_first_run_fetches_a_checkpoint_with_a_progress_bar_and_checks_its_hash(
+    tmp_path: Path, capsys
+) -> None:
+    data = os.urandom(3 << 20)
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    server = _Checkpoints({f"resnet18-{prefix}.pth": data})
+    try:
+        destination = tmp_path / "hub" / "checkpoints" / f"resnet18-{prefix}.pth"
+        fetch_checkpoint(server.url + destination.name, destination)
+        assert destination.read_bytes() == data
+        progress = capsys.readouterr().err
+        assert f"fetching {server.url}{destination.name}" in progress and "3.15M" in progress
+        # Bytes that do not match the hash in the file name are refused, and nothing stays.
+        wrong = tmp_path / "hub" / "checkpoints" / "resnet18-0123abcd.pth"
+        server.files[wrong.name] = data
+        with pytest.raises(ValueError, match="does not match its published hash"):
+            fetch_checkpoint(server.url + wrong.name, wrong)
+        assert sorted(p.name for p in wrong.parent.iterdir()) == [destination.name]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_up_fetches_missing_checkpoints_and_says_why_it_falls_back_to_random(
+    tmp_path: Path,
+) -> None:
+    # torchvision's ResNet-18 checkpoint can only come with its published hash: served here
+    # with other bytes, the fetch is refused, said in one notice, and nothing is cached.
+    server = _Checkpoints({"resnet18-f37072fd.pth": b"not the real checkpoint"})
+    environ = {"TORCH_HOME": str(tmp_path), "FEATUREMAPS_WEIGHTS_BASE_URL": server.url}
+    try:
+        weights, notice = resolve_weights(environ, fetch=True)
+        assert server.requests == ["/models/resnet18-f37072fd.pth"]
+        assert weights == "random" and notice is not None
+        assert "does not match its published hash" in notice
+        assert "using seeded random weights" in notice
+        assert not (tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").exists()
+        # Every enabled architecture's checkpoint is fetched (VGG-16's is asked for too, once
+        # ResNet-18's is there).
+        checkpoint = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+        checkpoint.write_bytes(b"cached")
+        weights, notice = resolve_weights({**environ, "FEATUREMAPS_MODELS": "vgg16"}, fetch=True)
+        assert server.requests[-1] == "/models/vgg16-397923af.pth"
+        assert weights == "random" and "HTTPError" in (notice or "")
+    finally:
+        server.shutdown()
+        server.server_close()
+    # Offline (nothing answers): the same single notice.
+    offline = {"TORCH_HOME": str(tmp_path / "t2"), "FEATUREMAPS_WEIGHTS_BASE_URL": server.url}
+    weights, notice = resolve_weights(offline, fetch=True)
+    assert weights == "random" and "could not be fetched" in (notice or "")
