@@ -28,17 +28,19 @@ from bench import (
     cpu_fast,
     datapath,
     examples,
+    models,
     reuse,
     scale,
     service,
 )
 
 # docs/benchmarks.md and README.md say what each costs.
-QUICK = ("core", "fast", "service", "bulk", "examples", "reuse")
+QUICK = ("core", "fast", "models", "service", "bulk", "examples", "reuse")
 LONG = ("datapath", "bookkeeping", "scale")
 SECTIONS: dict[str, Callable[[int], dict]] = {
     "core": core.run,
     "fast": cpu_fast.run,
+    "models": models.run,
     "service": service.run,
     "bulk": bulk.run,
     "examples": examples.run,
