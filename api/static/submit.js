@@ -19,7 +19,12 @@
   if (tokenInput) tokenInput.value = FM.token();
 
   modelSelect.addEventListener("change", () => {
-    if (!CHAIN_MODELS.test(modelSelect.value) && modeSelect.value === "chain") {
+    // An upload's option names its architecture in its label.
+    const option = modelSelect.selectedOptions[0];
+    const architecture = option && option.parentElement.tagName === "OPTGROUP"
+      ? option.textContent.replace(/^.* \(([a-z0-9_]+), uploaded\)$/, "$1")
+      : modelSelect.value;
+    if (!CHAIN_MODELS.test(architecture) && modeSelect.value === "chain") {
       modeSelect.value = "forward";
     }
   });
@@ -107,6 +112,68 @@
       button.disabled = false;
     }
   });
+
+  // -- your own weights: the token's uploads join the model list ------------------------
+
+  const weightsForm = document.getElementById("weights-form");
+  const uploads = document.getElementById("uploads");
+  let uploadGroup = null;
+
+  function offerUpload(model) {
+    const label = `${model.name || model.id} (${model.architecture}, uploaded)`;
+    if (!uploadGroup) {
+      uploadGroup = FM.element("optgroup", { label: "your uploads" });
+      modelSelect.append(uploadGroup);
+    }
+    if (!modelSelect.querySelector(`option[value="${model.id}"]`)) {
+      uploadGroup.append(FM.element("option", { value: model.id, text: label }));
+      uploads.append(FM.element("li", { "data-id": model.id, text: label }));
+    }
+  }
+
+  async function loadUploads() {
+    if (FM.tokensRequired && !FM.token()) return;
+    try {
+      const listed = await FM.json("/models");
+      listed.uploads.forEach(offerUpload);
+    } catch (error) {
+      FM.showMessage(`Your uploaded weights could not be listed: ${error.message}`);
+    }
+  }
+
+  weightsForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    FM.showMessage("");
+    if (tokenInput) FM.setToken(tokenInput.value.trim());
+    const file = document.getElementById("weights-file").files[0];
+    if (!file) {
+      FM.showMessage("Choose a weights file first.");
+      return;
+    }
+    const data = new FormData();
+    data.append("architecture", document.getElementById("weights-architecture").value);
+    data.append("name", document.getElementById("weights-name").value.trim());
+    data.append("weights", file, file.name);
+    const upload = document.getElementById("weights-upload");
+    upload.disabled = true;
+    try {
+      const model = await FM.json("/models", { method: "POST", body: data });
+      offerUpload(model);
+      modelSelect.value = model.id;
+      modelSelect.dispatchEvent(new Event("change"));
+      FM.showMessage(`Uploaded ${model.name || model.id}: chosen as the model above.`, "info");
+    } catch (error) {
+      FM.showMessage(error.message);
+    } finally {
+      upload.disabled = false;
+    }
+  });
+
+  if (tokenInput) tokenInput.addEventListener("change", () => {
+    FM.setToken(tokenInput.value.trim());
+    loadUploads();
+  });
+  loadUploads();
 
   async function submitEach(list) {
     const section = document.getElementById("submitted-section");

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from tests import photos
@@ -192,6 +193,39 @@ def test_another_model_is_chosen_with_a_mode_it_can_do(open_page, photo):
     expect(page.locator("#weights")).to_contain_text("model=vgg16 · weights: random, seed 0")
     expect(page.locator("#weights")).to_contain_text("precision=fast")
     expect(page.locator("#layers li")).to_have_count(13)
+    assert console == []
+
+
+def test_own_weights_are_uploaded_from_the_page_and_used_for_a_job(open_page, photo):
+    from worker.compute.model import load_model
+
+    buffer = io.BytesIO()
+    torch.save(load_model("random", device="cpu", seed=5).model.state_dict(), buffer)
+    page, console = open_page()
+    page.goto("/")
+    page.get_by_label("API token").fill(TOKEN)
+    page.locator("#weights-section summary").click()
+    page.select_option("#weights-architecture", "resnet18")
+    page.set_input_files("#weights-file", [_file("mine.pt", buffer.getvalue())])
+    page.fill("#weights-name", "my-resnet")
+    page.get_by_role("button", name="Upload weights").click()
+    expect(page.locator("#message")).to_contain_text("Uploaded my-resnet")
+    expect(page.locator("#uploads li")).to_contain_text(["my-resnet (resnet18, uploaded)"])
+    chosen = page.eval_on_selector("#opt-model", "s => s.value")
+    assert re.fullmatch(r"[0-9a-f]{24}", chosen), chosen
+    expect(page.locator("#opt-mode")).to_have_value("chain")  # a ResNet keeps the chain
+    page.set_input_files("#files", [_file("IMG_0001.JPG", photo)])
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_url(re.compile(r"/ui/jobs/[A-Za-z0-9_-]+$"))
+    expect(page.locator("#status")).to_have_text(re.compile("succeeded"), timeout=JOB_DONE_MS)
+    expect(page.locator("#weights")).to_contain_text("my-resnet")
+
+    # A fresh tab with the token lists the upload in the model choices.
+    page, _ = open_page()
+    page.goto("/")
+    page.get_by_label("API token").fill(TOKEN)
+    page.get_by_label("API token").dispatch_event("change")
+    expect(page.locator(f"#opt-model option[value='{chosen}']")).to_have_count(1)
     assert console == []
 
 
