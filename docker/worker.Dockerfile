@@ -10,7 +10,10 @@ COPY stack stack
 COPY worker worker
 RUN pip install --no-cache-dir '.[worker,gpu]'
 ENV TORCH_HOME=/opt/torch
-RUN python -c "from torchvision.models import ResNet18_Weights as W; W.IMAGENET1K_V1.get_state_dict(progress=False)"
+# Workers never download: the ImageNet checkpoint of every architecture the deployment
+# enables is baked in here (ResNet-18 always; --build-arg FEATUREMAPS_MODELS=resnet50,vgg16).
+ARG FEATUREMAPS_MODELS=resnet18
+RUN python -c "import sys; from torchvision.models import get_model_weights as w; [w(n)['IMAGENET1K_V1'].get_state_dict(progress=False) for n in {'resnet18', *filter(None, sys.argv[1].split(','))}]" "$FEATUREMAPS_MODELS"
 ENV FEATUREMAPS_WEIGHTS=imagenet
 # One process per GPU: compose pins each replica's GPU; the launcher runs one worker for it.
 CMD ["featuremaps-worker", "--gpus", "auto"]

@@ -102,14 +102,19 @@ def test_imagenet_loads_from_torchvisions_cache(random_model, torch_home, no_net
     assert loaded.categories[0] == "tench"
 
 
-def test_imagenet_missing_and_undownloadable_says_how_to_fix(torch_home, no_network):
+def test_imagenet_missing_is_a_clear_error_and_workers_never_download(
+    torch_home, no_network, monkeypatch
+):
+    fetched = []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: fetched.append(a))
     with pytest.raises(WeightsUnavailable) as caught:
         load_model("imagenet", device="cpu")
     message = caught.value.message
     assert str(torch_home / "hub" / "checkpoints" / EXPECTED_FILE) in message
     assert EXPECTED_FILE in message
     assert "FEATUREMAPS_WEIGHTS=random" in message
-    assert "network disabled in tests" in message
+    assert "Workers never download" in message
+    assert fetched == []  # no download was even tried
 
 
 def test_imagenet_corrupt_cache_file(torch_home, no_network):

@@ -183,10 +183,10 @@ def _built(
 
 
 def check_imagenet_checkpoint(architecture: str) -> dict:
-    """Read ``architecture``'s ImageNet checkpoint from torchvision's cache, downloading it
-    there when missing (the launcher does this for every enabled architecture before any
-    worker starts, so no job waits for a download); :class:`WeightsUnavailable` says how to
-    fix it. Returns the weights' identity."""
+    """Read ``architecture``'s ImageNet checkpoint from torchvision's cache (the launcher does
+    this for every enabled architecture before any worker starts, so a missing one is an
+    error at start, never a job's failure); :class:`WeightsUnavailable` says how to fix it.
+    Returns the weights' identity."""
     _state_dict, identity = _imagenet_state_dict(architecture)
     return identity
 
@@ -203,23 +203,25 @@ def imagenet_checkpoint_path(architecture: str = DEFAULT_MODEL) -> Path:
 
 
 def _imagenet_state_dict(architecture: str) -> tuple[Mapping[str, torch.Tensor], dict]:
+    """The cached checkpoint. Workers never download: a missing one is a clear error at
+    start (the local stack fetches them first, the worker image bakes them in)."""
     enum = imagenet_weights(architecture)
     path = imagenet_checkpoint_path(architecture)
+    if not path.is_file():
+        raise WeightsUnavailable(
+            f"{DISPLAY_NAMES[architecture]} ImageNet weights are not in torchvision's cache: "
+            f"no file at {path} (file name {path.name}, under TORCH_HOME="
+            f"{Path(torch.hub.get_dir()).parent}). Workers never download: fetch {enum.url} "
+            "there (`make up` does on its first run; the worker image takes "
+            "--build-arg FEATUREMAPS_MODELS=...), or set FEATUREMAPS_WEIGHTS=random for "
+            "offline work"
+        )
     try:
-        # Loads the cached file, or downloads it into the cache (hash-checked) when missing.
         state_dict = enum.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as exc:
-        if path.is_file():
-            raise WeightsUnavailable(
-                f"the cached ImageNet checkpoint {path} cannot be read ({exc}); delete it and "
-                f"place a good copy of {enum.url} there, or set FEATUREMAPS_WEIGHTS=random"
-            ) from exc
         raise WeightsUnavailable(
-            f"{DISPLAY_NAMES[architecture]} ImageNet weights are not in torchvision's cache "
-            f"and could not be downloaded ({type(exc).__name__}: {exc}). Download {enum.url} "
-            f"and place it at {path} (file name {path.name}, under TORCH_HOME="
-            f"{Path(torch.hub.get_dir()).parent}), or set FEATUREMAPS_WEIGHTS=random for "
-            "offline work"
+            f"the cached ImageNet checkpoint {path} cannot be read ({exc}); delete it and "
+            f"place a good copy of {enum.url} there, or set FEATUREMAPS_WEIGHTS=random"
         ) from exc
     identity = {
         "name": "imagenet",
