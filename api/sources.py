@@ -21,7 +21,7 @@ from shared.webhooks import (
 )
 
 # Parts of the service's own bucket that a source prefix may never read: other users' data.
-PRIVATE_PREFIXES = ("inputs/", "results/", "batches/")
+PRIVATE_PREFIXES = ("inputs/", "results/", "batches/", "models/")
 
 
 class BatchRequest(NamedTuple):

@@ -47,6 +47,9 @@ def test_source_urls_that_parse(url, expected):
         f"s3://{SERVICE_BUCKET}/inputs",
         f"s3://{SERVICE_BUCKET}/result",
         f"s3://{SERVICE_BUCKET}/b",
+        # Uploaded weights are every token's own.
+        f"s3://{SERVICE_BUCKET}/models/",
+        f"s3://{SERVICE_BUCKET}/mod",
     ],
 )
 def test_source_urls_refused(url):
