@@ -88,15 +88,16 @@ def resolve_weights(environ: Mapping[str, str], *, fetch: bool = False) -> tuple
 
 def checkpoint_files(environ: Mapping[str, str]) -> list[str]:
     """The file names of the ImageNet checkpoints of the enabled architectures."""
+    names = [n.strip() for n in environ.get("FEATUREMAPS_MODELS", "").split(",") if n.strip()]
+    others = [name for name in names if name != "resnet18"]
+    files = [RESNET18_CHECKPOINT]
+    if not others:  # the default: no torchvision import for `stack status` or `down`
+        return files
     from urllib.parse import urlparse
 
     from torchvision.models import get_model_weights
 
-    names = [n.strip() for n in environ.get("FEATUREMAPS_MODELS", "").split(",") if n.strip()]
-    files = [RESNET18_CHECKPOINT]
-    for name in names:
-        if name == "resnet18":
-            continue
+    for name in others:
         try:
             url = get_model_weights(name)["IMAGENET1K_V1"].url
         except (KeyError, ValueError):

@@ -124,8 +124,9 @@ def _finalize_if_lost(ctx: WorkerContext, batch_id: str, delivery: Delivery) -> 
     closed, the delivery that recorded it may have died, or failed to publish, before
     sending the finalize: send it again. Finalizing twice writes the same objects and closes
     the batch once; the Redis key bounds it to one re-send per ``REFINALIZE_EVERY_S``."""
-    batch = ctx.batches.get(batch_id)
-    if not batch.finalizing or batch.result is not None:
+    # Two fields, not the whole record: a canceled batch's queued chunks all come here.
+    finalizing, result = ctx.redis.hmget(batch_key(batch_id), "finalizing", "result")
+    if finalizing not in (b"1", "1") or result is not None:
         return
     key = f"{batch_key(batch_id)}:refinalize"
     if ctx.redis.set(key, "1", nx=True, ex=REFINALIZE_EVERY_S):
