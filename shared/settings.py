@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     # model pass (worker/reuse.py, docs/design.md "Result reuse").
     reuse_results: bool = True
     batch_chunk: int = Field(16, ge=1, le=512)
+    # Batch chunks are handed out in fair turns (shared/schedule.py): at most this many turn
+    # messages are queued or running at once over all batches. Set it to about twice the
+    # worker slots at full scale: fewer leaves workers idle; more only lengthens the queue.
+    batch_window: int = Field(64, ge=1, le=100_000)
+    # Each owner (token) gets an equal share of chunk turns; "owner=weight,..." changes that
+    # (an owner of weight 2 gets twice the turns of one of weight 1).
+    owner_weights: str = ""
     # A finished batch's results are written in shards of this many members (a manifest and
     # a zip each, worker/batches/finalize.py): at ~250 KB a figure, 5,000 make a zip of ~1.25 GB.
     result_shard_items: int = Field(5_000, ge=1)
@@ -130,6 +137,14 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("FEATUREMAPS_WEIGHTS must be imagenet, random or a state_dict path")
         return value.strip()
+
+    @field_validator("owner_weights")
+    @classmethod
+    def _owner_weights(cls, value: str) -> str:
+        from shared.schedule import parse_weights
+
+        parse_weights(value)  # a clear error at start, not at the first claim
+        return value
 
     @field_validator("models")
     @classmethod
