@@ -20,6 +20,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from shared import schedule
 from shared.errors import Conflict
 from shared.item_codec import ItemPlace, member_index, pack_info, unpack_info
 from shared.item_codec import item_id as item_id  # where callers have always found it
@@ -679,6 +680,7 @@ class BatchStore(RecordStore[Batch]):
         outcome, finalize, blocks = self._run(self._cancel, batch_id, now_iso())
         if text(outcome) != "ok":
             raise Conflict(f"batch {batch_id} is already {text(outcome)}; nothing to cancel")
+        schedule.forget(self.redis, batch_id)  # its waiting chunks get no more turns
         drained = self._cancel_queued(batch_id, range(int(blocks)))
         return self.get(batch_id), text(finalize) == "finalize" or drained
 

@@ -29,12 +29,17 @@ RENDER_JOB = "featuremaps.render_job"
 JOBS_QUEUE = "jobs"
 EXPAND_BATCH = "featuremaps.expand_batch"
 EXPAND_BATCH_SHARD = "featuremaps.expand_batch_shard"
+# A chunk message of an earlier release (batch id and item ids in its arguments); still run,
+# so that chunks queued before an upgrade are not lost. Chunks are now sent as turns:
 RUN_BATCH_CHUNK = "featuremaps.run_batch_chunk"
+# A turn: no arguments; the worker asks the scheduler (shared/schedule.py) which chunk of
+# which batch it runs when it starts.
+RUN_BATCH_TURN = "featuremaps.run_batch_turn"
 FINALIZE_BATCH = "featuremaps.finalize_batch"
 FINALIZE_BATCH_SHARD = "featuremaps.finalize_batch_shard"
 RENDER_EXAMPLES = "featuremaps.render_examples"
 BATCH_QUEUE = "batch"
-# Chunks go to the batch queue one priority step below expansion (kombu's Redis transport
+# Chunk turns go to the batch queue one priority step below expansion (kombu's Redis transport
 # takes priority 0 first), so an expansion's continuation never waits behind the thousands
 # of chunks its earlier slices dispatched.
 CHUNK_PRIORITY = 3

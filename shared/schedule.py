@@ -288,6 +288,29 @@ def parse_weights(spec: str) -> dict[str, float]:
     return weights
 
 
+# How often one process (a Redis lock) runs :meth:`Scheduler.repair`, and how old a turn
+# with no message must be before it counts as lost.
+REPAIR_EVERY_S = 10.0
+LOST_AFTER_S = 30.0
+REPAIR_LOCK_KEY = f"{SCHED_KEY}:repair:lock"
+
+
+def maybe_repair(
+    scheduler: Scheduler, holder: str, send_turn: Callable[[str], None]
+) -> dict[str, int] | None:
+    """Repair unless another process did in this period; None when it was not our turn."""
+    if not scheduler.redis.set(REPAIR_LOCK_KEY, holder, nx=True, px=int(REPAIR_EVERY_S * 1000)):
+        return None
+    return scheduler.repair(send_turn, older_than_s=LOST_AFTER_S)
+
+
+def forget(redis: Redis, batch_id: str) -> None:
+    """Drop the chunks a canceled batch still had waiting (idempotent): called by the
+    cancel itself (shared/batches.py), so no turn is spent on them."""
+    keys = [SCHED_KEY, OWNERS_KEY, TURNS_KEY, CLAIMS_KEY, UNFENCED.key]
+    redis.register_script(_FORGET)(keys=keys, args=[time.time(), 0, batch_id])
+
+
 def _chunk_text(indexes: Iterable[int]) -> str:
     return ",".join(str(i) for i in indexes)
 
@@ -310,7 +333,6 @@ class Scheduler:
         self._add = redis.register_script(_ADD)
         self._claim = redis.register_script(_CLAIM)
         self._end = redis.register_script(_END)
-        self._forget = redis.register_script(_FORGET)
         self._top_up = redis.register_script(_TOP_UP)
         self._touch = redis.register_script(_TOUCH)
 
@@ -343,6 +365,14 @@ class Scheduler:
             return out[0]
         return Claim(out[0], _item_ids(out[0], out[1]))
 
+    def claimed(self, turn_id: str) -> Claim | None:
+        """The chunk turn ``turn_id`` has claimed, if any (read only)."""
+        held = self.redis.hget(CLAIMS_KEY, turn_id)
+        if held is None:
+            return None
+        batch_id, _, chunk = text(held).partition("|")
+        return Claim(batch_id, _item_ids(batch_id, chunk))
+
     def end(self, turn_id: str, fence: Fence = UNFENCED) -> list[str]:
         """End a turn: its chunk is done (every item recorded) or it had none. Returns the
         successors' turn ids to send (registered already)."""
@@ -354,7 +384,7 @@ class Scheduler:
 
     def forget(self, batch_id: str) -> None:
         """Drop the chunks a canceled batch still had waiting (idempotent)."""
-        self._forget(keys=self._keys(), args=[time.time(), self.window, batch_id])
+        forget(self.redis, batch_id)
 
     def backlog(self) -> dict[str, int]:
         """What waits for a worker: chunks and their items not yet claimed, turns registered
@@ -367,7 +397,9 @@ class Scheduler:
             "claimed": int(self.redis.hlen(CLAIMS_KEY)),
         }
 
-    def repair(self, send_turn: Callable[[str], None], *, older_than_s: float = 30.0) -> dict:
+    def repair(
+        self, send_turn: Callable[[str], None], *, older_than_s: float = LOST_AFTER_S
+    ) -> dict[str, int]:
         """Find turns that nothing will run and re-open a window that lost its turns; returns
         how many of each were repaired (``turn_resent``, ``turn_added``).
 

@@ -90,13 +90,15 @@ HANDOVERS = Counter(
 REPAIRS = Counter(
     "featuremaps_reconciler_repairs",
     "Lost signals repaired, by kind: finalize (a batch finalizing but never closed, its "
-    "finalize sent again by a redelivered chunk).",
+    "finalize sent again by a redelivered chunk), turn_resent (a batch turn registered but "
+    "with no message, sent again), turn_added (turns added to a window that lost them).",
     ["kind"],
     registry=REGISTRY,
 )
 HANDOVER_TASKS = (
     "render_job",
     "run_batch_chunk",
+    "run_batch_turn",
     "expand_batch",
     "expand_batch_shard",
     "finalize_batch",
@@ -111,7 +113,8 @@ for _kind in ("job", "batch"):
     IMAGES_REUSED.labels(_kind)
 for _task in HANDOVER_TASKS:
     HANDOVERS.labels(_task)
-REPAIRS.labels("finalize")
+for _kind in ("finalize", "turn_resent", "turn_added"):
+    REPAIRS.labels(_kind)
 
 
 def image_succeeded(kind: str, timings: Mapping[str, float], *, reused: bool = False) -> None:

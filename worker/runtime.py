@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from shared.jobs import JobStore
 from shared.leases import Fence, LeaseStore
 from shared.models import ModelNotFound, ModelStore, UploadedModel
 from shared.options import JobOptions, check_upload_enabled, is_upload_id
+from shared.schedule import REPAIR_EVERY_S, Scheduler, maybe_repair
 from shared.settings import Settings
 from shared.storage import ObjectStore, ensure_bucket
 from worker import metrics
@@ -65,6 +67,11 @@ class WorkerContext:
     # Leases whose task ended while Redis was down: given back by the heartbeat thread once
     # Redis answers, so that a later delivery elsewhere is not deferred for nothing.
     unreleased: list[Fence] = field(default_factory=list)
+
+    @cached_property
+    def scheduler(self) -> Scheduler:
+        """Which batch chunk a turn runs next (shared/schedule.py)."""
+        return Scheduler(self.redis, self.settings)
 
     @property
     def holder(self) -> str:
@@ -224,11 +231,23 @@ def _start_threads(ctx: WorkerContext) -> None:
             lambda: maybe_recover(ctx.redis, ctx.leases, ctx.holder),
             "recovery of lost work",
         ),
+        (REPAIR_EVERY_S, lambda: _repair_turns(ctx), "repair of batch turns"),
     ):
         threading.Thread(target=_periodically, args=(period_s, work, what), daemon=True).start()
     if ctx.settings.webhook_secret:
         deliverer = Deliverer(ctx.redis, ctx.store, ctx.settings)
         threading.Thread(target=webhook_loop, args=(deliverer,), daemon=True).start()
+
+
+def _repair_turns(ctx: WorkerContext) -> None:
+    from worker.batches.tasks import send_turn
+
+    repaired = maybe_repair(ctx.scheduler, ctx.holder, send_turn)
+    for kind, count in (repaired or {}).items():
+        if count:
+            log.warning("batch turns: %s x%d", kind, count)
+            for _ in range(count):
+                metrics.repaired(kind)
 
 
 def context() -> WorkerContext:

@@ -20,7 +20,7 @@ LONG = {
     queue.FINALIZE_BATCH_SHARD,
     queue.RENDER_EXAMPLES,
 }
-SHORT = {queue.RENDER_JOB, queue.RUN_BATCH_CHUNK, queue.FINALIZE_BATCH}
+SHORT = {queue.RENDER_JOB, queue.RUN_BATCH_CHUNK, queue.RUN_BATCH_TURN, queue.FINALIZE_BATCH}
 
 
 def test_every_included_module_registers_leased_tasks_with_their_limits():

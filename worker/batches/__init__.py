@@ -15,6 +15,8 @@ IO_THREADS = 8
 
 # How work is handed on: in a worker, tasks sent by name (worker/batches/tasks.py); in tests
 # and benchmarks, plain calls.
+# Dispatch: a block's queued item ids, to be run (in a worker, chunked and handed to the
+# scheduler, shared/schedule.py).
 Dispatch = Callable[[str, list[str]], None]
 Finalize = Callable[[str], None]
 # (batch id, shard, generation): an expansion shard's task, or its continuation.

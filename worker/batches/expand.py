@@ -9,12 +9,13 @@ prefix is one shard, read as a stream.
 
 A shard (:func:`expand_shard`) reads its members block by block (``BLOCK_ITEMS`` consecutive
 member indexes): per block it uploads ONE pack object (the image members' bytes
-concatenated), records the block's items, dispatches their chunks, and commits its checkpoint
-(worker/batches/checkpoints.py). After ``EXPAND_SLICE_S``, or at its soft time limit, it sends a
-continuation of itself that resumes from that checkpoint: a zip at its next directory entry,
-a tar at its next header (a tar.gz through its saved gzip index), a prefix after its last key.
-The shard that ends last ends the expansion. Archive limits and a corrupt archive end it
-``failed``; what was read before still runs.
+concatenated), records the block's items, hands their chunks to the scheduler
+(shared/schedule.py), and commits its checkpoint (worker/batches/checkpoints.py). After
+``EXPAND_SLICE_S``, or at its soft time limit, it sends a continuation of itself that resumes
+from that checkpoint: a zip at its next directory entry, a tar at its next header (a tar.gz
+through its saved gzip index), a prefix after its last key. The shard that ends last ends
+the expansion. Archive limits and a corrupt archive end it ``failed``; what was read before
+still runs.
 
 Names are decoded with the batch's ``archive_encoding`` (``source["encoding"]``); junk
 members become ``skipped`` items. A tar hard link becomes an item on the bytes its target
@@ -263,10 +264,10 @@ def _missing(exc: NotFound) -> dict[str, str]:
 
 class _BlockWriter:
     """Collects a block's members; at the block's end uploads its pack, records its items,
-    dispatches their chunks and commits the checkpoint, on a thread of its own while the next
-    block is read (one block in flight, so checkpoints commit in order). ``stopped`` says why
-    the shard must stop (known one block late): the batch was canceled, another shard failed
-    the expansion, or a newer task owns the shard."""
+    hands their chunks to the scheduler and commits the checkpoint, on a thread of its own
+    while the next block is read (one block in flight, so checkpoints commit in order).
+    ``stopped`` says why the shard must stop (known one block late): the batch was canceled,
+    another shard failed the expansion, or a newer task owns the shard."""
 
     def __init__(
         self,
@@ -334,9 +335,8 @@ class _BlockWriter:
         if parts:
             self.ctx.store.put_bytes(pack_key, b"".join(parts))
         status, queued = self.store.add_items(self.batch_id, items)
-        chunk = self.ctx.settings.batch_chunk
-        for start in range(0, len(queued), chunk):
-            self.dispatch(self.batch_id, queued[start : start + chunk])
+        if queued:
+            self.dispatch(self.batch_id, queued)  # to the scheduler, in chunks
         verdict = self.state.commit(self.shard, self.gen, cursor)
         if status == "canceled":
             self.stopped = self._end("canceled")

@@ -2,6 +2,10 @@
 (``expand``, ``chunks``, ``finalize`` in this package: finalizing plans the result shards, and
 each shard is a task of its own).
 
+Expansion hands each block's queued items to the scheduler (shared/schedule.py) as chunks of
+``BATCH_CHUNK``; the batch queue holds *turns*, and a turn runs whichever chunk is next in
+fair order when it starts, then ends by registering its successor while chunks wait.
+
 Every task is a :class:`worker.leasing.LeasedTask`: it holds its lease while it runs (a
 chunk's item changes are fenced by it) and ends through :func:`worker.guard.guarded`: storage
 errors are retried with backoff (the same delivery token is kept across retries, so a chunk
@@ -11,6 +15,7 @@ its items (or the expansion) end ``failed`` so the batch still completes.
 
 from __future__ import annotations
 
+from shared.item_codec import member_index
 from shared.queue import (
     BATCH_QUEUE,
     CHUNK_PRIORITY,
@@ -20,7 +25,10 @@ from shared.queue import (
     FINALIZE_BATCH_SHARD,
     RENDER_EXAMPLES,
     RUN_BATCH_CHUNK,
+    RUN_BATCH_TURN,
 )
+from shared.schedule import Claim
+from worker import runtime
 from worker.batches.chunks import Delivery, fail_chunk, run_chunk
 from worker.batches.expand import expand_batch, expand_shard, fail_expansion, fail_shard
 from worker.batches.finalize import fail_examples, finalize_batch, render_examples, write_shard
@@ -29,9 +37,19 @@ from worker.leasing import Held, LeasedTask
 
 
 def _dispatch(batch_id: str, item_ids: list[str]) -> None:
-    app.send_task(
-        RUN_BATCH_CHUNK, args=[batch_id, item_ids], queue=BATCH_QUEUE, priority=CHUNK_PRIORITY
-    )
+    """Queue queued items (a block's, from expansion) with the scheduler, in chunks, and
+    send the turns it registered for them."""
+    ctx = runtime.context()
+    size = ctx.settings.batch_chunk
+    indexes = [n for i in item_ids if (n := member_index(batch_id, i)) is not None]
+    chunks = [indexes[start : start + size] for start in range(0, len(indexes), size)]
+    for turn in ctx.scheduler.add(batch_id, chunks):
+        send_turn(turn)
+
+
+def send_turn(turn_id: str) -> None:
+    """Publish a registered turn (its id is the Celery task id: a redelivery resumes it)."""
+    app.send_task(RUN_BATCH_TURN, task_id=turn_id, queue=BATCH_QUEUE, priority=CHUNK_PRIORITY)
 
 
 def _expand_shard(batch_id: str, shard: int, gen: int) -> None:
@@ -70,17 +88,51 @@ def expand_shard_task(self: LeasedTask, batch_id: str, shard: int, gen: int) -> 
     )
 
 
+def _delivery(task: LeasedTask, held: Held) -> Delivery:
+    # The task id: a redelivery, or the same message handed over, resumes the items it
+    # started.
+    return Delivery(
+        token=task.request.id,
+        finalize=_finalize,
+        fence=held.fence,
+        retries=task.request.retries or 0,
+    )
+
+
+@task(RUN_BATCH_TURN)
+def run_turn_task(self: LeasedTask) -> object:
+    turn = self.request.id
+
+    def work(held: Held) -> object:
+        claim = held.ctx.scheduler.claim(turn, held.fence)
+        done = 0
+        if isinstance(claim, Claim):
+            done = run_chunk(held.ctx, claim.batch_id, claim.item_ids, _delivery(self, held))
+        _end_turn(held, turn)
+        return done if isinstance(claim, Claim) else claim
+
+    def give_up(held: Held, code: str, message: str) -> None:
+        claim = held.ctx.scheduler.claimed(turn)
+        if claim is not None:
+            fail_chunk(
+                held.ctx, claim.batch_id, claim.item_ids, _delivery(self, held), code, message
+            )
+        _end_turn(held, turn)
+
+    return self.run_leased(f"batch turn {turn}", work, give_up)
+
+
+def _end_turn(held: Held, turn: str) -> None:
+    """The turn's chunk is recorded: end the turn and send the successors it registered."""
+    for successor in held.ctx.scheduler.end(turn, held.fence):
+        send_turn(successor)
+
+
+# Chunk messages sent before turns existed (batch id and item ids as arguments).
 @task(RUN_BATCH_CHUNK)
 def run_chunk_task(self: LeasedTask, batch_id: str, item_ids: list[str]) -> object:
     def delivery(held: Held) -> Delivery:
-        # The task id: a redelivery, or the same message handed over, resumes the items it
-        # started.
-        return Delivery(
-            token=self.request.id,
-            finalize=_finalize,
-            fence=held.fence,
-            retries=self.request.retries or 0,
-        )
+        return _delivery(self, held)
 
     return self.run_leased(
         f"chunk of batch {batch_id}",
