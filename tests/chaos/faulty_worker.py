@@ -14,6 +14,9 @@ And a file in the gate directory, for faults that no input can carry:
     kill-before-finalize   SIGKILL the pool process once, right after a chunk recorded its
                            batch's last outcome and before it sends the finalize (the file
                            is removed first, so the redelivery goes through)
+    kill-after-turn-end    SIGKILL the pool process once, right after a batch turn ended
+                           (its successor registered with the scheduler) and before the
+                           successor is sent
 
 Whatever the input, a job or chunk task that raises records ``task-raised`` (e.g. Redis down
 at its end).
@@ -110,7 +113,21 @@ def finalize(batch_id: str) -> None:
     _real_finalize(batch_id)
 
 
+_real_end_turn = worker.batches.tasks._end_turn
+
+
+def end_turn(held, turn: str) -> None:
+    armed = _gate() / "kill-after-turn-end"
+    if not armed.exists():
+        return _real_end_turn(held, turn)
+    successors = held.ctx.scheduler.end(turn, held.fence)
+    armed.unlink()
+    _record(f"kill-after-turn-end:{len(successors)}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 worker.compute.pipeline.process_images = process_images
+worker.batches.tasks._end_turn = end_turn
 worker.batches.tasks._finalize = finalize
 ObjectStore.put_bytes = put_bytes
 worker.tasks.run_job = _recording_raise(worker.tasks.run_job)
