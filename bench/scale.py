@@ -7,7 +7,12 @@ Two runs in one stack:
   expansion is timed from the moment the batch starts expanding to the moment it has recorded
   its last member (members/s), and Redis is sampled all along (``used_memory`` and the memory of
   the batch's own keys, per item). The batch is then canceled (its queued items end
-  ``canceled`` block by block) and finalized: its manifest has one line per member.
+  ``canceled`` block by block) and finalized: its manifest has one line per member. At the
+  cancel a batch of 10 photos of another token is submitted: the time until its first item
+  has run says what a canceled million costs the next batch (chunk turns, docs/design.md
+  "Fair share").
+- **fairness**: token ``alice`` submits three batches and ``bob`` one (``--fair`` members
+  each); while all four run, each token's share of the chunk claims is counted.
 - **the full path** (``--full``, default 20,000 members): an archive of as many members, most
   of them byte-duplicates of ``--distinct`` photos, run to the end: figures for every member,
   result reuse keeping model work to the distinct photos.
@@ -34,13 +39,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.bulk import _Stack
+from bench.bulk import CHUNK, _Stack
 from client.api import Client
 from shared.batches import batch_key
 from stack.services import ManagedProcess, group_members
 
 MEMBERS = 1_000_000
 FULL = 20_000
+FAIR = 400
+TOKENS = {"alice": "alice-bench-token", "bob": "bob-bench-token"}
 DISTINCT = 300
 SIZE = (64, 48)
 FULL_SEEDS = 1_000_000
@@ -52,17 +59,20 @@ def run(repeat: int) -> dict:
     return measure(MEMBERS, FULL, DISTINCT)
 
 
-def measure(members: int, full: int, distinct: int, workers: int = 2) -> dict:
+def measure(members: int, full: int, distinct: int, workers: int = 2, fair: int = FAIR) -> dict:
     photos = [_small_photo(seed) for seed in range(distinct)]
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         started = time.perf_counter()
         big = _archive(Path(tmp) / "big.zip", members, photos)
         build_s = time.perf_counter() - started
-        stack = _Stack(Path(tmp) / "stack", reuse_results=True)
+        tokens = ",".join(f"{name}:{token}" for name, token in TOKENS.items())
+        stack = _Stack(Path(tmp) / "stack", reuse_results=True, api_tokens=tokens)
         processes = stack.start_workers(workers)
         try:
-            expansion = _expansion_run(stack, big, members)
+            next_zip = _archive(Path(tmp) / "next.zip", 10, photos[:10])
+            expansion = _expansion_run(stack, big, members, next_zip)
             big.unlink()
+            fairness = _fairness_run(stack, Path(tmp), fair, distinct)
             # Photos of their own: the full run reuses nothing of the first batch's.
             fresh = [_small_photo(FULL_SEEDS + seed) for seed in range(distinct)]
             small = _archive(Path(tmp) / "full.zip", full, fresh)
@@ -81,6 +91,7 @@ def measure(members: int, full: int, distinct: int, workers: int = 2) -> dict:
         "archive_build_s": round(build_s, 1),
         "expansion": expansion,
         "full_path": full_path,
+        "fairness": fairness,
         "peak_worker_rss_mib": rss,
         "time_limit_log_lines": limits,
         "load_average_1m": round(os.getloadavg()[0], 2),
@@ -141,8 +152,12 @@ class _RedisSampler:
         self._thread.join()
 
 
-def _expansion_run(stack: _Stack, archive: Path, members: int) -> dict:
-    client = Client(stack.api_url, timeout=60)
+def _client(stack: _Stack, owner: str = "alice") -> Client:
+    return Client(stack.api_url, TOKENS[owner], timeout=60)
+
+
+def _expansion_run(stack: _Stack, archive: Path, members: int, next_zip: Path) -> dict:
+    client = _client(stack)
     sampler = _RedisSampler(stack)
     started = time.perf_counter()
     batch = client.batch(archive)
@@ -165,8 +180,15 @@ def _expansion_run(stack: _Stack, archive: Path, members: int) -> dict:
     total = doc["counts"]["total"]
     cancel_started = time.perf_counter()
     batch.cancel()
+    following = _client(stack, "bob").batch(next_zip, examples=0)
+    while following.refresh().doc["counts"]["succeeded"] < 1:
+        if time.perf_counter() - cancel_started > 3600:
+            raise RuntimeError(f"the batch after the cancel, {following.id}, ran nothing in 1 h")
+        time.sleep(0.1)
+    next_first_item_s = time.perf_counter() - cancel_started
     batch.wait(timeout=3600, interval=1.0)
     done = time.perf_counter()
+    following.wait(timeout=3600, interval=1.0)
     sampler.stop()
     manifest_lines = _manifest_lines(client, batch.doc)
     expansion_s = expanded_at - (expanding_at or started)
@@ -179,6 +201,7 @@ def _expansion_run(stack: _Stack, archive: Path, members: int) -> dict:
         "members_per_s": round(total / expansion_s, 1) if expansion_s else None,
         "items_processed_before_cancel": doc["counts"]["succeeded"] + doc["counts"]["running"],
         "cancel_to_finalized_s": round(done - cancel_started, 1),
+        "cancel_to_next_batch_first_item_s": round(next_first_item_s, 1),
         "total_s": round(done - started, 1),
         "status": batch.status,
         "manifest_lines": manifest_lines,
@@ -188,8 +211,50 @@ def _expansion_run(stack: _Stack, archive: Path, members: int) -> dict:
     }
 
 
+def _fairness_run(stack: _Stack, tmp: Path, members: int, distinct: int) -> dict:
+    """Three batches of alice's and one of bob's, submitted together: each token's chunk
+    claims (``chunks_claimed`` on each batch record) from the moment all four have one until
+    the first of them has claimed its last chunk."""
+    archives = [
+        _archive(
+            tmp / f"fair{n}.zip",
+            members,
+            [_small_photo(2 * FULL_SEEDS + n * distinct + i) for i in range(distinct)],
+        )
+        for n in range(4)
+    ]
+    owners = ["alice", "alice", "alice", "bob"]
+    batches = [
+        _client(stack, owner).batch(path, examples=0)
+        for owner, path in zip(owners, archives, strict=True)
+    ]
+    chunks = -(-members // CHUNK)
+    started = time.perf_counter()
+    samples = []
+    while time.perf_counter() - started < 7200:
+        counts = [int(stack.client.hget(batch_key(b.id), "chunks_claimed") or 0) for b in batches]
+        samples.append(counts)
+        if max(counts) >= chunks:
+            break
+        time.sleep(0.1)
+    first = next(c for c in samples if min(c) >= 1)
+    last = samples[-1]
+    grown = [b - a for a, b in zip(first, last, strict=True)]
+    for batch in batches:
+        batch.cancel()
+    return {
+        "members_per_batch": members,
+        "chunk": CHUNK,
+        "claims_alice_3_batches": sum(grown[:3]),
+        "claims_bob_1_batch": grown[3],
+        "alice_per_batch": grown[:3],
+        "bob_share": round(grown[3] / max(1, sum(grown)), 3),
+        "window_s": round(time.perf_counter() - started, 1),
+    }
+
+
 def _full_run(stack: _Stack, archive: Path, members: int) -> dict:
-    client = Client(stack.api_url, timeout=60)
+    client = _client(stack)
     started = time.perf_counter()
     batch = client.batch(archive)
     batch.wait(timeout=7200, interval=1.0)
@@ -245,7 +310,8 @@ def _print(numbers: dict) -> None:
     print(
         f"  expansion: {exp['total_items']} members in {exp['expansion_s']} s = "
         f"{exp['members_per_s']} members/s (upload {exp['upload_s']} s); "
-        f"canceled → finalized in {exp['cancel_to_finalized_s']} s; "
+        f"canceled → finalized in {exp['cancel_to_finalized_s']} s, the next batch's first "
+        f"item {exp['cancel_to_next_batch_first_item_s']} s after the cancel; "
         f"manifest lines {exp['manifest_lines']}"
     )
     print(
@@ -256,6 +322,12 @@ def _print(numbers: dict) -> None:
     print(
         f"  full path: {full['members']} members, {full['counts']}, reused {full['reused']}, "
         f"{full['seconds']} s = {full['images_per_s']} images/s"
+    )
+    fair = numbers["fairness"]
+    print(
+        f"  fairness: while all four ran, alice's 3 batches claimed "
+        f"{fair['claims_alice_3_batches']} chunks {fair['alice_per_batch']}, bob's one "
+        f"{fair['claims_bob_1_batch']} (bob's share {fair['bob_share']})"
     )
     print(
         f"  peak worker RSS {numbers['peak_worker_rss_mib']} MiB; time-limit log lines: "
@@ -269,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", type=int, default=FULL)
     parser.add_argument("--distinct", type=int, default=DISTINCT)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--fair", type=int, default=FAIR)
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.members, args.full, args.distinct, args.workers), indent=2))
+    numbers = measure(args.members, args.full, args.distinct, args.workers, args.fair)
+    print(json.dumps(numbers, indent=2))
     return 0
 
 
