@@ -41,6 +41,7 @@ from PIL import Image
 
 from bench.bulk import CHUNK, _Stack
 from client.api import Client
+from client.errors import Conflict
 from shared.batches import batch_key
 from stack.services import ManagedProcess, group_members
 
@@ -241,7 +242,10 @@ def _fairness_run(stack: _Stack, tmp: Path, members: int, distinct: int) -> dict
     last = samples[-1]
     grown = [b - a for a, b in zip(first, last, strict=True)]
     for batch in batches:
-        batch.cancel()
+        try:
+            batch.cancel()
+        except Conflict:
+            pass  # it had ended already
     return {
         "members_per_batch": members,
         "chunk": CHUNK,
