@@ -17,12 +17,24 @@ from shared.heartbeat import live_workers
 from shared.queue import WORKER_QUEUES
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from stack.commands import CELERY_APP, api_command, cpu_worker_env, wait_for_api, worker_command
+from stack.commands import (
+    API_CONFIG,
+    CELERY_APP,
+    api_command,
+    cpu_worker_env,
+    wait_for_api,
+    worker_command,
+)
 from stack.local import service_env
 from stack.services import ManagedProcess, free_port, wait_until
 
 
 class Deployment:
+    # Whether the API runs the keeper (recovery, reconciler, webhook delivery) as in
+    # production. Off on the session's shared Redis, where tests write records no message
+    # goes with; on in stacks of their own (tests/chaos/).
+    KEEPER = False
+
     def __init__(self, run_dir: Path, *, redis_url: str, s3, bucket: str, **settings) -> None:
         self.run_dir = run_dir
         self.redis_url = redis_url
@@ -91,9 +103,10 @@ class Deployment:
 
     def start_api(self, name: str = "api", **overrides) -> str:
         port = free_port()
+        config = API_CONFIG if self.KEEPER else None
         process = ManagedProcess(
             name,
-            api_command(f"127.0.0.1:{port}", timeout_s=60),
+            api_command(f"127.0.0.1:{port}", timeout_s=60, config=config),
             env=self.env(**overrides),
             log_path=self.run_dir / f"{name}.log",
         )
