@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from kombu.exceptions import OperationalError
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -50,12 +51,12 @@ def start_keeper(
 
 def periodically(period_s: float, work: Callable[[], object], what: str) -> None:
     """Call ``work`` every ``period_s`` seconds, forever. A dependency that is down (Redis
-    restarting, storage away) is logged and tried again next period; a bug is logged with its
-    traceback and does not end the thread either."""
+    restarting, storage away, the broker refusing a publish) is logged and tried again next
+    period; a bug is logged with its traceback and does not end the thread either."""
     while True:
         try:
             work()
-        except (FeatureMapsError, RedisError) as exc:
+        except (FeatureMapsError, RedisError, OperationalError) as exc:
             log.warning("%s failed: %s", what, exc)
         except Exception:
             log.exception("%s failed", what)
