@@ -38,6 +38,8 @@ from typing import Protocol
 from redis import Redis
 
 from keeper.counters import REPAIR, count
+from shared.heartbeat import heartbeat_key
+from shared.leases import LEASE_INDEX, LeaseStore
 from shared.queue import (
     BATCH_QUEUE,
     CHUNK_PRIORITY,
@@ -106,7 +108,7 @@ class Reconciler:
         """Check every record and repair what has waited past the grace period; returns the
         repairs made, by kind."""
         named = {sent.subject for sent in pending_messages(self.redis, self.options)}
-        stalled = dict(self._stalled(named))
+        stalled = dict(self._stalled(named, self._nodes_running_jobs()))
         repairs: Counter[str] = Counter()
         for suspect in self._due(set(stalled)):
             kind, _, record_id = suspect.partition(":")
@@ -129,18 +131,40 @@ class Reconciler:
             if ":" not in record_id:
                 yield key, record_id
 
-    def _stalled(self, named: set[str]) -> Iterator[tuple[str, str]]:
-        """``("<kind>:<id>", record key)`` of every record nothing will move now."""
+    def _nodes_running_jobs(self) -> set[str]:
+        """Nodes with a live process holding a ``render_job`` lease."""
+        leases = LeaseStore(self.redis, ttl_s=self.settings.visibility_timeout_s)
+        held = [lease for lease in map(leases.get, self._lease_ids()) if lease and lease.holder]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for lease in held:
+                pipe.exists(heartbeat_key(lease.holder))
+            alive = pipe.execute() if held else []
+        return {
+            lease.node
+            for lease, beating in zip(held, alive, strict=True)
+            if beating and lease.task == RENDER_JOB
+        }
+
+    def _lease_ids(self) -> list[str]:
+        return [text(t) for t in self.redis.zrange(LEASE_INDEX, 0, -1)]
+
+    def _stalled(self, named: set[str], running_nodes: set[str]) -> Iterator[tuple[str, str]]:
+        """``("<kind>:<id>", record key)`` of every record nothing will move now. A
+        ``running`` job whose node has a live process running a job is left alone: a node
+        runs one task per process, and a message lost from Redis while its task runs (an
+        older AOF) is no reason to run the job twice at once."""
         for kind in ("job", "batch"):
             keys = list(self._records(kind))
             with self.redis.pipeline(transaction=False) as pipe:
                 for key, _ in keys:
-                    pipe.hmget(key, "status", "finalizing", "callback_state")
+                    pipe.hmget(key, "status", "finalizing", "callback_state", "worker")
                     pipe.hexists(key, "result")
                     pipe.zscore(OUTBOX_KEY, key)
                 replies = pipe.execute()
             for i, (key, record_id) in enumerate(keys):
-                (status, finalizing, callback), has_result, in_outbox = replies[3 * i : 3 * i + 3]
+                (status, finalizing, callback, node), has_result, in_outbox = replies[
+                    3 * i : 3 * i + 3
+                ]
                 status = text(status) if status else ""
                 if not status:
                     continue  # expired meanwhile
@@ -151,7 +175,8 @@ class Reconciler:
                 if record_id in named:
                     continue
                 if kind == "job":
-                    yield f"job_requeued:{record_id}", key
+                    if not (status == "running" and node and text(node) in running_nodes):
+                        yield f"job_requeued:{record_id}", key
                 elif finalizing and text(finalizing) == "1" and not has_result:
                     yield f"finalize:{record_id}", key
 

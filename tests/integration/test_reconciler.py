@@ -15,7 +15,9 @@ from keeper.backlog import backlog
 from keeper.counters import REPAIR, counts
 from keeper.reconciler import LOCK_KEY, SUSPECTS_KEY, Reconciler, maybe_reconcile
 from shared.batches import Batch, BatchStatus, BatchStore, batch_key
+from shared.heartbeat import heartbeat_key
 from shared.jobs import Job, JobStatus, JobStore, job_key, new_job_id
+from shared.leases import LeaseStore
 from shared.queue import (
     BATCH_QUEUE,
     CHUNK_PRIORITY,
@@ -98,6 +100,22 @@ def test_a_job_whose_message_is_gone_is_sent_again_after_the_grace_period(rig, r
 def test_a_running_job_whose_message_is_gone_is_sent_again(rig, redis_client):
     reconciler, sends, clock, _ = rig
     job_id = _job(redis_client, JobStatus.RUNNING)
+    assert _twice(reconciler, clock) == {"job_requeued": 1}
+    assert sends == [(RENDER_JOB, [job_id], JOBS_QUEUE, None, None)]
+
+
+def test_a_running_job_whose_node_runs_a_job_is_not_run_twice(rig, redis_client):
+    # Its message lost from Redis (an older AOF) while a live process of its node holds a
+    # render_job lease: that process is running it.
+    reconciler, sends, clock, _ = rig
+    job_id = _job(redis_client, JobStatus.RUNNING, worker="w1@host")
+    leases = LeaseStore(redis_client, ttl_s=60)
+    holder = "w1@host:7.abcd"
+    redis_client.set(heartbeat_key(holder), "{}", ex=60)
+    fence = leases.acquire("task-1", holder=holder, node="w1@host", task=RENDER_JOB).fence
+    assert _twice(reconciler, clock) == {}
+    # That process ends (lease given back) and nothing runs the job any more.
+    leases.release(fence)
     assert _twice(reconciler, clock) == {"job_requeued": 1}
     assert sends == [(RENDER_JOB, [job_id], JOBS_QUEUE, None, None)]
 
