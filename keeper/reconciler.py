@@ -15,6 +15,9 @@ entry, a turn of the scheduler. What is repaired, each logged and counted in
 - ``finalize``: a batch with ``finalizing=1`` and no ``result`` that no message names:
   ``finalize_batch`` sent again (idempotent; the same ``:refinalize`` key as a redelivered
   chunk's re-send, worker/batches/chunks.py, so the two never send it together).
+- ``expand``: a batch ``queued`` or ``expanding`` that no message names (its expansion's
+  message, or all its shards' messages, lost): ``expand_batch`` sent again; a redelivered
+  expansion resumes from its plan and checkpoints (worker/batches/expand.py).
 - ``webhook``: a record whose ``callback_state`` is ``pending`` and which is not in the outbox:
   put back, due now.
 - ``turn_resent``, ``turn_added``: :meth:`shared.schedule.Scheduler.repair`.
@@ -43,6 +46,7 @@ from shared.leases import LEASE_INDEX, LeaseStore
 from shared.queue import (
     BATCH_QUEUE,
     CHUNK_PRIORITY,
+    EXPAND_BATCH,
     FINALIZE_BATCH,
     JOBS_QUEUE,
     RENDER_JOB,
@@ -179,6 +183,8 @@ class Reconciler:
                         yield f"job_requeued:{record_id}", key
                 elif finalizing and text(finalizing) == "1" and not has_result:
                     yield f"finalize:{record_id}", key
+                elif status in ("queued", "expanding"):
+                    yield f"expand:{record_id}", key
 
     def _due(self, stalled: set[str]) -> list[str]:
         """Remember when each stalled record was first seen so, forget those that moved;
@@ -202,6 +208,10 @@ class Reconciler:
         if kind == "job_requeued":
             log.warning("job %s: no message left to run it; render_job sent again", record_id)
             self.send(RENDER_JOB, args=[record_id], queue=JOBS_QUEUE)
+            return True
+        if kind == "expand":
+            log.warning("batch %s: %s, no message left; expansion sent again", record_id, key)
+            self.send(EXPAND_BATCH, args=[record_id], queue=BATCH_QUEUE)
             return True
         if kind == "finalize":
             if not self.redis.set(f"{key}:refinalize", "1", nx=True, ex=REFINALIZE_EVERY_S):

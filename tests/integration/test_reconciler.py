@@ -21,6 +21,8 @@ from shared.leases import LeaseStore
 from shared.queue import (
     BATCH_QUEUE,
     CHUNK_PRIORITY,
+    EXPAND_BATCH,
+    EXPAND_BATCH_SHARD,
     FINALIZE_BATCH,
     JOBS_QUEUE,
     RENDER_JOB,
@@ -174,6 +176,18 @@ def test_a_batch_finalizing_but_never_closed_is_finalized_again_once(rig, redis_
     redis_client.delete(f"{batch_key(lost)}:refinalize")  # expired
     assert reconciler.sweep() == {"finalize": 1}
     assert counts(redis_client, REPAIR)["finalize"] == 2
+
+
+def test_a_batch_whose_expansion_message_is_gone_is_expanded_again(rig, redis_client):
+    reconciler, sends, clock, producer = rig
+    queued = _batch(redis_client, status="queued")
+    expanding = _batch(redis_client, status="expanding")
+    shards_waiting = _batch(redis_client, status="expanding")
+    producer.send_task(EXPAND_BATCH_SHARD, args=[shards_waiting, 0, 1], queue=BATCH_QUEUE)
+    assert _twice(reconciler, clock) == {"expand": 2}
+    assert sorted(sends) == sorted(
+        (EXPAND_BATCH, [b], BATCH_QUEUE, None, None) for b in (queued, expanding)
+    )
 
 
 def test_a_pending_webhook_missing_from_the_outbox_is_put_back(rig, redis_client):
