@@ -40,7 +40,7 @@ chaos: setup ## fault tests: kill, stop and restart workers, Redis and S3 (docs/
 lint: setup ## ruff, and bandit over the service code (findings fixed or justified inline)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	.venv/bin/bandit -q -c pyproject.toml -r api worker shared client stack
+	.venv/bin/bandit -q -c pyproject.toml -r api worker shared keeper client stack
 
 format: setup
 	.venv/bin/ruff check --fix .

@@ -2,8 +2,9 @@
 
 Request durations are observed in-process by prometheus_client (in multiprocess mode when
 ``PROMETHEUS_MULTIPROC_DIR`` is set, as under gunicorn with several workers). Job counts,
-job durations, queue depth, the oldest waiting message and live workers are read from Redis
-at scrape time, so every API process reports the same numbers. (Each worker serves its own
+job durations, the backlog (keeper/backlog.py), the oldest waiting message, live workers and
+the keeper's counters (keeper/counters.py) are read from Redis at scrape time, so every API
+process reports the same numbers (read them with ``max``). (Each worker serves its own
 metrics: worker/metrics.py.)
 """
 
@@ -22,6 +23,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from keeper.backlog import backlog
+from keeper.counters import HANDOVER, REPAIR, counts
 from shared.heartbeat import live_workers
 from shared.jobs import JobStatus
 from shared.queue import QUEUES, SENT_AT_HEADER, broker_options, queue_keys
@@ -89,23 +92,39 @@ def _job_metrics(svc) -> list[str]:
     return out
 
 
+# featuremaps_queue_depth's series beyond the queues' own (waiting messages): what else a
+# worker is wanted for (keeper/backlog.py).
+DEPTH_BEYOND_QUEUES = {"batch_scheduled": "scheduled_chunks", "in_flight": "in_flight"}
+
+
 def _queue_metrics(svc) -> list[str]:
     options = broker_options(svc.settings)
-    depth, oldest = {}, {}
+    oldest = {}
     now = time.time()
     for queue in QUEUES:
         lists = queue_keys(queue, options)
-        depth[queue] = sum(svc.redis.llen(key) for key in lists)
         # kombu pushes on the left and workers pop on the right: the right end is the oldest.
         ages = [_age(message, now) for message in (svc.redis.lindex(key, -1) for key in lists)]
         oldest[queue] = max((a for a in ages if a is not None), default=0.0)
+    waiting = backlog(svc.redis, svc.settings)
+    depth = {q: waiting[f"waiting_{q}"] for q in QUEUES}
+    depth.update({name: waiting[part] for name, part in DEPTH_BEYOND_QUEUES.items()})
     workers = live_workers(svc.redis)
     out = [
-        "# HELP featuremaps_queue_depth Messages waiting in each queue, all priorities.\n",
+        "# HELP featuremaps_queue_depth What waits for a worker: messages waiting in each "
+        "queue (all priorities), batch chunks waiting in the scheduler with no turn queued "
+        "(batch_scheduled), messages delivered and not acknowledged or leases held (in_flight)."
+        " Their sum is what KEDA scales on.\n",
         "# TYPE featuremaps_queue_depth gauge\n",
     ]
     out += [f'featuremaps_queue_depth{{queue="{q}"}} {n}\n' for q, n in depth.items()]
     out += [
+        "# HELP featuremaps_batch_items_scheduled Batch items waiting in the fair scheduler.\n",
+        "# TYPE featuremaps_batch_items_scheduled gauge\n",
+        f"featuremaps_batch_items_scheduled {waiting['scheduled_items']}\n",
+        "# HELP featuremaps_webhooks_due Webhook calls due now (delivered by the keeper).\n",
+        "# TYPE featuremaps_webhooks_due gauge\n",
+        f"featuremaps_webhooks_due {waiting['webhooks_due']}\n",
         "# HELP featuremaps_queue_oldest_age_seconds Time the oldest waiting message of each "
         "queue has waited since it was sent (0 when empty).\n",
         "# TYPE featuremaps_queue_oldest_age_seconds gauge\n",
@@ -118,6 +137,28 @@ def _queue_metrics(svc) -> list[str]:
         "# HELP featuremaps_workers_alive Worker processes with a fresh heartbeat.\n",
         "# TYPE featuremaps_workers_alive gauge\n",
         f"featuremaps_workers_alive {len(workers)}\n",
+    ]
+    return out + _keeper_metrics(svc)
+
+
+def _keeper_metrics(svc) -> list[str]:
+    out = [
+        "# HELP featuremaps_handovers_total Tasks of lost nodes (holder's heartbeat expired) "
+        "the keeper moved back to the front of their queue, by task.\n",
+        "# TYPE featuremaps_handovers_total counter\n",
+    ]
+    out += [
+        f'featuremaps_handovers_total{{task="{t}"}} {n}\n'
+        for t, n in counts(svc.redis, HANDOVER).items()
+    ]
+    out += [
+        "# HELP featuremaps_reconciler_repairs_total Lost signals the keeper's reconciler "
+        "repaired, by kind.\n",
+        "# TYPE featuremaps_reconciler_repairs_total counter\n",
+    ]
+    out += [
+        f'featuremaps_reconciler_repairs_total{{kind="{k}"}} {n}\n'
+        for k, n in counts(svc.redis, REPAIR).items()
     ]
     return out
 

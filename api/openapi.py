@@ -1140,6 +1140,27 @@ def openapi_document(enabled: tuple[str, ...] = (DEFAULT_MODEL,)) -> dict:
                     },
                 }
             },
+            "/backlog": {
+                "get": {
+                    "summary": "What waits for a worker, for the autoscaler (counts only)",
+                    "security": [{}],
+                    "responses": {
+                        "200": {
+                            "description": "counts by part; for_workers is their sum that "
+                            "wants a worker",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "integer"},
+                                    }
+                                }
+                            },
+                        },
+                        "503": _error("Redis is down: the backlog cannot be read"),
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "summary": "This document",

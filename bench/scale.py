@@ -26,6 +26,7 @@ any task hit a time limit (the workers' logs). Run it with ``python -m bench --o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -242,10 +243,8 @@ def _fairness_run(stack: _Stack, tmp: Path, members: int, distinct: int) -> dict
     last = samples[-1]
     grown = [b - a for a, b in zip(first, last, strict=True)]
     for batch in batches:
-        try:
+        with contextlib.suppress(Conflict):  # it had ended already
             batch.cancel()
-        except Conflict:
-            pass  # it had ended already
     return {
         "members_per_batch": members,
         "chunk": CHUNK,

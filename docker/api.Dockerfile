@@ -4,6 +4,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY api api
 COPY shared shared
+COPY keeper keeper
 COPY client client
 COPY stack stack
 COPY worker/__init__.py worker/__init__.py

@@ -5,6 +5,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY api api
 COPY shared shared
+COPY keeper keeper
 COPY client client
 COPY stack stack
 COPY worker worker

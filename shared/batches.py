@@ -484,7 +484,7 @@ return redis.call('HGET', KEYS[1], 'status')
 )
 
 # Append an item's callback attempt to its info and settle its outbox entry (the deliverer,
-# worker/webhooks.py). KEYS[4] the item's block. ARGV: ttl (unused: the item's TTL is the
+# keeper/webhook_delivery.py). KEYS[4] the item's block. ARGV: ttl (unused: the item's TTL is the
 # batch's), offset, outbox entry, attempt JSON, callback_state, earliest next attempt (''
 # removes the entry; a retry takes the batch's next free slot), how many attempts to keep.
 _RECORD_ITEM_CALL = (

@@ -1,5 +1,5 @@
 """Leases: which worker process is running each task, so that work held by a lost node is
-handed to a live worker in seconds (worker/recovery.py), and a holder that was presumed dead
+handed to a live worker in seconds (keeper/recovery.py), and a holder that was presumed dead
 cannot record a result over the one that took its work over.
 
 A lease is the hash ``featuremaps:lease:<task_id>`` (the Celery task id, which a message keeps

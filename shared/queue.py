@@ -13,10 +13,12 @@ read the same lists: :func:`queue_keys` names them, e.g. ``jobs``, ``jobs\x06\x1
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
 from bisect import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +124,53 @@ def find_unacked(redis, task_id: str) -> Unacked | None:
         if message.get("headers", {}).get("id") == task_id and routing_key in QUEUES:
             return Unacked(tag=tag.decode(), raw=raw.decode(), message=message, queue=routing_key)
     return None
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What a waiting or unacknowledged message is about: its task, task id and first
+    argument (the job or batch id every task of ours takes first; '' for none)."""
+
+    task: str
+    task_id: str
+    subject: str
+
+
+def pending_messages(redis, options: dict[str, Any]) -> Iterator[Sent]:
+    """Every message of our queues that something will still run: waiting in a list (any
+    priority) or delivered and not yet acknowledged. Read without locking: a message moving
+    between the two while this runs can be missed, so callers act only on what stays missing
+    for a while (keeper/reconciler.py)."""
+    for queue in QUEUES:
+        for key in queue_keys(queue, options):
+            for raw in redis.lrange(key, 0, -1):
+                sent = _sent(raw)
+                if sent is not None:
+                    yield sent
+    for _tag, raw in redis.hscan_iter(UNACKED_KEY):
+        try:
+            message, _exchange, routing_key = json.loads(raw)
+        except (ValueError, TypeError):
+            continue
+        sent = _sent(message) if routing_key in QUEUES else None
+        if sent is not None:
+            yield sent
+
+
+def _sent(raw: bytes | dict) -> Sent | None:
+    """A kombu message (JSON text or parsed) as :class:`Sent`; None when it is not Celery's."""
+    try:
+        message = json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+        headers = message["headers"]
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    subject = str(args[0]) if isinstance(args, list) and args else ""
+    task, task_id = str(headers.get("task", "")), str(headers.get("id", ""))
+    return Sent(task=task, task_id=task_id, subject=subject)
 
 
 @before_task_publish.connect(dispatch_uid="featuremaps-sent-at")

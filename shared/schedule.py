@@ -288,20 +288,8 @@ def parse_weights(spec: str) -> dict[str, float]:
     return weights
 
 
-# How often one process (a Redis lock) runs :meth:`Scheduler.repair`, and how old a turn
-# with no message must be before it counts as lost.
-REPAIR_EVERY_S = 10.0
+# How old a registered turn with no message must be before it counts as lost.
 LOST_AFTER_S = 30.0
-REPAIR_LOCK_KEY = f"{SCHED_KEY}:repair:lock"
-
-
-def maybe_repair(
-    scheduler: Scheduler, holder: str, send_turn: Callable[[str], None]
-) -> dict[str, int] | None:
-    """Repair unless another process did in this period; None when it was not our turn."""
-    if not scheduler.redis.set(REPAIR_LOCK_KEY, holder, nx=True, px=int(REPAIR_EVERY_S * 1000)):
-        return None
-    return scheduler.repair(send_turn, older_than_s=LOST_AFTER_S)
 
 
 def forget(redis: Redis, batch_id: str) -> None:

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
 
     rate_limit_per_minute: int = Field(0, ge=0)  # 0 = off
 
+    # The keeper's reconciler (keeper/reconciler.py) sweeps every RECONCILE_EVERY_S and
+    # repairs a record that nothing has moved for RECONCILE_GRACE_S (two sweeps apart at
+    # least): a job whose message is gone, a batch never finalized, a webhook left out.
+    reconcile_every_s: float = Field(30.0, gt=0)
+    reconcile_grace_s: float = Field(60.0, ge=0)
+
     # Webhooks (shared/webhooks.py): callbacks are signed with this key; without one a
     # callback_url is refused. Private, loopback and link-local targets only when allowed.
     webhook_secret: str = ""

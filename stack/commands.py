@@ -14,6 +14,8 @@ from shared.queue import WORKER_QUEUES
 from stack.services import ManagedProcess, wait_until
 
 API_APP = "api:create_app()"
+# gunicorn settings of the API: it starts the keeper in each process (api/gunicorn_conf.py).
+API_CONFIG = "python:api.gunicorn_conf"
 CELERY_APP = "worker.celery_app"
 
 

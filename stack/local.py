@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from stack.commands import answers, api_command, wait_for_api
+from stack.commands import API_CONFIG, answers, api_command, wait_for_api
 from stack.services import (
     ManagedProcess,
     RedisServer,
@@ -292,7 +292,9 @@ class LocalStack:
         self.say(
             f"starting the API (gunicorn) on {self.api_url} and {config.workers} worker(s) ..."
         )
-        api = self._spawn("api", api_command(f"127.0.0.1:{config.api_port}"), env)
+        api = self._spawn(
+            "api", api_command(f"127.0.0.1:{config.api_port}", config=API_CONFIG), env
+        )
         launcher = [sys.executable, "-m", "worker.launcher", "--cpu"]
         self.workers = self._spawn("worker", [*launcher, "--replicas", str(config.workers)], env)
         wait_for_api(self.api_url, api, timeout_s=config.ready_timeout_s)

@@ -1,5 +1,5 @@
 """Every task runs holding its lease (shared/leases.py): taken when the task starts, given
-back when it ends, handed over by worker/recovery.py when its holder's heartbeat expires.
+back when it ends, handed over by keeper/recovery.py when its holder's heartbeat expires.
 
 The lease's fence goes to the final status changes of jobs and batch items, so that a holder
 that was presumed dead (a Redis blip longer than the heartbeat TTL, a paused process) records

@@ -1,5 +1,5 @@
 """Prometheus metrics of a worker process: images processed and failed (by error code), the
-time of each stage, batch chunk sizes, work handed over from lost nodes, model loads and, on
+time of each stage, batch chunk sizes, lost signals repaired on the chunk path, model loads and, on
 CUDA, GPU memory and utilisation.
 
 Where the counters live. A Celery worker is a main process (it takes messages from Redis) and,
@@ -80,29 +80,13 @@ CHUNK_IMAGES = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
     registry=REGISTRY,
 )
-HANDOVERS = Counter(
-    "featuremaps_worker_handovers",
-    "Tasks whose holder's heartbeat expired (a lost node) that this process moved back to the "
-    "front of their queue for a live worker (worker/recovery.py), by task.",
-    ["task"],
-    registry=REGISTRY,
-)
 REPAIRS = Counter(
-    "featuremaps_reconciler_repairs",
-    "Lost signals repaired, by kind: finalize (a batch finalizing but never closed, its "
-    "finalize sent again by a redelivered chunk), turn_resent (a batch turn registered but "
-    "with no message, sent again), turn_added (turns added to a window that lost them).",
+    "featuremaps_worker_repairs",
+    "Lost signals this process repaired on its own path, by kind: finalize (a batch "
+    "finalizing but never closed, its finalize sent again by a redelivered chunk). The "
+    "keeper's repairs are featuremaps_reconciler_repairs_total, from the API.",
     ["kind"],
     registry=REGISTRY,
-)
-HANDOVER_TASKS = (
-    "render_job",
-    "run_batch_chunk",
-    "run_batch_turn",
-    "expand_batch",
-    "expand_batch_shard",
-    "finalize_batch",
-    "finalize_batch_shard",
 )
 
 # Every series exists from the start, at zero, so that rate() sees the first observation.
@@ -111,10 +95,7 @@ for _stage in STAGES:
 for _kind in ("job", "batch"):
     IMAGES_PROCESSED.labels(_kind)
     IMAGES_REUSED.labels(_kind)
-for _task in HANDOVER_TASKS:
-    HANDOVERS.labels(_task)
-for _kind in ("finalize", "turn_resent", "turn_added"):
-    REPAIRS.labels(_kind)
+REPAIRS.labels("finalize")
 
 
 def image_succeeded(kind: str, timings: Mapping[str, float], *, reused: bool = False) -> None:
@@ -134,11 +115,6 @@ def images_failed(kind: str, code: str, count: int = 1) -> None:
 
 def repaired(kind: str) -> None:
     REPAIRS.labels(kind).inc()
-
-
-def handed_over(task_name: str) -> None:
-    """``task_name`` as Celery names it (``featuremaps.render_job``)."""
-    HANDOVERS.labels(task_name.removeprefix("featuremaps.")).inc()
 
 
 def chunk_done(results: Iterable[object]) -> None:

@@ -1,6 +1,6 @@
 """Per-process worker state: the resident models, clients, a heartbeat, the leases of the task
-it runs, retention sweeps, the recovery of lost nodes' work, webhook delivery and the metrics
-endpoint.
+it runs, retention sweeps, the keeper (recovery of lost nodes' work, the reconciler, webhook
+delivery; keeper/) and the metrics endpoint.
 
 The model is loaded once in each worker process, after the fork (Celery's
 ``worker_process_init``), never in the parent: CUDA cannot be re-initialised in a forked
@@ -17,7 +17,6 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import TYPE_CHECKING
 from redis import Redis
 from redis.exceptions import RedisError
 
+from keeper.reconciler import celery_sender
+from keeper.runner import periodically, start_keeper
 from shared.batches import BatchStore
 from shared.errors import MODEL_DELETED, FeatureMapsError, NotFound
 from shared.heartbeat import HEARTBEAT_EVERY_S, holder_id, process_nonce, write_heartbeat
@@ -33,13 +34,12 @@ from shared.jobs import JobStore
 from shared.leases import Fence, LeaseStore
 from shared.models import ModelNotFound, ModelStore, UploadedModel
 from shared.options import JobOptions, check_upload_enabled, is_upload_id
-from shared.schedule import REPAIR_EVERY_S, Scheduler, maybe_repair
+from shared.queue import make_producer
+from shared.schedule import Scheduler
 from shared.settings import Settings
 from shared.storage import ObjectStore, ensure_bucket
 from worker import metrics
-from worker.recovery import RECOVERY_EVERY_S, maybe_recover
 from worker.retention import maybe_sweep, sweep_interval_s
-from worker.webhooks import Deliverer, webhook_loop
 
 if TYPE_CHECKING:  # torch is imported after the fork, not when this module is
     from worker.compute.model import LoadedModel
@@ -215,9 +215,8 @@ def init_process(settings: Settings, hostname: str) -> WorkerContext:
 
 
 def _start_threads(ctx: WorkerContext) -> None:
-    """The heartbeat, retention sweeps (worker/retention.py), the recovery of lost nodes'
-    work (worker/recovery.py) and, with a webhook secret, webhook delivery
-    (worker/webhooks.py), each a daemon thread of this process."""
+    """The heartbeat and retention sweeps (worker/retention.py), each a daemon thread of this
+    process, and the keeper (keeper/runner.py), which the API runs too."""
     ttl_s = ctx.settings.job_ttl_s
     for period_s, work, what in (
         (HEARTBEAT_EVERY_S, ctx.beat, "heartbeat"),
@@ -226,28 +225,10 @@ def _start_threads(ctx: WorkerContext) -> None:
             lambda: maybe_sweep(ctx.store, ctx.redis, ttl_s=ttl_s, holder=ctx.holder),
             "retention sweep",
         ),
-        (
-            RECOVERY_EVERY_S,
-            lambda: maybe_recover(ctx.redis, ctx.leases, ctx.holder),
-            "recovery of lost work",
-        ),
-        (REPAIR_EVERY_S, lambda: _repair_turns(ctx), "repair of batch turns"),
     ):
-        threading.Thread(target=_periodically, args=(period_s, work, what), daemon=True).start()
-    if ctx.settings.webhook_secret:
-        deliverer = Deliverer(ctx.redis, ctx.store, ctx.settings)
-        threading.Thread(target=webhook_loop, args=(deliverer,), daemon=True).start()
-
-
-def _repair_turns(ctx: WorkerContext) -> None:
-    from worker.batches.tasks import send_turn
-
-    repaired = maybe_repair(ctx.scheduler, ctx.holder, send_turn)
-    for kind, count in (repaired or {}).items():
-        if count:
-            log.warning("batch turns: %s x%d", kind, count)
-            for _ in range(count):
-                metrics.repaired(kind)
+        threading.Thread(target=periodically, args=(period_s, work, what), daemon=True).start()
+    send = celery_sender(make_producer(ctx.settings))
+    start_keeper(ctx.redis, ctx.store, ctx.settings, send=send, holder=ctx.holder)
 
 
 def context() -> WorkerContext:
@@ -264,17 +245,3 @@ def describe_device(device) -> str:
     index = device.index or 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
     return f"cuda:{index} ({torch.cuda.get_device_name(index)}; CUDA_VISIBLE_DEVICES={visible})"
-
-
-def _periodically(period_s: float, work: Callable[[], object], what: str) -> None:
-    """Call ``work`` every ``period_s`` seconds, forever. A dependency that is down (Redis
-    restarting, storage away) is logged and tried again next period; a bug is logged with its
-    traceback and does not end the thread either."""
-    while True:
-        try:
-            work()
-        except (FeatureMapsError, RedisError) as exc:
-            log.warning("%s failed: %s", what, exc)
-        except Exception:
-            log.exception("%s failed", what)
-        time.sleep(period_s)

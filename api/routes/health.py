@@ -1,4 +1,5 @@
-"""Operational endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document."""
+"""Operational endpoints: liveness, readiness, Prometheus metrics, the backlog the autoscaler
+reads, the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from flask import Blueprint, Response
 from api.metrics import render_metrics
 from api.openapi import openapi_document
 from api.services import services
+from keeper.backlog import backlog as read_backlog
 from shared.heartbeat import live_workers
 
 bp = Blueprint("health", __name__)
@@ -49,6 +51,14 @@ def readyz():
 def metrics():
     body, content_type = render_metrics(services())
     return Response(body, content_type=content_type)
+
+
+@bp.get("/backlog")
+def backlog():
+    """What waits for a worker (keeper/backlog.py), for KEDA's metrics-api trigger: counts
+    only, no ids, unauthenticated like /metrics (cluster-internal; docs/deploy.md)."""
+    svc = services()
+    return read_backlog(svc.redis, svc.settings)
 
 
 @bp.get("/openapi.json")

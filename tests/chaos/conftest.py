@@ -31,7 +31,10 @@ LIMITS = {"task_soft_time_limit_s": 20, "task_time_limit_s": 25, "visibility_tim
 
 
 class ChaosStack(Deployment):
-    """A deployment on its own Redis and S3, with fault-injecting workers and helpers."""
+    """A deployment on its own Redis and S3, with fault-injecting workers and helpers; its
+    API runs the keeper, as in production."""
+
+    KEEPER = True
 
     def __init__(self, run_dir: Path, redis: RedisServer, s3: SeaweedS3, **settings) -> None:
         run_dir.mkdir(parents=True)

@@ -1,6 +1,6 @@
 """Lost nodes: a whole worker (main process and pool) SIGKILLed mid-job or mid-batch, at the
 default visibility timeout (600 s), with a second worker already running. Its work is handed
-over once its heartbeat expires (worker/recovery.py) and the live worker finishes it within
+over once its heartbeat expires (keeper/recovery.py) and the live worker finishes it within
 the 30 s the issue asks for; each output is written once, attempts are recorded, and the
 original message, should it come back, is dropped without a rerun.
 

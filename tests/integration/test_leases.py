@@ -1,5 +1,5 @@
 """Leases, fencing and the hand-over of a lost node's message, against a real redis-server and
-kombu's own Redis transport (shared/leases.py, worker/recovery.py)."""
+kombu's own Redis transport (shared/leases.py, keeper/recovery.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from keeper.counters import HANDOVER, counts
+from keeper.recovery import recover
 from shared.batches import Batch, BatchStatus, BatchStore, ItemStatus, NewItem, item_id
 from shared.heartbeat import heartbeat_key
 from shared.jobs import Job, JobStatus, JobStore, new_job_id
 from shared.leases import LEASE_INDEX, UNFENCED, LeaseLost, LeaseStore, lease_key
 from shared.queue import PRIORITY_SEP, UNACKED_KEY, find_unacked
 from shared.settings import Settings
-from worker import leasing, metrics
-from worker.recovery import recover
+from worker import leasing
 from worker.runtime import WorkerContext
 
 A, B = "a@host:11", "b@host:22"  # pool processes of nodes a@host and b@host
@@ -41,10 +42,8 @@ def _take(leases, task_id: str, holder: str):
     return leases.acquire(task_id, holder=holder, node=node, task="featuremaps.render_job")
 
 
-def _handovers() -> float:
-    return metrics.REGISTRY.get_sample_value(
-        "featuremaps_worker_handovers_total", {"task": "render_job"}
-    )
+def _handovers(redis_client) -> int:
+    return counts(redis_client, HANDOVER)["render_job"]
 
 
 def test_a_live_holder_on_another_node_keeps_its_lease_until_its_heartbeat_expires(
@@ -158,9 +157,9 @@ def test_a_dead_holders_message_goes_back_to_the_front_of_its_queue_once(
 
     assert recover(redis_client, leases) == {}, "the holder still beats"
     redis_client.delete(heartbeat_key(A))
-    before = _handovers()
+    before = _handovers(redis_client)
     assert recover(redis_client, leases) == {"t1": "moved"}
-    assert _handovers() == before + 1
+    assert _handovers(redis_client) == before + 1
     assert redis_client.hlen(UNACKED_KEY) == 0
     key = f"jobs{PRIORITY_SEP}6" if priority else "jobs"
     assert redis_client.llen(key) == 2

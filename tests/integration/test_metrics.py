@@ -1,7 +1,8 @@
 """Metrics through the real service: jobs and a batch go through gunicorn, Redis and a real
 Celery worker process, and the worker's own /metrics (FEATUREMAPS_WORKER_METRICS_PORT, served
 by its pool process) counts them, with stage histograms that add up to the timings the jobs
-recorded; the API's queue gauges follow a real backlog, priority sub-queues included.
+recorded; the API's queue gauges and GET /backlog follow a real backlog, priority sub-queues
+included.
 Redis db 12."""
 
 from __future__ import annotations
@@ -173,6 +174,9 @@ def test_the_queue_gauges_follow_a_real_backlog(deployment):
     assert deployment.redis.llen(f"{JOBS_QUEUE}{PRIORITY_SEP}9") == 1
     assert deployment.redis.llen(JOBS_QUEUE) == 2
     assert gauges()[depth] == 3
+    # What KEDA reads: the same messages, and nothing else waiting or in flight.
+    backlog = requests.get(f"{deployment.api}/backlog", timeout=10).json()
+    assert backlog["waiting_jobs"] == 3 and backlog["for_workers"] == 3, backlog
     time.sleep(1.0)
     waited = gauges()[age]
     assert waited >= 1.0
@@ -183,3 +187,8 @@ def test_the_queue_gauges_follow_a_real_backlog(deployment):
     wait_until(lambda: gauges()[depth] == 0, timeout_s=30, what="the jobs queue to drain")
     assert gauges()[age] == 0
     assert gauges()[("featuremaps_workers_alive", ())] >= 1
+    wait_until(
+        lambda: requests.get(f"{deployment.api}/backlog", timeout=10).json()["for_workers"] == 0,
+        timeout_s=30,
+        what="an empty backlog: KEDA may scale to zero",
+    )

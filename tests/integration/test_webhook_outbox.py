@@ -1,4 +1,4 @@
-"""The webhook outbox and its deliverer (``worker/webhooks.py``) on the session's real Redis
+"""The webhook outbox and its deliverer (``keeper/webhook_delivery.py``) on the session's real Redis
 and S3 with a real HTTP receiver, driven step by step with a clock of the test's own: which
 transitions enqueue a record, the lease that hands a dead deliverer's entry to another, the
 address check again at delivery, and an expired record's entry."""
@@ -13,12 +13,12 @@ import uuid
 
 import pytest
 
+from keeper.webhook_delivery import ITEM_ATTEMPTS_KEPT, Deliverer
 from shared.batches import Batch, BatchStatus, BatchStore, ItemStatus, NewItem, batch_key, item_id
 from shared.jobs import Job, JobStatus, JobStore, job_key, new_job_id
 from shared.records import parse_iso
 from shared.webhooks import OUTBOX_KEY, item_entry
 from tests.integration.receiver import Receiver
-from worker.webhooks import ITEM_ATTEMPTS_KEPT, Deliverer
 
 
 class Clock:

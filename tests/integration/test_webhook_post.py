@@ -1,5 +1,5 @@
-"""What one webhook attempt (worker/webhooks.py ``post``) promises in docs/security.md, against
-local sockets: it connects to the address that was checked while the Host header and the TLS
+"""What one webhook attempt (keeper/webhook_delivery.py ``post``) promises in docs/security.md,
+against local sockets: it connects to the address that was checked while the Host header and the TLS
 name stay the URL's (so a name that re-resolves elsewhere later, DNS rebinding, changes
 nothing), it gives up after WEBHOOK_TIMEOUT_S to connect and to read, and it reads at most
 64 KiB of the answer."""
@@ -15,9 +15,9 @@ from contextlib import contextmanager
 import pytest
 from urllib3.exceptions import ConnectTimeoutError, ReadTimeoutError, SSLError
 
+from keeper.webhook_delivery import MAX_RESPONSE_BYTES, post
 from shared.settings import Settings
 from shared.webhooks import Target
-from worker.webhooks import MAX_RESPONSE_BYTES, post
 
 TIMEOUT_S = 0.5
 SETTINGS = Settings(webhook_timeout_s=TIMEOUT_S)

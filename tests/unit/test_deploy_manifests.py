@@ -10,8 +10,8 @@ them); the test closes every object schema that lists its properties, so a missp
 fails here as it would under strict validation.
 
 Then what matters for running it: GPU limits, a grace period above the task time limits
-read from shared/settings.py, probes on endpoints the API really serves, and KEDA list names
-equal to the Redis keys the Celery app's own broker options produce.
+read from shared/settings.py, probes on endpoints the API really serves, and KEDA reading
+the backlog from a route the API serves, on its Service.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from shared.queue import QUEUES, WORKER_QUEUES, queue_keys
+from shared.queue import QUEUES, WORKER_QUEUES, broker_options, queue_keys
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -271,55 +271,56 @@ def test_worker_probes_run_the_heartbeat_check_and_metrics_are_on_the_scraped_po
 
 
 @pytest.mark.usefixtures("defaults")
-def test_keda_counts_exactly_the_redis_lists_the_celery_app_uses_summed() -> None:
+def test_keda_scales_on_the_backlog_the_api_serves_and_to_zero_when_it_is_empty() -> None:
+    from api import create_app
     from worker.celery_app import app
 
     docs = documents(K8S)
     scaled = find(docs, "ScaledObject", "worker")["spec"]
-    triggers = scaled["triggers"]
-    expected = [key for q in QUEUES for key in queue_keys(q, app.conf.broker_transport_options)]
-    assert [t["metadata"]["listName"] for t in triggers] == expected
-    assert all(t["type"] == "redis" for t in triggers)
-    # Summed, not KEDA's default maximum: every trigger appears once in the formula.
-    modifiers = scaled["advanced"]["scalingModifiers"]
-    terms = [term.strip() for term in modifiers["formula"].split("+")]
-    assert sorted(terms) == sorted(t["name"] for t in triggers)
-    assert modifiers["activationTarget"] == "0"
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "metrics-api" and trigger["metricType"] == "AverageValue"
+    meta = trigger["metadata"]
+    assert (meta["format"], meta["valueLocation"]) == ("json", "for_workers")
+    assert (meta["targetValue"], meta["activationTargetValue"]) == ("2", "0")
     assert scaled["scaleTargetRef"]["name"] == "worker"
     assert scaled["minReplicaCount"] == 0
     assert 0 < scaled["maxReplicaCount"] <= 64
-    # The Redis the pods use: same host (the Service, in the kustomization's namespace),
-    # port and database.
-    url = urlsplit(deployed_settings(docs).redis_url)
+    assert scaled["fallback"]["replicas"] == 1  # the API unreachable: work already queued moves
+    # The API's Service, in the kustomization's namespace, on its port, at a route it serves.
+    url = urlsplit(meta["url"])
     namespace = yaml.safe_load((K8S / "kustomization.yaml").read_text())["namespace"]
-    service = find(docs, "Service", url.hostname)
-    # ... and the password Redis requires, from the Secret Redis reads it from.
-    auth = find(docs, "TriggerAuthentication", "redis")["spec"]["secretTargetRef"]
-    redis = container(find(docs, "StatefulSet", "redis"))
-    (password,) = [e for e in redis["env"] if e["name"] == "REDIS_PASSWORD"]
-    assert auth == [{"parameter": "password", **password["valueFrom"]["secretKeyRef"]}]
-    for trigger in triggers:
-        host, port = trigger["metadata"]["address"].rsplit(":", 1)
-        assert host == f"{service['metadata']['name']}.{namespace}.svc.cluster.local"
-        assert int(port) == url.port == service["spec"]["ports"][0]["port"]
-        assert trigger["metadata"]["databaseIndex"] == url.path.strip("/")
-        assert trigger["authenticationRef"] == {"name": "redis"}
+    service = find(docs, "Service", "api")
+    assert url.hostname == f"api.{namespace}.svc.cluster.local"
+    assert (url.port or 80) == service["spec"]["ports"][0]["port"]
+    unreachable = Settings(
+        s3_endpoint="127.0.0.1:1",
+        s3_access_key="test",
+        s3_secret_key="test-secret",
+        redis_url="redis://127.0.0.1:1/0",
+    )
+    rules = {rule.rule for rule in create_app(unreachable).url_map.iter_rules()}
+    assert url.path in rules
+    # The backlog (keeper/backlog.py; tests/integration/test_reconciler.py) counts the lists
+    # the Celery app files messages under, read with the API's broker options.
+    options = app.conf.broker_transport_options
+    assert [queue_keys(q, options) for q in QUEUES] == [
+        queue_keys(q, broker_options(deployed_settings(docs))) for q in QUEUES
+    ]
 
 
-def test_only_the_api_workers_and_keda_reach_redis() -> None:
+def test_only_the_api_and_the_workers_reach_redis() -> None:
     docs = documents(K8S)
     policy = find(docs, "NetworkPolicy", "redis")["spec"]
     redis = find(docs, "StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"]
     assert policy["podSelector"]["matchLabels"].items() <= redis.items()
     assert policy["policyTypes"] == ["Ingress"]
     (rule,) = policy["ingress"]
-    (same_namespace, keda) = rule["from"]
+    (same_namespace,) = rule["from"]
     (components,) = same_namespace["podSelector"]["matchExpressions"]
     assert components["values"] == ["api", "worker"]
     for name in components["values"]:
         labels = find(docs, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
         assert labels["app.kubernetes.io/component"] == name
-    assert keda["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
 
 
 def test_redis_keeps_an_append_only_file_on_a_persistent_volume() -> None:

@@ -68,7 +68,7 @@ def test_an_empty_callback_is_none_and_one_without_a_secret_is_refused():
 def test_the_delivery_loop_outlives_a_failing_attempt_and_redis_going_away():
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from worker.webhooks import IDLE_S, webhook_loop
+    from keeper.webhook_delivery import IDLE_S, webhook_loop
 
     outcomes = [RuntimeError("a bug"), RedisConnectionError("restarting"), True, False]
     slept: list[float] = []

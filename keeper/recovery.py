@@ -5,8 +5,9 @@ leaves its message unacknowledged in kombu's ``unacked`` hash, where Celery woul
 task's own message is moved back to the front of its queue with a new delivery tag, in one Lua
 compare-and-set that also clears the lease, and the next free worker takes it over.
 
-Each worker process calls :func:`maybe_recover` every :data:`RECOVERY_EVERY_S` on a thread
-(worker/runtime.py); a short Redis lock lets one of them look per period. Work is found lost
+The keeper (keeper/runner.py: in every API process and every worker process) calls
+:func:`maybe_recover` every :data:`RECOVERY_EVERY_S` on a thread; a short Redis lock lets one
+of them look per period, so work is handed back even while no worker runs at all. Work is found lost
 at most ``HEARTBEAT_TTL_S + RECOVERY_EVERY_S`` (17 s) after its process died;
 docs/reliability.md has the figures measured.
 """
@@ -17,10 +18,10 @@ import logging
 
 from redis import Redis
 
+from keeper.counters import HANDOVER, count
 from shared.leases import Lease, LeaseStore
 from shared.queue import find_unacked
 from shared.records import PREFIX
-from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,13 @@ def recover(redis: Redis, leases: LeaseStore) -> dict[str, str]:
     for lease in leases.orphaned():
         outcome = leases.hand_over(lease, find_unacked(redis, lease.task_id))
         outcomes[lease.task_id] = outcome
-        _report(lease, outcome)
+        _report(redis, lease, outcome)
     return outcomes
 
 
-def _report(lease: Lease, outcome: str) -> None:
+def _report(redis: Redis, lease: Lease, outcome: str) -> None:
     if outcome == "moved":
-        metrics.handed_over(lease.task)
+        count(redis, HANDOVER, lease.task.removeprefix("featuremaps."))
         log.warning(
             "task %s (%s) held by %s, whose heartbeat expired: handed over to the front of "
             "its queue",

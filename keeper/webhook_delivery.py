@@ -1,9 +1,10 @@
-"""Delivering webhooks (docs/design.md "Webhooks"): a thread in each worker process takes
-due records from the outbox (``shared/webhooks.py``), POSTs each one's status document,
-records the attempt on the record, and removes the entry or puts it back with a later time.
+"""Delivering webhooks (docs/design.md "Webhooks"): a thread of the keeper (keeper/runner.py),
+in each API process and each worker process, takes due records from the outbox
+(``shared/webhooks.py``), POSTs each one's status document, records the attempt on the
+record, and removes the entry or puts it back with a later time.
 
 Taking an entry moves it ``LEASE_S`` into the future, so an entry whose deliverer died (a
-worker restart) comes back by itself. Delivery is at least once: a deliverer that dies after
+process restart) comes back by itself. Delivery is at least once: a deliverer that dies after
 the POST and before recording it leaves the entry to be sent again; receivers tell repeats
 apart by the id and status in the body. Nothing here runs on a task's thread, so a slow or
 dead receiver never holds up a job.
@@ -437,7 +438,7 @@ def _idle_for(deliverer: Deliverer) -> float:
 
 
 def webhook_loop(deliverer: Deliverer, *, sleep: Callable[[float], None] = time.sleep) -> None:
-    """Deliver forever (a daemon thread of each worker process)."""
+    """Deliver forever (a daemon thread of the keeper)."""
     while True:
         try:
             busy = deliverer.deliver_due()
