@@ -334,3 +334,25 @@ def _context(deployment, store) -> SimpleNamespace:
         batches=BatchStore(deployment.redis, ttl_s=settings.job_ttl_s),
         store=store,
     )
+
+
+def test_a_canceled_batch_writes_its_shards_one_at_a_time_behind_the_turns(deployment, store):
+    """A canceled million's 200 result shards must not hold up the next batch: each shard of
+    a canceled batch sends the next one, behind the chunk turns waiting."""
+    batch_id = _stored_batch(deployment, store, 2 * SHARD_ITEMS + 1)
+    BatchStore(deployment.redis, ttl_s=3600).cancel(batch_id)
+    ctx = _context(deployment, store)
+    sent: list[tuple[int, bool]] = []
+
+    def dispatch(_batch_id: str, shard: int, *, queued_behind: bool = False) -> None:
+        sent.append((shard, queued_behind))
+
+    assert finalize_batch(ctx, batch_id, dispatch) == 3
+    assert sent == [(1, True)]
+    assert write_shard(ctx, batch_id, 1, None, dispatch) == "written"
+    assert write_shard(ctx, batch_id, 2, None, dispatch) == "written"
+    assert sent == [(1, True), (2, True), (3, True)]
+    assert write_shard(ctx, batch_id, 3, None, dispatch) == "canceled"
+    assert len(sent) == 3
+    batch = BatchStore(deployment.redis, ttl_s=3600).get(batch_id)
+    assert batch.status is BatchStatus.CANCELED and len(batch.result["shards"]) == 3

@@ -7,6 +7,11 @@ expanded inputs deleted.
 Finalizing plans the shards (worker/batches/result_shards.py) and hands each to ``write_shard``;
 every shard's objects have keys fixed by the plan, so a shard written twice leaves the same
 objects, and closing an already closed batch changes nothing.
+
+A canceled batch costs the others nothing (docs/design.md "Fair share"): its shards are
+written one after another, each sent *behind* the chunk turns waiting (``queued_behind``) by
+the shard before it, so at most one of its shard tasks is queued at any time, and the next
+batch's expansion and chunks are not held up by the manifests of a canceled million.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 from shared import keys
 from shared.archives import safe_name
-from shared.batches import Batch, BatchStore, Item, ItemStatus
+from shared.batches import Batch, BatchStatus, BatchStore, Item, ItemStatus
 from shared.errors import FeatureMapsError, RefusedMember
 from shared.storage import MIN_PART_SIZE
 from worker.batches import IO_THREADS
@@ -39,8 +44,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST_PAGE = 256
 
-# How a shard is handed on: in a worker, a task sent by name; in tests, a plain call.
-DispatchShard = Callable[[str, int], None]
+# How a shard is handed on: in a worker, a task sent by name; in tests, a plain call. The
+# flag: send it behind the chunk turns waiting (a canceled batch's shards) rather than ahead.
+DispatchShard = Callable[..., None]
 
 
 def result_shards(ctx: WorkerContext) -> ResultShards:
@@ -65,15 +71,22 @@ def finalize_batch(
     written = {s["index"] for s in shards.written(batch_id)}
     missing = [n for n in range(1, plan.count + 1) if n not in written]
     log.info("batch %s: %d result shards, %d to write", batch_id, plan.count, len(missing))
-    for shard in missing:
-        dispatch_shard(batch_id, shard)
+    if missing and ctx.batches.get(batch_id).status == BatchStatus.CANCELED:
+        dispatch_shard(batch_id, missing[0], queued_behind=True)  # one at a time
+    else:
+        for shard in missing:
+            dispatch_shard(batch_id, shard)
     if not missing:
         results_written(ctx, batch_id, plan.count, dispatch_slice)
     return plan.count
 
 
 def write_shard(
-    ctx: WorkerContext, batch_id: str, shard: int, dispatch_slice: DispatchSlice = None
+    ctx: WorkerContext,
+    batch_id: str,
+    shard: int,
+    dispatch_slice: DispatchSlice = None,
+    dispatch_shard: DispatchShard | None = None,
 ) -> str:
     """Write shard ``shard``'s manifest lines, zip of figures and (with dataset examples)
     partial top lists; the writer of the last shard goes on to the examples or closes the
@@ -105,8 +118,22 @@ def write_shard(
         "archive_key": archive_key,
     }
     if shards.record(batch_id, shard, summary) < plan.count:
+        if batch.status == BatchStatus.CANCELED and dispatch_shard is not None:
+            _next_canceled_shard(shards, batch_id, shard, plan.count, dispatch_shard)
         return "written"
     return results_written(ctx, batch_id, plan.count, dispatch_slice)
+
+
+def _next_canceled_shard(
+    shards: ResultShards, batch_id: str, shard: int, count: int, dispatch_shard: DispatchShard
+) -> None:
+    """A canceled batch's shards run one at a time: send the next one not written (after this
+    one, else the first), behind the turns waiting."""
+    written = {s["index"] for s in shards.written(batch_id)}
+    missing = [n for n in range(1, count + 1) if n not in written]
+    later = [n for n in missing if n > shard]
+    if missing:
+        dispatch_shard(batch_id, (later or missing)[0], queued_behind=True)
 
 
 def results_written(

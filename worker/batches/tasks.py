@@ -61,8 +61,12 @@ def _finalize(batch_id: str) -> None:
     app.send_task(FINALIZE_BATCH, args=[batch_id], queue=BATCH_QUEUE)
 
 
-def _write_shard(batch_id: str, shard: int) -> None:
-    app.send_task(FINALIZE_BATCH_SHARD, args=[batch_id, shard], queue=BATCH_QUEUE)
+def _write_shard(batch_id: str, shard: int, *, queued_behind: bool = False) -> None:
+    # Ahead of chunk turns (priority 0), or, for a canceled batch's, behind those waiting.
+    priority = CHUNK_PRIORITY if queued_behind else 0
+    app.send_task(
+        FINALIZE_BATCH_SHARD, args=[batch_id, shard], queue=BATCH_QUEUE, priority=priority
+    )
 
 
 def _render_examples(batch_id: str, n: int) -> None:
@@ -159,7 +163,7 @@ def finalize_batch_task(self: LeasedTask, batch_id: str) -> object:
 def finalize_batch_shard_task(self: LeasedTask, batch_id: str, shard: int) -> object:
     return self.run_leased(
         f"result shard {shard} of batch {batch_id}",
-        lambda held: write_shard(held.ctx, batch_id, shard, _render_examples),
+        lambda held: write_shard(held.ctx, batch_id, shard, _render_examples, _write_shard),
         lambda held, code, message: held.ctx.batches.fail(
             batch_id,
             code=code,
