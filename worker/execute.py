@@ -65,7 +65,7 @@ def run_job(ctx: WorkerContext, job_id: str, fence: Fence = UNFENCED) -> str:
     except LeaseLost:
         drop_attempt(ctx.store, [job_id], attempt)
         raise
-    if status == "succeeded" and outcome.attempts > 1:
+    if status in ("succeeded", "failed") and outcome.attempts > 1:
         drop_other_attempts(ctx.store, job_id, attempt)
     return status
 
