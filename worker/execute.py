@@ -58,6 +58,9 @@ def run_job(ctx: WorkerContext, job_id: str, fence: Fence = UNFENCED) -> str:
         log.info("job %s not run: %s", job_id, outcome.status)
         if outcome.status == "exhausted":
             metrics.images_failed("job", WORKER_LOST)
+        if outcome.status == "canceled":
+            # What a holder lost mid-upload after the cancel wrote: no record names it.
+            drop_other_attempts(ctx.store, job_id, "")
         return outcome.status
     attempt = attempt_of(fence)
     try:
@@ -118,11 +121,13 @@ def drop_attempt(store: ObjectStore, record_ids: list[str], attempt: str) -> Non
 def drop_other_attempts(store: ObjectStore, record_id: str, attempt: str) -> None:
     """Once ``attempt``'s outputs are recorded (the fenced transition passed, so no other
     attempt can ever be): delete what earlier attempts of the record left (a lost worker's
-    partial uploads, a storage retry's). Best effort, as :func:`drop_attempt`; a writer that
-    was presumed dead and still uploads deletes its own folder when its transition fails."""
-    own = keys.attempt_dir(record_id, attempt)
+    partial uploads, a storage retry's); every attempt's when ``attempt`` is ''. Best effort,
+    as :func:`drop_attempt`; a writer that was presumed dead and still uploads deletes its
+    own folder when its transition fails."""
+    own = keys.attempt_dir(record_id, attempt) if attempt else None
     try:
-        left = [k for k in store.list_keys(keys.results_prefix(record_id)) if not k.startswith(own)]
+        listed = store.list_keys(keys.results_prefix(record_id))
+        left = [k for k in listed if own is None or not k.startswith(own)]
         store.delete_keys(left)
     except FeatureMapsError as exc:
         log.warning("%s: earlier attempts' outputs not deleted now: %s", record_id, exc)

@@ -19,7 +19,7 @@ from shared.storage import ObjectStore
 from worker.batches import chunks
 from worker.batches.chunks import Delivery, run_chunk
 from worker.compute.pipeline import ImageResult
-from worker.execute import attempt_of
+from worker.execute import attempt_of, run_job
 from worker.runtime import WorkerContext
 
 A, B = "a@host:11", "b@host:22"  # pool processes of nodes a@host and b@host
@@ -187,3 +187,21 @@ def test_two_chunk_deliveries_racing_on_the_same_objects_only_the_winners_count(
             _outputs(item, winner["attempt"]).values()
         )
         assert object_store.get_bytes(info["figure_key"]) == b"figure " + data
+
+
+def test_a_delivery_of_a_canceled_job_deletes_what_a_lost_holder_wrote_after_the_cancel(
+    settings, object_store, redis_client
+):
+    """The cancel found the job running; its holder was lost mid-upload and its message is
+    delivered again: that delivery runs nothing and deletes every attempt's objects."""
+    jobs = JobStore(redis_client, ttl_s=60)
+    job = jobs.create(Job(id=new_job_id(), status=JobStatus.QUEUED, options={}, input_key="k"))
+    lost = _take(LeaseStore(redis_client, ttl_s=60), redis_client, "t3", A)
+    assert jobs.start(job.id, worker="a", device="cpu", max_attempts=3, fence=lost).started
+    jobs.cancel(job.id)
+    for key in _outputs(job.id, attempt_of(lost)).values():
+        object_store.put_bytes(key, b"written after the cancel")
+    ctx = _context(settings, redis_client, object_store, "b@host")
+    fence = _handed_over(ctx.leases, redis_client, "t3", A, B)
+    assert run_job(ctx, job.id, fence) == "canceled"
+    assert list(object_store.list_keys(keys.results_prefix(job.id))) == []
