@@ -115,11 +115,13 @@ def _run_all(store: BatchStore, batch_id: str, items: int) -> None:
 
 
 def _outputs(batch_id: str, item: str, info: dict) -> dict:
+    attempt = "g1234567"  # a lease generation as a busy deployment reaches
     done = {
         **info,
-        "figure_key": keys.figure_key(item, "jpg"),
-        "thumbnail_key": keys.thumbnail_key(item),
-        "manifest_key": keys.manifest_key(item),
+        "figure_key": keys.figure_key(item, "jpg", attempt=attempt),
+        "thumbnail_key": keys.thumbnail_key(item, attempt=attempt),
+        "manifest_key": keys.manifest_key(item, attempt=attempt),
+        "attempt": attempt,
     }
     index = int(item.rpartition("-")[2])
     if index >= DISTINCT:

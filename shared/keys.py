@@ -1,5 +1,11 @@
-"""Object-storage keys (docs/design.md "Storage layout"). Result keys depend only on the job id,
-so a redelivered task overwrites its outputs rather than duplicating them."""
+"""Object-storage keys (docs/design.md "Storage layout").
+
+A job's (or batch item's) outputs are written under a folder of their *attempt*:
+``results/<id>/<attempt>/``, the attempt naming the delivery that wrote them (its lease
+generation, unique for ever). Two deliveries of the same work (a holder presumed dead that
+comes back, a handed-over task, a storage retry) never write the same object, and the record's
+fenced transition names the folder whose objects count: readers use only the keys a record
+holds, never keys derived from its id."""
 
 from __future__ import annotations
 
@@ -8,36 +14,43 @@ def input_key(job_id: str, ext: str, n: int = 0) -> str:
     return f"inputs/{job_id}/{n}.{ext}"
 
 
-def figure_key(job_id: str, fmt: str) -> str:
-    return f"results/{job_id}/feature_maps.{fmt}"
+def attempt_dir(job_id: str, attempt: str) -> str:
+    """The folder of one attempt's outputs. ``attempt`` '' is the layout of records written
+    before attempts (``results/<id>/``), which their keys still name."""
+    return f"results/{job_id}/{attempt}/" if attempt else f"results/{job_id}/"
 
 
-def thumbnail_key(job_id: str) -> str:
-    return f"results/{job_id}/thumbnail.jpg"
+def figure_key(job_id: str, fmt: str, *, attempt: str) -> str:
+    return f"{attempt_dir(job_id, attempt)}feature_maps.{fmt}"
 
 
-def input_preview_key(job_id: str) -> str:
-    return f"results/{job_id}/input.jpg"
+def thumbnail_key(job_id: str, *, attempt: str) -> str:
+    return f"{attempt_dir(job_id, attempt)}thumbnail.jpg"
 
 
-def manifest_key(job_id: str) -> str:
-    return f"results/{job_id}/manifest.json"
+def input_preview_key(job_id: str, *, attempt: str) -> str:
+    return f"{attempt_dir(job_id, attempt)}input.jpg"
 
 
-def arrays_key(job_id: str) -> str:
-    return f"results/{job_id}/maps.npz"
+def manifest_key(job_id: str, *, attempt: str) -> str:
+    return f"{attempt_dir(job_id, attempt)}manifest.json"
 
 
-def scores_key(job_id: str) -> str:
+def arrays_key(job_id: str, *, attempt: str) -> str:
+    return f"{attempt_dir(job_id, attempt)}maps.npz"
+
+
+def scores_key(job_id: str, *, attempt: str) -> str:
     """A batch item's channel scores (dataset examples): float32 [2, channels], .npy."""
-    return f"results/{job_id}/scores.npy"
+    return f"{attempt_dir(job_id, attempt)}scores.npy"
 
 
-def layer_key(job_id: str, index: int, layer: str) -> str:
-    return f"results/{job_id}/layers/{index:02d}_{layer}.png"
+def layer_key(job_id: str, index: int, layer: str, *, attempt: str) -> str:
+    return f"{attempt_dir(job_id, attempt)}layers/{index:02d}_{layer}.png"
 
 
 def results_prefix(job_id: str) -> str:
+    """Every attempt's outputs of a job or item (what cancel and retention delete)."""
     return f"results/{job_id}/"
 
 

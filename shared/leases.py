@@ -25,7 +25,8 @@ Every change is one Lua compare-and-set:
   queue with a new delivery tag, in the same script that clears the lease's generation.
 - :data:`FENCE_LUA`: the final status changes of jobs and batch items (shared/jobs.py,
   shared/batches.py) check that the caller's generation still holds the lease, so a stale
-  holder's outcome is dropped.
+  holder's outcome is dropped. The generation also names the folder a delivery writes its
+  outputs to (shared/keys.py), so only the objects of the holder that recorded are named.
 """
 
 from __future__ import annotations

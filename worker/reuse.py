@@ -4,7 +4,8 @@ A result is fully determined by the input's bytes, the options that change the o
 weights' identity and the computation's version; :func:`result_digest` hashes exactly these.
 After a job or batch item succeeds, the Redis index ``featuremaps:result:<digest>`` names it
 and its output keys, for the record TTL. A later job or item with the same digest gets
-server-side copies of those objects under its own keys and a manifest rewritten for its id
+server-side copies of those objects under its own keys (in the folder of its own attempt,
+shared/keys.py) and a manifest rewritten for its id
 (``reused_from``), without a model pass, and becomes the index's source in turn. Each record
 thus owns its objects and retention keeps deleting per record: nothing points at an object
 that another record's expiry can delete. A copy that finds its source gone (retention got
@@ -142,16 +143,17 @@ def digest_of(
 
 
 def copy_result(
-    store: ObjectStore, source: Source, target_id: str, *, input_preview: bool
+    store: ObjectStore, source: Source, target_id: str, *, attempt: str, input_preview: bool
 ) -> dict | None:
-    """Server-side copies of the source's outputs under ``target_id``'s keys, the manifest
-    (rewritten: ``job_id``, ``reused_from``) last; the target's stored result, or None when
-    the source's objects are gone. ``input_preview`` keeps the source's input preview."""
-    stored = _rekeyed(source, target_id, input_preview=input_preview)
+    """Server-side copies of the source's outputs under ``target_id``'s keys in the folder of
+    ``attempt``, the manifest (rewritten: ``job_id``, ``reused_from``) last; the target's
+    stored result, or None when the source's objects are gone. ``input_preview`` keeps the
+    source's input preview."""
+    stored = _rekeyed(source, target_id, attempt=attempt, input_preview=input_preview)
     try:
         manifest = json.loads(store.get_bytes(source.stored["manifest_key"]))
         for key in _object_keys(source.stored):
-            target = _rekey(key, source.record_id, target_id)
+            target = _rekey(key, source, target_id, attempt)
             if input_preview or key != source.stored.get("input_preview_key"):
                 store.copy(key, target)
     except NotFound as exc:
@@ -168,9 +170,9 @@ def _object_keys(stored: dict) -> list[str]:
     return [stored[f] for f in _OBJECT_FIELDS if stored.get(f)] + stored.get("layer_keys", [])
 
 
-def _rekeyed(source: Source, target_id: str, *, input_preview: bool) -> dict:
+def _rekeyed(source: Source, target_id: str, *, attempt: str, input_preview: bool) -> dict:
     def rekey(key: str) -> str:
-        return _rekey(key, source.record_id, target_id)
+        return _rekey(key, source, target_id, attempt)
 
     stored = dict(source.stored)
     for name, value in source.stored.items():
@@ -183,11 +185,13 @@ def _rekeyed(source: Source, target_id: str, *, input_preview: bool) -> dict:
     return stored
 
 
-def _rekey(key: str, source_id: str, target_id: str) -> str:
-    prefix = keys.results_prefix(source_id)
-    if not key.startswith(prefix):
-        raise ValueError(f"{key!r} is not under {prefix!r}")
-    return keys.results_prefix(target_id) + key.removeprefix(prefix)
+def _rekey(key: str, source: Source, target_id: str, attempt: str) -> str:
+    """``key``'s place in the target's folder: its path below the folder of the source's
+    manifest (its attempt's, or ``results/<id>/`` for a result written before attempts)."""
+    folder = source.stored["manifest_key"].rpartition("/")[0] + "/"
+    if not (folder.startswith(keys.results_prefix(source.record_id)) and key.startswith(folder)):
+        raise ValueError(f"{key!r} is not under {folder!r}")
+    return keys.attempt_dir(target_id, attempt) + key.removeprefix(folder)
 
 
 @dataclass
@@ -211,6 +215,8 @@ class ChunkReuse:
     owner: str
     # the model the options name (worker.runtime.WorkerContext.model_for)
     loaded: Any = None
+    # the folder of this delivery's outputs (worker.execute.attempt_of): copies go there too
+    attempt: str = ""
     digests: dict[str, str] = field(default_factory=dict)
     computed: dict[str, tuple[str, Any]] = field(default_factory=dict)
     stored: dict[str, dict] = field(default_factory=dict)
@@ -265,6 +271,7 @@ class ChunkReuse:
                     self.ctx.store,
                     sources[self.digests[item]],
                     item,
+                    attempt=self.attempt,
                     input_preview=False,
                 )
                 for position, item in hits

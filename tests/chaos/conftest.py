@@ -5,12 +5,14 @@ faults. Every process is stopped when the test ends; every wait is bounded."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
+from shared.jobs import job_key
 from shared.queue import WORKER_QUEUES
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -20,8 +22,9 @@ from tests.helpers import accepted, submit_archive, submit_job, wait_until_finis
 from tests.integration.deployment import Deployment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# What one successful run leaves under results/<id>/ (docs/design.md "Storage layout"), sorted:
-# exactly these, once each, whatever was killed or retried. Batch items get no input preview.
+# What one successful run leaves in its attempt's folder, results/<id>/<attempt>/ (docs/design.md
+# "Storage layout"), sorted: exactly these, in one folder, whatever was killed or retried.
+# Batch items get no input preview.
 JOB_OUTPUTS = ["feature_maps.jpg", "input.jpg", "manifest.json", "thumbnail.jpg"]
 # A batch item's outputs (batches gather dataset examples by default: its channel scores too).
 ITEM_OUTPUTS = ["feature_maps.jpg", "manifest.json", "scores.npy", "thumbnail.jpg"]
@@ -134,8 +137,31 @@ class ChaosStack(Deployment):
         self.redis.close()
 
     def outputs(self, job_id: str) -> list[str]:
-        """The names of a job's (or item's) result objects, sorted."""
-        return [key.removeprefix(f"results/{job_id}/") for key in self.result_keys(job_id)]
+        """The names of a job's (or item's) result objects in its attempt's folder, sorted.
+        Objects in more than one attempt's folder fail the test once the attempt that recorded
+        has had a few seconds to delete the others (it does right after its record); a job
+        whose record names its outputs must name that folder."""
+        wait_until(
+            lambda: len(self.attempts(job_id)) <= 1,
+            timeout_s=10,
+            what=f"the outputs of one attempt of {job_id} ({self.result_keys(job_id)})",
+        )
+        recorded = self.recorded_folder(job_id)
+        keys = self.result_keys(job_id)
+        assert recorded is None or all(key.startswith(recorded) for key in keys), (recorded, keys)
+        return [key.removeprefix(f"results/{job_id}/").split("/", 1)[1] for key in keys]
+
+    def attempts(self, job_id: str) -> set[str]:
+        """The attempts' folders that hold objects of a job (or item)."""
+        prefix = f"results/{job_id}/"
+        return {key.removeprefix(prefix).split("/", 1)[0] for key in self.result_keys(job_id)}
+
+    def recorded_folder(self, job_id: str) -> str | None:
+        """The folder of the outputs a job's record names (None: no job, or no result)."""
+        raw = self.redis.hget(job_key(job_id), "result")
+        if raw is None:
+            return None
+        return json.loads(raw)["manifest_key"].rpartition("/")[0] + "/"
 
     def result_keys(self, job_id: str) -> list[str]:
         return sorted(self.store().list_keys(f"results/{job_id}/"))

@@ -21,6 +21,8 @@ And a file in the gate directory, for faults that no input can carry:
 Whatever the input, a job or chunk task that raises records ``task-raised`` (e.g. Redis down
 at its end).
 
+Every manifest written is recorded as ``wrote:<key>`` (which attempt's folder wrote last).
+
 Every event is appended to ``$CHAOS_GATE_DIR/events`` as ``<event> <pid>`` so a test can see
 what happened in which process, and ``release`` in that directory opens every hold.
 """
@@ -85,9 +87,12 @@ def process_images(loaded, images, options, *, max_pixels: int, **kwargs):
 
 
 def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream"):
-    if _holding_upload["on"] and key.endswith("/manifest.json"):
+    manifest = key.endswith("/manifest.json")
+    if _holding_upload["on"] and manifest:
         _wait_for_release("hold-upload")
-    return _real_put_bytes(self, key, data, content_type)
+    _real_put_bytes(self, key, data, content_type)
+    if manifest:
+        _record(f"wrote:{key}")
 
 
 def _recording_raise(real):

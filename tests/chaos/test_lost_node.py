@@ -2,13 +2,15 @@
 default visibility timeout (600 s), with a second worker already running. Its work is handed
 over once its heartbeat expires (keeper/recovery.py) and the live worker finishes it within
 the 30 s the issue asks for; each output is written once, attempts are recorded, and the
-original message, should it come back, is dropped without a rerun.
+original message, should it come back, is dropped without a rerun. A paused holder that comes
+back mid-upload writes into its own attempt's folder, which no record names, and deletes it.
 
 The figures printed here (kill → finished) are the ones in docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -18,7 +20,7 @@ from shared.queue import UNACKED_INDEX_KEY, UNACKED_KEY
 from shared.records import parse_iso
 from stack.services import ManagedProcess, wait_until
 from tests.chaos.conftest import ITEM_OUTPUTS, JOB_OUTPUTS, ChaosStack
-from tests.chaos.faults import HOLD, marked_png
+from tests.chaos.faults import HOLD, HOLD_UPLOAD, marked_png
 from tests.chaos.test_batch_faults import _items
 from tests.helpers import zip_of
 
@@ -121,7 +123,7 @@ def test_the_original_message_coming_back_is_dropped_without_a_rerun(make_stack)
     stack.release()
     doc = stack.wait_finished(held)
     assert doc["status"] == "succeeded" and doc["attempts"] == 2, doc
-    manifest = f"results/{held}/manifest.json"
+    manifest = f"{stack.recorded_folder(held)}manifest.json"
     written = dict(stack.store().list_modified(f"results/{held}/"))
 
     stack.redis.hset(UNACKED_KEY, *original)
@@ -162,5 +164,55 @@ def test_a_paused_worker_that_comes_back_records_nothing_over_the_new_holder(mak
     assert doc["status"] == "succeeded" and doc["worker"] == live.hostname, doc
     assert doc["attempts"] == 2
     assert stack.outputs(held) == JOB_OUTPUTS
+    assert paused.is_running
+    wait_until(stack.queue_is_drained, timeout_s=30, what="empty queue")
+
+
+def test_two_writers_racing_on_one_object_only_the_fenced_winners_count(make_stack):
+    """The same job's manifest written by two holders: one paused mid-upload (figure, thumbnail
+    and preview written, the manifest next) is handed over, the live worker writes and records
+    its outputs, then the paused one resumes and writes its manifest. Keyed by the job id
+    alone, that write landed on the winner's manifest; in its own attempt's folder no record
+    names it, and the loser deletes the folder once its fenced ``succeed`` is refused."""
+    stack = make_stack(**DEFAULT_LIMITS)
+    workers = _two_workers(stack)
+    held = stack.submit(marked_png(HOLD_UPLOAD))
+    (loser_pid,) = stack.wait_event("hold-upload")
+    paused, live = _holder_and_other(workers, loser_pid)
+    os.killpg(paused.pid, signal.SIGSTOP)  # main process and pool: no heartbeat, no ack
+    try:
+        # Handed over once its heartbeat expired; the live worker is held at the same point.
+        stack.wait_event("hold-upload", count=2, timeout_s=60)
+        stack.release()
+        doc = stack.wait_finished(held)  # recorded while the loser still sleeps
+        assert stack.outputs(held) == JOB_OUTPUTS  # the loser's figure etc. deleted by now
+        winners = dict(stack.store().list_modified(f"results/{held}/"))
+    finally:
+        os.killpg(paused.pid, signal.SIGCONT)
+
+    def loser_wrote() -> list[str]:
+        return [
+            e.removeprefix("wrote:")
+            for e, pid in stack.events()
+            if pid == loser_pid and e.startswith("wrote:")
+        ]
+
+    wait_until(lambda: loser_wrote(), timeout_s=60, what="the resumed loser writing its manifest")
+    log = Path(stack.run_dir / f"{paused.name}.log")
+    wait_until(
+        lambda: "its outcome here is dropped" in log.read_text(),
+        timeout_s=60,
+        what="the paused worker's log saying its outcome was dropped",
+    )
+    assert doc["status"] == "succeeded" and doc["worker"] == live.hostname, doc
+    assert doc["attempts"] == 2
+    (loser_manifest,) = loser_wrote()
+    recorded = stack.recorded_folder(held)
+    assert loser_manifest.startswith(f"results/{held}/") and not loser_manifest.startswith(recorded)
+    assert not stack.store().exists(loser_manifest), "the loser deleted its own folder"
+    # Every object the record names is the winner's, unchanged; nothing else is left.
+    assert dict(stack.store().list_modified(f"results/{held}/")) == winners
+    manifest = json.loads(stack.store().get_bytes(f"{recorded}manifest.json"))
+    assert manifest["job_id"] == held
     assert paused.is_running
     wait_until(stack.queue_is_drained, timeout_s=30, what="empty queue")

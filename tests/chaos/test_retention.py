@@ -20,6 +20,9 @@ TTL_S = 3600
 def test_owner_of_each_object_key():
     assert owner_record_key("inputs/abc123/0.png") == "featuremaps:job:abc123"
     assert owner_record_key("results/abc123/layers/00_conv1.png") == "featuremaps:job:abc123"
+    # In an attempt's folder, named by a record or not: owned by the id all the same.
+    assert owner_record_key("results/abc123/g17/layers/00_conv1.png") == "featuremaps:job:abc123"
+    assert owner_record_key("results/b0b1-000042/g9/manifest.json") == "featuremaps:batch:b0b1"
     assert owner_record_key("inputs/b0b1-000042/0.jpg") == "featuremaps:batch:b0b1"
     assert owner_record_key("batches/b0b1/results.zip") == "featuremaps:batch:b0b1"
     assert owner_record_key("batches/b0b1/results-00002.zip") == "featuremaps:batch:b0b1"
@@ -38,6 +41,7 @@ def test_sweep_deletes_only_old_objects_whose_record_is_gone(object_store, redis
     kept = {
         f"inputs/{live}/0.png",
         f"results/{live}/manifest.json",
+        f"results/{live}/g3/manifest.json",
         f"batches/{live_batch}/source.zip",
         f"inputs/{live_batch}-000000/0.png",
         "uploads-of-someone-else/x.png",
@@ -46,9 +50,12 @@ def test_sweep_deletes_only_old_objects_whose_record_is_gone(object_store, redis
         f"inputs/{gone}/0.png",
         f"results/{gone}/feature_maps.jpg",
         f"results/{gone}/layers/00_conv1.png",
+        f"results/{gone}/g4/feature_maps.jpg",
+        f"results/{gone}/g5/manifest.json",  # an attempt no record named
         f"batches/{gone_batch}/manifest.jsonl",
         f"inputs/{gone_batch}-000001/0.png",
         f"results/{gone_batch}-000001/manifest.json",
+        f"results/{gone_batch}-000001/g6/thumbnail.jpg",
     }
     for key in kept | expired:
         object_store.put_bytes(key, b"x")

@@ -101,9 +101,10 @@ def _expanded(store: BatchStore, batch_id: str, total: int, **batch: object) -> 
 
 def _succeeded(batch_id: str, item: str) -> dict:
     return {
-        "figure_key": keys.figure_key(item, "png"),
-        "thumbnail_key": keys.thumbnail_key(item),
-        "manifest_key": keys.manifest_key(item),
+        "figure_key": keys.figure_key(item, "png", attempt="g5"),
+        "thumbnail_key": keys.thumbnail_key(item, attempt="g5"),
+        "manifest_key": keys.manifest_key(item, attempt="g5"),
+        "attempt": "g5",
     }
 
 
@@ -157,8 +158,8 @@ def test_item_info_round_trips_exactly(redis_client):
             "name": "elsewhere.jpg",
             "input_key": "inputs/x/0.jpg",
             "figure_key": "results/other/feature_maps.svg",
-            "thumbnail_key": keys.thumbnail_key(a),  # another item's: kept as written
-            "manifest_key": keys.manifest_key(c),
+            "thumbnail_key": keys.thumbnail_key(a, attempt="g5"),  # another item's: kept whole
+            "manifest_key": keys.manifest_key(c, attempt=""),  # written before attempts
             "reused": True,
             "reused_from": "0123abcd",  # a job
             "n": "a field named like a short one",

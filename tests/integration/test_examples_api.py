@@ -120,7 +120,7 @@ def make_batch(
     records.start_items(batch_id, ids, token="chunk")
     outcomes = []
     for n, i in enumerate(ids):
-        figure = keys.figure_key(i, "jpg")
+        figure = keys.figure_key(i, "jpg", attempt="g1")
         store.put_bytes(figure, _jpeg(Image.new("RGB", (32, 32), (n * 40, 90, 90))), "image/jpeg")
         outcomes.append((i, ItemStatus.SUCCEEDED, {"name": member_name(n), "figure_key": figure}))
     records.finish_items(batch_id, outcomes)

@@ -5,6 +5,7 @@ logs name them, and inputs are deleted once their job or batch has ended."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import uuid
 import pytest
 import requests
 
+from shared.jobs import job_key
 from shared.storage import ObjectStore
 from stack.commands import api_command
 from stack.services import free_port, wait_until
@@ -164,7 +166,8 @@ def test_finished_job_input_is_deleted_and_figure_kept(deployment, store):
     doc = wait_for_job(deployment.api, job_id, headers=ALICE)
     assert doc["status"] == "succeeded"
     _wait_gone(store, lambda: list(store.list_keys(f"inputs/{job_id}/")))
-    assert f"results/{job_id}/feature_maps.jpg" in set(store.list_keys(f"results/{job_id}/"))
+    (figure,) = [k for k in store.list_keys(f"results/{job_id}/") if "feature_maps" in k]
+    assert figure == json.loads(deployment.redis.hget(job_key(job_id), "result"))["figure_key"]
     assert requests.get(doc["result"]["figure_url"], timeout=10).status_code == 200
     # Another token cannot see it; the record names the token, never holds it.
     other = requests.get(f"{deployment.api}/jobs/{job_id}", headers=BOB, timeout=10)

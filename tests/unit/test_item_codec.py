@@ -21,13 +21,23 @@ ITEM = "b1-000300"
         {"name": "x.jpg", "input_key": keys.batch_input_pack_key("b1", 3)},  # another block's
         {"name": "x.jpg", "error": {"code": "not_an_image", "message": "a | b"}},
         {
-            "figure_key": keys.figure_key(ITEM, "webp"),
-            "thumbnail_key": keys.thumbnail_key(ITEM),
-            "manifest_key": keys.manifest_key(ITEM),
+            "figure_key": keys.figure_key(ITEM, "webp", attempt="g41"),
+            "thumbnail_key": keys.thumbnail_key(ITEM, attempt="g41"),
+            "manifest_key": keys.manifest_key(ITEM, attempt="g41"),
             "reused": True,
             "reused_from": "b1-000007",
+            "attempt": "g41",
         },
-        {"figure_key": keys.figure_key("b1-000301", "jpg"), "reused_from": "b1-7"},
+        # Written before attempts: the keys of the old layout are still derived.
+        {
+            "figure_key": keys.figure_key(ITEM, "webp", attempt=""),
+            "thumbnail_key": keys.thumbnail_key(ITEM, attempt=""),
+            "manifest_key": keys.manifest_key(ITEM, attempt=""),
+        },
+        # Keys of another attempt than the info's own are kept whole, never re-derived.
+        {"manifest_key": keys.manifest_key(ITEM, attempt="g7"), "attempt": "g8"},
+        {"figure_key": keys.figure_key("b1-000301", "jpg", attempt="g3"), "reused_from": "b1-7"},
+        {"a": 1, "attempt": "g2", "scores_key": keys.scores_key(ITEM, attempt="g2")},
         {"reused_from": "b10-000007", "manifest_key": 0, "thumbnail_key": ["a"]},
         {"n": 1, "~n": 2, "i": None, "callbacks": [{"status": 200}], "callback_state": "x"},
     ],
@@ -43,12 +53,15 @@ def test_derived_values_are_left_out():
         "name": "n01440764/n01440764_10026.JPEG",
         "input_key": keys.batch_input_pack_key("b1", 2),
         "input_range": [1_234_567, 110_000],
-        "figure_key": keys.figure_key(ITEM, "jpg"),
-        "thumbnail_key": keys.thumbnail_key(ITEM),
-        "manifest_key": keys.manifest_key(ITEM),
+        "figure_key": keys.figure_key(ITEM, "jpg", attempt="g1234567"),
+        "thumbnail_key": keys.thumbnail_key(ITEM, attempt="g1234567"),
+        "manifest_key": keys.manifest_key(ITEM, attempt="g1234567"),
+        "scores_key": keys.scores_key(ITEM, attempt="g1234567"),
         "reused": True,
         "reused_from": "b1-000007",
+        "attempt": "g1234567",
     }
     packed = pack_info(PLACE, info)
     assert "results/" not in packed and "batches/" not in packed and "b1-" not in packed
-    assert len(packed) < 100
+    assert packed.count("g1234567") == 1  # the attempt once, not once per key
+    assert len(packed) < 120

@@ -56,24 +56,35 @@ def test_another_computation_version_changes_the_digest(monkeypatch):
     assert result_digest(WEIGHTS, JobOptions(), DATA) != before
 
 
-def test_a_copied_result_names_the_targets_own_keys():
+@pytest.mark.parametrize("folder", ["results/src/g12/", "results/src/"])
+def test_a_copied_result_names_the_targets_own_keys_in_its_attempts_folder(folder):
+    # The source's outputs in the folder of its attempt, or in the layout before attempts.
     source = Source(
         "src",
         {
-            "figure_key": "results/src/feature_maps.jpg",
-            "manifest_key": "results/src/manifest.json",
-            "input_preview_key": "results/src/input.jpg",
-            "layer_keys": ["results/src/layers/00_conv1.png"],
+            "figure_key": f"{folder}feature_maps.jpg",
+            "manifest_key": f"{folder}manifest.json",
+            "input_preview_key": f"{folder}input.jpg",
+            "layer_keys": [f"{folder}layers/00_conv1.png"],
             "weights": WEIGHTS,
         },
     )
-    stored = _rekeyed(source, "dst-000001", input_preview=False)
+    stored = _rekeyed(source, "dst-000001", attempt="g40", input_preview=False)
     assert stored == {
-        "figure_key": "results/dst-000001/feature_maps.jpg",
-        "manifest_key": "results/dst-000001/manifest.json",
-        "layer_keys": ["results/dst-000001/layers/00_conv1.png"],
+        "figure_key": "results/dst-000001/g40/feature_maps.jpg",
+        "manifest_key": "results/dst-000001/g40/manifest.json",
+        "layer_keys": ["results/dst-000001/g40/layers/00_conv1.png"],
         "weights": WEIGHTS,
     }
+
+
+def test_a_key_outside_the_sources_folder_is_never_copied():
+    source = Source(
+        "src",
+        {"figure_key": "results/other/g1/f.jpg", "manifest_key": "results/src/g2/manifest.json"},
+    )
+    with pytest.raises(ValueError, match="is not under"):
+        _rekeyed(source, "dst", attempt="g3", input_preview=False)
 
 
 def test_the_digest_names_the_precision_that_ran_not_the_option():

@@ -34,11 +34,11 @@ from shared.errors import (
     NotFound,
     StorageUnavailable,
 )
-from shared.leases import UNFENCED, Fence
+from shared.leases import UNFENCED, Fence, LeaseLost
 from shared.options import JobOptions
 from worker import metrics
 from worker.batches import IO_THREADS, Finalize
-from worker.execute import upload_outputs
+from worker.execute import attempt_of, drop_attempt, drop_other_attempts, upload_outputs
 from worker.reuse import ChunkReuse, Reused
 from worker.runtime import WorkerContext
 
@@ -61,7 +61,20 @@ class Delivery:
 
 def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Delivery) -> int:
     """Process the chunk's items that are still queued (or were started by this same
-    delivery); returns how many were processed. Storage errors propagate for a retry."""
+    delivery); returns how many were processed. Storage errors propagate for a retry.
+    Outputs go to the folder of this delivery's attempt (shared/keys.py); once its work was
+    handed over (:class:`LeaseLost`, whichever step finds it), what it uploaded is deleted."""
+    attempt = attempt_of(delivery.fence)
+    try:
+        return _run_chunk(ctx, batch_id, ids, delivery, attempt)
+    except LeaseLost:
+        drop_attempt(ctx.store, ids, attempt)
+        raise
+
+
+def _run_chunk(
+    ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Delivery, attempt: str
+) -> int:
     store = ctx.batches
     started = store.start_items(batch_id, ids, token=delivery.token, fence=delivery.fence)
     if len(started) < len(ids) and store.settle_canceled(batch_id, ids):
@@ -81,7 +94,7 @@ def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Deliv
         _fail_started(ctx, batch_id, started, delivery, exc.code, exc.message)
         return len(started)
     items = store.get_items(batch_id, started)
-    reuse = ChunkReuse(ctx, options, batch.owner, loaded)
+    reuse = ChunkReuse(ctx, options, batch.owner, loaded, attempt=attempt)
     lost = items[started[0]].attempts - 1 - delivery.retries if started[0] in items else 0
     if lost > 0:
         return _one_at_a_time(ctx, batch_id, started, items, options, reuse, delivery, lost, loaded)
@@ -105,7 +118,7 @@ def run_chunk(ctx: WorkerContext, batch_id: str, ids: list[str], delivery: Deliv
             ]
         outcomes = [upload.result() for upload in uploads]
     metrics.chunk_done(results)
-    finished = store.finish_items(batch_id, outcomes, fence=delivery.fence)
+    finished = _record(ctx, batch_id, outcomes, delivery, reuse, items)
     reuse.remember([i for i, status, _ in outcomes if status == ItemStatus.SUCCEEDED])
     if finished:
         delivery.finalize(batch_id)
@@ -149,7 +162,7 @@ def _one_at_a_time(
     """A chunk whose worker was lost ``lost`` times before: each item is computed, stored and
     recorded before the next starts; the first is failed ``worker_lost`` instead once it
     was in line when the worker was lost ``MAX_ATTEMPTS`` times."""
-    store, results = ctx.batches, []
+    results = []
     log.warning(
         "chunk of batch %s: its worker was lost %d time(s); running its %d item(s) one at a time",
         batch_id,
@@ -174,7 +187,7 @@ def _one_at_a_time(
             ctx.leases.check(delivery.fence, f"chunk of batch {batch_id}")
             results.append(result)
             outcome = _store_outcome(ctx, reuse, item, info, result)
-        if store.finish_items(batch_id, [outcome], fence=delivery.fence):
+        if _record(ctx, batch_id, [outcome], delivery, reuse, items):
             delivery.finalize(batch_id)
         if outcome[1] == ItemStatus.SUCCEEDED:
             reuse.remember([item])
@@ -271,6 +284,24 @@ def _process_one(ctx: WorkerContext, loaded: Any, data: Any, options: JobOptions
 _ITEM_KEYS = ("figure_key", "thumbnail_key", "manifest_key", "scores_key")
 
 
+def _record(
+    ctx: WorkerContext,
+    batch_id: str,
+    outcomes: list[tuple[str, ItemStatus, dict]],
+    delivery: Delivery,
+    reuse: ChunkReuse,
+    items: dict,
+) -> bool:
+    """Record outcomes under the delivery's fence; True when they were the batch's last.
+    Only recorded keys count (shared/keys.py): once recorded, what earlier attempts of its
+    redelivered items (started more than once) left is deleted."""
+    finished = ctx.batches.finish_items(batch_id, outcomes, fence=delivery.fence)
+    for item, _, _ in outcomes:
+        if item in items and items[item].attempts > 1:
+            drop_other_attempts(ctx.store, item, reuse.attempt)
+    return finished
+
+
 def _store_outcome(
     ctx: WorkerContext, reuse: ChunkReuse, item: str, info: dict, result: Any
 ) -> tuple[str, ItemStatus, dict]:
@@ -279,9 +310,10 @@ def _store_outcome(
     if isinstance(result, Reused):
         stored = result.stored
     else:
-        stored = upload_outputs(ctx, item, result, with_input_preview=False)
+        stored = upload_outputs(ctx, item, result, attempt=reuse.attempt, with_input_preview=False)
     reuse.stored[item] = stored
-    kept = {k: stored[k] for k in _ITEM_KEYS if k in stored}
+    # The folder of its keys (shared/item_codec.py derives them from it).
+    kept = {k: stored[k] for k in _ITEM_KEYS if k in stored} | {"attempt": reuse.attempt}
     if result.reused_from:
         kept.update(reused=True, reused_from=result.reused_from)
     return item, ItemStatus.SUCCEEDED, {**info, **kept}
