@@ -142,25 +142,24 @@ def _queue_metrics(svc) -> list[str]:
 
 
 def _keeper_metrics(svc) -> list[str]:
-    out = [
-        "# HELP featuremaps_handovers_total Tasks of lost nodes (holder's heartbeat expired) "
-        "the keeper moved back to the front of their queue, by task.\n",
-        "# TYPE featuremaps_handovers_total counter\n",
-    ]
-    out += [
-        f'featuremaps_handovers_total{{task="{t}"}} {n}\n'
-        for t, n in counts(svc.redis, HANDOVER).items()
-    ]
-    out += [
-        "# HELP featuremaps_reconciler_repairs_total Lost signals the keeper's reconciler "
-        "repaired, by kind.\n",
-        "# TYPE featuremaps_reconciler_repairs_total counter\n",
-    ]
-    out += [
-        f'featuremaps_reconciler_repairs_total{{kind="{k}"}} {n}\n'
-        for k, n in counts(svc.redis, REPAIR).items()
-    ]
-    return out
+    return _counter(
+        "featuremaps_handovers_total",
+        "Tasks of lost nodes (holder's heartbeat expired) the keeper moved back to the front "
+        "of their queue, by task.",
+        "task",
+        counts(svc.redis, HANDOVER),
+    ) + _counter(
+        "featuremaps_reconciler_repairs_total",
+        "Lost signals the keeper's reconciler repaired, by kind.",
+        "kind",
+        counts(svc.redis, REPAIR),
+    )
+
+
+def _counter(name: str, help_text: str, label: str, values: dict[str, int]) -> list[str]:
+    """One counter family in the text format, a series per label value."""
+    out = [f"# HELP {name} {help_text}\n", f"# TYPE {name} counter\n"]
+    return out + [f'{name}{{{label}="{key}"}} {n}\n' for key, n in values.items()]
 
 
 def _age(message: bytes | None, now: float) -> float | None:
