@@ -25,7 +25,15 @@ HANDOVER_TASKS = (
     "finalize_batch_shard",
     "render_examples",
 )
-REPAIR_KINDS = ("job_requeued", "expand", "finalize", "webhook", "turn_resent", "turn_added")
+REPAIR_KINDS = (
+    "job_requeued",
+    "job_restored",
+    "expand",
+    "finalize",
+    "webhook",
+    "turn_resent",
+    "turn_added",
+)
 
 
 def count(redis: Redis, what: str, label: str, n: int = 1) -> None:

@@ -14,6 +14,11 @@ def input_key(job_id: str, ext: str, n: int = 0) -> str:
     return f"inputs/{job_id}/{n}.{ext}"
 
 
+def job_spec_key(job_id: str) -> str:
+    """The job's record as it was created, beside its input (api/restore.py)."""
+    return f"inputs/{job_id}/job.json"
+
+
 def attempt_dir(job_id: str, attempt: str) -> str:
     """The folder of one attempt's outputs. ``attempt`` '' is the layout of records written
     before attempts (``results/<id>/``), which their keys still name."""

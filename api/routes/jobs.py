@@ -9,12 +9,14 @@ from api.enqueue import best_effort, enqueue
 from api.idempotency import Answer, Idempotency, file_digest, fingerprint, idempotency_key
 from api.layers import RAW_MEDIA_TYPE, layer_json, layer_raw, read_layer_map
 from api.models import check_model
+from api.restore import restore_lost_job, save_spec
 from api.services import Services, services
 from api.uploads import Upload, read_image_upload
 from shared import documents, keys
 from shared.errors import Conflict
-from shared.jobs import Job, JobStatus, new_job_id
+from shared.jobs import Job, JobNotFound, JobStatus, new_job_id
 from shared.queue import JOBS_QUEUE, RENDER_JOB
+from shared.records import valid_id
 from shared.webhooks import accepted_callback_url
 
 bp = Blueprint("jobs", __name__)
@@ -62,7 +64,14 @@ def _submitted(svc: Services, upload: Upload, owner: str, callback_url: str | No
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str):
     svc = services()
-    job = svc.jobs.get(job_id, owner=svc.caller(request))
+    owner = svc.caller(request)
+    try:
+        job = svc.jobs.get(job_id, owner=owner)
+    except JobNotFound:
+        # Accepted, then lost with the last second of Redis's append-only file?
+        job = restore_lost_job(svc, job_id, owner) if valid_id(job_id) else None
+        if job is None:
+            raise
     return job_document(svc, job)
 
 
@@ -93,7 +102,8 @@ def cancel_job(job_id: str):
     if not svc.settings.keep_inputs:
         # Ended: no worker will read the input again (one already running has it in memory).
         best_effort(
-            f"input of canceled job {job_id}", lambda: svc.store.delete_keys([job.input_key])
+            f"input of canceled job {job_id}",
+            lambda: svc.store.delete_prefix(keys.inputs_prefix(job_id)),
         )
     return job_document(svc, job), 202
 
@@ -120,6 +130,7 @@ def enqueue_job(
         owner=owner,
         callback_url=callback_url,
     )
+    save_spec(svc, job)  # so that a record lost after the 202 can be restored
     enqueue(
         svc.producer,
         kind="job",
@@ -127,7 +138,10 @@ def enqueue_job(
         create=lambda: svc.jobs.create(job),
         task=RENDER_JOB,
         queue=JOBS_QUEUE,
-        undo=[lambda: svc.jobs.delete(job_id), lambda: svc.store.delete_prefix(input_key)],
+        undo=[
+            lambda: svc.jobs.delete(job_id),
+            lambda: svc.store.delete_prefix(keys.inputs_prefix(job_id)),
+        ],
     )
     return job
 

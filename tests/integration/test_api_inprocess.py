@@ -64,7 +64,10 @@ def test_submit_get_and_cancel_a_job(client, redis_client, object_store):
     assert body["links"]["self"] == f"/jobs/{job_id}"
     # Sent by name, with the id only, on the jobs queue; the input is in storage.
     assert redis_client.llen(JOBS_QUEUE) == 1
-    assert list(object_store.list_keys(f"inputs/{job_id}/")) == [f"inputs/{job_id}/0.jpg"]
+    assert sorted(object_store.list_keys(f"inputs/{job_id}/")) == [
+        f"inputs/{job_id}/0.jpg",
+        f"inputs/{job_id}/job.json",  # the record as created (api/restore.py)
+    ]
 
     doc = client.get(f"/jobs/{job_id}").get_json()
     assert doc["status"] == "queued"
