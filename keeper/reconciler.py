@@ -111,7 +111,8 @@ class Reconciler:
     def sweep(self) -> dict[str, int]:
         """Check every record and repair what has waited past the grace period; returns the
         repairs made, by kind."""
-        named = {sent.subject for sent in pending_messages(self.redis, self.options)}
+        pending = list(pending_messages(self.redis, self.options))
+        named = {sent.subject for sent in pending}
         stalled = dict(self._stalled(named, self._nodes_running_jobs()))
         repairs: Counter[str] = Counter()
         for suspect in self._due(set(stalled)):
@@ -120,7 +121,7 @@ class Reconciler:
                 repairs[kind] += 1
                 # Its grace period starts again should the repair be lost too.
                 self.redis.hdel(SUSPECTS_KEY, suspect)
-        repairs.update(self._turns())
+        repairs.update(self._turns({sent.task_id for sent in pending}))
         for kind, n in repairs.items():
             count(self.redis, REPAIR, kind, n)
         return dict(repairs)
@@ -227,8 +228,9 @@ class Reconciler:
         log.warning("%s: its webhook was pending but not in the outbox; put back", key)
         return True
 
-    def _turns(self) -> dict[str, int]:
-        """Batch turns nothing will run, re-sent; a window that lost its turns, topped up."""
+    def _turns(self, present: set[str]) -> dict[str, int]:
+        """Batch turns nothing will run, re-sent; a window that lost its turns, topped up.
+        ``present``: the task ids of the messages this sweep found waiting or unacked."""
 
         def send_turn(turn_id: str) -> None:
             self.send(
@@ -239,7 +241,7 @@ class Reconciler:
                 task_id=turn_id,
             )
 
-        repaired = Scheduler(self.redis, self.settings).repair(send_turn)
+        repaired = Scheduler(self.redis, self.settings).repair(send_turn, present=present)
         for kind, n in repaired.items():
             if n:
                 log.warning("batch turns: %s %d", kind, n)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from redis import Redis
 
 from shared.leases import FENCE_LUA, UNFENCED, Fence, LeaseLost, lease_key
-from shared.queue import BATCH_QUEUE, UNACKED_KEY, broker_options, queue_keys
+from shared.queue import broker_options, pending_messages
 from shared.records import PREFIX, text
 from shared.settings import Settings
 
@@ -292,11 +292,15 @@ def parse_weights(spec: str) -> dict[str, float]:
 LOST_AFTER_S = 30.0
 
 
+def _script_keys(lease: str | None = None) -> list[str]:
+    """KEYS of every script here: the scheduler hash, owners, turns, claims, the lease."""
+    return [SCHED_KEY, OWNERS_KEY, TURNS_KEY, CLAIMS_KEY, lease or UNFENCED.key]
+
+
 def forget(redis: Redis, batch_id: str) -> None:
     """Drop the chunks a canceled batch still had waiting (idempotent): called by the
     cancel itself (shared/batches.py), so no turn is spent on them."""
-    keys = [SCHED_KEY, OWNERS_KEY, TURNS_KEY, CLAIMS_KEY, UNFENCED.key]
-    redis.register_script(_FORGET)(keys=keys, args=[time.time(), 0, batch_id])
+    redis.register_script(_FORGET)(keys=_script_keys(), args=[time.time(), 0, batch_id])
 
 
 def _chunk_text(indexes: Iterable[int]) -> str:
@@ -324,9 +328,6 @@ class Scheduler:
         self._top_up = redis.register_script(_TOP_UP)
         self._touch = redis.register_script(_TOUCH)
 
-    def _keys(self, lease: str | None = None) -> list[str]:
-        return [SCHED_KEY, OWNERS_KEY, TURNS_KEY, CLAIMS_KEY, lease or UNFENCED.key]
-
     def _new_ids(self, n: int) -> list[str]:
         return [str(uuid.uuid4()) for _ in range(n)]
 
@@ -339,14 +340,14 @@ class Scheduler:
         ids = self._new_ids(min(self.window, len(chunks)))
         args = [time.time(), self.window, batch_id, len(ids), *ids]
         args += [_chunk_text(c) for c in chunks]
-        return [text(i) for i in self._add(keys=self._keys(), args=args)]
+        return [text(i) for i in self._add(keys=_script_keys(), args=args)]
 
     def claim(self, turn_id: str, fence: Fence = UNFENCED) -> Claim | str:
         """The chunk turn ``turn_id`` runs, or why it runs none (``'none'``: not
         registered, ended before; ``'idle'``: nothing waits). Raises :class:`LeaseLost`
         when ``fence`` no longer holds the turn's lease."""
         args = [time.time(), self.window, turn_id, self.weights, self.default_weight, fence.gen]
-        out = [text(x) for x in self._claim(keys=self._keys(fence.key), args=args)]
+        out = [text(x) for x in self._claim(keys=_script_keys(fence.key), args=args)]
         if out[0] == "stale":
             raise LeaseLost(f"batch turn {turn_id}")
         if len(out) == 1:
@@ -365,7 +366,7 @@ class Scheduler:
         """End a turn: its chunk is done (every item recorded) or it had none. Returns the
         successors' turn ids to send (registered already)."""
         args = [time.time(), self.window, turn_id, fence.gen, *self._new_ids(2)]
-        outcome, *ids = [text(x) for x in self._end(keys=self._keys(fence.key), args=args)]
+        outcome, *ids = [text(x) for x in self._end(keys=_script_keys(fence.key), args=args)]
         if outcome == "stale":
             raise LeaseLost(f"batch turn {turn_id}")
         return ids
@@ -386,7 +387,11 @@ class Scheduler:
         }
 
     def repair(
-        self, send_turn: Callable[[str], None], *, older_than_s: float = LOST_AFTER_S
+        self,
+        send_turn: Callable[[str], None],
+        *,
+        older_than_s: float = LOST_AFTER_S,
+        present: set[str] | None = None,
     ) -> dict[str, int]:
         """Find turns that nothing will run and re-open a window that lost its turns; returns
         how many of each were repaired (``turn_resent``, ``turn_added``).
@@ -395,7 +400,9 @@ class Scheduler:
         unacknowledged and whose lease has no holder was lost (between registering and
         sending, or with the last second of an AOF): it is sent again under the same id,
         so it resumes its chunk if it had claimed one. Then, if chunks wait with fewer
-        unclaimed turns than them and the window has room, turns are added."""
+        unclaimed turns than them and the window has room, turns are added. ``present``: the
+        task ids of the messages waiting or unacknowledged, when the caller has read them
+        already (the reconciler's sweep); read here otherwise."""
         now = time.time()
         repaired = {"turn_resent": 0, "turn_added": 0}
         old = [
@@ -404,17 +411,18 @@ class Scheduler:
             if now - at > older_than_s
         ]
         if old:
-            present = self._messages_present()
+            if present is None:
+                present = {m.task_id for m in pending_messages(self.redis, self.broker_options)}
             for turn in old:
                 if turn in present or self._leased(turn):
                     continue
-                if self._touch(keys=self._keys(), args=[time.time(), turn]):
+                if self._touch(keys=_script_keys(), args=[time.time(), turn]):
                     send_turn(turn)
                     repaired["turn_resent"] += 1
         added = [
             text(t)
             for t in self._top_up(
-                keys=self._keys(), args=[now, self.window, *self._new_ids(self.window)]
+                keys=_script_keys(), args=[now, self.window, *self._new_ids(self.window)]
             )
         ]
         for turn in added:
@@ -425,24 +433,3 @@ class Scheduler:
     def _leased(self, turn: str) -> bool:
         holder = self.redis.hget(lease_key(turn), "holder")
         return bool(holder)
-
-    def _messages_present(self) -> set[str]:
-        """Task ids of every message waiting in the batch queue or unacknowledged."""
-        ids: set[str] = set()
-        for key in queue_keys(BATCH_QUEUE, self.broker_options):
-            for raw in self.redis.lrange(key, 0, -1):
-                ids.add(_task_id(raw))
-        for _tag, raw in self.redis.hscan_iter(UNACKED_KEY):
-            try:
-                message = json.loads(raw)[0]
-            except (ValueError, IndexError, TypeError):
-                continue
-            ids.add(str(message.get("headers", {}).get("id", "")))
-        return ids
-
-
-def _task_id(raw: bytes) -> str:
-    try:
-        return str(json.loads(raw).get("headers", {}).get("id", ""))
-    except (ValueError, AttributeError):
-        return ""

@@ -4,6 +4,7 @@ The end-to-end behaviour with real workers is in test_fair_share.py."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections import Counter
 
@@ -153,7 +154,16 @@ def test_a_batch_canceled_by_other_means_is_dropped_by_the_next_claim(redis_clie
 
 
 def _message(task_id: str) -> str:
-    return json.dumps({"headers": {"id": task_id}, "properties": {"priority": CHUNK_PRIORITY}})
+    """A turn's message as kombu stores it: Celery's headers, the body (no arguments)
+    base64-encoded."""
+    body = base64.b64encode(json.dumps([[], {}, {}]).encode()).decode()
+    return json.dumps(
+        {
+            "body": body,
+            "headers": {"id": task_id, "task": "featuremaps.run_batch_turn"},
+            "properties": {"priority": CHUNK_PRIORITY, "body_encoding": "base64"},
+        }
+    )
 
 
 def test_repair_resends_turns_with_no_message_and_tops_up_a_window_that_lost_them(
@@ -163,7 +173,9 @@ def test_repair_resends_turns_with_no_message_and_tops_up_a_window_that_lost_the
     scheduler = Scheduler(redis_client, Settings(batch_window=4))
     queued, unacked, leased, lost = scheduler.add(_batch(store, "w", "alice"), _chunks(10))
     redis_client.lpush(queue_key("batch", CHUNK_PRIORITY), _message(queued))
-    redis_client.hset(UNACKED_KEY, "tag-1", json.dumps([json.loads(_message(unacked)), "", "b"]))
+    redis_client.hset(
+        UNACKED_KEY, "tag-1", json.dumps([json.loads(_message(unacked)), "", "batch"])
+    )
     redis_client.hset(f"featuremaps:lease:{leased}", "holder", "node:1.abc")
     sent: list[str] = []
     assert scheduler.repair(sent.append, older_than_s=60) == {"turn_resent": 0, "turn_added": 0}

@@ -68,8 +68,7 @@ def finalize_batch(
         total=ctx.batches.item_count(batch_id),
         size=ctx.settings.result_shard_items,
     )
-    written = {s["index"] for s in shards.written(batch_id)}
-    missing = [n for n in range(1, plan.count + 1) if n not in written]
+    missing = _unwritten(shards, batch_id, plan.count)
     log.info("batch %s: %d result shards, %d to write", batch_id, plan.count, len(missing))
     if missing and ctx.batches.get(batch_id).status == BatchStatus.CANCELED:
         dispatch_shard(batch_id, missing[0], queued_behind=True)  # one at a time
@@ -129,11 +128,16 @@ def _next_canceled_shard(
 ) -> None:
     """A canceled batch's shards run one at a time: send the next one not written (after this
     one, else the first), behind the turns waiting."""
-    written = {s["index"] for s in shards.written(batch_id)}
-    missing = [n for n in range(1, count + 1) if n not in written]
+    missing = _unwritten(shards, batch_id, count)
     later = [n for n in missing if n > shard]
     if missing:
         dispatch_shard(batch_id, (later or missing)[0], queued_behind=True)
+
+
+def _unwritten(shards: ResultShards, batch_id: str, count: int) -> list[int]:
+    """The batch's shards (1 to ``count``) not written yet, in order."""
+    written = {s["index"] for s in shards.written(batch_id)}
+    return [n for n in range(1, count + 1) if n not in written]
 
 
 def results_written(
