@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -46,6 +48,33 @@ def test_least_recently_used_is_evicted_and_resnet18_stays():
     assert models.get("resnet18") is pinned
     models.discard("resnet50")
     assert models.resident() == ["densenet121"] and models.evictions == 3
+
+
+def test_what_is_resident_is_answered_while_a_load_holds_the_lock():
+    """The heartbeat reads resident() on its own thread while a task may be loading an
+    upload's weights for a long time: waiting on that load would let the heartbeat expire
+    and the busy worker's task be handed over as if it were dead."""
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_load(key: str) -> LoadedModel:
+        loading.set()
+        assert release.wait(30)
+        return _fake(key)
+
+    models = ResidentModels(_fake("resnet18"), slow_load, capacity=2)
+    task = threading.Thread(target=models.get, args=("vgg16",))
+    task.start()
+    try:
+        assert loading.wait(10)
+        answer: list[list[str]] = []
+        reader = threading.Thread(target=lambda: answer.append(models.resident()))
+        reader.start()
+        reader.join(5)
+        assert answer == [[]], "resident() waited for the load in progress"
+    finally:
+        release.set()
+        task.join(10)
+    assert models.resident() == ["vgg16"]
 
 
 def test_model_option_names_an_architecture_or_an_upload():

@@ -30,6 +30,10 @@ class ResidentModels:
         self.capacity = capacity
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
+        # What resident() answers, replaced whole under the lock: the heartbeat thread reads
+        # it while a task may hold the lock for a whole load (an upload's weights from storage),
+        # and a heartbeat that waited on that would make a busy worker look dead.
+        self._names: tuple[str, ...] = ()
         self.loads = 0
         self.evictions = 0
         self.peak = 0
@@ -40,6 +44,7 @@ class ResidentModels:
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
+                self._names = tuple(self._models)
                 return self._models[key]
             loaded = self._load(key)
             self.loads += 1
@@ -49,20 +54,22 @@ class ResidentModels:
                 self.evictions += 1
                 _release(evicted)
             self.peak = max(self.peak, len(self._models))
+            self._names = tuple(self._models)
             return loaded
 
     def discard(self, key: str) -> None:
         """Forget ``key`` (an upload that was deleted): its memory goes now."""
         with self._lock:
             evicted = self._models.pop(key, None)
+            self._names = tuple(self._models)
         if evicted is not None:
             self.evictions += 1
             _release(evicted)
 
     def resident(self) -> list[str]:
-        """The keys resident besides the pinned model, least recently used first."""
-        with self._lock:
-            return list(self._models)
+        """The keys resident besides the pinned model, least recently used first; never waits
+        for a load in progress."""
+        return list(self._names)
 
 
 def _release(loaded: LoadedModel) -> None:
