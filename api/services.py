@@ -9,10 +9,13 @@ from flask import Request, current_app
 from redis import Redis
 
 from api.auth import caller
+from keeper.reconciler import celery_sender
+from keeper.restore import restore
 from shared.batches import BatchStore
 from shared.jobs import JobStore
 from shared.models import ModelStore
 from shared.queue import make_producer
+from shared.records import Record, valid_id
 from shared.settings import Settings
 from shared.storage import ObjectStore
 
@@ -48,6 +51,15 @@ class Services:
     def caller(self, request: Request) -> str:
         """The owner a /jobs or /batches request acts as, once its token and rate are checked."""
         return caller(request, self.settings, self.redis)
+
+    def restore_lost(self, kind: str, record_id: str, owner: str) -> Record | None:
+        """The caller's ``kind`` record, accepted and then lost with the last second of
+        Redis's append-only file, restored from its spec (keeper/restore.py); None when
+        there is none to restore."""
+        if not valid_id(record_id):
+            return None
+        send = celery_sender(self.producer)
+        return restore(self.redis, self.store, self.settings, send, kind, record_id, owner=owner)
 
 
 def services() -> Services:

@@ -28,6 +28,7 @@ HANDOVER_TASKS = (
 REPAIR_KINDS = (
     "job_requeued",
     "job_restored",
+    "batch_restored",
     "expand",
     "finalize",
     "webhook",

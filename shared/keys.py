@@ -14,9 +14,23 @@ def input_key(job_id: str, ext: str, n: int = 0) -> str:
     return f"inputs/{job_id}/{n}.{ext}"
 
 
-def job_spec_key(job_id: str) -> str:
-    """The job's record as it was created, beside its input (api/restore.py)."""
-    return f"inputs/{job_id}/job.json"
+SPECS_PREFIX = "accepted/"
+_SPEC_FOLDERS = {"job": "jobs", "batch": "batches"}
+
+
+def spec_key(kind: str, record_id: str) -> str:
+    """A job's or batch's record as it was created (keeper/restore.py), while it runs."""
+    return f"{SPECS_PREFIX}{_SPEC_FOLDERS[kind]}/{record_id}.json"
+
+
+def parse_spec_key(key: str) -> tuple[str, str] | None:
+    """``(kind, record id)`` of a :func:`spec_key`; None for any other key."""
+    folder, _, name = key.removeprefix(SPECS_PREFIX).partition("/")
+    kinds = {f: k for k, f in _SPEC_FOLDERS.items()}
+    if not key.startswith(SPECS_PREFIX) or folder not in kinds or not name.endswith(".json"):
+        return None
+    record_id = name.removesuffix(".json")
+    return (kinds[folder], record_id) if record_id and "/" not in record_id else None
 
 
 def attempt_dir(job_id: str, attempt: str) -> str:

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     # least): a job whose message is gone, a batch never finalized, a webhook left out.
     reconcile_every_s: float = Field(30.0, gt=0)
     reconcile_grace_s: float = Field(60.0, ge=0)
+    # The keeper restores jobs and batches accepted and then lost with Redis's last second
+    # (keeper/restore.py): a sweep over their specs in storage every RESTORE_EVERY_S.
+    restore_every_s: float = Field(300.0, gt=0)
 
     # Webhooks (shared/webhooks.py): callbacks are signed with this key; without one a
     # callback_url is refused. Private, loopback and link-local targets only when allowed.

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from keeper.restore import delete_spec
 from shared import keys
 from shared.errors import WORKER_LOST, FeatureMapsError, StorageUnavailable
 from shared.jobs import elapsed_ms, now_iso
@@ -191,12 +192,13 @@ def _input_preview(ctx: WorkerContext, job_id: str, attempt: str, data: bytes) -
 
 
 def release_input(ctx: WorkerContext, job_id: str) -> None:
-    """Delete an ended job's uploaded input unless FEATUREMAPS_KEEP_INPUTS; if storage is down
-    now, the retention sweep deletes it with the rest of the job's objects."""
-    if ctx.settings.keep_inputs:
-        return
+    """Delete an ended job's spec (keeper/restore.py) and, unless FEATUREMAPS_KEEP_INPUTS,
+    its uploaded input; if storage is down now, the retention sweep deletes them with the
+    rest of the job's objects."""
     try:
-        ctx.store.delete_prefix(keys.inputs_prefix(job_id))
+        delete_spec(ctx.store, "job", job_id)
+        if not ctx.settings.keep_inputs:
+            ctx.store.delete_prefix(keys.inputs_prefix(job_id))
     except FeatureMapsError as exc:
         log.warning("job %s: input not deleted now (retention will): %s", job_id, exc)
 

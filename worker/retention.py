@@ -1,9 +1,9 @@
 """Retention: deleting the objects of jobs and batches whose records have expired.
 
 Job and batch records expire in Redis by themselves, ``JOB_TTL_HOURS`` after their last
-change. Their objects (``inputs/<id>/``, ``results/<id>/``, ``batches/<id>/``; and
-``models/<id>/``, whose records do not expire but are deleted) are deleted by
-:func:`sweep`: an object goes when the record that owns it no longer exists *and* it is older
+change. Their objects (``inputs/<id>/``, ``results/<id>/``, ``batches/<id>/``, the specs
+``accepted/jobs|batches/<id>.json``; and ``models/<id>/``, whose records do not expire but are
+deleted) are deleted by :func:`sweep`: an object goes when the record that owns it no longer exists *and* it is older
 than the TTL. Every object a record names is written before the record's last change, so by
 the time a record expires they are past the TTL too; the age check spares an upload whose
 record is being written at this moment. The owner is the id, whatever the attempt's folder
@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 
 from redis import Redis
 
+from shared import keys
 from shared.batches import batch_key
 from shared.jobs import PREFIX, job_key
 from shared.models import ModelStore
@@ -30,13 +31,19 @@ from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-OWNED_PREFIXES = ("inputs/", "results/", "batches/", "models/")
+OWNED_PREFIXES = ("inputs/", "results/", "batches/", "models/", keys.SPECS_PREFIX)
 LOCK_KEY = f"{PREFIX}:retention:lock"
 _ITEM_INDEX_DIGITS = 6  # batch item ids are <batch_id>-NNNNNN (shared.batches.item_id)
 
 
 def owner_record_key(key: str) -> str | None:
     """The Redis key of the job or batch record that owns object ``key``, if any."""
+    if key.startswith(keys.SPECS_PREFIX):
+        spec = keys.parse_spec_key(key)
+        if spec is None:
+            return None
+        kind, record_id = spec
+        return job_key(record_id) if kind == "job" else batch_key(record_id)
     top, _, rest = key.partition("/")
     owner = rest.split("/", 1)[0]
     if not owner or f"{top}/" not in OWNED_PREFIXES:

@@ -12,8 +12,9 @@ from api.idempotency import Answer, Idempotency, fingerprint, idempotency_key
 from api.models import check_model
 from api.services import Services, services
 from api.sources import BatchRequest, read_source_request
+from keeper.restore import delete_spec, save_spec
 from shared import documents
-from shared.batches import BLOCK_ITEMS, Batch, BatchStatus
+from shared.batches import BLOCK_ITEMS, Batch, BatchNotFound, BatchStatus
 from shared.errors import FeatureMapsError, InvalidOption, UnsupportedType
 from shared.options import JobOptions
 from shared.queue import BATCH_QUEUE, EXPAND_BATCH, FINALIZE_BATCH
@@ -98,7 +99,14 @@ def _discard_upload(svc: Services, batch_id: str, source: dict) -> None:
 @bp.get("/batches/<batch_id>")
 def get_batch(batch_id: str):
     svc = services()
-    batch = svc.batches.get(batch_id, owner=svc.caller(request))
+    owner = svc.caller(request)
+    try:
+        batch = svc.batches.get(batch_id, owner=owner)
+    except BatchNotFound:
+        # Accepted, then lost with the last second of Redis's append-only file?
+        batch = svc.restore_lost("batch", batch_id, owner)
+        if batch is None:
+            raise
     return batch_document(svc, batch)
 
 
@@ -154,7 +162,8 @@ def enqueue_batch(
         callback_url=callback_url,
         item_callback_spacing_s=item_callback_spacing_s,
     )
-    undo = [lambda: store.delete(batch_id)]
+    save_spec(svc.store, "batch", batch)  # so that a record lost after the 202 can be restored
+    undo = [lambda: store.delete(batch_id), lambda: delete_spec(svc.store, "batch", batch_id)]
     if source.get("key"):
         undo.append(lambda: svc.store.delete_prefix(source["key"]))
     enqueue(

@@ -9,14 +9,13 @@ from api.enqueue import best_effort, enqueue
 from api.idempotency import Answer, Idempotency, file_digest, fingerprint, idempotency_key
 from api.layers import RAW_MEDIA_TYPE, layer_json, layer_raw, read_layer_map
 from api.models import check_model
-from api.restore import restore_lost_job, save_spec
 from api.services import Services, services
 from api.uploads import Upload, read_image_upload
+from keeper.restore import delete_spec, save_spec
 from shared import documents, keys
 from shared.errors import Conflict
 from shared.jobs import Job, JobNotFound, JobStatus, new_job_id
 from shared.queue import JOBS_QUEUE, RENDER_JOB
-from shared.records import valid_id
 from shared.webhooks import accepted_callback_url
 
 bp = Blueprint("jobs", __name__)
@@ -69,7 +68,7 @@ def get_job(job_id: str):
         job = svc.jobs.get(job_id, owner=owner)
     except JobNotFound:
         # Accepted, then lost with the last second of Redis's append-only file?
-        job = restore_lost_job(svc, job_id, owner) if valid_id(job_id) else None
+        job = svc.restore_lost("job", job_id, owner)
         if job is None:
             raise
     return job_document(svc, job)
@@ -99,6 +98,7 @@ def get_layer(job_id: str, layer: str):
 def cancel_job(job_id: str):
     svc = services()
     job = svc.jobs.cancel(job_id, owner=svc.caller(request))
+    best_effort(f"spec of canceled job {job_id}", lambda: delete_spec(svc.store, "job", job_id))
     if not svc.settings.keep_inputs:
         # Ended: no worker will read the input again (one already running has it in memory).
         best_effort(
@@ -130,7 +130,7 @@ def enqueue_job(
         owner=owner,
         callback_url=callback_url,
     )
-    save_spec(svc, job)  # so that a record lost after the 202 can be restored
+    save_spec(svc.store, "job", job)  # so that a record lost after the 202 can be restored
     enqueue(
         svc.producer,
         kind="job",
@@ -141,6 +141,7 @@ def enqueue_job(
         undo=[
             lambda: svc.jobs.delete(job_id),
             lambda: svc.store.delete_prefix(keys.inputs_prefix(job_id)),
+            lambda: delete_spec(svc.store, "job", job_id),
         ],
     )
     return job

@@ -29,6 +29,9 @@ def test_owner_of_each_object_key():
     assert owner_record_key("batches/b0b1/inputs/000003.pack") == "featuremaps:batch:b0b1"
     model = "ab" * 12
     assert owner_record_key(f"models/{model}/{'0' * 64}.pt") == f"featuremaps:model:{model}"
+    assert owner_record_key("accepted/jobs/abc123.json") == "featuremaps:job:abc123"
+    assert owner_record_key("accepted/batches/b0b1.json") == "featuremaps:batch:b0b1"
+    assert owner_record_key("accepted/models/b0b1.json") is None
     assert owner_record_key("elsewhere/b0b1/x") is None
     assert owner_record_key("inputs/") is None
 

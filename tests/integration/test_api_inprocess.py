@@ -64,9 +64,10 @@ def test_submit_get_and_cancel_a_job(client, redis_client, object_store):
     assert body["links"]["self"] == f"/jobs/{job_id}"
     # Sent by name, with the id only, on the jobs queue; the input is in storage.
     assert redis_client.llen(JOBS_QUEUE) == 1
-    assert sorted(object_store.list_keys(f"inputs/{job_id}/")) == [
-        f"inputs/{job_id}/0.jpg",
-        f"inputs/{job_id}/job.json",  # the record as created (api/restore.py)
+    assert list(object_store.list_keys(f"inputs/{job_id}/")) == [f"inputs/{job_id}/0.jpg"]
+    # The record as created, kept while the job runs (keeper/restore.py).
+    assert list(object_store.list_keys(f"accepted/jobs/{job_id}")) == [
+        f"accepted/jobs/{job_id}.json"
     ]
 
     doc = client.get(f"/jobs/{job_id}").get_json()
@@ -80,6 +81,7 @@ def test_submit_get_and_cancel_a_job(client, redis_client, object_store):
     assert response.status_code == 202
     assert response.get_json()["status"] == "canceled"
     assert list(object_store.list_keys(f"inputs/{job_id}/")) == []
+    assert list(object_store.list_keys(f"accepted/jobs/{job_id}")) == []
     again = client.delete(f"/jobs/{job_id}")
     assert again.status_code == 409
     assert _error(again)["code"] == "conflict"

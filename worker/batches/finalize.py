@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
+from keeper.restore import delete_spec
 from shared import keys
 from shared.archives import safe_name
 from shared.batches import Batch, BatchStatus, BatchStore, Item, ItemStatus
@@ -184,8 +185,7 @@ def close_batch(ctx: WorkerContext, batch_id: str, *, examples_key: str | None =
         result["examples_key"] = examples_key
     status = store.complete(batch_id, result)
     log.info("batch %s finalized: %s", batch_id, status)
-    if not ctx.settings.keep_inputs:
-        release_batch_inputs(ctx, batch)
+    release_batch_inputs(ctx, batch)
     return status
 
 
@@ -200,10 +200,14 @@ def batch_result(shards: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def release_batch_inputs(ctx: WorkerContext, batch: Batch) -> None:
-    """Delete a finalized batch's uploaded archive and its expanded inputs, by listing their
+    """Delete a finalized batch's spec (keeper/restore.py) and, unless
+    FEATUREMAPS_KEEP_INPUTS, its uploaded archive and its expanded inputs, by listing their
     prefixes; if storage is down now, the retention sweep deletes them with the rest of the
     batch's objects."""
     try:
+        delete_spec(ctx.store, "batch", batch.id)
+        if ctx.settings.keep_inputs:
+            return
         for prefix in keys.batch_inputs_prefixes(batch.id):
             ctx.store.delete_prefix(prefix)
         if batch.source.get("key"):
