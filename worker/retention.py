@@ -3,13 +3,14 @@
 Job and batch records expire in Redis by themselves, ``JOB_TTL_HOURS`` after their last
 change. Their objects (``inputs/<id>/``, ``results/<id>/``, ``batches/<id>/``, the specs
 ``accepted/jobs|batches/<id>.json``; and ``models/<id>/``, whose records do not expire but are
-deleted) are deleted by :func:`sweep`: an object goes when the record that owns it no longer exists *and* it is older
-than the TTL. Every object a record names is written before the record's last change, so by
-the time a record expires they are past the TTL too; the age check spares an upload whose
-record is being written at this moment. The owner is the id, whatever the attempt's folder
-under it (shared/keys.py): objects of attempts no record names (a stale writer's that it
-could not delete) go with the record's others, once they are past the TTL too. Objects with
-no record at all (a submission undone while a dependency was down) go the same way.
+deleted) are deleted by :func:`sweep`: an object goes when the record that owns it no longer
+exists *and* it is older than the TTL. Every object a record names is written before the
+record's last change, so by the time a record expires they are past the TTL too; the age check
+spares an upload whose record is being written at this moment. The owner is the id, whatever
+the attempt's folder under it (shared/keys.py): objects of attempts no record names (a stale
+writer's that it could not delete) go with the record's others, once they are past the TTL
+too. Objects with no record at all (a submission undone while a dependency was down) go the
+same way.
 
 Each worker process calls :func:`maybe_sweep` once per :func:`sweep_interval_s` on a thread
 (worker/runtime.py); a short Redis lock lets one of them sweep per period, so more workers do
