@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 from flask import Request
 
+from shared import keys
 from shared.access import source_allowed, split_s3_url
 from shared.errors import BadRequest, ForbiddenSource, InvalidOption, MissingField
 from shared.options import ARCHIVE_ENCODING_FIELD, JobOptions
@@ -21,7 +22,7 @@ from shared.webhooks import (
 )
 
 # Parts of the service's own bucket that a source prefix may never read: other users' data.
-PRIVATE_PREFIXES = ("inputs/", "results/", "batches/", "models/")
+PRIVATE_PREFIXES = keys.SERVICE_PREFIXES
 
 
 class BatchRequest(NamedTuple):

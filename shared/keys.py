@@ -15,6 +15,9 @@ def input_key(job_id: str, ext: str, n: int = 0) -> str:
 
 
 SPECS_PREFIX = "accepted/"
+# Every top-level folder the service writes: owned by records (retention deletes them with
+# their record), and never readable as a batch source (other users' data).
+SERVICE_PREFIXES = ("inputs/", "results/", "batches/", "models/", SPECS_PREFIX)
 _SPEC_FOLDERS = {"job": "jobs", "batch": "batches"}
 
 

@@ -32,7 +32,7 @@ from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-OWNED_PREFIXES = ("inputs/", "results/", "batches/", "models/", keys.SPECS_PREFIX)
+OWNED_PREFIXES = keys.SERVICE_PREFIXES
 LOCK_KEY = f"{PREFIX}:retention:lock"
 _ITEM_INDEX_DIGITS = 6  # batch item ids are <batch_id>-NNNNNN (shared.batches.item_id)
 

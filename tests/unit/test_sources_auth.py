@@ -50,6 +50,10 @@ def test_source_urls_that_parse(url, expected):
         # Uploaded weights are every token's own.
         f"s3://{SERVICE_BUCKET}/models/",
         f"s3://{SERVICE_BUCKET}/mod",
+        # The records as created (specs) name every owner's jobs and options.
+        f"s3://{SERVICE_BUCKET}/accepted/",
+        f"s3://{SERVICE_BUCKET}/accepted/jobs",
+        f"s3://{SERVICE_BUCKET}/acc",
     ],
 )
 def test_source_urls_refused(url):
