@@ -15,7 +15,7 @@ from shared.batches import BatchStore
 from shared.jobs import JobStore
 from shared.models import ModelStore
 from shared.queue import make_producer
-from shared.records import Record, valid_id
+from shared.records import Record, RecordNotFound, valid_id
 from shared.settings import Settings
 from shared.storage import ObjectStore
 
@@ -52,14 +52,23 @@ class Services:
         """The owner a /jobs or /batches request acts as, once its token and rate are checked."""
         return caller(request, self.settings, self.redis)
 
-    def restore_lost(self, kind: str, record_id: str, owner: str) -> Record | None:
-        """The caller's ``kind`` record, accepted and then lost with the last second of
-        Redis's append-only file, restored from its spec (keeper/restore.py); None when
-        there is none to restore."""
-        if not valid_id(record_id):
-            return None
-        send = celery_sender(self.producer)
-        return restore(self.redis, self.store, self.settings, send, kind, record_id, owner=owner)
+    def polled(self, kind: str, record_id: str, owner: str) -> Record:
+        """The caller's ``kind`` record (``job``, ``batch``) for a poll. One accepted and then
+        lost with the last writes of Redis's append-only file is restored from its spec
+        first (keeper/restore.py); otherwise not found raises as it does for ``get``."""
+        records = self.jobs if kind == "job" else self.batches
+        try:
+            return records.get(record_id, owner=owner)
+        except RecordNotFound:
+            send = celery_sender(self.producer)
+            restored = None
+            if valid_id(record_id):
+                restored = restore(
+                    self.redis, self.store, self.settings, send, kind, record_id, owner=owner
+                )
+            if restored is None:
+                raise
+            return restored
 
 
 def services() -> Services:

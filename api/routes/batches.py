@@ -14,7 +14,7 @@ from api.services import Services, services
 from api.sources import BatchRequest, read_source_request
 from keeper.restore import delete_spec, save_spec
 from shared import documents
-from shared.batches import BLOCK_ITEMS, Batch, BatchNotFound, BatchStatus
+from shared.batches import BLOCK_ITEMS, Batch, BatchStatus
 from shared.errors import FeatureMapsError, InvalidOption, UnsupportedType
 from shared.options import JobOptions
 from shared.queue import BATCH_QUEUE, EXPAND_BATCH, FINALIZE_BATCH
@@ -99,15 +99,7 @@ def _discard_upload(svc: Services, batch_id: str, source: dict) -> None:
 @bp.get("/batches/<batch_id>")
 def get_batch(batch_id: str):
     svc = services()
-    owner = svc.caller(request)
-    try:
-        batch = svc.batches.get(batch_id, owner=owner)
-    except BatchNotFound:
-        # Accepted, then lost with the last second of Redis's append-only file?
-        batch = svc.restore_lost("batch", batch_id, owner)
-        if batch is None:
-            raise
-    return batch_document(svc, batch)
+    return batch_document(svc, svc.polled("batch", batch_id, svc.caller(request)))
 
 
 @bp.get("/batches/<batch_id>/items")

@@ -14,7 +14,7 @@ from api.uploads import Upload, read_image_upload
 from keeper.restore import delete_spec, save_spec
 from shared import documents, keys
 from shared.errors import Conflict
-from shared.jobs import Job, JobNotFound, JobStatus, new_job_id
+from shared.jobs import Job, JobStatus, new_job_id
 from shared.queue import JOBS_QUEUE, RENDER_JOB
 from shared.webhooks import accepted_callback_url
 
@@ -63,15 +63,7 @@ def _submitted(svc: Services, upload: Upload, owner: str, callback_url: str | No
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str):
     svc = services()
-    owner = svc.caller(request)
-    try:
-        job = svc.jobs.get(job_id, owner=owner)
-    except JobNotFound:
-        # Accepted, then lost with the last second of Redis's append-only file?
-        job = svc.restore_lost("job", job_id, owner)
-        if job is None:
-            raise
-    return job_document(svc, job)
+    return job_document(svc, svc.polled("job", job_id, svc.caller(request)))
 
 
 @bp.get("/jobs/<job_id>/figure")
