@@ -125,6 +125,10 @@ def _queue_metrics(svc) -> list[str]:
         "# HELP featuremaps_webhooks_due Webhook calls due now (delivered by the keeper).\n",
         "# TYPE featuremaps_webhooks_due gauge\n",
         f"featuremaps_webhooks_due {waiting['webhooks_due']}\n",
+        "# HELP featuremaps_retries_waiting Storage retries waiting out their backoff (the "
+        "keeper queues each when it is due).\n",
+        "# TYPE featuremaps_retries_waiting gauge\n",
+        f"featuremaps_retries_waiting {waiting['retries_waiting']}\n",
         "# HELP featuremaps_queue_oldest_age_seconds Time the oldest waiting message of each "
         "queue has waited since it was sent (0 when empty).\n",
         "# TYPE featuremaps_queue_oldest_age_seconds gauge\n",

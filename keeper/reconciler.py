@@ -51,6 +51,7 @@ from shared.queue import (
     JOBS_QUEUE,
     RENDER_JOB,
     RUN_BATCH_TURN,
+    SENT_AT_HEADER,
     broker_options,
     pending_messages,
 )
@@ -70,6 +71,10 @@ SCAN_COUNT = 1000
 
 
 class Send(Protocol):
+    """Publish a task by name. ``retries`` and ``sent_at`` are a storage retry's
+    (shared/delayed.py): the count the task reads as ``request.retries``, and when the
+    first message of the work was sent."""
+
     def __call__(
         self,
         task: str,
@@ -78,14 +83,25 @@ class Send(Protocol):
         queue: str,
         priority: int | None = None,
         task_id: str | None = None,
+        retries: int = 0,
+        sent_at: float | None = None,
     ) -> None: ...
 
 
 def celery_sender(app) -> Send:
     """A :class:`Send` over a Celery app's ``send_task`` (the API's producer, a worker's app)."""
 
-    def send(task, *, args, queue, priority=None, task_id=None) -> None:
-        app.send_task(task, args=args, queue=queue, priority=priority, task_id=task_id)
+    def send(task, *, args, queue, priority=None, task_id=None, retries=0, sent_at=None) -> None:
+        headers = {SENT_AT_HEADER: sent_at} if sent_at is not None else None
+        app.send_task(
+            task,
+            args=args,
+            queue=queue,
+            priority=priority,
+            task_id=task_id,
+            retries=retries,
+            headers=headers,
+        )
 
     return send
 

@@ -25,6 +25,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import before_task_publish
 
+from shared import delayed
 from shared.settings import Settings
 
 RENDER_JOB = "featuremaps.render_job"
@@ -138,9 +139,10 @@ class Sent:
 
 def pending_messages(redis, options: dict[str, Any]) -> Iterator[Sent]:
     """Every message of our queues that something will still run: waiting in a list (any
-    priority) or delivered and not yet acknowledged. Read without locking: a message moving
-    between the two while this runs can be missed, so callers act only on what stays missing
-    for a while (keeper/reconciler.py)."""
+    priority), delivered and not yet acknowledged, or a storage retry waiting out its backoff
+    (shared/delayed.py). Read without locking: a message moving between them while this runs
+    can be missed, so callers act only on what stays missing for a while
+    (keeper/reconciler.py)."""
     for queue in QUEUES:
         for key in queue_keys(queue, options):
             for raw in redis.lrange(key, 0, -1):
@@ -155,6 +157,9 @@ def pending_messages(redis, options: dict[str, Any]) -> Iterator[Sent]:
         sent = _sent(message) if routing_key in QUEUES else None
         if sent is not None:
             yield sent
+    for retry in delayed.waiting(redis):
+        subject = str(retry.args[0]) if retry.args else ""
+        yield Sent(task=retry.task, task_id=retry.task_id, subject=subject)
 
 
 def _sent(raw: bytes | dict) -> Sent | None:

@@ -2,7 +2,9 @@
 
 - Storage unavailable: retried with exponential backoff (``STORAGE_RETRY_BACKOFF_S · 2^n``,
   ``STORAGE_RETRIES`` times); once retries run out the work is given up on as
-  ``storage_unavailable``.
+  ``storage_unavailable``. The retry waits out its backoff in Redis (``hold_back``,
+  shared/delayed.py), not in a worker's hands, and this delivery ends (:data:`RETRYING`): the
+  keeper sends it again when it is due.
 - Redis unavailable, as a Redis client error or as the broker's (kombu's
   ``OperationalError``, which a ``send_task`` that cannot publish raises and which is not a
   ``RedisError``): the message is rejected *with requeue*. A plain failure would make Celery
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 
 GiveUp = Callable[[str, str], object]
 HANDED_OVER = "handed_over"
+# What a delivery returns when its work waits for a storage retry: it has not ended.
+RETRYING = "retrying"
 
 
 def guarded(
@@ -52,18 +56,20 @@ def guarded(
     *,
     what: str,
     give_up: GiveUp,
+    hold_back: Callable[[float], object],
     retrying: Callable[[str], object] | None = None,
     subject: str | None = None,
 ) -> object:
-    """Run ``work()`` for the bound Celery ``task`` and return what it returns, or "failed"
-    once ``give_up(code, message)`` has ended the work.
+    """Run ``work()`` for the bound Celery ``task`` and return what it returns, "failed"
+    once ``give_up(code, message)`` has ended the work, or :data:`RETRYING` once
+    ``hold_back(delay)`` has kept the task to be sent again in ``delay`` seconds.
 
     ``what`` names the work in logs (and, unless ``subject`` is given, in the time-limit
     message); ``retrying(reason)``, when given, records on the work's record that it waits for
     a storage retry.
     """
     try:
-        return _ended(task, settings, work, what, give_up, retrying, subject)
+        return _ended(task, settings, work, what, give_up, hold_back, retrying, subject)
     except LeaseLost as exc:
         log.warning(
             "%s: handed over to another worker; its outcome here is dropped (%s)", what, exc
@@ -77,22 +83,25 @@ def _ended(
     work: Callable[[], object],
     what: str,
     give_up: GiveUp,
+    hold_back: Callable[[float], object],
     retrying: Callable[[str], object] | None,
     subject: str | None,
 ) -> object:
     try:
         return work()
     except StorageUnavailable as exc:
-        retries = task.request.retries
+        retries = task.request.retries or 0
         if retries >= settings.storage_retries:
             return _give_up(give_up, exc.code, f"{exc.message} (gave up after {retries} retries)")
         delay = settings.storage_retry_backoff_s * 2**retries
         log.warning("%s: storage unavailable, retry %d in %.1fs", what, retries + 1, delay)
-        if retrying is not None:
-            retrying(f"storage unavailable, retry {retries + 1} in {delay:g}s")
-        # Celery's own limit (3 unless told) would end the ladder early and leave the work
-        # waiting for ever; the count above is the limit.
-        raise task.retry(exc=exc, countdown=delay, max_retries=retries + 1) from exc
+        try:
+            if retrying is not None:
+                retrying(f"storage unavailable, retry {retries + 1} in {delay:g}s")
+            hold_back(delay)
+        except (RedisError, BrokerUnavailable) as down:
+            raise Reject(down, requeue=True) from down
+        return RETRYING
     except (RedisError, BrokerUnavailable) as exc:
         # A publish that failed mid-work (a chunk's next message, a finalize) is not a bug:
         # the work is done again from its last recorded step once the broker answers.

@@ -26,7 +26,9 @@ from celery import Task
 from celery.exceptions import Reject
 from redis.exceptions import RedisError
 
+from shared.delayed import Delayed, hold_back
 from shared.leases import Fence
+from shared.queue import BATCH_QUEUE, JOBS_QUEUE, QUEUES, RENDER_JOB, SENT_AT_HEADER
 from worker import runtime
 from worker.guard import guarded
 from worker.runtime import WorkerContext
@@ -90,5 +92,30 @@ class LeasedTask(Task):
                 what=what,
                 subject=subject,
                 give_up=lambda code, message: give_up(held, code, message),
+                hold_back=lambda delay_s: hold_back(
+                    ctx.redis, self.delayed(), time.time() + delay_s
+                ),
                 retrying=None if retrying is None else lambda reason: retrying(held, reason),
             )
+
+    def delayed(self) -> Delayed:
+        """This delivery as its storage retry: the same task id, arguments, queue and
+        priority, one retry more, and when its work was first sent."""
+        request = self.request
+        info = request.delivery_info or {}
+        queue = info.get("routing_key")
+        if queue not in QUEUES:
+            queue = JOBS_QUEUE if self.name == RENDER_JOB else BATCH_QUEUE
+        # Celery puts a message's own headers on the request (protocol 2), or in ``headers``.
+        sent_at = getattr(request, SENT_AT_HEADER, None) or (request.headers or {}).get(
+            SENT_AT_HEADER
+        )
+        return Delayed(
+            task=self.name,
+            task_id=request.id,
+            args=list(request.args or []),
+            queue=queue,
+            priority=info.get("priority"),
+            retries=(request.retries or 0) + 1,
+            sent_at=sent_at,
+        )

@@ -7,7 +7,7 @@ from shared.queue import RENDER_JOB
 from worker import metrics, runtime
 from worker.celery_app import task
 from worker.execute import release_input, run_job
-from worker.guard import HANDED_OVER
+from worker.guard import HANDED_OVER, RETRYING
 from worker.leasing import Held, LeasedTask
 
 
@@ -27,8 +27,8 @@ def render_job(self: LeasedTask, job_id: str) -> object:
             job_id, reason=reason, fence=held.fence
         ),
     )
-    # Returning means the job has ended (a retry or a requeue raises), unless another worker
-    # took it over: then its input can go.
-    if status != HANDED_OVER:
+    # Returning means the job has ended (a requeue raises), unless another worker took it
+    # over or it waits for a storage retry: then its input can go.
+    if status not in (HANDED_OVER, RETRYING):
         release_input(runtime.context(), job_id)
     return status

@@ -4,12 +4,16 @@ fails with ``storage_unavailable``."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 
+from shared.delayed import DELAYED_KEY
 from stack.services import wait_until
 from tests.chaos.conftest import JOB_OUTPUTS
 from tests.chaos.faults import HOLD, marked_png
+from tests.chaos.test_lost_node import DEFAULT_LIMITS
 
 
 def _retrying(stack, job_id: str) -> bool:
@@ -84,6 +88,36 @@ def test_s3_down_while_uploading_retries_with_backoff_and_succeeds(make_stack):
         timeout_s=30,
         what="input deleted after the job ended",
     )
+
+
+def test_a_worker_killed_while_its_job_waits_out_a_storage_retry_loses_nothing(make_stack):
+    """The retry waits out its backoff in Redis, not in the worker's hands (shared/delayed.py):
+    with that worker killed, and the visibility timeout at its production 600 s, the API's
+    keeper queues the retry when it is due and the next worker runs it."""
+    stack = make_stack(storage_retries=6, storage_retry_backoff_s=6, **DEFAULT_LIMITS)
+    lost = stack.start_worker("w1")
+    job_id = stack.submit(marked_png(HOLD))
+    stack.wait_event("hold")
+    stack.s3_server.stop()
+    try:
+        stack.release()
+        wait_until(lambda: _retrying(stack, job_id), timeout_s=60, what="job requeued")
+        assert stack.redis.zcard(DELAYED_KEY) == 1, "the retry waits in Redis"
+        lost.kill()
+        killed_at = time.time()
+        assert stack.redis.hlen("unacked") == 0, "nothing held by the killed worker"
+    finally:
+        stack.s3_server.start()
+    live = stack.start_worker("w2")
+    doc = stack.wait_finished(job_id, timeout_s=120)
+    print(
+        f"\nkilled during the backoff → done on another worker in {time.time() - killed_at:.1f} s"
+    )
+    assert doc["status"] == "succeeded" and doc["worker"] == live.hostname, doc
+    assert doc["error"] is None and doc["attempts"] == 2
+    assert stack.outputs(job_id) == JOB_OUTPUTS
+    wait_until(stack.queue_is_drained, timeout_s=30, what="empty queue")
+    assert stack.redis.zcard(DELAYED_KEY) == 0
 
 
 def test_s3_down_past_the_retry_budget_fails_storage_unavailable(make_stack):

@@ -5,14 +5,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.errors import StorageUnavailable
 from shared.leases import LeaseLost
 from shared.settings import Settings
-from worker.guard import HANDED_OVER, guarded
+from worker.guard import HANDED_OVER, RETRYING, guarded
 
 SETTINGS = Settings(storage_retries=2, storage_retry_backoff_s=0.5, task_soft_time_limit_s=7)
 
@@ -23,11 +23,10 @@ class _Task:
     def __init__(self, retries: int = 0, soft_time_limit: int | None = None) -> None:
         self.request = SimpleNamespace(retries=retries)
         self.soft_time_limit = soft_time_limit
-        self.retried: dict = {}
 
-    def retry(self, **kwargs) -> Retry:
-        self.retried = kwargs
-        return Retry()
+
+def _nothing_held_back(delay_s: float) -> None:
+    raise AssertionError(f"held back for {delay_s}s")
 
 
 def _raise(exc: BaseException):
@@ -40,6 +39,7 @@ def _raise(exc: BaseException):
 def _run(task: _Task, work, **kwargs):
     ended: list[tuple[str, str]] = []
     notes: list[str] = []
+    kwargs.setdefault("hold_back", _nothing_held_back)
     result = guarded(
         task,
         SETTINGS,
@@ -57,10 +57,22 @@ def test_work_that_returns_is_passed_through():
 
 
 def test_storage_errors_retry_with_exponential_backoff_and_note_it():
-    task = _Task(retries=1)
-    with pytest.raises(Retry):
-        _run(task, _raise(StorageUnavailable("S3 is down")))
-    assert task.retried["countdown"] == 1.0 and task.retried["max_retries"] == 2
+    held: list[float] = []
+    result, ended, notes = _run(
+        _Task(retries=1), _raise(StorageUnavailable("S3 is down")), hold_back=held.append
+    )
+    # The delivery ends; the retry waits out its backoff in Redis (shared/delayed.py).
+    assert result == RETRYING and ended == [] and held == [1.0]
+    assert notes == ["storage unavailable, retry 2 in 1s"]
+
+
+def test_a_retry_that_cannot_be_kept_requeues_instead_of_dropping_the_message():
+    def hold_back(delay_s: float) -> None:
+        raise RedisConnectionError("gone")
+
+    with pytest.raises(Reject) as raised:
+        _run(_Task(), _raise(StorageUnavailable("S3 is down")), hold_back=hold_back)
+    assert raised.value.requeue is True
 
 
 def test_storage_errors_past_the_budget_give_up():
@@ -85,6 +97,7 @@ def test_a_publish_the_broker_refused_rejects_with_requeue_and_gives_nothing_up(
             _raise(OperationalError("Error 111 connecting to 127.0.0.1:6379")),
             what="chunk c1",
             give_up=lambda code, message: ended.append(code),
+            hold_back=_nothing_held_back,
         )
     assert raised.value.requeue is True and ended == []
 
@@ -110,7 +123,14 @@ def test_a_give_up_refused_by_the_fence_ends_as_handed_over():
     def give_up(code: str, message: str) -> None:
         raise LeaseLost("job j1")
 
-    result = guarded(_Task(), SETTINGS, _raise(KeyError("x")), what="job j1", give_up=give_up)
+    result = guarded(
+        _Task(),
+        SETTINGS,
+        _raise(KeyError("x")),
+        what="job j1",
+        give_up=give_up,
+        hold_back=_nothing_held_back,
+    )
     assert result == HANDED_OVER
 
 
@@ -122,5 +142,12 @@ def test_a_give_up_that_cannot_be_recorded_requeues_instead_of_dropping_the_mess
 
     for fault in (KeyError("x"), SoftTimeLimitExceeded(), StorageUnavailable("S3 is down")):
         with pytest.raises(Reject) as raised:
-            guarded(_Task(retries=5), SETTINGS, _raise(fault), what="job j1", give_up=give_up)
+            guarded(
+                _Task(retries=5),
+                SETTINGS,
+                _raise(fault),
+                what="job j1",
+                give_up=give_up,
+                hold_back=_nothing_held_back,
+            )
         assert raised.value.requeue is True, fault
