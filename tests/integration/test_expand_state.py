@@ -59,3 +59,24 @@ def test_generations_and_shard_ends(redis_client):
     again = state.finish(1, 0)
     assert again.last and redis_client.hget(state.key, "shards_done") == b"2"
     assert redis_client.ttl(state.key) > 0
+
+
+def test_a_delivery_presumed_dead_stops_once_its_task_was_handed_over(redis_client):
+    """The same task delivered twice (its message handed over while the first holder still
+    ran): one generation, two leases. The claim of the later delivery owns the shard; the
+    earlier one's commits and end are refused, so it stops at its next block."""
+    first = ExpansionState(redis_client, "b2", ttl_s=60, owner="11")
+    assert first.plan("tar", [{"index": 0}])
+    assert first.claim(0, 0).cursor == {"index": 0}
+    assert first.commit(0, 0, {"index": 128}) == "ok"
+    handed_over = ExpansionState(redis_client, "b2", ttl_s=60, owner="12")
+    assert handed_over.claim(0, 0).cursor == {"index": 128}
+    assert first.commit(0, 0, {"index": 256}) == "superseded"
+    assert not first.finish(0, 0).recorded
+    assert handed_over.commit(0, 0, {"index": 256}) == "ok"
+    assert handed_over.finish(0, 0).last
+    # A shard given up on (no generation) ends whoever owns it.
+    other = ExpansionState(redis_client, "b3", ttl_s=60, owner="20")
+    assert other.plan("tar", [{"index": 0}])
+    assert other.claim(0, 0).outcome == "ok"
+    assert ExpansionState(redis_client, "b3", ttl_s=60).finish(0, None).recorded

@@ -4,6 +4,8 @@
     kind, shards            the plan: the source kind and how many shards it was cut into
     cursor:<n>              shard n's checkpoint (JSON): where its next block starts
     gen:<n>                 the generation of the task that owns shard n now
+    owner:<n>               the lease generation (shared/leases.py) of the delivery of that
+                            task that claimed it last
     done:<n>                set once shard n has ended (read to its end, stopped, or failed)
     shards_done             how many have (the one that makes it ``shards`` ends expansion)
     continuations           how many times a task handed a shard on to a continuation
@@ -14,7 +16,11 @@ so a redelivered task redoes at most one block (``add_items`` is idempotent per 
 Every task of a shard carries a generation: a continuation is sent with the next one (and
 the hash moves to it once it is sent), and whichever task holds an older generation than the
 hash stops at its next commit or does not start, so a stale redelivery never moves a shard
-backwards or runs beside its continuation for long.
+backwards or runs beside its continuation for long. Two deliveries of the *same* task (a
+holder presumed dead and the delivery its message was handed over to) carry the same
+generation: the claim records the delivery's lease generation too, and a commit or an end by
+any other delivery is refused the same way, so the presumed-dead one stops at its next block
+instead of expanding, and handing on, beside the one that took its work over.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 return 1
 """
 
-# ARGV: ttl, shard, gen. Returns {'ok', cursor} | {'done'} | {'superseded'} | {'missing'}.
+# ARGV: ttl, shard, gen, owner (the delivery's lease generation, '' unfenced). Returns
+# {'ok', cursor} | {'done'} | {'superseded'} | {'missing'}.
 _CLAIM = """
 local shard = ARGV[2]
 local cursor = redis.call('HGET', KEYS[1], 'cursor:' .. shard)
@@ -47,16 +54,17 @@ if not cursor then return {'missing'} end
 if redis.call('HEXISTS', KEYS[1], 'done:' .. shard) == 1 then return {'done'} end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'gen:' .. shard) or '0')
 if tonumber(ARGV[3]) < cur then return {'superseded'} end
-redis.call('HSET', KEYS[1], 'gen:' .. shard, ARGV[3])
+redis.call('HSET', KEYS[1], 'gen:' .. shard, ARGV[3], 'owner:' .. shard, ARGV[4])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 return {'ok', cursor}
 """
 
-# ARGV: ttl, shard, gen, cursor. Returns 'ok', 'stop' (another shard failed the expansion)
-# or 'superseded'.
+# ARGV: ttl, shard, gen, cursor, owner. Returns 'ok', 'stop' (another shard failed the
+# expansion) or 'superseded'.
 _COMMIT = """
 local shard = ARGV[2]
 if redis.call('HGET', KEYS[1], 'gen:' .. shard) ~= ARGV[3]
+  or (redis.call('HGET', KEYS[1], 'owner:' .. shard) or '') ~= ARGV[5]
   or redis.call('HEXISTS', KEYS[1], 'done:' .. shard) == 1 then
   return 'superseded'
 end
@@ -66,11 +74,12 @@ if redis.call('HEXISTS', KEYS[1], 'error') == 1 then return 'stop' end
 return 'ok'
 """
 
-# ARGV: ttl, shard, gen ('' for whichever), error JSON or ''. Returns {'superseded'} or
-# {'ok', shards_done, shards, error}.
+# ARGV: ttl, shard, gen ('' for whichever), error JSON or '', owner (with a gen). Returns
+# {'superseded'} or {'ok', shards_done, shards, error}.
 _FINISH = """
 local shard = ARGV[2]
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'gen:' .. shard) ~= ARGV[3] then
+if ARGV[3] ~= '' and (redis.call('HGET', KEYS[1], 'gen:' .. shard) ~= ARGV[3]
+    or (redis.call('HGET', KEYS[1], 'owner:' .. shard) or '') ~= ARGV[5]) then
   return {'superseded'}
 end
 if ARGV[4] ~= '' then redis.call('HSETNX', KEYS[1], 'error', ARGV[4]) end
@@ -121,10 +130,13 @@ class Finish:
 class ExpansionState:
     """The checkpoints of one batch's expansion (see the module docstring)."""
 
-    def __init__(self, redis: Redis, batch_id: str, ttl_s: int) -> None:
+    def __init__(self, redis: Redis, batch_id: str, ttl_s: int, *, owner: str = "") -> None:
+        """``owner``: the lease generation of the delivery that claims, commits and ends
+        shards through this object ('' unfenced)."""
         self.redis = redis
         self.key = expansion_key(batch_id)
         self.ttl_s = ttl_s
+        self.owner = owner
         self._plan = redis.register_script(_PLAN)
         self._claim = redis.register_script(_CLAIM)
         self._commit = redis.register_script(_COMMIT)
@@ -150,18 +162,19 @@ class ExpansionState:
         ]
 
     def claim(self, shard: int, gen: int) -> Claim:
-        outcome, *rest = self._claim(keys=[self.key], args=[self.ttl_s, shard, gen])
+        outcome, *rest = self._claim(keys=[self.key], args=[self.ttl_s, shard, gen, self.owner])
         cursor = json.loads(text(rest[0])) if rest else None
         return Claim(text(outcome), cursor)
 
     def commit(self, shard: int, gen: int, cursor: dict[str, Any]) -> str:
-        args = [self.ttl_s, shard, gen, json.dumps(cursor)]
+        args = [self.ttl_s, shard, gen, json.dumps(cursor), self.owner]
         return text(self._commit(keys=[self.key], args=args))
 
     def finish(self, shard: int, gen: int | None, error: dict[str, str] | None = None) -> Finish:
         """Mark the shard ended (with the error that ended it, if any), unless a newer task
         owns it; ``gen=None`` ends it whoever owns it (a task given up on)."""
-        args = [self.ttl_s, shard, "" if gen is None else gen, json.dumps(error) if error else ""]
+        error_json = json.dumps(error) if error else ""
+        args = [self.ttl_s, shard, "" if gen is None else gen, error_json, self.owner]
         outcome, *rest = self._finish(keys=[self.key], args=args)
         if text(outcome) != "ok":
             return Finish(recorded=False)

@@ -58,6 +58,7 @@ from shared.errors import (
 )
 from shared.imaging import sniff_format
 from shared.item_codec import member_index
+from shared.leases import UNFENCED, Fence
 from shared.member_names import skip_reason
 from shared.storage import RANGED_READ_AHEAD, ObjectStore, RangedReader
 from shared.zipdir import PAGE_BYTES, Directory, iter_entries
@@ -147,12 +148,15 @@ def expand_shard(
     shard: int,
     gen: int,
     handoff: tuple[Dispatch, ExpandShard, Finalize],
+    *,
+    fence: Fence = UNFENCED,
 ) -> str:
     """Expand one shard from its checkpoint, block by block, until its end, the slice's end
-    (then a continuation is sent) or a limit; returns what became of the shard."""
+    (then a continuation is sent) or a limit; returns what became of the shard. ``fence``:
+    this delivery's lease, which owns the shard's checkpoints once it has claimed them."""
     dispatch, expand_shard_task, finalize = handoff
     store = ctx.batches
-    state = _state(ctx, batch_id)
+    state = _state(ctx, batch_id, owner=fence.gen)
     claim = state.claim(shard, gen)
     if claim.outcome == "done":
         # A redelivery of a task that ended its shard: make sure the expansion ended too.
@@ -254,8 +258,8 @@ def _end_expansion(
     return store.get(batch_id).status.value
 
 
-def _state(ctx: WorkerContext, batch_id: str) -> ExpansionState:
-    return ExpansionState(ctx.redis, batch_id, ctx.settings.job_ttl_s)
+def _state(ctx: WorkerContext, batch_id: str, *, owner: str = "") -> ExpansionState:
+    return ExpansionState(ctx.redis, batch_id, ctx.settings.job_ttl_s, owner=owner)
 
 
 def _missing(exc: NotFound) -> dict[str, str]:

@@ -87,7 +87,7 @@ def expand_shard_task(self: LeasedTask, batch_id: str, shard: int, gen: int) -> 
     handing_on = (_dispatch, _expand_shard, _finalize)
     return self.run_leased(
         f"expansion of batch {batch_id}, shard {shard}",
-        lambda held: expand_shard(held.ctx, batch_id, shard, gen, handing_on),
+        lambda held: expand_shard(held.ctx, batch_id, shard, gen, handing_on, fence=held.fence),
         lambda held, code, message: fail_shard(held.ctx, batch_id, shard, code, message, _finalize),
     )
 
