@@ -93,12 +93,12 @@ class LeasedTask(Task):
                 subject=subject,
                 give_up=lambda code, message: give_up(held, code, message),
                 hold_back=lambda delay_s: hold_back(
-                    ctx.redis, self.delayed(), time.time() + delay_s
+                    ctx.redis, self.as_storage_retry(), time.time() + delay_s
                 ),
                 retrying=None if retrying is None else lambda reason: retrying(held, reason),
             )
 
-    def delayed(self) -> Delayed:
+    def as_storage_retry(self) -> Delayed:
         """This delivery as its storage retry: the same task id, arguments, queue and
         priority, one retry more, and when its work was first sent."""
         request = self.request
