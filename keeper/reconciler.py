@@ -12,8 +12,10 @@ entry, a turn of the scheduler. What is repaired, each logged and counted in
 
 - ``job_requeued``: a ``queued`` or ``running`` job no message names: ``render_job`` sent
   again. The job store counts a redelivery of a ``running`` job as lost, as for a lost node.
-- ``finalize``: a batch with ``finalizing=1`` and no ``result`` that no message names:
-  ``finalize_batch`` sent again (idempotent; the same ``:refinalize`` key as a redelivered
+- ``finalize``: a batch with ``finalizing=1`` and no ``result`` that no message names,
+  whatever its status (a canceled batch, or one whose expansion failed, is final before its
+  manifest is written), unless its close gave up (``close_failed``): ``finalize_batch`` sent
+  again (idempotent; the same ``:refinalize`` key as a redelivered
   chunk's re-send, worker/batches/chunks.py, so the two never send it together).
 - ``expand``: a batch ``queued`` or ``expanding`` that no message names (its expansion's
   message, or all its shards' messages, lost): ``expand_batch`` sent again; a redelivered
@@ -25,9 +27,11 @@ entry, a turn of the scheduler. What is repaired, each logged and counted in
 A record is repaired only after it was found without anything moving it in two sweeps at least
 ``RECONCILE_GRACE_S`` apart (the first sighting is kept in Redis, as the next sweep may run in
 another process): a message read while it moves between its queue and kombu's ``unacked`` hash,
-a job whose record is written but whose message is still being sent, are not repaired. Records
-are found by ``SCAN`` over their keys (records have no index; a running record has no TTL): the
-sweep costs one pass over the keyspace per ``RECONCILE_EVERY_S``.
+a job whose record is written but whose message is still being sent, are not repaired. The
+records checked are those of the open index (``featuremaps:open``, shared/records.py): each
+job and batch from its creation until a sweep finds it ended with nothing left to send (no
+pending webhook, a batch closed), so a sweep reads the records still in play, not the
+keyspace; a Redis written before the index has its records added by one ``SCAN`` once.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from shared.queue import (
     broker_options,
     pending_messages,
 )
-from shared.records import FINISHED, PREFIX, text
+from shared.records import FINISHED, OPEN_KEY, PREFIX, text
 from shared.schedule import Scheduler
 from shared.settings import Settings
 from shared.webhooks import OUTBOX_KEY, PENDING
@@ -68,6 +72,8 @@ SUSPECTS_KEY = f"{PREFIX}:reconciler:suspects"
 # A re-sent finalize is not sent again before this (the key worker/batches/chunks.py uses).
 REFINALIZE_EVERY_S = 60
 SCAN_COUNT = 1000
+# Set once the records of a Redis written before the open index are in it.
+OPEN_COMPLETE_KEY = f"{OPEN_KEY}:complete"
 
 
 class Send(Protocol):
@@ -144,13 +150,29 @@ class Reconciler:
 
     # -- finding -------------------------------------------------------------------------
 
-    def _records(self, kind: str) -> Iterator[tuple[str, str]]:
-        """(key, id) of every record of ``kind``, not its side keys (``…:<id>:items:3``)."""
-        for key in self.redis.scan_iter(match=f"{PREFIX}:{kind}:*", count=SCAN_COUNT):
+    def _records(self) -> Iterator[tuple[str, str, str]]:
+        """(kind, key, id) of every job and batch record in the open index (shared/records.py);
+        the records of a Redis written before the index existed are added once, by one
+        ``SCAN``, the first time."""
+        if not self.redis.exists(OPEN_COMPLETE_KEY):
+            self._index_older_records()
+        for key in self.redis.sscan_iter(OPEN_KEY, count=SCAN_COUNT):
             key = text(key)
-            record_id = key.split(":", 2)[2]
-            if ":" not in record_id:
-                yield key, record_id
+            _, kind, record_id = key.split(":", 2)
+            if kind in ("job", "batch") and ":" not in record_id:
+                yield kind, key, record_id
+
+    def _index_older_records(self) -> None:
+        found: list[str] = []
+        for kind in ("job", "batch"):
+            for key in self.redis.scan_iter(match=f"{PREFIX}:{kind}:*", count=SCAN_COUNT):
+                key = text(key)
+                if ":" not in key.split(":", 2)[2]:  # not a side key (``…:<id>:b:3``)
+                    found.append(key)
+        for start in range(0, len(found), SCAN_COUNT):
+            self.redis.sadd(OPEN_KEY, *found[start : start + SCAN_COUNT])
+        self.redis.set(OPEN_COMPLETE_KEY, "1")
+        log.info("reconciler: %d records of before the open index added to it", len(found))
 
     def _nodes_running_jobs(self) -> set[str]:
         """Nodes with a live process holding a ``render_job`` lease."""
@@ -173,35 +195,49 @@ class Reconciler:
         """``("<kind>:<id>", record key)`` of every record nothing will move now. A
         ``running`` job whose node has a live process running a job is left alone: a node
         runs one task per process, and a message lost from Redis while its task runs (an
-        older AOF) is no reason to run the job twice at once."""
-        for kind in ("job", "batch"):
-            keys = list(self._records(kind))
-            with self.redis.pipeline(transaction=False) as pipe:
-                for key, _ in keys:
-                    pipe.hmget(key, "status", "finalizing", "callback_state", "worker")
-                    pipe.hexists(key, "result")
-                    pipe.zscore(OUTBOX_KEY, key)
-                replies = pipe.execute()
-            for i, (key, record_id) in enumerate(keys):
-                (status, finalizing, callback, node), has_result, in_outbox = replies[
-                    3 * i : 3 * i + 3
-                ]
-                status = text(status) if status else ""
-                if not status:
-                    continue  # expired meanwhile
-                if status in FINISHED:
-                    if callback and text(callback) == PENDING and in_outbox is None:
-                        yield f"webhook:{record_id}", key
-                    continue
-                if record_id in named:
-                    continue
-                if kind == "job":
-                    if not (status == "running" and node and text(node) in running_nodes):
-                        yield f"job_requeued:{record_id}", key
-                elif finalizing and text(finalizing) == "1" and not has_result:
-                    yield f"finalize:{record_id}", key
-                elif status in ("queued", "expanding"):
-                    yield f"expand:{record_id}", key
+        older AOF) is no reason to run the job twice at once. Records found gone, or ended
+        with nothing left to send, leave the open index."""
+        records = list(self._records())
+        with self.redis.pipeline(transaction=False) as pipe:
+            for _, key, _ in records:
+                pipe.hmget(key, "status", "finalizing", "callback_state", "worker", "close_failed")
+                pipe.hexists(key, "result")
+                pipe.zscore(OUTBOX_KEY, key)
+            replies = pipe.execute()
+        closed: list[str] = []
+        for i, (kind, key, record_id) in enumerate(records):
+            (status, finalizing, callback, node, close_failed), has_result, in_outbox = replies[
+                3 * i : 3 * i + 3
+            ]
+            status = text(status) if status else ""
+            pending_call = bool(callback) and text(callback) == PENDING
+            # A batch ends (canceled, or failed at expansion) before its manifest is written:
+            # it is closed once it has a result, or once closing gave up.
+            unclosed = (
+                kind == "batch"
+                and finalizing is not None
+                and text(finalizing) == "1"
+                and not has_result
+                and not close_failed
+            )
+            if not status or (status in FINISHED and not pending_call and not unclosed):
+                closed.append(key)
+                continue
+            if status in FINISHED and pending_call and in_outbox is None:
+                yield f"webhook:{record_id}", key
+            if record_id in named:
+                continue
+            if unclosed:
+                yield f"finalize:{record_id}", key
+            elif status in FINISHED:
+                continue
+            elif kind == "job":
+                if not (status == "running" and node and text(node) in running_nodes):
+                    yield f"job_requeued:{record_id}", key
+            elif status in ("queued", "expanding"):
+                yield f"expand:{record_id}", key
+        for start in range(0, len(closed), SCAN_COUNT):
+            self.redis.srem(OPEN_KEY, *closed[start : start + SCAN_COUNT])
 
     def _due(self, stalled: set[str]) -> list[str]:
         """Remember when each stalled record was first seen so, forget those that moved;

@@ -477,6 +477,8 @@ if not cur then return 'missing' end
 if cur == 'queued' or cur == 'expanding' or cur == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[3], 'finished_at', ARGV[2])
 end
+-- Closing gave up: nothing is to send its finalize again (keeper/reconciler.py).
+redis.call('HSET', KEYS[1], 'close_failed', '1')
 enqueue_callback(KEYS[1], KEYS[3])
 touch()
 return redis.call('HGET', KEYS[1], 'status')
@@ -562,6 +564,7 @@ class BatchStore(RecordStore[Batch]):
     one script that keeps the counters, the item statuses and the ``finalizing`` flag in
     step."""
 
+    OPEN_INDEXED = True
     RECORD = Batch
     NOT_FOUND = BatchNotFound
     SCRIPTS: ClassVar = {

@@ -188,6 +188,7 @@ class JobStore(RecordStore[Job]):
     """Jobs: every status change one compare-and-set (``_TRANSITION``, ``_START``), and
     monotonic per-status counters and a duration histogram for /metrics."""
 
+    OPEN_INDEXED = True
     RECORD = Job
     NOT_FOUND = JobNotFound
     SCRIPTS: ClassVar = {"_transition": _TRANSITION, "_start": _START}

@@ -26,6 +26,10 @@ from shared.errors import NotFound
 PREFIX = "featuremaps"
 # The statuses a job, a batch and a batch's item end in (each kind's enum spells these three).
 FINISHED = ("succeeded", "failed", "canceled")
+# The keys of the job and batch records the reconciler checks (keeper/reconciler.py): each is
+# added in the transaction that creates its record, and removed by the reconciler once it
+# finds the record gone, or ended with nothing left to send.
+OPEN_KEY = f"{PREFIX}:open"
 
 
 def new_record_id() -> str:
@@ -140,6 +144,8 @@ class RecordStore(Generic[R]):
     RECORD: ClassVar[type[Record]]
     NOT_FOUND: ClassVar[type[RecordNotFound]]
     SCRIPTS: ClassVar[dict[str, str]] = {}
+    # Listed in OPEN_KEY from its creation (jobs and batches).
+    OPEN_INDEXED: ClassVar[bool] = False
 
     def __init__(self, redis: Redis, *, ttl_s: int) -> None:
         self.redis = redis
@@ -163,6 +169,8 @@ class RecordStore(Generic[R]):
             pipe.hset(key, mapping=record.to_redis())
             if record.status.value in FINISHED:
                 pipe.expire(key, self.ttl_s)
+            if self.OPEN_INDEXED:
+                pipe.sadd(OPEN_KEY, key)
             self.on_create(pipe, record)
             pipe.execute()
         return record

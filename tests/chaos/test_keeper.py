@@ -18,6 +18,7 @@ from keeper.reconciler import SUSPECTS_KEY
 from shared.batches import batch_key
 from shared.heartbeat import HEARTBEAT_TTL_S
 from shared.queue import JOBS_QUEUE, UNACKED_KEY
+from shared.records import OPEN_KEY
 from stack.services import wait_until
 from tests.chaos.conftest import JOB_OUTPUTS, ChaosStack
 from tests.chaos.faults import HOLD, marked_png
@@ -96,6 +97,8 @@ def test_a_lost_finalize_is_sent_again_by_the_api_and_a_worker_closes_the_batch(
     stack.redis.hdel(key, "result", "finished_at")
     stack.redis.hset(key, "status", "running")
     stack.redis.persist(key)
+    # A batch that never closed never left the reconciler's open index; this one had.
+    stack.redis.sadd(OPEN_KEY, key)
     assert stack.redis.hget(key, "finalizing") == b"1"
     assert stack.queue_is_drained()
 

@@ -30,6 +30,7 @@ from shared.queue import (
     UNACKED_KEY,
     make_producer,
 )
+from shared.records import OPEN_KEY
 from shared.schedule import TURNS_KEY, Scheduler
 from shared.webhooks import OUTBOX_KEY
 
@@ -176,6 +177,57 @@ def test_a_batch_finalizing_but_never_closed_is_finalized_again_once(rig, redis_
     redis_client.delete(f"{batch_key(lost)}:refinalize")  # expired
     assert reconciler.sweep() == {"finalize": 1}
     assert counts(redis_client, REPAIR)["finalize"] == 2
+
+
+def test_a_canceled_or_failed_batch_whose_finalize_was_lost_is_finalized_again(rig, redis_client):
+    """A canceled batch (or one whose expansion failed) is final before its manifest is
+    written: its finalize can be lost like any other, and it is sent again. One whose close
+    gave up (storage gone past its retries: ``close_failed``) is not sent again for ever."""
+    reconciler, sends, clock, _ = rig
+    canceled = _batch(redis_client, status="canceled", finalizing=1)
+    failed = _batch(redis_client, status="failed", finalizing=1)
+    gave_up = _batch(redis_client, finalizing=1)
+    BatchStore(redis_client, ttl_s=3600).fail(gave_up, code="storage_unavailable", message="m")
+    closed = _batch(redis_client, status="canceled", finalizing=1, result="{}")
+    assert _twice(reconciler, clock) == {"finalize": 2}
+    assert sorted(args[0] for _, args, *_ in sends) == sorted([canceled, failed])
+    assert gave_up not in json.dumps(sends) and closed not in json.dumps(sends)
+
+
+def test_a_sweep_reads_the_open_index_not_the_keyspace(rig, redis_client):
+    """Records enter the open index when created and leave it once a sweep finds them ended
+    with nothing left to send; a Redis written before the index has its records added once."""
+    reconciler, sends, clock, producer = rig
+    older = new_job_id()  # a record written before the index existed: not in it
+    redis_client.hset(job_key(older), mapping={"id": older, "status": "queued"})
+    done = _job(redis_client, JobStatus.SUCCEEDED)
+    calling = _job(redis_client, JobStatus.FAILED, callback_url="https://example.com/h")
+    redis_client.hset(job_key(calling), "callback_state", "pending")
+    redis_client.zadd(OUTBOX_KEY, {job_key(calling): 0})
+    waiting = _job(redis_client)
+    producer.send_task(RENDER_JOB, args=[waiting], queue=JOBS_QUEUE)
+    unclosed = _batch(redis_client, status="canceled", finalizing=1)
+    producer.send_task(FINALIZE_BATCH, args=[unclosed], queue=BATCH_QUEUE)
+    assert not redis_client.sismember(OPEN_KEY, job_key(older))
+    assert redis_client.sismember(OPEN_KEY, job_key(done))
+
+    assert reconciler.sweep() == {}
+    members = {m.decode() for m in redis_client.smembers(OPEN_KEY)}
+    assert members == {job_key(older), job_key(calling), job_key(waiting), batch_key(unclosed)}
+    clock.now += GRACE_S
+    assert reconciler.sweep() == {"job_requeued": 1}, "the older record is checked too"
+    assert sends == [(RENDER_JOB, [older], JOBS_QUEUE, None, None)]
+    # Its webhook delivered, the failed job leaves; a record gone (expired) leaves too.
+    redis_client.hset(job_key(calling), "callback_state", "delivered")
+    redis_client.delete(job_key(waiting))
+    reconciler.sweep()
+    members = {m.decode() for m in redis_client.smembers(OPEN_KEY)}
+    assert members == {job_key(older), batch_key(unclosed)}
+    # The keyspace is scanned once: a record written by hand afterwards is not seen.
+    hidden = new_job_id()
+    redis_client.hset(job_key(hidden), mapping={"id": hidden, "status": "queued"})
+    reconciler.sweep()
+    assert not redis_client.sismember(OPEN_KEY, job_key(hidden))
 
 
 def test_a_batch_whose_expansion_message_is_gone_is_expanded_again(rig, redis_client):
