@@ -112,6 +112,15 @@ def celery_sender(app) -> Send:
     return send
 
 
+def _record_of(key: str) -> tuple[str, str] | None:
+    """``(kind, id)`` of a job's or batch's record key; None for a side key
+    (``…:<id>:b:3``) or any other key."""
+    kind, _, record_id = key.partition(":")[2].partition(":")
+    if kind in ("job", "batch") and record_id and ":" not in record_id:
+        return kind, record_id
+    return None
+
+
 class Reconciler:
     """One Redis's records, checked by :meth:`sweep`; ``send`` publishes a task by name."""
 
@@ -157,18 +166,16 @@ class Reconciler:
         if not self.redis.exists(OPEN_COMPLETE_KEY):
             self._index_older_records()
         for key in self.redis.sscan_iter(OPEN_KEY, count=SCAN_COUNT):
-            key = text(key)
-            _, kind, record_id = key.split(":", 2)
-            if kind in ("job", "batch") and ":" not in record_id:
-                yield kind, key, record_id
+            parsed = _record_of(text(key))
+            if parsed is not None:
+                yield parsed[0], text(key), parsed[1]
 
     def _index_older_records(self) -> None:
         found: list[str] = []
         for kind in ("job", "batch"):
             for key in self.redis.scan_iter(match=f"{PREFIX}:{kind}:*", count=SCAN_COUNT):
-                key = text(key)
-                if ":" not in key.split(":", 2)[2]:  # not a side key (``…:<id>:b:3``)
-                    found.append(key)
+                if _record_of(text(key)) is not None:
+                    found.append(text(key))
         for start in range(0, len(found), SCAN_COUNT):
             self.redis.sadd(OPEN_KEY, *found[start : start + SCAN_COUNT])
         self.redis.set(OPEN_COMPLETE_KEY, "1")

@@ -39,7 +39,7 @@ from shared.batches import Batch, BatchStatus, BatchStore
 from shared.errors import NotFound
 from shared.jobs import Job, JobStatus, JobStore
 from shared.queue import BATCH_QUEUE, EXPAND_BATCH, JOBS_QUEUE, RENDER_JOB
-from shared.records import PREFIX, Record, RecordStore
+from shared.records import PREFIX, Record, RecordStore, record_key
 from shared.settings import Settings
 from shared.storage import ObjectStore
 
@@ -52,7 +52,6 @@ RESTORE_LOCK_S = 60
 
 @dataclass(frozen=True)
 class _Kind:
-    name: str
     store: type[RecordStore]
     queued: object
     task: str
@@ -60,8 +59,8 @@ class _Kind:
 
 
 KINDS = {
-    "job": _Kind("job", JobStore, JobStatus.QUEUED, RENDER_JOB, JOBS_QUEUE),
-    "batch": _Kind("batch", BatchStore, BatchStatus.QUEUED, EXPAND_BATCH, BATCH_QUEUE),
+    "job": _Kind(JobStore, JobStatus.QUEUED, RENDER_JOB, JOBS_QUEUE),
+    "batch": _Kind(BatchStore, BatchStatus.QUEUED, EXPAND_BATCH, BATCH_QUEUE),
 }
 
 
@@ -130,7 +129,7 @@ def restore_unpolled(
         age_s = (now - modified).total_seconds()
         if age_s < settings.reconcile_grace_s or age_s >= settings.job_ttl_s:
             continue
-        if redis.exists(KINDS[kind].store(redis, ttl_s=settings.job_ttl_s).key(record_id)):
+        if redis.exists(record_key(kind, record_id)):
             continue
         if restore(redis, store, settings, send, kind, record_id) is not None:
             restored[kind] += 1

@@ -73,7 +73,8 @@ def hold_back(redis: Redis, delayed: Delayed, due: float) -> None:
 
 def take_due(redis: Redis, now: float, *, at_most: int = TAKE_AT_MOST) -> list[Delayed]:
     """Remove and return the retries due at ``now`` (at most ``at_most``), earliest first."""
-    raws = redis.eval(_TAKE_DUE, 2, DELAYED_KEY, DELAYED_MESSAGES_KEY, now, at_most)
+    script = redis.register_script(_TAKE_DUE)  # EVALSHA, as every script of ours
+    raws = script(keys=[DELAYED_KEY, DELAYED_MESSAGES_KEY], args=[now, at_most])
     return [Delayed(**json.loads(text(raw))) for raw in raws]
 
 

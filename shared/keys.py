@@ -19,6 +19,7 @@ SPECS_PREFIX = "accepted/"
 # their record), and never readable as a batch source (other users' data).
 SERVICE_PREFIXES = ("inputs/", "results/", "batches/", "models/", SPECS_PREFIX)
 _SPEC_FOLDERS = {"job": "jobs", "batch": "batches"}
+_SPEC_KINDS = {folder: kind for kind, folder in _SPEC_FOLDERS.items()}
 
 
 def spec_key(kind: str, record_id: str) -> str:
@@ -29,11 +30,10 @@ def spec_key(kind: str, record_id: str) -> str:
 def parse_spec_key(key: str) -> tuple[str, str] | None:
     """``(kind, record id)`` of a :func:`spec_key`; None for any other key."""
     folder, _, name = key.removeprefix(SPECS_PREFIX).partition("/")
-    kinds = {f: k for k, f in _SPEC_FOLDERS.items()}
-    if not key.startswith(SPECS_PREFIX) or folder not in kinds or not name.endswith(".json"):
+    if not key.startswith(SPECS_PREFIX) or folder not in _SPEC_KINDS or not name.endswith(".json"):
         return None
     record_id = name.removesuffix(".json")
-    return (kinds[folder], record_id) if record_id and "/" not in record_id else None
+    return (_SPEC_KINDS[folder], record_id) if record_id and "/" not in record_id else None
 
 
 def attempt_dir(job_id: str, attempt: str) -> str:

@@ -28,6 +28,7 @@ from shared import keys
 from shared.batches import batch_key
 from shared.jobs import PREFIX, job_key
 from shared.models import ModelStore
+from shared.records import record_key
 from shared.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,7 @@ def owner_record_key(key: str) -> str | None:
         spec = keys.parse_spec_key(key)
         if spec is None:
             return None
-        kind, record_id = spec
-        return job_key(record_id) if kind == "job" else batch_key(record_id)
+        return record_key(*spec)
     top, _, rest = key.partition("/")
     owner = rest.split("/", 1)[0]
     if not owner or f"{top}/" not in OWNED_PREFIXES:
